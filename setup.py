@@ -1,0 +1,84 @@
+"""gsq-vllm: GSQ 2/3-bit quantizer + vLLM plugin with Marlin-style kernels.
+
+The CUDA extension (``gsq_vllm._C``, sources in csrc/) is built only when
+torch was built with CUDA and nvcc is found, or when GSQ_BUILD_CUDA=1 forces
+it. GSQ_BUILD_CUDA=0 never builds it. A CPU machine installs cleanly without.
+Build with ``pip install --no-build-isolation -e .`` so the build sees the
+installed torch.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+CUDA_ARCHS = ("80", "86", "89", "90")
+
+
+def _want_cuda() -> bool:
+    forced = os.environ.get("GSQ_BUILD_CUDA")
+    if forced is not None:
+        return forced == "1"
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.version.cuda is not None and shutil.which("nvcc") is not None
+
+
+def _extensions():
+    if not _want_cuda():
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+    ext = CUDAExtension(
+        name="gsq_vllm._C",
+        sources=sources,
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *gencode],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="gsq-vllm",
+    version="0.1.0",
+    description="GSQ (Gumbel-Softmax Quantization) 2/3-bit quantizer and vLLM serving plugin",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["gsq_vllm", "gsq_vllm.*", "quantize", "quantize.*"]),
+    install_requires=[
+        "torch",
+        "transformers",
+        "safetensors",
+        "gguf",
+        "accelerate",
+        "lion-pytorch",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "pybind11", "ninja"],
+    },
+    entry_points={
+        "console_scripts": [
+            "gsq-quantize=quantize.cli:main",
+            "gsq-eval=quantize.eval_cli:main",
+            "gsq-serve=gsq_vllm.serve:main",
+        ],
+        "vllm.general_plugins": [
+            "gsq=gsq_vllm.plugin:register",
+        ],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
