@@ -43,8 +43,9 @@ all 64 columns, as 8 mma n8-tiles ``j = 0..7``. Lane ``l`` has
   ``s_repacked[grp, 64nb + 8g + j] = scales[64nb + 8j + g, grp]``.
 
 Supported by the kernel: bits 2, 3, 1.58; G in {64, 128}; N % 64 == 0;
-K % 64 == 0 and K % G == 0; 1 <= M <= 256 (larger M falls back to
-dequantise + torch.matmul, where cuBLAS wins anyway).
+K % 64 == 0 and K % G == 0; any M >= 1 (tiled by 16/32/64 rows; tuned for
+M <= 256 -- above that it still beats dequantising the whole weight per call,
+which is what the in-Python fallback would do).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ TILE_K = 64
 WARPS = 4  # one m16n8k16 k step (16 rows of K) per warp within a k tile
 LANES = 32
 KERNEL_GROUP_SIZES = (64, 128)
-KERNEL_MAX_M = 256
+REPACK_CHUNK_WEIGHTS = 1 << 24  # weights repacked per step (bounds load-time memory)
 MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300}  # bit patterns of 1024.0 / 128.0
 
 _C = None
@@ -93,8 +94,7 @@ def cuda_kernel_available() -> bool:
 
 
 def cuda_supports(n: int, k: int, bits, group_size: int) -> bool:
-    """True when the kernel handles a weight ``[N=n, K=k]`` (any M is accepted
-    by :func:`gsq_gemm`; M > 256 goes through the fallback)."""
+    """True when the kernel handles a weight ``[N=n, K=k]`` (for any M >= 1)."""
     try:
         b = normalize_bits(bits)
     except FormatError:
@@ -165,6 +165,11 @@ def repack(
     if scales.shape != (n, k // group_size):
         raise ValueError(f"scales shape {tuple(scales.shape)} != {(n, k // group_size)}")
     dtype = dtype or (scales.dtype if scales.dtype in MAGIC else torch.float16)
+    # int64 temporaries are ~16x the packed size: repack a few million weights at a time
+    rows = max(TILE_N, (REPACK_CHUNK_WEIGHTS // k) // TILE_N * TILE_N)
+    if n > rows:
+        parts = [repack(qweight[i : i + rows], scales[i : i + rows], bits, group_size, dtype) for i in range(0, n, rows)]
+        return torch.cat([b for b, _ in parts], 0), torch.cat([s for _, s in parts], 1)
     device = qweight.device
 
     u = (unpack_codes(qweight, bits).to(torch.int64) + code_offset(bits))  # [N, K] in [0, 2^sb)
@@ -306,7 +311,7 @@ def gsq_gemm(
     Returns:
         ``c`` ``[M, N]``, dtype of ``a``, fp32 accumulation. Runs
         ``torch.ops.gsq.gemm`` on CUDA when available, else dequantise +
-        matmul (also for M > 256). Raises ValueError for shapes the kernel
+        matmul (CPU tensors, or no extension). Raises ValueError for shapes the kernel
         layout cannot describe.
     """
     _check_supported(n, k, bits, group_size)
@@ -321,12 +326,14 @@ def gsq_gemm(
         raise ValueError(f"s_repacked shape {tuple(s_repacked.shape)} != {(k // group_size, n)}")
     use_kernel = (
         a.is_cuda
-        and 1 <= a.shape[0] <= KERNEL_MAX_M
-        and _load_extension() is not None
+        and a.shape[0] >= 1
+        and (_C is not None or _load_extension() is not None)  # plain global read under torch.compile
     )
     if use_kernel:
         a = a.contiguous()
-        if a.data_ptr() % 16 != 0:
+        # cp.async needs 16-byte aligned rows; a sliced view may start mid-block
+        # (under torch.compile data pointers are unknown; the op itself checks)
+        if not torch.compiler.is_compiling() and a.data_ptr() % 16 != 0:
             a = a.clone()
         return torch.ops.gsq.gemm(a, b_repacked, s_repacked, sb, group_size, n, k)
     w = dequant_repacked(b_repacked, s_repacked, bits, group_size, n, k)

@@ -99,3 +99,12 @@ def test_cuda_supports_and_errors():
     with pytest.raises(ValueError, match="fp16 or bf16"):
         cg.gsq_gemm(torch.randn(2, 128, dtype=torch.bfloat16), b_r, s_r, 2, 64, 64, 128)
     assert isinstance(cg.cuda_kernel_available(), bool)
+
+
+def test_repack_in_chunks_equals_whole(monkeypatch):
+    n, k, g, bits = 320, 256, 128, 3
+    q, s, qweight = _random_layer(n, k, bits, g, torch.float16, seed=11)
+    whole = cg.repack(qweight, s, bits, g)
+    monkeypatch.setattr(cg, "REPACK_CHUNK_WEIGHTS", 128 * k)  # 128 rows per chunk: 3 uneven chunks
+    chunked = cg.repack(qweight, s, bits, g)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
