@@ -74,7 +74,8 @@ at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY(gsq, m) {
+// FRAGMENT: other extensions (e.g. a CPU kernel) may add ops to the gsq namespace too.
+TORCH_LIBRARY_FRAGMENT(gsq, m) {
   m.def("gemm(Tensor a, Tensor b, Tensor s, int bits, int group_size, int n, int k) -> Tensor");
 }
 
