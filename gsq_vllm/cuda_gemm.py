@@ -338,3 +338,75 @@ def gsq_gemm(
         return torch.ops.gsq.gemm(a, b_repacked, s_repacked, sb, group_size, n, k)
     w = dequant_repacked(b_repacked, s_repacked, bits, group_size, n, k)
     return a @ w.t()
+
+
+def split_plan(m: int, n: int, k: int, num_sms: int) -> tuple[int, int, int]:
+    """The launch plan csrc/gsq_binding.cpp + gsq_gemm.cu use: (rows per block
+    bm, k tiles per split, splits). Splits K so n tiles x splits x m blocks
+    covers the SMs about twice; no split is empty."""
+    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    blocks = (n // TILE_N) * -(-m // bm)
+    k_tiles = k // TILE_K
+    splits = min(max(-(-2 * num_sms // blocks), 1), k_tiles)
+    per_split = -(-k_tiles // splits)
+    return bm, per_split, -(-k_tiles // per_split)
+
+
+def emulate_gemm(
+    a: torch.Tensor, b_repacked: torch.Tensor, s_repacked: torch.Tensor, bits, group_size: int,
+    n: int, k: int, num_sms: int = 132,
+) -> torch.Tensor:
+    """Pure-torch replay of the kernel's work split and register fragments (slow;
+    for tests on small shapes). ``a`` fp16/bf16 ``[M, K]`` -> fp32 ``[M, N]``.
+
+    Follows csrc/gsq_gemm.cu: blocks (nb, split, m block), k tiles per split,
+    warp w = k step, per-lane words decoded with the magic constant, mma
+    A/B/C fragments of m16n8k16 (rows g / g+8, k 2t,2t+1 / +8, cols 2t,2t+1),
+    warps summed per block, splits summed in fp32.
+    """
+    sb, off, dtype = storage_bits(bits), code_offset(bits), a.dtype
+    m = a.shape[0]
+    nt, kt = n // TILE_N, k // TILE_K
+    bm, per_split, splits = split_plan(m, n, k, num_sms)
+    words = b_repacked.to(torch.int64).reshape(nt, kt, WARPS, LANES, sb) & 0xFFFFFFFF
+    lane = torch.arange(LANES)
+    g, t = lane // 4, lane % 4
+    out = torch.zeros(m, n, dtype=torch.float32)
+    for z in range(-(-m // bm)):
+        a_blk = torch.zeros(bm, k, dtype=dtype)  # rows past M are cp.async zero-fills
+        a_blk[: min(bm, m - z * bm)] = a[z * bm : (z + 1) * bm]
+        for y in range(splits):
+            red = torch.zeros(nt, bm, TILE_N)  # the block's shared-memory reduction
+            for kti in range(y * per_split, min((y + 1) * per_split, kt)):
+                s_tile = s_repacked[kti * TILE_K // group_size].reshape(nt, TILE_N)
+                for w in range(WARPS):
+                    # B fragments: bfrag[nb, lane, j, r, half]
+                    bfrag = torch.empty(nt, LANES, 8, 2, 2, dtype=dtype)
+                    for h in range(2):
+                        for p in range(8):
+                            pair = (words[:, kti, w, :, h] >> (2 * p)) & 0x00030003
+                            if sb == 3:
+                                pair = pair | (((words[:, kti, w, :, 2] >> (8 * h + p)) & 0x00010001) << 2)
+                            j = 4 * h + p // 2
+                            sc = s_tile[:, 8 * g + j].unsqueeze(-1)  # lane's 16-byte scale load, element j
+                            bfrag[:, :, j, p % 2] = magic_dequant_pairs(pair, off, dtype) * sc
+                    # scatter the lane fragments into the 16 x 64 B block of this k step
+                    b_step = torch.empty(nt, 16, TILE_N, dtype=dtype)
+                    for j in range(8):
+                        for r in range(2):
+                            for half in range(2):
+                                b_step[:, 2 * t + 8 * r + half, 8 * j + g] = bfrag[:, :, j, r, half]
+                    kc = w * 16 + 2 * t + kti * TILE_K
+                    for mt in range(bm // 16):
+                        a_step = torch.empty(16, 16, dtype=dtype)
+                        rows = mt * 16 + g
+                        for reg, (dr, dk) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):
+                            for half in range(2):
+                                a_step[g + dr, 2 * t + dk + half] = a_blk[rows + dr, kc + dk + half]
+                        c = a_step.float() @ b_step.float()  # [nt, 16, 64], the 8 mma's
+                        for j in range(8):
+                            for dr, dc in ((0, 0), (0, 1), (8, 0), (8, 1)):  # c0..c3 of the C fragment
+                                red[:, mt * 16 + g + dr, 8 * j + 2 * t + dc] += c[:, g + dr, 8 * j + 2 * t + dc]
+            rows_valid = min(bm, m - z * bm)
+            out[z * bm : z * bm + rows_valid] += red[:, :rows_valid].permute(1, 0, 2).reshape(rows_valid, n)
+    return out

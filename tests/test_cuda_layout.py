@@ -108,3 +108,24 @@ def test_repack_in_chunks_equals_whole(monkeypatch):
     monkeypatch.setattr(cg, "REPACK_CHUNK_WEIGHTS", 128 * k)  # 128 rows per chunk: 3 uneven chunks
     chunked = cg.repack(qweight, s, bits, g)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+
+
+@pytest.mark.parametrize("bits,dtype,m,num_sms", [
+    (2, torch.float16, 1, 132), (3, torch.bfloat16, 3, 8), (3, torch.float16, 33, 1), (1.58, torch.bfloat16, 17, 4),
+])
+def test_emulated_kernel_matches_float64(bits, dtype, m, num_sms):
+    # small SM counts force fewer splits; m 3/17/33 cover partial 16/32/64-row blocks
+    n, k, g = 128, 576, 64
+    q, s, qweight = _random_layer(n, k, bits, g, dtype, seed=m)
+    b_r, s_r = cg.repack(qweight, s, bits, g)
+    a = (torch.randn(m, k) + 0.1).to(dtype)
+    out = cg.emulate_gemm(a, b_r, s_r, bits, g, n, k, num_sms=num_sms)
+    ref = a.double() @ dequantize(q, s, g).double().t()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_split_plan_covers_k_exactly():
+    for m, n, k, sms in [(1, 4096, 4096, 132), (1, 64, 576, 132), (256, 28672, 4096, 132), (7, 192, 576, 1)]:
+        bm, per, splits = cg.split_plan(m, n, k, sms)
+        kt = k // 64
+        assert 1 <= splits <= kt and (splits - 1) * per < kt <= splits * per
