@@ -2,8 +2,8 @@
 
 Reference: float64 ``A @ dequant(B).T`` from the checkpoint layout (format.py),
 relative Frobenius error <= 1e-2, fresh random non-zero inputs, the output
-buffer poisoned (NaN) before every run by filling the caching allocator's
-next block.
+buffer poisoned (NaN) before every run by filling the block the caching
+allocator hands out next.
 """
 
 import pytest
@@ -37,9 +37,10 @@ def _layer(n, k, bits, g, dtype, seed):
     return w64.cuda(), b_r, s_r
 
 
-def _poison():
-    # Freed-then-reused memory would hide unwritten outputs: fill the cache with NaN.
-    x = torch.full((1 << 24,), float("nan"), device="cuda")
+def _poison(shape, dtype):
+    # The caching allocator hands the next same-size request the block freed last:
+    # fill that block with NaN so any output the kernel fails to write shows up.
+    x = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
     del x
 
 
@@ -51,7 +52,7 @@ def test_gemm_matches_float64(n, k, g, bits, dtype):
     for m in MS:
         a = (torch.randn(m, k, device="cuda") + 0.1).to(dtype)
         ref = a.double() @ w64.t()
-        _poison()
+        _poison((m, n), dtype)
         out = cg.gsq_gemm(a, b_r, s_r, bits, g, n, k)
         torch.cuda.synchronize()
         assert out.shape == (m, n) and out.dtype == dtype
