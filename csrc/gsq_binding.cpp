@@ -1,0 +1,85 @@
+// torch binding of the GSQ CUDA GEMM (csrc/gsq_gemm.cu).
+//
+// Registers the op `gsq::gemm` with torch.library (schema + CUDA impl), so it
+// is traceable by torch.compile (the fake/meta impl is registered in Python,
+// gsq_vllm/cuda_gemm.py) and capturable in CUDA graphs: it launches on the
+// current stream and allocates only through the caching allocator.
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+cudaError_t gsq_gemm_launch(const void* a, const void* b, const void* s, void* c, float* ws, int m,
+                            int n, int k, int bits, int group_size, bool bf16, int splits,
+                            cudaStream_t stream);
+
+namespace {
+
+constexpr int64_t kTileN = 64;
+constexpr int64_t kTileK = 64;
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// a [M, K] fp16/bf16 row-major; b int32 [N/64, (K/64)*128*bits]; s [K/G, N] (dtype of a).
+// Returns c [M, N] (dtype of a).
+at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& s, int64_t bits,
+                     int64_t group_size, int64_t n, int64_t k) {
+  TORCH_CHECK(a.is_cuda() && b.is_cuda() && s.is_cuda(), "gsq::gemm: all tensors must be on CUDA");
+  TORCH_CHECK(a.device() == b.device() && a.device() == s.device(), "gsq::gemm: tensors on different devices");
+  TORCH_CHECK(a.dim() == 2 && a.size(1) == k, "gsq::gemm: a must be [M, K=", k, "]");
+  TORCH_CHECK(a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16, "gsq::gemm: a must be fp16 or bf16");
+  TORCH_CHECK(s.scalar_type() == a.scalar_type(), "gsq::gemm: scales dtype must match a");
+  TORCH_CHECK(b.scalar_type() == at::kInt, "gsq::gemm: b must be int32");
+  TORCH_CHECK(bits == 2 || bits == 3, "gsq::gemm: bits (storage) must be 2 or 3");
+  TORCH_CHECK(group_size == 64 || group_size == 128, "gsq::gemm: group_size must be 64 or 128");
+  TORCH_CHECK(n % kTileN == 0 && k % kTileK == 0 && k % group_size == 0,
+              "gsq::gemm: need N % 64 == 0, K % 64 == 0, K % G == 0; got N=", n, " K=", k, " G=", group_size);
+  TORCH_CHECK(b.dim() == 2 && b.size(0) == n / kTileN && b.size(1) == k / kTileK * 128 * bits,
+              "gsq::gemm: b has the wrong shape for N, K, bits");
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == k / group_size && s.size(1) == n, "gsq::gemm: s must be [K/G, N]");
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && s.is_contiguous(), "gsq::gemm: inputs must be contiguous");
+  TORCH_CHECK(aligned16(a) && aligned16(b) && aligned16(s), "gsq::gemm: inputs must be 16-byte aligned");
+
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t m = a.size(0);
+  at::Tensor c = at::empty({m, n}, a.options());
+  if (m == 0) return c;
+
+  // Split K so that (n tiles x splits x m blocks) covers the SMs about twice.
+  int sms = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.get_device()) == cudaSuccess,
+              "gsq::gemm: cannot query the SM count");
+  const int64_t bm = m <= 16 ? 16 : (m <= 32 ? 32 : 64);
+  const int64_t blocks = (n / kTileN) * ((m + bm - 1) / bm);
+  const int64_t k_tiles = k / kTileK;
+  int64_t splits = std::clamp<int64_t>((2 * int64_t{sms} + blocks - 1) / blocks, 1, k_tiles);
+  const int64_t per_split = (k_tiles + splits - 1) / splits;
+  splits = (k_tiles + per_split - 1) / per_split;
+
+  at::Tensor ws;
+  if (splits > 1) ws = at::zeros({m, n}, a.options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
+  const cudaError_t err = gsq_gemm_launch(
+      a.data_ptr(), b.data_ptr(), s.data_ptr(), c.data_ptr(), splits > 1 ? ws.data_ptr<float>() : nullptr,
+      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(bits),
+      static_cast<int>(group_size), a.scalar_type() == at::kBFloat16, static_cast<int>(splits), stream);
+  TORCH_CHECK(err == cudaSuccess, "gsq::gemm: kernel launch failed: ", cudaGetErrorString(err));
+  if (splits > 1) c.copy_(ws);
+  return c;
+}
+
+}  // namespace
+
+// FRAGMENT: other extensions (e.g. a CPU kernel) may add ops to the gsq namespace too.
+TORCH_LIBRARY_FRAGMENT(gsq, m) {
+  m.def("gemm(Tensor a, Tensor b, Tensor s, int bits, int group_size, int n, int k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gsq, CUDA, m) { m.impl("gemm", &gemm_cuda); }
+
+// Importing gsq_vllm._C runs the registrations above; no Python functions.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
