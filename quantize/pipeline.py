@@ -181,7 +181,7 @@ class BlockPipeline:
             names = self.names[i]
             hess = {n: torch.zeros(block.get_submodule(n).in_features, block.get_submodule(n).in_features) for n in names}
             hooks = []
-            for n in names:
+            for n in names if s.method != "rtn" else []:  # RTN needs no Hessians
                 def hook(mod, inp, out, n=n):
                     a = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
                     hess[n].addmm_(a.t(), a)
