@@ -1,6 +1,6 @@
 """``gsq-quantize``: quantize a HF causal-LM folder (or the embedded default) to a GSQ checkpoint.
 
-Defaults (nsamples 32 x seqlen 512) keep a GPTQ run of SmolLM2-135M at a
+Defaults (nsamples 16 x seqlen 256) keep a GPTQ run of SmolLM2-135M at a
 few minutes on 2 CPU cores. Bad input -> one line on stderr, exit code 2,
 no checkpoint folder at --out.
 """
@@ -21,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["rtn", "gptq", "gsq"], default="gptq")
     p.add_argument("--bits", default="2", help="2, 3 or 1.58 (ternary)")
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--nsamples", type=int, default=32, help="calibration sequences")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration sequences")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib", default="wikipedia", help="corpus name (wikipedia, owt) or a .jsonl/.txt file")
     p.add_argument("--skip-attention", action="store_true", help="keep attention linears unquantized")
