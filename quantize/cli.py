@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping (fraction of mean diagonal)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order with static groups")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared 2-core machine more threads spin and run 10-20x slower)")
     p.add_argument("--work-dir", default=None, help="resume folder (default: .<out>.work next to --out)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
     try:
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     from quantize.pipeline import BlockPipeline, QuantizeSettings
 
     t0 = time.time()
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     try:
         bits = normalize_bits(args.bits)
         if args.nsamples < 1 or args.seqlen < 2:

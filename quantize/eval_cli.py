@@ -16,11 +16,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see gsq-quantize --threads)")
     args = p.parse_args(argv)
     from quantize.data import DataError
     from quantize.evaluate import evaluate_folders, format_table, write_json
     from quantize.models import resolve_model
 
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     try:
         folders = [str(resolve_model(m)) for m in args.models]
         rows = evaluate_folders(folders, args.corpus, args.nsamples, args.seqlen, progress=not args.no_progress)
