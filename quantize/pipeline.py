@@ -75,16 +75,16 @@ def _atomic_json(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _call_block(block, x: torch.Tensor, pos_emb) -> torch.Tensor:
+    """One differentiable block call: f32 ``[b,S,H]`` -> ``[b,S,H]`` (causal attention via sdpa, no mask)."""
+    out = block(x, attention_mask=None, position_embeddings=pos_emb)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _run_block(block, x: torch.Tensor, pos_emb, batch_size: int) -> torch.Tensor:
-    """Block outputs f32 ``[n,S,H]`` for inputs f32 ``[n,S,H]`` (causal attention via sdpa, no mask)."""
-    outs = []
+    """Block outputs f32 ``[n,S,H]`` for inputs f32 ``[n,S,H]``, in batches, without gradients."""
     with torch.no_grad():
-        for b in range(0, x.shape[0], batch_size):
-            xb = x[b : b + batch_size]
-            cos, sin = pos_emb
-            out = block(xb, attention_mask=None, position_embeddings=(cos, sin))
-            outs.append(out[0] if isinstance(out, tuple) else out)
-    return torch.cat(outs)
+        return torch.cat([_call_block(block, x[b : b + batch_size], pos_emb) for b in range(0, x.shape[0], batch_size)])
 
 
 class BlockPipeline:
@@ -197,7 +197,8 @@ class BlockPipeline:
                 else:
                     result[n] = gptq_quantize(w, hess[n], s.bits, s.group_size, damp=s.damp, act_order=s.act_order)
             if refine is not None:
-                forward = lambda inp: _run_block(block, inp, pos_emb, s.batch_size)  # noqa: E731
+                # GSQ backpropagates through this call, so it keeps gradients and takes any batch.
+                forward = lambda inp: _call_block(block, inp, pos_emb)  # noqa: E731
                 result, blog = refine(block, forward, names, result, x, targets, self.gsq_options, s.seed * 1_000_003 + i)
                 gsq_logs[prefix] = blog
             with torch.no_grad():
