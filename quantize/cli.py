@@ -1,0 +1,96 @@
+"""``gsq-quantize``: quantize a HF causal-LM folder (or the embedded default) to a GSQ checkpoint.
+
+Defaults (nsamples 16 x seqlen 256) keep a GPTQ run of SmolLM2-135M at a
+few minutes on 2 CPU cores. Bad input -> one line on stderr, exit code 2,
+no checkpoint folder at --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from gsq_vllm.format import FormatError, normalize_bits
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gsq-quantize", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="HF model folder, or 'default' (embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--method", choices=["rtn", "gptq", "gsq"], default="gptq")
+    p.add_argument("--bits", default="2", help="2, 3 or 1.58 (ternary)")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--nsamples", type=int, default=16, help="calibration sequences")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib", default="wikipedia", help="corpus name (wikipedia, owt) or a .jsonl/.txt file")
+    p.add_argument("--skip-attention", action="store_true", help="keep attention linears unquantized")
+    p.add_argument("--modules-to-not-convert", default="", help="comma-separated module names kept unquantized")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping (fraction of mean diagonal)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ act-order with static groups")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared 2-core machine more threads spin and run 10-20x slower)")
+    p.add_argument("--work-dir", default=None, help="resume folder (default: .<out>.work next to --out)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
+    try:
+        import quantize.gsq as gsq
+    except ImportError:
+        gsq = None
+    if gsq is not None:
+        gsq.add_cli_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from quantize.data import DataError, load_split, tokenize_sequences
+    from quantize.models import resolve_model
+    from quantize.pipeline import BlockPipeline, QuantizeSettings
+
+    t0 = time.time()
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        bits = normalize_bits(args.bits)
+        if args.nsamples < 1 or args.seqlen < 2:
+            raise FormatError("--nsamples must be >= 1 and --seqlen >= 2")
+        excluded = [m.strip() for m in args.modules_to_not_convert.split(",") if m.strip()]
+        if args.skip_attention:
+            excluded.append("self_attn")
+        gsq_options = None
+        if args.method == "gsq":
+            try:
+                import quantize.gsq as gsq
+            except ImportError:
+                raise FormatError("method gsq is not available (quantize/gsq.py is missing)") from None
+            gsq_options = gsq.options_from_args(args)
+        settings = QuantizeSettings(
+            method=args.method, bits=bits, group_size=args.group_size, nsamples=args.nsamples,
+            seqlen=args.seqlen, seed=args.seed, modules_to_not_convert=excluded, damp=args.damp,
+            act_order=args.act_order, batch_size=args.batch_size,
+        )
+        model_dir = resolve_model(args.model)
+        pipe = BlockPipeline(model_dir, args.out, settings, work_dir=args.work_dir, gsq_options=gsq_options,
+                             log=lambda m: print(m, file=sys.stderr))
+        pipe.check()
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        ids = tokenize_sequences(load_split(args.calib, "calib"), tok, args.seqlen, args.nsamples)
+        out = pipe.run(ids, resume=args.resume)
+    except (FormatError, DataError, OSError) as e:
+        print(f"gsq-quantize: error: {e}", file=sys.stderr)
+        return 2
+    from gsq_vllm.format import checkpoint_bits_per_weight
+
+    bpw, n = checkpoint_bits_per_weight(out)
+    print(f"gsq-quantize: wrote {out} ({args.method}, {bits}-bit, G={args.group_size}, "
+          f"{bpw:.3f} bits/weight over {n} quantized weights) in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

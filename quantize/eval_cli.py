@@ -1,0 +1,41 @@
+"""``gsq-eval``: perplexity table of bf16 folders and GSQ checkpoints on held-out text."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gsq_vllm.format import FormatError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gsq-eval", description=__doc__)
+    p.add_argument("models", nargs="+", help="model folders (bf16 or gsq); 'default' = embedded SmolLM2 bf16")
+    p.add_argument("--corpus", default="wikipedia", help="corpus name (eval split) or a .jsonl/.txt file")
+    p.add_argument("--nsamples", type=int, default=40, help="eval sequences (default 40)")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see gsq-quantize --threads)")
+    args = p.parse_args(argv)
+    from quantize.data import DataError
+    from quantize.evaluate import evaluate_folders, format_table, write_json
+    from quantize.models import resolve_model
+
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        folders = [str(resolve_model(m)) for m in args.models]
+        rows = evaluate_folders(folders, args.corpus, args.nsamples, args.seqlen, progress=not args.no_progress)
+    except (FormatError, DataError, OSError) as e:
+        print(f"gsq-eval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    if args.json:
+        write_json(rows, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

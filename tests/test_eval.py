@@ -1,0 +1,45 @@
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from quantize.cli import main as quantize_main
+from quantize.data import load_split, tokenize_sequences
+from quantize.eval_cli import main as eval_main
+from quantize.tiny import build_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", layers=2)
+
+
+def test_eval_bf16_matches_transformers_loss(tiny, tmp_path, capsys):
+    js = tmp_path / "ppl.json"
+    assert eval_main([str(tiny), "--nsamples", "3", "--seqlen", "32", "--json", str(js), "--no-progress"]) == 0
+    row = json.loads(js.read_text())[0]
+    # independent reference: transformers' own loss on the same held-out windows
+    tok = AutoTokenizer.from_pretrained(str(tiny))
+    ids = tokenize_sequences(load_split("wikipedia", "eval"), tok, 32, 3)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).eval()
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert row["kind"] == "bf16"
+    assert math.isclose(row["ppl"], math.exp(loss), rel_tol=1e-4)
+    assert "ppl" in capsys.readouterr().out
+
+
+def test_eval_table_bf16_vs_quantized(tiny, tmp_path, capsys):
+    q = tmp_path / "q3"
+    assert quantize_main(["--model", str(tiny), "--out", str(q), "--method", "gptq", "--bits", "3",
+                          "--group-size", "32", "--nsamples", "4", "--seqlen", "64"]) == 0
+    capsys.readouterr()
+    js = tmp_path / "ppl.json"
+    assert eval_main([str(tiny), str(q), "--nsamples", "2", "--seqlen", "32", "--json", str(js), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(js.read_text())
+    assert [r["kind"] for r in rows] == ["bf16", "gsq-gptq-3b-g32"]
+    assert str(q) in out and all(math.isfinite(r["ppl"]) for r in rows)
+    assert rows[0]["ppl"] != rows[1]["ppl"]

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gsq_vllm.format import checkpoint_bits_per_weight, read_quant_config, unpack_codes
+from quantize.cli import main as quantize_main
+from quantize.evaluate import load_model
+from quantize.tiny import build_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", layers=2)
+
+
+ARGS = ["--nsamples", "4", "--seqlen", "64"]
+
+
+@pytest.mark.parametrize("method,bits,g", [("rtn", "2", 32), ("gptq", "3", 64), ("gptq", "1.58", 32)])
+def test_quantize_tiny_end_to_end(tiny, tmp_path, method, bits, g):
+    out = tmp_path / "q"
+    rc = quantize_main(["--model", str(tiny), "--out", str(out), "--method", method, "--bits", bits,
+                        "--group-size", str(g), *ARGS])
+    assert rc == 0
+    qcfg = read_quant_config(out)
+    assert qcfg.method == method and qcfg.group_size == g
+    tensors = load_file(str(out / "model.safetensors"))
+    src = load_file(str(tiny / "model.safetensors"))
+    # every linear inside blocks quantized, embeddings and norms copied bit for bit
+    for name, t in src.items():
+        prefix = name[: -len(".weight")]
+        if name.startswith("model.layers.") and "norm" not in name:
+            assert f"{prefix}.qweight" in tensors and name not in tensors
+        else:
+            assert torch.equal(tensors[name], t)
+    bpw, _ = checkpoint_bits_per_weight(out)
+    expected = qcfg.storage_bits + 16 / g
+    assert abs(bpw - expected) / expected < 0.02
+    # quantized weights are close to the originals (relative error of a 2/3-bit grid)
+    w = src["model.layers.0.mlp.up_proj.weight"].float()
+    codes = unpack_codes(tensors["model.layers.0.mlp.up_proj.qweight"], qcfg.bits)
+    deq = codes.float().reshape(w.shape[0], -1, g) * tensors["model.layers.0.mlp.up_proj.scales"].float().unsqueeze(-1)
+    rel = (deq.reshape_as(w) - w).norm() / w.norm()
+    assert rel < 0.8
+    model, kind = load_model(out)
+    assert kind.startswith(f"gsq-{method}")
+    assert torch.allclose(model.model.layers[0].mlp.up_proj.weight, deq.reshape_as(w), atol=1e-6)
+    assert not (out.parent / ".q.work").exists()
+
+
+def test_skip_attention_and_modules_to_not_convert(tiny, tmp_path):
+    out = tmp_path / "q"
+    assert quantize_main(["--model", str(tiny), "--out", str(out), "--method", "rtn", "--group-size", "32",
+                          "--skip-attention", "--modules-to-not-convert", "down_proj", *ARGS]) == 0
+    names = load_file(str(out / "model.safetensors")).keys()
+    assert "model.layers.0.self_attn.q_proj.weight" in names
+    assert "model.layers.1.mlp.down_proj.weight" in names
+    assert "model.layers.1.mlp.up_proj.qweight" in names
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert {"self_attn", "down_proj", "lm_head"} <= set(cfg["modules_to_not_convert"])
+
+
+def test_gptq_beats_rtn_on_tiny_block_outputs(tiny, tmp_path, capsys):
+    errs = {}
+    for m in ("rtn", "gptq"):
+        assert quantize_main(["--model", str(tiny), "--out", str(tmp_path / m), "--method", m, "--bits", "2",
+                              "--group-size", "32", "--nsamples", "8", "--seqlen", "64"]) == 0
+        log = capsys.readouterr().err
+        errs[m] = [float(l.rsplit(" ", 1)[1]) for l in log.splitlines() if "rel. output MSE" in l]
+    assert errs["gptq"][0] < errs["rtn"][0]
