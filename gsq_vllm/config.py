@@ -19,14 +19,10 @@ MOE_ERROR = "MoE is not supported yet by gsq"
 
 
 def _moe_layer_types() -> tuple[type, ...]:
-    try:
-        from vllm.model_executor.layers.fused_moe import FusedMoE, RoutedExperts
+    # vLLM 0.32 names the expert weights layer RoutedExperts; older ones FusedMoE.
+    import vllm.model_executor.layers.fused_moe as fused_moe
 
-        return (FusedMoE, RoutedExperts)
-    except ImportError:  # older/newer vLLM without one of the names
-        from vllm.model_executor.layers.fused_moe import FusedMoE
-
-        return (FusedMoE,)
+    return tuple(getattr(fused_moe, n) for n in ("RoutedExperts", "FusedMoE") if hasattr(fused_moe, n))
 
 
 class GSQConfig(QuantizationConfig):

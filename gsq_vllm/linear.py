@@ -21,7 +21,10 @@ from __future__ import annotations
 from fractions import Fraction
 
 import torch
-from vllm.model_executor.layers.linear import LinearMethodBase
+from vllm.model_executor.layers.linear import (
+    LinearMethodBase,
+    register_weight_loader_v2_supported_method,
+)
 from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 
 from gsq_vllm import cpu_gemm
@@ -40,6 +43,8 @@ def _cuda_gemm_module():
         return None
 
 
+# The v2 loader is what lets vLLM's parameter classes place fused shards.
+@register_weight_loader_v2_supported_method
 class GSQLinearMethod(LinearMethodBase):
     """Weight-only GSQ linear: ``y = x @ (s * q).T + bias``."""
 
