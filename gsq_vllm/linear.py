@@ -105,8 +105,7 @@ class GSQLinearMethod(LinearMethodBase):
             layer.gsq_b = torch.nn.Parameter(b, requires_grad=False)
             layer.gsq_s = torch.nn.Parameter(s, requires_grad=False)
         else:
-            block_k = cpu_gemm.choose_block_k(k, g)
-            lo, hi = cpu_gemm.repack_for_cpu(qweight.cpu(), bits, block_k)
+            lo, hi = cpu_gemm.repack_for_cpu(qweight.cpu(), bits, g)
             layer.gsq_kernel = "cpu"
             layer.gsq_lo = torch.nn.Parameter(lo.to(qweight.device), requires_grad=False)
             layer.gsq_hi = torch.nn.Parameter(hi.to(qweight.device), requires_grad=False)

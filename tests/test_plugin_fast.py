@@ -33,7 +33,7 @@ def test_cpu_gemm_matches_dequantized_reference(bits, n, k, g, m):
     qweight = F.pack_codes(q, bits)
     block_k = choose_block_k(k, g)
     assert k % block_k == 0 and block_k % g == 0
-    lo, hi = repack_for_cpu(qweight, bits, block_k)
+    lo, hi = repack_for_cpu(qweight, bits, g)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
     ref = x @ F.dequantize(q, s, g).t()
     y = cpu_gemm(x, lo, hi, s, F.storage_bits(bits), g)
@@ -44,18 +44,38 @@ def test_cpu_gemm_matches_dequantized_reference(bits, n, k, g, m):
     torch.testing.assert_close(yb.float(), refb, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m", [1, 5, 20])
+def test_both_cpu_paths_match_reference(bits, m):
+    """The blocked torch path and the fused C++ kernel (when built) on the same weights."""
+    from gsq_vllm import cpu_gemm as C
+
+    n, k, g = 72, 640, 32
+    q, s = _random_quantized(n, k, bits, g, seed=m)
+    lo, hi = repack_for_cpu(F.pack_codes(q, bits), bits, g)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
+    ref = x @ F.dequantize(q, s, g).t()
+    sb = F.storage_bits(bits)
+    torch.testing.assert_close(C._torch_gemm(x, lo, hi, s, sb, g), ref, rtol=1e-5, atol=1e-5)
+    if not C.cpp_kernel_available():
+        pytest.skip("gsq_vllm._C_cpu not built")
+    if m <= 16:
+        y = C._cpp.gemm(x.contiguous(), lo, hi, s.float().contiguous(), sb, g)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_cpu_gemm_repack_keeps_storage_bits_per_weight():
     n, k, g = 32, 1024, 64
     for bits in (2, 3):
         q, _ = _random_quantized(n, k, bits, g)
-        lo, hi = repack_for_cpu(F.pack_codes(q, bits), bits, choose_block_k(k, g))
+        lo, hi = repack_for_cpu(F.pack_codes(q, bits), bits, g)
         assert (lo.numel() + hi.numel()) * 8 == n * k * bits
 
 
 def test_cpu_gemm_traces_under_torch_compile():
     n, k, g = 32, 256, 64
     q, s = _random_quantized(n, k, 2, g)
-    lo, hi = repack_for_cpu(F.pack_codes(q, 2), 2, choose_block_k(k, g))
+    lo, hi = repack_for_cpu(F.pack_codes(q, 2), 2, g)
     x = torch.randn(2, k)
     fn = torch.compile(lambda a: torch.ops.gsq.cpu_gemm(a, lo, hi, s, 2, g) * 2, backend="eager", fullgraph=True)
     torch.testing.assert_close(fn(x), 2 * (x @ F.dequantize(q, s, g).t()), rtol=1e-5, atol=1e-5)
