@@ -58,8 +58,12 @@ def _cpu_extensions():
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
     if not sources:
         return []
-    # -ffast-math lets the compiler vectorize the float reductions (sum order changes only).
-    return [CppExtension("gsq_vllm._C_cpu", sources, extra_compile_args=["-O3", "-std=c++17", "-ffast-math"])]
+    # -ffast-math lets the compiler vectorize the float reductions (sum order changes only);
+    # -march=native because the extension is built on the machine that serves (GSQ_CPU_NATIVE=0: portable).
+    flags = ["-O3", "-std=c++17", "-ffast-math"]
+    if os.environ.get("GSQ_CPU_NATIVE", "1") != "0":
+        flags.append("-march=native")
+    return [CppExtension("gsq_vllm._C_cpu", sources, extra_compile_args=flags)]
 
 
 ext_modules, cmdclass = _extensions()

@@ -32,7 +32,7 @@ MAX_BLOCK_K = 1024
 # Below this many activation rows the fused C++ kernel (no dequantized block
 # at all) wins; above it, dequantizing a block once and calling the BLAS
 # GEMM amortizes better.
-CPP_MAX_ROWS = 8
+CPP_MAX_ROWS = 64
 
 
 def _load_cpp():

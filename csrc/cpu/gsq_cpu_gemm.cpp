@@ -16,7 +16,7 @@
 
 namespace {
 
-constexpr int kMaxRows = 16;
+constexpr int kMaxRows = 64;
 constexpr int kMaxGroup = 128;
 
 torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch::Tensor& hi,
