@@ -33,7 +33,7 @@ def _extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))  # csrc/cpu/ not included
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
     ext = CUDAExtension(
@@ -47,7 +47,32 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
+def _cpu_extensions():
+    """The fused CPU kernel (gsq_vllm._C_cpu) whenever torch is importable; pure-torch fallback otherwise."""
+    if os.environ.get("GSQ_BUILD_CPU") == "0":
+        return []
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:
+        return []
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
+    if not sources:
+        return []
+    # -ffast-math lets the compiler vectorize the float reductions (sum order changes only);
+    # -march=native because the extension is built on the machine that serves (GSQ_CPU_NATIVE=0: portable).
+    flags = ["-O3", "-std=c++17", "-ffast-math"]
+    if os.environ.get("GSQ_CPU_NATIVE", "1") != "0":
+        flags.append("-march=native")
+    return [CppExtension("gsq_vllm._C_cpu", sources, extra_compile_args=flags)]
+
+
 ext_modules, cmdclass = _extensions()
+_cpu_exts = _cpu_extensions()
+if _cpu_exts:
+    from torch.utils.cpp_extension import BuildExtension
+
+    ext_modules = ext_modules + _cpu_exts
+    cmdclass = {"build_ext": BuildExtension}
 
 setup(
     name="gsq-vllm",

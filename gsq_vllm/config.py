@@ -1,0 +1,76 @@
+"""``GSQConfig``: vLLM's view of a GSQ checkpoint's ``quantization_config``.
+
+All validation is delegated to :class:`gsq_vllm.format.GSQQuantConfig` (the
+single owner of the format) so vLLM, ``gsq-serve`` and the quantizer agree
+on what a valid checkpoint is. Imports vLLM: only load through the plugin.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+
+from gsq_vllm.format import QUANT_METHOD, FormatError, GSQQuantConfig, is_excluded
+
+MOE_ERROR = "MoE is not supported yet by gsq"
+
+
+def _moe_layer_types() -> tuple[type, ...]:
+    # vLLM 0.32 names the expert weights layer RoutedExperts; older ones FusedMoE.
+    import vllm.model_executor.layers.fused_moe as fused_moe
+
+    return tuple(getattr(fused_moe, n) for n in ("RoutedExperts", "FusedMoE") if hasattr(fused_moe, n))
+
+
+class GSQConfig(QuantizationConfig):
+    """Weight-only 2/3-bit (and ternary) group-wise symmetric quantization.
+
+    ``fmt``: the validated :class:`GSQQuantConfig` (bits, group_size,
+    modules_to_not_convert, scale_dtype).
+    """
+
+    def __init__(self, fmt: GSQQuantConfig) -> None:
+        super().__init__()
+        self.fmt = fmt
+
+    def __repr__(self) -> str:
+        return f"GSQConfig(bits={self.fmt.bits}, group_size={self.fmt.group_size})"
+
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        # The Marlin-style CUDA kernel uses sm_80 async copies and bf16 MMA.
+        return 80
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # read from config.json's quantization_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "GSQConfig":
+        try:
+            fmt = GSQQuantConfig.from_dict(config)
+        except FormatError as e:
+            raise ValueError(f"invalid gsq quantization_config: {e}") from None
+        return cls(fmt)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, _moe_layer_types()):
+            raise NotImplementedError(f"{MOE_ERROR} (layer {prefix!r})")
+        if isinstance(layer, LinearBase):
+            if is_excluded(prefix, self.fmt.modules_to_not_convert):
+                return UnquantizedLinearMethod()
+            from gsq_vllm.linear import GSQLinearMethod
+
+            return GSQLinearMethod(self)
+        return None

@@ -1,0 +1,142 @@
+"""CPU path of the GSQ linear: ``y = x @ W.T`` from packed 2/3-bit codes.
+
+No dequantized weight is kept: :func:`repack_for_cpu` turns the checkpoint's
+int32 ``qweight`` into *bit planes* laid out per group. Decode-sized calls
+run a fused dequant+GEMV C++ kernel (``gsq_vllm._C_cpu``, csrc/cpu/) when it
+is built; otherwise, and for prefill, every call dequantizes one K-block (``[N, block_k]`` transient) and
+accumulates ``x[:, block] @ W_block.T``. Peak extra memory per call is one
+block, never the whole layer or model.
+
+CPU layout (per linear, ``NG = K // G`` groups per row):
+
+* ``lo``  uint8 ``[N, NG, G // 4]``: bits 0-1 of the offset code ``u``.
+  Byte ``j`` of group ``g`` holds codes ``j + i * G/4`` (i = 0..3) of the
+  group at bits ``2i``; planar so unpacking is 4 shifts of contiguous bytes
+  (vectorizes in torch and in the C++ kernel alike).
+* ``hi``  uint8 ``[N, NG, G // 8]`` (3-bit only, else ``[0]``): bit 2
+  of ``u``; byte ``j`` holds codes ``j + i * G/8`` (i = 0..7) at bit ``i``.
+* ``scales`` ``[N, K // G]`` in the checkpoint's scale dtype, unchanged.
+
+Memory: exactly ``storage_bits`` bits per weight plus scales, as on disk.
+The GEMM is a ``torch.library`` custom op (``gsq::cpu_gemm``) with a fake
+impl so torch.compile can trace through it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gsq_vllm.format import code_offset, storage_bits, unpack_codes
+
+MAX_BLOCK_K = 1024
+# Below this many activation rows the fused C++ kernel (no dequantized block
+# at all) wins; above it, dequantizing a block once and calling the BLAS
+# GEMM amortizes better.
+CPP_MAX_ROWS = 64
+
+
+def _load_cpp():
+    try:
+        from gsq_vllm import _C_cpu  # built by setup.py when torch is importable
+    except ImportError:
+        return None
+    return _C_cpu
+
+
+_cpp = _load_cpp()
+
+
+def cpp_kernel_available() -> bool:
+    return _cpp is not None
+
+
+def choose_block_k(k: int, group_size: int) -> int:
+    """Largest multiple of ``group_size`` dividing ``k``, at most MAX_BLOCK_K (>= group_size)."""
+    best = group_size
+    for m in range(1, k // group_size + 1):
+        bk = group_size * m
+        if bk > MAX_BLOCK_K:
+            break
+        if k % bk == 0:
+            best = bk
+    return best
+
+
+def repack_for_cpu(qweight: torch.Tensor, bits: float | int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checkpoint ``qweight`` int32 ``[N, K*b/32]`` -> (``lo``, ``hi``) per-group bit planes (module doc)."""
+    sb = storage_bits(bits)
+    g = group_size
+    u = (unpack_codes(qweight, bits).to(torch.int16) + code_offset(bits)).to(torch.uint8)  # [N, K]
+    n, k = u.shape
+    ng = k // g
+    low = (u & 0x3).reshape(n, ng, 4, g // 4)
+    lo = torch.zeros(n, ng, g // 4, dtype=torch.uint8)
+    for i in range(4):
+        lo |= low[:, :, i, :] << (2 * i)
+    if sb == 2:
+        return lo.contiguous(), torch.zeros(0, dtype=torch.uint8)
+    high = (u >> 2).reshape(n, ng, 8, g // 8)
+    hi = torch.zeros(n, ng, g // 8, dtype=torch.uint8)
+    for i in range(8):
+        hi |= high[:, :, i, :] << i
+    return lo.contiguous(), hi.contiguous()
+
+
+def _unpack_groups(lo_b: torch.Tensor, hi_b: torch.Tensor, offset: int) -> torch.Tensor:
+    """Planes of some groups (``[N, ng, G/4]``, ``[N, ng, G/8]`` or empty) -> signed int8 ``[N, ng*G]``."""
+    n, ng, quarter = lo_b.shape
+    shifts2 = torch.arange(0, 8, 2, dtype=torch.uint8).view(1, 1, 4, 1)
+    u = (lo_b.unsqueeze(2) >> shifts2) & 0x3  # [N, ng, 4, G/4]
+    u = u.reshape(n, ng * quarter * 4)
+    if hi_b.numel():
+        shifts1 = torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)
+        h = (hi_b.unsqueeze(2) >> shifts1) & 0x1  # [N, ng, 8, G/8]
+        u = u | (h.reshape(n, -1) << 2)
+    return u.to(torch.int8) - offset
+
+
+def _torch_gemm(x, lo, hi, scales, bits, group_size):
+    n, ng, _ = lo.shape
+    k = ng * group_size
+    block_k = choose_block_k(k, group_size)
+    gpb = block_k // group_size
+    offset = 2 ** (bits - 1)
+    # Products of small integer codes and scales are exact in float32, so
+    # dequantizing in float32 then casting matches a float32 reference exactly.
+    wdtype = x.dtype if scales.dtype == x.dtype else torch.float32
+    s = scales.to(wdtype)
+    y = None
+    for b in range(k // block_k):
+        gs = slice(b * gpb, (b + 1) * gpb)
+        codes = _unpack_groups(lo[:, gs], hi[:, gs] if hi.numel() else hi, offset)  # [N, bk]
+        w = (codes.to(wdtype).view(n, gpb, group_size) * s[:, gs].unsqueeze(-1)).view(n, block_k)
+        part = x[:, b * block_k : (b + 1) * block_k] @ w.to(x.dtype).t()
+        y = part if y is None else y.add_(part)
+    return y
+
+
+@torch.library.custom_op("gsq::cpu_gemm", mutates_args=())
+def cpu_gemm(
+    x: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """``x`` [M, K] (any float dtype) -> ``y`` [M, N] in x's dtype, ``y = x @ W.T``.
+
+    ``lo``/``hi``/``scales`` as produced by :func:`repack_for_cpu` (bits 2 or 3;
+    ternary is passed as 2, its codes share the 2-bit storage). Few rows
+    (decode) go to the fused C++ kernel when built, else a K-blocked
+    dequantize + BLAS GEMM in torch.
+    """
+    if _cpp is not None and x.shape[0] <= CPP_MAX_ROWS:
+        y = _cpp.gemm(x.float().contiguous(), lo, hi, scales.float().contiguous(), bits, group_size)
+        return y.to(x.dtype)
+    return _torch_gemm(x, lo, hi, scales, bits, group_size)
+
+
+@cpu_gemm.register_fake
+def _(x, lo, hi, scales, bits, group_size):
+    return x.new_empty(x.shape[0], lo.shape[0])

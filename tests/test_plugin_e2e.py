@@ -1,0 +1,185 @@
+"""End to end: a tiny GSQ checkpoint served by ONE real vLLM OpenAI server (gsq-serve).
+
+Checks /v1/models, completions, chat, streaming, 32 concurrent requests, and
+greedy tokens equal to a plain transformers forward of the same dequantized
+weights (float32 on both sides so near-ties cannot flip a token). Also: a
+corrupt checkpoint / wrong config is refused by gsq-serve up front.
+"""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vllm not installed")
+httpx = pytest.importorskip("httpx")
+
+sys.path.insert(0, str(Path(__file__).parent))
+import plugin_tiny  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+ROOT = Path(__file__).resolve().parents[1]
+N_TOKENS = 24
+STARTUP_TIMEOUT_S = 420
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gsq_e2e")
+    tok = plugin_tiny.make_tokenizer_dir(root / "tok")
+    ckpt = root / "ckpt"
+    ref_model = plugin_tiny.make_tiny_checkpoint(ckpt, tok, bits=2, group_size=32)
+    return ckpt, ref_model
+
+
+@pytest.fixture(scope="session")
+def server(tiny):
+    ckpt, _ = tiny
+    port = _free_port()
+    log = open(ckpt.parent / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gsq_vllm.serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
+         "--max-model-len", "256", "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "32",
+         "--served-model-name", "tiny-gsq"],
+        env=_env(), stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}: {(ckpt.parent / 'server.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("server did not come up in time")
+            time.sleep(2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _reference_greedy(model, prompt_ids, n):
+    """Plain argmax loop (no EOS handling, like ignore_eos on the server)."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt_ids):]
+
+
+def test_models_endpoint(server):
+    data = httpx.get(f"{server}/v1/models", timeout=10).json()
+    assert [m["id"] for m in data["data"]] == ["tiny-gsq"]
+
+
+def test_greedy_completion_matches_torch_reference(server, tiny):
+    _, ref_model = tiny
+    prompt_ids = [1, 504, 3458, 282, 4649, 314, 253, 1345, 30]
+    ref = _reference_greedy(ref_model, prompt_ids, N_TOKENS)
+    r = httpx.post(f"{server}/v1/completions", timeout=120, json={
+        "model": "tiny-gsq", "prompt": prompt_ids, "max_tokens": N_TOKENS, "temperature": 0,
+        "ignore_eos": True, "return_token_ids": True,
+    })
+    assert r.status_code == 200, r.text
+    got = r.json()["choices"][0]["token_ids"]
+    assert len(got) == N_TOKENS
+    assert got == ref
+
+
+def test_chat_and_streaming(server):
+    msg = {"model": "tiny-gsq", "messages": [{"role": "user", "content": "Hello!"}],
+           "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(f"{server}/v1/chat/completions", json=msg, timeout=120)
+    assert r.status_code == 200, r.text
+    full = r.json()["choices"][0]["message"]["content"]
+    assert full
+    pieces = []
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json={**msg, "stream": True}, timeout=120) as s:
+        assert s.status_code == 200
+        for line in s.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                delta = json.loads(line[6:])["choices"][0]["delta"]
+                pieces.append(delta.get("content") or "")
+    assert len([p for p in pieces if p]) > 1  # really streamed, several chunks
+    assert "".join(pieces) == full  # greedy: same text as the non-streamed answer
+
+
+def test_32_concurrent_requests_complete(server):
+    async def one(client, i):
+        r = await client.post(f"{server}/v1/completions", json={
+            "model": "tiny-gsq", "prompt": f"Request number {i}:", "max_tokens": 8,
+            "temperature": 0, "ignore_eos": True})
+        return r.status_code, r.json()["usage"]["completion_tokens"]
+
+    async def run():
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    results = asyncio.run(run())
+    assert results == [(200, 8)] * 32
+
+
+# ------------------------------------------------------- bad checkpoints (no server needed)
+
+
+def _gsq_serve(folder):
+    return subprocess.run([sys.executable, "-m", "gsq_vllm.serve", str(folder), "--port", "1"],
+                          env=_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_corrupt_checkpoint_is_refused_up_front(tiny, tmp_path):
+    import shutil
+
+    ckpt, _ = tiny
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    w = bad / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])  # truncated download
+    r = _gsq_serve(bad)
+    assert r.returncode == 2
+    assert "invalid checkpoint" in r.stderr and "corrupt or truncated" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_wrong_config_is_refused_up_front(tiny, tmp_path):
+    import shutil
+
+    ckpt, _ = tiny
+    bad = tmp_path / "wrongcfg"
+    shutil.copytree(ckpt, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["group_size"] = 64  # scales on disk were written for G=32
+    (bad / "config.json").write_text(json.dumps(cfg))
+    r = _gsq_serve(bad)
+    assert r.returncode == 2
+    assert "invalid checkpoint" in r.stderr and "scales" in r.stderr

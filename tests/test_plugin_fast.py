@@ -1,0 +1,245 @@
+"""Fast tests of the vLLM plugin: config validation, CPU GEMM, fused weight loading.
+
+No engine is started; vLLM layers are built directly under a 1-rank gloo
+process group (recipe in /work/shared/notes/vllm-cpu.md).
+"""
+
+import socket
+
+import pytest
+import torch
+
+from gsq_vllm import format as F
+from gsq_vllm.cpu_gemm import choose_block_k, cpu_gemm, repack_for_cpu
+
+BITS = [2, 3, 1.58]
+
+
+def _random_quantized(n, k, bits, g, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    qmin, qmax = F.grid_range(bits)
+    q = torch.randint(qmin, qmax + 1, (n, k), dtype=torch.int8, generator=gen)
+    s = (torch.rand(n, k // g, generator=gen) * 0.1 + 0.01).to(torch.bfloat16)
+    return q, s
+
+
+# ---------------------------------------------------------------- CPU GEMM
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n,k,g,m", [(48, 576, 64, 3), (40, 2048 + 1024, 128, 1), (16, 96, 32, 7)])
+def test_cpu_gemm_matches_dequantized_reference(bits, n, k, g, m):
+    q, s = _random_quantized(n, k, bits, g, seed=n + k)
+    qweight = F.pack_codes(q, bits)
+    block_k = choose_block_k(k, g)
+    assert k % block_k == 0 and block_k % g == 0
+    lo, hi = repack_for_cpu(qweight, bits, g)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+    ref = x @ F.dequantize(q, s, g).t()
+    y = cpu_gemm(x, lo, hi, s, F.storage_bits(bits), g)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # bf16 activations: same result as a bf16 matmul of the bf16-rounded weight
+    yb = cpu_gemm(x.bfloat16(), lo, hi, s, F.storage_bits(bits), g)
+    refb = (x.bfloat16().float() @ F.dequantize(q, s, g, torch.bfloat16).float().t())
+    torch.testing.assert_close(yb.float(), refb, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m", [1, 5, 20])
+def test_both_cpu_paths_match_reference(bits, m):
+    """The blocked torch path and the fused C++ kernel (when built) on the same weights."""
+    from gsq_vllm import cpu_gemm as C
+
+    n, k, g = 72, 640, 32
+    q, s = _random_quantized(n, k, bits, g, seed=m)
+    lo, hi = repack_for_cpu(F.pack_codes(q, bits), bits, g)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
+    ref = x @ F.dequantize(q, s, g).t()
+    sb = F.storage_bits(bits)
+    torch.testing.assert_close(C._torch_gemm(x, lo, hi, s, sb, g), ref, rtol=1e-5, atol=1e-5)
+    if not C.cpp_kernel_available():
+        pytest.skip("gsq_vllm._C_cpu not built")
+    if m <= 64:
+        y = C._cpp.gemm(x.contiguous(), lo, hi, s.float().contiguous(), sb, g)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_gemm_repack_keeps_storage_bits_per_weight():
+    n, k, g = 32, 1024, 64
+    for bits in (2, 3):
+        q, _ = _random_quantized(n, k, bits, g)
+        lo, hi = repack_for_cpu(F.pack_codes(q, bits), bits, g)
+        assert (lo.numel() + hi.numel()) * 8 == n * k * bits
+
+
+def test_cpu_gemm_traces_under_torch_compile():
+    n, k, g = 32, 256, 64
+    q, s = _random_quantized(n, k, 2, g)
+    lo, hi = repack_for_cpu(F.pack_codes(q, 2), 2, g)
+    x = torch.randn(2, k)
+    fn = torch.compile(lambda a: torch.ops.gsq.cpu_gemm(a, lo, hi, s, 2, g) * 2, backend="eager", fullgraph=True)
+    torch.testing.assert_close(fn(x), 2 * (x @ F.dequantize(q, s, g).t()), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- vLLM-side
+
+vllm = pytest.importorskip("vllm", reason="vllm not installed")
+pytestmark = pytest.mark.vllm
+
+
+def _quant_dict(bits=2, group_size=64, modules_to_not_convert=(), **over):
+    """A valid quantization_config dict, then ``over`` written on top (may make it invalid)."""
+    d = F.GSQQuantConfig(bits=bits, group_size=group_size,
+                         modules_to_not_convert=list(modules_to_not_convert)).to_dict()
+    d.update(over)
+    return d
+
+
+def test_config_from_valid_dict():
+    from gsq_vllm.config import GSQConfig
+
+    cfg = GSQConfig.from_config(_quant_dict(bits=3, group_size=32, modules_to_not_convert=["lm_head"]))
+    assert cfg.fmt.bits == 3 and cfg.fmt.group_size == 32
+    assert cfg.get_name() == "gsq"
+    assert cfg.get_min_capability() == 80
+
+
+@pytest.mark.parametrize(
+    "over,needle",
+    [
+        ({"bits": 4, "storage_bits": 4}, "bits"),
+        ({"group_size": 100}, "group_size"),
+        ({"format_version": 99}, "format_version"),
+        ({"quant_method": "gptq"}, "quant_method"),
+        ({"storage_bits": 3}, "storage_bits"),
+        ({"scale_dtype": "float32"}, "scale_dtype"),
+    ],
+)
+def test_config_rejects_bad_dict_with_clear_error(over, needle):
+    from gsq_vllm.config import GSQConfig
+
+    with pytest.raises(ValueError, match=needle):
+        GSQConfig.from_config(_quant_dict(**over))
+
+
+def test_plugin_registers_gsq():
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+
+    from gsq_vllm.config import GSQConfig
+    from gsq_vllm.plugin import register
+
+    register()
+    assert "gsq" in QUANTIZATION_METHODS
+    assert get_quantization_config("gsq") is GSQConfig
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_dist():
+    """A 1-rank model-parallel group so vLLM parallel layers can be built without an engine."""
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+
+    with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))):
+        if not model_parallel_is_initialized():
+            init_distributed_environment(
+                world_size=1, rank=0, local_rank=0,
+                distributed_init_method=f"tcp://127.0.0.1:{_free_port()}", backend="gloo",
+            )
+            initialize_model_parallel(1, 1)
+        yield
+
+
+def _load(layer, tensors, shard_ids):
+    """Load checkpoint tensors per shard the way vLLM's model loader does."""
+    params = dict(layer.named_parameters())
+    for shard_id, (qw, sc) in zip(shard_ids, tensors):
+        for pname, t in (("qweight", qw), ("scales", sc)):
+            p = params[pname]
+            if shard_id is None:
+                p.weight_loader(p, t)
+            else:
+                p.weight_loader(p, t, shard_id)
+    layer.quant_method.process_weights_after_loading(layer)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_fused_qkv_loads_and_matches_reference(vllm_dist, bits):
+    from vllm.model_executor.layers.linear import QKVParallelLinear
+
+    from gsq_vllm.config import GSQConfig
+
+    hidden, head, nq, nkv, g = 192, 32, 6, 2, 64
+    cfg = GSQConfig.from_config(_quant_dict(bits=bits, group_size=g))
+    layer = QKVParallelLinear(hidden, head, nq, nkv, bias=False, params_dtype=torch.float32,
+                              quant_config=cfg, prefix="model.layers.0.self_attn.qkv_proj")
+    parts = [_random_quantized(n, hidden, bits, g, seed=i) for i, n in enumerate((nq * head, nkv * head, nkv * head))]
+    _load(layer, [(F.pack_codes(q, bits), s) for q, s in parts], ["q", "k", "v"])
+    assert layer.gsq_kernel == "cpu" and not hasattr(layer, "qweight")
+    w = torch.cat([F.dequantize(q, s, g) for q, s in parts])
+    x = torch.randn(4, hidden)
+    torch.testing.assert_close(layer(x)[0], x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_fused_gate_up_and_row_parallel_load(vllm_dist, bits):
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+
+    from gsq_vllm.config import GSQConfig
+
+    hidden, inter, g = 128, 256, 32
+    cfg = GSQConfig.from_config(_quant_dict(bits=bits, group_size=g))
+    gate_up = MergedColumnParallelLinear(hidden, [inter, inter], bias=False, params_dtype=torch.float32,
+                                         quant_config=cfg, prefix="model.layers.0.mlp.gate_up_proj")
+    parts = [_random_quantized(inter, hidden, bits, g, seed=10 + i) for i in range(2)]
+    _load(gate_up, [(F.pack_codes(q, bits), s) for q, s in parts], [0, 1])
+    down = RowParallelLinear(inter, hidden, bias=False, params_dtype=torch.float32,
+                             quant_config=cfg, prefix="model.layers.0.mlp.down_proj")
+    qd, sd = _random_quantized(hidden, inter, bits, g, seed=20)
+    _load(down, [(F.pack_codes(qd, bits), sd)], [None])
+    x = torch.randn(3, hidden)
+    w_gu = torch.cat([F.dequantize(q, s, g) for q, s in parts])
+    h = gate_up(x)[0]
+    torch.testing.assert_close(h, x @ w_gu.t(), rtol=1e-5, atol=1e-5)
+    a = h[:, :inter] * h[:, inter:]  # stands in for SiLU-and-mul: down sees [M, inter]
+    torch.testing.assert_close(down(a)[0], a @ F.dequantize(qd, sd, g).t(), rtol=1e-4, atol=1e-4)
+
+
+def test_modules_to_not_convert_gives_unquantized_linear(vllm_dist):
+    from vllm.model_executor.layers.linear import ReplicatedLinear, UnquantizedLinearMethod
+
+    from gsq_vllm.config import GSQConfig
+    from gsq_vllm.linear import GSQLinearMethod
+
+    cfg = GSQConfig.from_config(_quant_dict(modules_to_not_convert=["down_proj"]))
+    kept = ReplicatedLinear(128, 64, bias=False, quant_config=cfg, prefix="model.layers.0.mlp.down_proj")
+    quant = ReplicatedLinear(128, 64, bias=False, quant_config=cfg, prefix="model.layers.0.mlp.up_proj")
+    assert isinstance(kept.quant_method, UnquantizedLinearMethod)
+    assert isinstance(quant.quant_method, GSQLinearMethod)
+
+
+def test_group_size_not_dividing_input_is_a_clear_error(vllm_dist):
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+
+    from gsq_vllm.config import GSQConfig
+
+    cfg = GSQConfig.from_config(_quant_dict(group_size=128))
+    with pytest.raises(ValueError, match="does not divide"):
+        ReplicatedLinear(576, 64, bias=False, quant_config=cfg, prefix="model.layers.0.mlp.up_proj")
+
+
+def test_moe_layer_is_rejected_clearly():
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+    from gsq_vllm.config import MOE_ERROR, GSQConfig
+
+    cfg = GSQConfig.from_config(_quant_dict())
+    fake_moe = RoutedExperts.__new__(RoutedExperts)  # type check only; no engine needed
+    with pytest.raises(NotImplementedError, match=MOE_ERROR):
+        cfg.get_quant_method(fake_moe, "model.layers.0.mlp.experts")
