@@ -92,6 +92,7 @@ class GSQLinearMethod(LinearMethodBase):
         layer.register_parameter("scales", scales)
         layer.gsq_n = n
         layer.gsq_k = k
+        layer.gsq_act_dtype = params_dtype
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         bits, g = self.fmt.bits, self.fmt.group_size
@@ -100,7 +101,8 @@ class GSQLinearMethod(LinearMethodBase):
         scales = layer.scales.data
         cuda = _cuda_gemm_module() if qweight.is_cuda else None
         if cuda is not None and cuda.cuda_supports(n, k, bits, g):
-            b, s = cuda.repack(qweight, scales, bits, g)
+            # The CUDA kernel reads its scales in the activation dtype.
+            b, s = cuda.repack(qweight, scales, bits, g, dtype=layer.gsq_act_dtype)
             layer.gsq_kernel = "cuda"
             layer.gsq_b = torch.nn.Parameter(b, requires_grad=False)
             layer.gsq_s = torch.nn.Parameter(s, requires_grad=False)
