@@ -377,6 +377,8 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
                 for m in layers.values():
                     m.tau, m.kappa = tau, kappa
                 loss = F.mse_loss(forward(inputs[idx]), targets[idx])
+                if not loss.requires_grad:
+                    raise RuntimeError("refine_block: `forward` ran without autograd (torch.no_grad?)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 lr = opt.param_groups[0]["lr"]

@@ -75,10 +75,12 @@ def _atomic_json(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _run_block(block, x: torch.Tensor, pos_emb, batch_size: int) -> torch.Tensor:
-    """Block outputs f32 ``[n,S,H]`` for inputs f32 ``[n,S,H]`` (causal attention via sdpa, no mask)."""
+def _run_block(block, x: torch.Tensor, pos_emb, batch_size: int, grad: bool = False) -> torch.Tensor:
+    """Block outputs f32 ``[n,S,H]`` for inputs f32 ``[n,S,H]`` (causal attention via sdpa, no mask).
+
+    ``grad=True`` keeps the autograd graph (GSQ differentiates through the block)."""
     outs = []
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for b in range(0, x.shape[0], batch_size):
             xb = x[b : b + batch_size]
             cos, sin = pos_emb
@@ -197,7 +199,7 @@ class BlockPipeline:
                 else:
                     result[n] = gptq_quantize(w, hess[n], s.bits, s.group_size, damp=s.damp, act_order=s.act_order)
             if refine is not None:
-                forward = lambda inp: _run_block(block, inp, pos_emb, s.batch_size)  # noqa: E731
+                forward = lambda inp: _run_block(block, inp, pos_emb, s.batch_size, grad=True)  # noqa: E731
                 result, blog = refine(block, forward, names, result, x, targets, self.gsq_options, s.seed * 1_000_003 + i)
                 gsq_logs[prefix] = blog
             with torch.no_grad():
