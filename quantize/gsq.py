@@ -263,6 +263,8 @@ class GumbelGridLinear(nn.Module):
             else:
                 mean = prior.mean(0, keepdim=True)
             prior = prior - mean
+        # Logits are kept in float32: the reference defaults to bf16 logits on GPU, but bf16
+        # softmax on CPU is slower and the 1e-4 Lion steps would round away at |logit| ~ 1.
         noise = torch.randn(prior.shape, generator=generator)
         self.logits = nn.Parameter(std * (noise + alpha * prior))
         self.scales = nn.Parameter(init.scales.detach().float().clone())
