@@ -1,0 +1,160 @@
+"""Perplexity of SmolLM2-135M on held-out text: bf16 vs RTN / GPTQ / GSQ at 2, 3 bits and ternary,
+MLP-only (attention kept bf16, like the reference's released checkpoints) and all linears.
+
+Each configuration's checkpoint and result are cached under --out (one JSON per configuration),
+so a rerun skips finished ones and resumes an interrupted quantization (the pipeline resumes per
+block). Prints a table, writes results.json and quality.png.
+
+    PYTHONPATH=. nice python benchmarks/quality.py --out runs/quality \
+        --configs bf16 gptq-2-mlp gsq-2-mlp gptq-2-all gsq-2-all
+
+Configuration names: bf16 | <rtn|gptq|gsq>-<2|3|1.58>-<mlp|all>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+ALL_CONFIGS = ["bf16"] + [f"{m}-{b}-{s}" for s in ("mlp", "all") for b in ("2", "3", "1.58")
+                          for m in ("rtn", "gptq", "gsq")]
+
+
+def calib_and_eval_ids(model_dir: Path, nsamples: int, seqlen: int, eval_samples: int):
+    """Token ids int64 [n, S]: calibration from the calib split, evaluation from the disjoint eval split."""
+    from transformers import AutoTokenizer
+
+    from quantize.data import load_split, tokenize_sequences
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    calib = tokenize_sequences(load_split("wikipedia", "calib"), tok, seqlen, nsamples)
+    evals = tokenize_sequences(load_split("wikipedia", "eval"), tok, seqlen, eval_samples)
+    return calib, evals
+
+
+def load_dequantized(model_dir: Path, ckpt: Path | None) -> torch.nn.Module:
+    """The bf16 HF model in float32, with each quantized linear's weight replaced by s * q."""
+    from transformers import AutoModelForCausalLM
+
+    from gsq_vllm.format import dequantize, load_tensors, read_quant_config, unpack_codes
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    if ckpt is None:
+        return model
+    cfg = read_quant_config(ckpt)
+    tensors = load_tensors(ckpt)
+    for name in [k for k in tensors if k.endswith(".qweight")]:
+        prefix = name[: -len(".qweight")]
+        lin = model.get_submodule(prefix)
+        codes = unpack_codes(tensors[name], cfg.bits)[:, : lin.in_features]
+        w = dequantize(codes, tensors[prefix + ".scales"].float(), cfg.group_size, torch.float32)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+    return model
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, batch_size: int = 4) -> float:
+    nll, count = 0.0, 0
+    for i in range(0, ids.shape[0], batch_size):
+        b = ids[i:i + batch_size]
+        logits = model(b).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 b[:, 1:].reshape(-1), reduction="sum")
+        nll += loss.item()
+        count += b[:, 1:].numel()
+    return float(torch.exp(torch.tensor(nll / count)))
+
+
+def quantize_config(name, model_dir, calib, out: Path, args) -> tuple[Path, dict]:
+    from quantize.gsq import GSQOptions, PRESETS
+    from quantize.pipeline import BlockPipeline, QuantizeSettings
+
+    method, bits, scope = name.split("-")
+    bits = float(bits) if "." in bits else int(bits)
+    settings = QuantizeSettings(method=method, bits=bits, group_size=args.group_size,
+                                nsamples=calib.shape[0], seqlen=calib.shape[1], seed=0,
+                                modules_to_not_convert=["self_attn"] if scope == "mlp" else [],
+                                batch_size=4)
+    opts = GSQOptions(**PRESETS[args.preset]) if method == "gsq" else None
+    ckpt = out / "ckpt" / name
+    t0 = time.time()
+    if not (ckpt / "config.json").is_file():
+        pipe = BlockPipeline(model_dir, ckpt, settings, gsq_options=opts)
+        pipe.check()
+        pipe.run(calib)
+    return ckpt, {"quantize_s": round(time.time() - t0, 1)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/quality")
+    p.add_argument("--configs", nargs="+", default=ALL_CONFIGS)
+    p.add_argument("--preset", default="fast")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--eval-samples", type=int, default=40)
+    p.add_argument("--group-size", type=int, default=64)
+    args = p.parse_args(argv)
+    bad = [c for c in args.configs if c not in ALL_CONFIGS]
+    if bad:
+        raise SystemExit(f"unknown configuration(s) {bad}; choose from {ALL_CONFIGS}")
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    from quantize.models import prepare_default_model
+
+    model_dir = prepare_default_model()
+    out = Path(args.out)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    calib, evals = calib_and_eval_ids(model_dir, args.nsamples, args.seqlen, args.eval_samples)
+    for name in args.configs:
+        res_path = out / "results" / f"{name}.json"
+        if res_path.is_file():
+            continue
+        info = {"config": name, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                "eval_tokens": int(evals.numel()), "group_size": args.group_size,
+                "preset": args.preset if name.startswith("gsq") else None,
+                "attention_quantized": name.endswith("-all")}
+        ckpt = None
+        if name != "bf16":
+            ckpt, extra = quantize_config(name, model_dir, calib, out, args)
+            info.update(extra)
+        info["ppl"] = perplexity(load_dequantized(model_dir, ckpt), evals)
+        info["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        tmp = res_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, res_path)
+        print(f"[quality] {name}: ppl {info['ppl']:.3f}", flush=True)
+    rows = [json.loads((out / "results" / f"{c}.json").read_text())
+            for c in ALL_CONFIGS if (out / "results" / f"{c}.json").is_file()]
+    print(f"{'config':<16}{'attn q.':>8}{'ppl':>10}{'quant s':>9}")
+    for r in rows:
+        print(f"{r['config']:<16}{str(r['attention_quantized']):>8}{r['ppl']:>10.3f}{r.get('quantize_s', 0):>9}")
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    plot(rows, out / "quality.png")
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = [r["config"] for r in rows]
+    ax.bar(names, [r["ppl"] for r in rows],
+           color=["gray" if n == "bf16" else ("C0" if n.startswith("gsq") else "C1") for n in names])
+    ax.set_ylabel("perplexity (held-out wikipedia)")
+    ax.set_yscale("log")
+    ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

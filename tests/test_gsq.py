@@ -1,0 +1,255 @@
+"""GSQ unit tests: fast, synthetic data, CPU only."""
+
+import argparse
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from gsq_vllm.format import grid_range, pack_codes, unpack_codes
+from quantize.gsq import (GSQOptions, GumbelGridLinear, SoftWeightFunction, add_cli_arguments,
+                          cosine_lr_factor, linear_schedule, options_from_args, refine_block,
+                          soft_weight)
+from quantize.qtypes import QuantizedWeight
+
+BITS = [2, 3, 1.58]
+
+
+def rtn(weight: torch.Tensor, bits, group_size: int) -> QuantizedWeight:
+    """Round-to-nearest, absmax scale per group: the GPTQ-free init of these tests."""
+    qmin, qmax = grid_range(bits)
+    wg = weight.reshape(weight.shape[0], -1, group_size)
+    scales = wg.abs().amax(-1).clamp_min(1e-8) / max(-qmin, qmax)
+    codes = torch.clamp(torch.round(wg / scales[..., None]), qmin, qmax)
+    return QuantizedWeight(codes.reshape(weight.shape).to(torch.int8), scales.float(), bits,
+                           group_size)
+
+
+class OneLinearBlock(nn.Module):
+    """A "transformer block" that is one linear: the least-squares layer problem."""
+
+    def __init__(self, k: int, n: int):
+        super().__init__()
+        self.proj = nn.Linear(k, n)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def ls_problem(k=128, n=32, samples=32, seq=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    block = OneLinearBlock(k, n)
+    with torch.no_grad():
+        block.proj.weight.copy_(torch.randn(n, k, generator=g) / k ** 0.5)
+        block.proj.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    # correlated features: a random mixing matrix on top of the identity
+    mix = torch.eye(k) + torch.randn(k, k, generator=g) / k ** 0.5
+    inputs = torch.randn(samples, seq, k, generator=g) @ mix
+    with torch.no_grad():
+        targets = block(inputs)
+    return block, inputs, targets
+
+
+def test_schedules_hit_endpoints():
+    total = 37
+    assert linear_schedule(2.0, 0.05, 0, total) == pytest.approx(2.0)
+    assert linear_schedule(2.0, 0.05, total - 1, total) == pytest.approx(0.05)
+    assert linear_schedule(100, 500, total - 1, total) == pytest.approx(500)
+    vals = [linear_schedule(2.0, 0.05, s, total) for s in range(total)]
+    assert all(a > b for a, b in zip(vals, vals[1:]))
+    assert cosine_lr_factor(0, total, 0.1) == pytest.approx(1.0)
+    assert cosine_lr_factor(total - 1, total, 0.1) == pytest.approx(0.1)
+
+
+def test_refine_block_logs_schedule_endpoints():
+    block, inputs, targets = ls_problem(k=64, n=8, samples=8, seq=4)
+    init = {"proj": rtn(block.proj.weight.detach(), 2, 32)}
+    opts = GSQOptions(epochs=2, batch_size=4)
+    _, log = refine_block(block, block, ["proj"], init, inputs, targets, opts, seed=1)
+    steps = log["steps"]
+    assert len(steps) == log["total_steps"] == 4
+    assert steps[0]["tau"] == pytest.approx(opts.tau_start)
+    assert steps[-1]["tau"] == pytest.approx(opts.tau_end)
+    assert steps[0]["kappa"] == pytest.approx(opts.kappa_start)
+    assert steps[-1]["kappa"] == pytest.approx(opts.kappa_end)
+    assert steps[0]["lr_logits"] == pytest.approx(opts.lr_logits)
+    assert steps[-1]["lr_logits"] == pytest.approx(opts.lr_logits * opts.min_lr_ratio)
+    assert len(log["hard_mse"]) == opts.epochs + 1
+    json.dumps(log)
+    assert isinstance(block.proj, nn.Linear)   # originals restored
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_soft_weight_equals_argmax_weight_at_zero_temperature(bits):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=gen)
+    init = rtn(w, bits, 32)
+    layer = GumbelGridLinear(nn.Linear(64, 16), init, std=0.01, alpha=6.0, generator=gen)
+    with torch.no_grad():   # random logits so argmax differs from the init
+        layer.logits.normal_(0.0, 1.0, generator=gen)
+    layer.tau, layer.kappa = 1e-3, 1e9   # kappa * logit gaps >> Gumbel noise (<~25)
+    soft = layer.weight().detach()
+    hard = layer.hardened()
+    torch.testing.assert_close(soft, hard.dequantize(), rtol=0, atol=1e-5)
+    assert not torch.equal(hard.codes, init.codes)
+
+
+def test_three_bit_local_shift_stays_in_int3():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 128, generator=gen)
+    w[:, ::7] *= 10.0    # many codes at the grid ends -4 and 3
+    init = rtn(w, 3, 64)
+    assert int(init.codes.min()) == -4 and int(init.codes.max()) == 3
+    layer = GumbelGridLinear(nn.Linear(128, 32), init, std=0.01, alpha=6.0, generator=gen)
+    with torch.no_grad():   # push the off-grid shifts hardest: they must still lose
+        layer.logits.copy_(torch.randn(layer.logits.shape, generator=gen))
+        layer.logits[0] += 100.0
+        layer.logits[4] += 100.0
+    codes = layer.hard_codes()
+    assert int(codes.min()) >= -4 and int(codes.max()) <= 3
+    assert (codes.int() - init.codes.int()).abs().max() <= 2
+    layer.tau, layer.kappa = 0.05, 500.0
+    soft_codes = layer.weight().detach() / layer.scales.detach().repeat_interleave(64, 1)
+    assert float(soft_codes.min()) >= -4 - 1e-4 and float(soft_codes.max()) <= 3 + 1e-4
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_gsq_beats_its_init_on_least_squares_layer(bits):
+    block, inputs, targets = ls_problem()
+    init = {"proj": rtn(block.proj.weight.detach(), bits, 32)}
+    opts = GSQOptions(epochs=25, batch_size=8, keep_best=False)
+    result, log = refine_block(block, block, ["proj"], init, inputs, targets, opts, seed=0)
+
+    def out_mse(q):
+        with torch.no_grad():
+            out = nn.functional.linear(inputs, q.dequantize(), block.proj.bias)
+        return nn.functional.mse_loss(out, targets).item()
+
+    init_mse, gsq_mse = out_mse(init["proj"]), out_mse(result["proj"])
+    assert gsq_mse < init_mse, (bits, init_mse, gsq_mse, log["hard_mse"])
+    assert log["hard_mse"][0] == pytest.approx(init_mse, rel=1e-4)
+    assert log["hard_mse"][-1] == pytest.approx(gsq_mse, rel=1e-4) and not log["kept_init"]
+    lo, hi = grid_range(bits)
+    assert int(result["proj"].codes.min()) >= lo and int(result["proj"].codes.max()) <= hi
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_hardened_codes_pack_round_trip(bits):
+    block, inputs, targets = ls_problem(k=64, n=8, samples=4, seq=4)
+    init = {"proj": rtn(block.proj.weight.detach(), bits, 32)}
+    result, _ = refine_block(block, block, ["proj"], init, inputs, targets,
+                             GSQOptions(epochs=1, batch_size=2), seed=3)
+    codes = result["proj"].codes
+    assert torch.equal(unpack_codes(pack_codes(codes, bits), bits).to(torch.int8), codes)
+
+
+def test_refine_block_is_deterministic_for_a_seed():
+    block, inputs, targets = ls_problem(k=64, n=8, samples=8, seq=4)
+    init = {"proj": rtn(block.proj.weight.detach(), 2, 32)}
+    opts = GSQOptions(epochs=2, batch_size=4)
+    a, la = refine_block(block, block, ["proj"], init, inputs, targets, opts, seed=5)
+    b, lb = refine_block(block, block, ["proj"], init, inputs, targets, opts, seed=5)
+    assert torch.equal(a["proj"].codes, b["proj"].codes)
+    assert torch.equal(a["proj"].scales, b["proj"].scales)
+    assert la["steps"] == lb["steps"]
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_regenerated_noise_gives_same_gradients_as_stored_noise(bits):
+    gen = torch.Generator().manual_seed(0)
+    init = rtn(torch.randn(16, 64, generator=gen), bits, 32)
+    layer = GumbelGridLinear(nn.Linear(64, 16), init, std=0.5, alpha=1.0, generator=gen)
+    layer.tau, layer.kappa = 1.0, 2.0
+    upstream = torch.randn(16, 64, generator=gen)
+    cfg = (layer.kind, layer.levels, layer.mask, layer.kappa, layer.tau, layer.group_size)
+    grads = []
+    for store in (False, True):
+        logits = layer.logits.detach().clone().requires_grad_(True)
+        scales = layer.scales.detach().clone().requires_grad_(True)
+        noise_gen = torch.Generator().manual_seed(42)
+        w = SoftWeightFunction.apply(logits, scales, noise_gen, cfg, store)
+        torch.randn(1000, generator=noise_gen)   # the generator moves on before backward
+        (w * upstream).sum().backward()
+        grads.append((w.detach(), logits.grad, scales.grad))
+    # plain autograd on the same noise: the reference both variants must match
+    from quantize.gsq import sample_noise
+    noise = sample_noise(layer.kind, layer.logits.shape, torch.Generator().manual_seed(42))
+    logits = layer.logits.detach().clone().requires_grad_(True)
+    scales = layer.scales.detach().clone().requires_grad_(True)
+    w = soft_weight(*cfg[:1], logits, scales, *cfg[1:3], noise, *cfg[3:])
+    (w * upstream).sum().backward()
+    for got in grads:
+        torch.testing.assert_close(got[0], w.detach())
+        torch.testing.assert_close(got[1], logits.grad)
+        torch.testing.assert_close(got[2], scales.grad)
+    assert logits.grad.abs().sum() > 0
+
+
+def test_regeneration_saves_less_for_backward():
+    gen = torch.Generator().manual_seed(0)
+    init = rtn(torch.randn(64, 256, generator=gen), 2, 64)
+    layer = GumbelGridLinear(nn.Linear(256, 64), init, std=0.01, alpha=6.0, generator=gen)
+    saved = {}
+    for store in (False, True):
+        layer.store_noise = store
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer.weight()
+        saved[store] = total[0]
+    noise_bytes = layer.logits.numel() * 4
+    assert saved[True] - saved[False] == noise_bytes
+
+
+def test_cli_presets_and_overrides():
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    paper = options_from_args(parser.parse_args([]))
+    assert paper == GSQOptions()
+    fast = options_from_args(parser.parse_args(["--preset", "fast"]))
+    assert fast.epochs < paper.epochs
+    custom = options_from_args(parser.parse_args(
+        ["--preset", "fast", "--gsq-epochs", "3", "--gsq-tau", "1.0", "0.1", "--gsq-store-noise"]))
+    assert (custom.epochs, custom.tau_start, custom.tau_end, custom.store_noise) == (3, 1.0, 0.1, True)
+    with pytest.raises(ValueError):
+        options_from_args(parser.parse_args(["--gsq-epochs", "0"]))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from quantize.tiny import build_tiny_llama
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", hidden=64,
+                            intermediate=128, layers=2)
+
+
+@pytest.mark.parametrize("bits", [2, 1.58])
+def test_pipeline_gsq_improves_on_gptq_per_block(tiny_model, tmp_path, bits):
+    """Through the real block pipeline: each block's hard output MSE after GSQ is below the
+    GPTQ init's on the same (propagated) inputs, and the checkpoint passes the format checks."""
+    from gsq_vllm.format import check_quantized_tensors, load_tensors, read_quant_config
+    from quantize.pipeline import BlockPipeline, QuantizeSettings
+
+    settings = QuantizeSettings(method="gsq", bits=bits, group_size=32, nsamples=8, seqlen=32,
+                                batch_size=4)
+    ids = torch.randint(0, 1000, (8, 32), generator=torch.Generator().manual_seed(0))
+    pipe = BlockPipeline(tiny_model, tmp_path / "out", settings,
+                         gsq_options=GSQOptions(epochs=8, batch_size=4, lr_logits=3e-3, lr_scales=2e-4,
+                                                keep_best=False),
+                         log=lambda *a: None)
+    pipe.check()
+    out = pipe.run(ids)
+    logs = json.loads((out / "gsq_logs.json").read_text())
+    assert sorted(logs) == ["model.layers.0", "model.layers.1"]
+    for prefix, log in logs.items():
+        assert log["hard_mse"][-1] < log["hard_mse"][0], (prefix, log["hard_mse"])
+    cfg = read_quant_config(out)
+    tensors = load_tensors(out)
+    prefixes = [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
+    assert len(prefixes) == 2 * 7   # q,k,v,o,gate,up,down in both blocks
+    for prefix in prefixes:
+        check_quantized_tensors(prefix, tensors[prefix + ".qweight"], tensors[prefix + ".scales"], cfg)
