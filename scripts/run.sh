@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# The main job in its current form: set up, prepare the embedded default model
-# (SmolLM2-135M-Instruct, GGUF -> cached bf16 folder) and text, quantize it,
-# evaluate bf16 vs the checkpoint, and print where the checkpoint is.
+# The main job: set up, prepare the embedded default model (SmolLM2-135M-Instruct,
+# GGUF -> cached bf16 folder) and text, quantize it, evaluate bf16 vs the
+# checkpoint, then serve it through vLLM's OpenAI API and ask it one question.
 #
-#   METHOD (gptq) BITS (2) GROUP_SIZE (64) OUT (runs/smollm2-$METHOD-${BITS}b-g$GROUP_SIZE)
-#   EVAL_NSAMPLES (20) EVAL_SEQLEN (512); extra arguments go to gsq-quantize.
+#   METHOD (gsq) BITS (3) GROUP_SIZE (64) OUT (runs/smollm2-$METHOD-${BITS}b-g$GROUP_SIZE)
+#   EVAL_NSAMPLES (20) EVAL_SEQLEN (512)
+#   SERVE: "1" (default) keep serving on $HOST:$PORT after the demo question,
+#          "once" ask the demo question and stop, "0" do not serve.
+#   HOST (127.0.0.1) PORT (8000); extra arguments go to gsq-quantize.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${GSQ_VENV:-$ROOT/.venv}"
-METHOD="${METHOD:-gptq}"
-BITS="${BITS:-2}"
+METHOD="${METHOD:-gsq}"
+BITS="${BITS:-3}"
 GROUP_SIZE="${GROUP_SIZE:-64}"
 OUT="${OUT:-$ROOT/runs/smollm2-$METHOD-${BITS}b-g$GROUP_SIZE}"
+SERVE="${SERVE:-1}"
+HOST="${HOST:-127.0.0.1}"
+PORT="${PORT:-8000}"
 
 bash "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
@@ -23,3 +29,39 @@ echo "[run] quantizing $MODEL -> $OUT ($METHOD, $BITS-bit, G=$GROUP_SIZE)" >&2
 echo "[run] evaluating" >&2
 "$VENV/bin/gsq-eval" "$MODEL" "$OUT" --nsamples "${EVAL_NSAMPLES:-20}" --seqlen "${EVAL_SEQLEN:-512}" --json "$OUT.ppl.json"
 echo "[run] checkpoint: $OUT"
+[ "$SERVE" = "0" ] && exit 0
+
+echo "[run] serving $OUT on http://$HOST:$PORT (vLLM startup takes 1-4 min on 2 cores)" >&2
+"$VENV/bin/gsq-serve" "$OUT" --host "$HOST" --port "$PORT" --max-model-len 1024 --dtype bfloat16 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
+"$VENV/bin/python" - "$HOST" "$PORT" "$SERVER" <<'PY'
+import json, os, sys, time, urllib.request
+host, port, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+base = f"http://{host}:{port}"
+deadline = time.time() + 900
+while True:
+    try:
+        models = json.load(urllib.request.urlopen(f"{base}/v1/models", timeout=5))
+        break
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            sys.exit("[run] error: the server exited during startup (see its log above)")
+        if time.time() > deadline:
+            sys.exit("[run] error: the server did not come up within 15 minutes")
+        time.sleep(3)
+question = "What is the capital of France? Answer in one sentence."
+body = {"model": models["data"][0]["id"], "temperature": 0, "max_tokens": 48,
+        "messages": [{"role": "user", "content": question}]}
+req = urllib.request.Request(f"{base}/v1/chat/completions", json.dumps(body).encode(),
+                             {"Content-Type": "application/json"})
+answer = json.load(urllib.request.urlopen(req, timeout=300))["choices"][0]["message"]["content"]
+print(f"[run] Q: {question}\n[run] A: {answer}")
+PY
+if [ "$SERVE" = "once" ]; then
+  exit 0
+fi
+echo "[run] serving until Ctrl-C: any OpenAI client at http://$HOST:$PORT/v1" >&2
+wait $SERVER
