@@ -374,17 +374,24 @@ TOKENIZER_FILES = (
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def read_quant_config(folder: str | os.PathLike) -> GSQQuantConfig:
-    """Read and validate ``quantization_config`` of a GSQ checkpoint folder."""
+def read_model_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of a model folder as a dict, with clear errors."""
     path = Path(folder) / "config.json"
+    if not Path(folder).is_dir():
+        raise FormatError(f"{folder}: not a directory")
     if not path.is_file():
         raise FormatError(f"{folder}: no config.json; not a model folder")
     try:
-        cfg = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_quant_config(folder: str | os.PathLike) -> GSQQuantConfig:
+    """Read and validate ``quantization_config`` of a GSQ checkpoint folder."""
+    cfg = read_model_config(folder)
     if "quantization_config" not in cfg:
-        raise FormatError(f"{path}: no quantization_config; not a GSQ checkpoint")
+        raise FormatError(f"{Path(folder) / 'config.json'}: no quantization_config; not a GSQ checkpoint")
     return GSQQuantConfig.from_dict(cfg["quantization_config"])
 
 

@@ -15,7 +15,6 @@ A folder without ``quantization_config`` (e.g. the bf16 baseline) is served as i
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from gsq_vllm.format import (
     SCALES_SUFFIX,
     FormatError,
     check_quantized_tensors,
+    read_model_config,
     read_quant_config,
     safetensors_files,
 )
@@ -36,15 +36,7 @@ CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}
 def validate_checkpoint(folder: str | os.PathLike) -> str:
     """Raise FormatError unless ``folder`` is servable; return a one-line summary."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FormatError(f"{folder}: not a directory")
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise FormatError(f"{folder}: no config.json; not a model folder")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = read_model_config(folder)
     qc = cfg.get("quantization_config")
     if qc is None or (isinstance(qc, dict) and qc.get("quant_method") != QUANT_METHOD):
         safetensors_files(folder)

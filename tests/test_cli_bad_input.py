@@ -89,15 +89,6 @@ def test_empty_calibration_text(model, tmp_path, capsys):
     _check_failed(_quantize(model, tmp_path / "out", "--calib", str(empty)), capsys, tmp_path / "out", "no text")
 
 
-def test_gsq_method_unavailable_is_clear(model, tmp_path, capsys):
-    try:
-        import quantize.gsq  # noqa: F401
-    except ImportError:
-        _check_failed(_quantize(model, tmp_path / "out", "--method", "gsq"), capsys, tmp_path / "out", "not available")
-    else:
-        pytest.skip("quantize.gsq exists")
-
-
 def test_eval_rejects_corrupt_checkpoint(model, tmp_path, capsys):
     out = tmp_path / "q"
     assert _quantize(model, out) == 0
