@@ -12,6 +12,7 @@ import sys
 import time
 
 from gsq_vllm.format import FormatError, normalize_bits
+from quantize import gsq
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,12 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default 1: on a shared 2-core machine more threads spin and run 10-20x slower)")
     p.add_argument("--work-dir", default=None, help="resume folder (default: .<out>.work next to --out)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
-    try:
-        import quantize.gsq as gsq
-    except ImportError:
-        gsq = None
-    if gsq is not None:
-        gsq.add_cli_arguments(p)
+    gsq.add_cli_arguments(p)
     return p
 
 
@@ -62,10 +58,6 @@ def main(argv: list[str] | None = None) -> int:
             excluded.append("self_attn")
         gsq_options = None
         if args.method == "gsq":
-            try:
-                import quantize.gsq as gsq
-            except ImportError:
-                raise FormatError("method gsq is not available (quantize/gsq.py is missing)") from None
             gsq_options = gsq.options_from_args(args)
         settings = QuantizeSettings(
             method=args.method, bits=bits, group_size=args.group_size, nsamples=args.nsamples,
