@@ -38,40 +38,6 @@ def calib_and_eval_ids(model_dir: Path, nsamples: int, seqlen: int, eval_samples
     return calib, evals
 
 
-def load_dequantized(model_dir: Path, ckpt: Path | None) -> torch.nn.Module:
-    """The bf16 HF model in float32, with each quantized linear's weight replaced by s * q."""
-    from transformers import AutoModelForCausalLM
-
-    from gsq_vllm.format import dequantize, load_tensors, read_quant_config, unpack_codes
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    if ckpt is None:
-        return model
-    cfg = read_quant_config(ckpt)
-    tensors = load_tensors(ckpt)
-    for name in [k for k in tensors if k.endswith(".qweight")]:
-        prefix = name[: -len(".qweight")]
-        lin = model.get_submodule(prefix)
-        codes = unpack_codes(tensors[name], cfg.bits)[:, : lin.in_features]
-        w = dequantize(codes, tensors[prefix + ".scales"].float(), cfg.group_size, torch.float32)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-    return model
-
-
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, batch_size: int = 4) -> float:
-    nll, count = 0.0, 0
-    for i in range(0, ids.shape[0], batch_size):
-        b = ids[i:i + batch_size]
-        logits = model(b).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 b[:, 1:].reshape(-1), reduction="sum")
-        nll += loss.item()
-        count += b[:, 1:].numel()
-    return float(torch.exp(torch.tensor(nll / count)))
-
-
 def quantize_config(name, model_dir, calib, out: Path, args) -> tuple[Path, dict]:
     from quantize.gsq import GSQOptions, PRESETS
     from quantize.pipeline import BlockPipeline, QuantizeSettings
@@ -106,6 +72,7 @@ def main(argv=None) -> None:
     if bad:
         raise SystemExit(f"unknown configuration(s) {bad}; choose from {ALL_CONFIGS}")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    from quantize.evaluate import load_model, perplexity
     from quantize.models import prepare_default_model
 
     model_dir = prepare_default_model()
@@ -120,11 +87,11 @@ def main(argv=None) -> None:
                 "eval_tokens": int(evals.numel()), "group_size": args.group_size,
                 "preset": args.preset if name.startswith("gsq") else None,
                 "attention_quantized": name.endswith("-all")}
-        ckpt = None
+        folder = model_dir
         if name != "bf16":
-            ckpt, extra = quantize_config(name, model_dir, calib, out, args)
+            folder, extra = quantize_config(name, model_dir, calib, out, args)
             info.update(extra)
-        info["ppl"] = perplexity(load_dequantized(model_dir, ckpt), evals)
+        info["ppl"] = perplexity(load_model(folder)[0], evals, progress=False)
         info["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         tmp = res_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info, indent=2))

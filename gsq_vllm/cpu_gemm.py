@@ -14,7 +14,10 @@ CPU layout (per linear, ``NG = K // G`` groups per row):
   group at bits ``2i``; planar so unpacking is 4 shifts of contiguous bytes
   (vectorizes in torch and in the C++ kernel alike).
 * ``hi``  uint8 ``[N, NG, G // 8]`` (3-bit only, else ``[0]``): bit 2
-  of ``u``; byte ``j`` holds codes ``j + i * G/8`` (i = 0..7) at bit ``i``.
+  of ``u``, packed in code order: byte ``j`` holds codes ``8j + i`` (i = 0..7)
+  at bit ``i``, so bit ``c`` of the group's plane (read as little-endian
+  32-bit words) is code ``c``; the C++ kernel unpacks a word with one
+  variable shift per lane.
 * ``scales`` ``[N, K // G]`` in the checkpoint's scale dtype, unchanged.
 
 Memory: exactly ``storage_bits`` bits per weight plus scales, as on disk.
@@ -29,10 +32,11 @@ import torch
 from gsq_vllm.format import code_offset, storage_bits, unpack_codes
 
 MAX_BLOCK_K = 1024
-# Below this many activation rows the fused C++ kernel (no dequantized block
-# at all) wins; above it, dequantizing a block once and calling the BLAS
-# GEMM amortizes better.
-CPP_MAX_ROWS = 64
+# Up to this many activation rows the fused C++ kernel (no dequantized block at all) wins; above
+# it, dequantizing a K-block once and calling the bf16 BLAS GEMM amortizes better. Crossover
+# measured by benchmarks/bench_cpu_gemm.py on SmolLM2 shapes (2-core AVX-512 machine): between
+# M=8 (fused 0.8-1.2x the blocked time) and M=16 (fused 1.4-2.2x slower).
+CPP_MAX_ROWS = 8
 
 
 def _load_cpp():
@@ -75,10 +79,10 @@ def repack_for_cpu(qweight: torch.Tensor, bits: float | int, group_size: int) ->
         lo |= low[:, :, i, :] << (2 * i)
     if sb == 2:
         return lo.contiguous(), torch.zeros(0, dtype=torch.uint8)
-    high = (u >> 2).reshape(n, ng, 8, g // 8)
+    high = (u >> 2).reshape(n, ng, g // 8, 8)
     hi = torch.zeros(n, ng, g // 8, dtype=torch.uint8)
     for i in range(8):
-        hi |= high[:, :, i, :] << i
+        hi |= high[:, :, :, i] << i
     return lo.contiguous(), hi.contiguous()
 
 
@@ -90,12 +94,14 @@ def _unpack_groups(lo_b: torch.Tensor, hi_b: torch.Tensor, offset: int) -> torch
     u = u.reshape(n, ng * quarter * 4)
     if hi_b.numel():
         shifts1 = torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)
-        h = (hi_b.unsqueeze(2) >> shifts1) & 0x1  # [N, ng, 8, G/8]
+        h = (hi_b.unsqueeze(-1) >> shifts1.view(1, 1, 1, 8)) & 0x1  # [N, ng, G/8, 8]
         u = u | (h.reshape(n, -1) << 2)
     return u.to(torch.int8) - offset
 
 
-def _torch_gemm(x, lo, hi, scales, bits, group_size):
+def _blocked_gemm(x, lo, hi, scales, bits, group_size, use_cpp: bool = True):
+    """K-blocked dequantize + BLAS GEMM; the block is dequantized by the C++ kernel when built
+    (and ``use_cpp``), else in torch. Same numbers either way (see the comment below)."""
     n, ng, _ = lo.shape
     k = ng * group_size
     block_k = choose_block_k(k, group_size)
@@ -104,12 +110,16 @@ def _torch_gemm(x, lo, hi, scales, bits, group_size):
     # Products of small integer codes and scales are exact in float32, so
     # dequantizing in float32 then casting matches a float32 reference exactly.
     wdtype = x.dtype if scales.dtype == x.dtype else torch.float32
-    s = scales.to(wdtype)
+    cpp = use_cpp and _cpp is not None and wdtype in (torch.float32, torch.bfloat16)
+    s = scales.float().contiguous() if cpp else scales.to(wdtype)
     y = None
     for b in range(k // block_k):
         gs = slice(b * gpb, (b + 1) * gpb)
-        codes = _unpack_groups(lo[:, gs], hi[:, gs] if hi.numel() else hi, offset)  # [N, bk]
-        w = (codes.to(wdtype).view(n, gpb, group_size) * s[:, gs].unsqueeze(-1)).view(n, block_k)
+        if cpp:  # s * code is exact in float32; one rounding to wdtype, as in the torch branch
+            w = _cpp.dequant(lo, hi, s, bits, group_size, b * gpb, (b + 1) * gpb, wdtype)
+        else:
+            codes = _unpack_groups(lo[:, gs], hi[:, gs] if hi.numel() else hi, offset)  # [N, bk]
+            w = (codes.to(wdtype).view(n, gpb, group_size) * s[:, gs].unsqueeze(-1)).view(n, block_k)
         part = x[:, b * block_k : (b + 1) * block_k] @ w.to(x.dtype).t()
         y = part if y is None else y.add_(part)
     return y
@@ -128,13 +138,13 @@ def cpu_gemm(
 
     ``lo``/``hi``/``scales`` as produced by :func:`repack_for_cpu` (bits 2 or 3;
     ternary is passed as 2, its codes share the 2-bit storage). Few rows
-    (decode) go to the fused C++ kernel when built, else a K-blocked
-    dequantize + BLAS GEMM in torch.
+    (decode) go to the fused C++ kernel when built; more rows to a K-blocked
+    dequantize + BLAS GEMM.
     """
     if _cpp is not None and x.shape[0] <= CPP_MAX_ROWS:
         y = _cpp.gemm(x.float().contiguous(), lo, hi, scales.float().contiguous(), bits, group_size)
         return y.to(x.dtype)
-    return _torch_gemm(x, lo, hi, scales, bits, group_size)
+    return _blocked_gemm(x, lo, hi, scales, bits, group_size)
 
 
 @cpu_gemm.register_fake

@@ -140,10 +140,7 @@ class BlockPipeline:
         s = self.s
         refine = None
         if s.method == "gsq":
-            try:
-                from quantize.gsq import refine_block as refine
-            except ImportError:
-                raise FormatError("method gsq is not available (quantize/gsq.py is missing)") from None
+            from quantize.gsq import refine_block as refine
         fp = self._fingerprint(ids)
         state_path = self.work_dir / "state.json"
         start = 0

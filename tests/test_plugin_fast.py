@@ -46,8 +46,8 @@ def test_cpu_gemm_matches_dequantized_reference(bits, n, k, g, m):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("m", [1, 5, 20])
-def test_both_cpu_paths_match_reference(bits, m):
-    """The blocked torch path and the fused C++ kernel (when built) on the same weights."""
+def test_all_cpu_paths_match_reference(bits, m):
+    """Blocked GEMM with torch dequant, blocked GEMM with C++ dequant, fused C++ kernel."""
     from gsq_vllm import cpu_gemm as C
 
     n, k, g = 72, 640, 32
@@ -56,12 +56,16 @@ def test_both_cpu_paths_match_reference(bits, m):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
     ref = x @ F.dequantize(q, s, g).t()
     sb = F.storage_bits(bits)
-    torch.testing.assert_close(C._torch_gemm(x, lo, hi, s, sb, g), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(C._blocked_gemm(x, lo, hi, s, sb, g, use_cpp=False), ref, rtol=1e-5, atol=1e-5)
     if not C.cpp_kernel_available():
         pytest.skip("gsq_vllm._C_cpu not built")
-    if m <= 64:
-        y = C._cpp.gemm(x.contiguous(), lo, hi, s.float().contiguous(), sb, g)
-        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(C._blocked_gemm(x, lo, hi, s, sb, g), ref, rtol=1e-5, atol=1e-5)
+    y = C._cpp.gemm(x.contiguous(), lo, hi, s.float().contiguous(), sb, g)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    # the C++ dequant of a group range, in both output dtypes, is the format's dequantize exactly
+    for dtype in (torch.float32, torch.bfloat16):
+        w = C._cpp.dequant(lo, hi, s.float().contiguous(), sb, g, 3, 7, dtype)
+        assert torch.equal(w, F.dequantize(q, s, g, dtype)[:, 3 * g:7 * g])
 
 
 def test_cpu_gemm_repack_keeps_storage_bits_per_weight():

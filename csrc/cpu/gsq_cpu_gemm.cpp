@@ -1,23 +1,87 @@
 // Fused dequantize + GEMV/GEMM for GSQ 2/3-bit weights on CPU (decode-sized M).
 //
 // y[m, n] = sum_g s[n, g] * sum_{k in group g} x[m, k] * (u[n, k] - offset)
-//         = sum_g s[n, g] * (sum x*u  -  offset * sum x)
-// so the inner loop only converts unsigned codes to float and multiplies;
-// per-group sums of x (shared by every row n) are computed once per call.
+//
+// Per (row n, group g) the group's unsigned codes u are unpacked once into a small float buffer
+// as signed values u - offset, then dotted with every activation row m. The dot products go into
+// kLanes independent partial sums (fixed-size arrays the compiler maps onto SIMD registers, so
+// nothing depends on reassociating a float reduction); each group's partial sums are scaled by
+// s[n, g] into the row's lane accumulators, and the lanes are summed once per output element.
+// G and the bit width are template parameters so every inner loop has a compile-time trip count.
 //
 // Layout (see gsq_vllm/cpu_gemm.py): lo uint8 [N, K/G, G/4], byte j of a
 // group holds codes j + i*G/4 at bits 2i; hi uint8 [N, K/G, G/8] (3-bit),
-// byte j holds bit 2 of codes j + i*G/8 at bit i. x float32 [M, K],
+// bit 2 of code c at bit c of the group's plane (little-endian 32-bit words). x float32 [M, K],
 // scales float32 [N, K/G]. Returns float32 [M, N]. Parallel over N.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <vector>
+#include <cstdint>
+#include <cstring>
 
 namespace {
 
 constexpr int kMaxRows = 64;
-constexpr int kMaxGroup = 128;
+constexpr int kLanes = 16;  // one AVX-512 register of float32 (two AVX2 registers)
+
+template <int G, bool Three>
+inline void unpack_group(const uint8_t* lo, const uint8_t* hi, float* w) {
+  constexpr int Q = G / 4;
+  constexpr int offset = Three ? 4 : 2;
+  int32_t u[G];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < Q; ++j) u[i * Q + j] = (lo[j] >> (2 * i)) & 3;
+  if constexpr (Three) {
+    for (int t = 0; t < G / 32; ++t) {
+      uint32_t word;
+      std::memcpy(&word, hi + 4 * t, 4);  // unaligned-safe load; little-endian like the repack
+      for (int b = 0; b < 32; ++b) u[32 * t + b] |= static_cast<int32_t>((word >> b) & 1u) << 2;
+    }
+  }
+  for (int k = 0; k < G; ++k) w[k] = static_cast<float>(u[k] - offset);
+}
+
+template <int G, bool Three>
+void gemm_rows(const float* x, const uint8_t* lo, const uint8_t* hi, const float* scales, float* y,
+               int64_t M, int64_t N, int64_t NG, int64_t n0, int64_t n1) {
+  constexpr int Q = G / 4, E = G / 8;
+  static_assert(G % kLanes == 0, "group size must be a multiple of kLanes");
+  const int64_t K = NG * G;
+  alignas(64) float w[G];
+  alignas(64) float acc[kMaxRows][kLanes];
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int j = 0; j < kLanes; ++j) acc[m][j] = 0.f;
+    for (int64_t g = 0; g < NG; ++g) {
+      unpack_group<G, Three>(lo + (n * NG + g) * Q, Three ? hi + (n * NG + g) * E : nullptr, w);
+      const float s = scales[n * NG + g];
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xg = x + m * K + g * G;
+        float part[kLanes] = {0.f};
+        for (int k0 = 0; k0 < G; k0 += kLanes)
+          for (int j = 0; j < kLanes; ++j) part[j] += xg[k0 + j] * w[k0 + j];
+        for (int j = 0; j < kLanes; ++j) acc[m][j] += s * part[j];
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      float sum = 0.f;
+      for (int j = 0; j < kLanes; ++j) sum += acc[m][j];
+      y[m * N + n] = sum;
+    }
+  }
+}
+
+template <int G>
+void dispatch_bits(bool three, const float* x, const uint8_t* lo, const uint8_t* hi, const float* s,
+                   float* y, int64_t M, int64_t N, int64_t NG) {
+  // ~16 output rows per task: enough work to amortize a task, enough tasks to balance cores.
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    if (three)
+      gemm_rows<G, true>(x, lo, hi, s, y, M, N, NG, n0, n1);
+    else
+      gemm_rows<G, false>(x, lo, hi, s, y, M, N, NG, n0, n1);
+  });
+}
 
 torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch::Tensor& hi,
                    const torch::Tensor& scales, int64_t bits, int64_t group_size) {
@@ -26,7 +90,7 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
   TORCH_CHECK(scales.dtype() == torch::kFloat32 && scales.is_contiguous(), "scales: contiguous float32 [N, K/G]");
   TORCH_CHECK(bits == 2 || bits == 3, "bits must be 2 or 3");
   const int64_t G = group_size;
-  TORCH_CHECK(G % 32 == 0 && G <= kMaxGroup, "group size must be 32, 64 or 128");
+  TORCH_CHECK(G == 32 || G == 64 || G == 128, "group size must be 32, 64 or 128");
   const int64_t M = x.size(0), N = lo.size(0), NG = lo.size(1), K = NG * G;
   TORCH_CHECK(M <= kMaxRows, "at most ", kMaxRows, " rows; use the blocked path for more");
   TORCH_CHECK(x.size(1) == K && lo.size(2) == G / 4, "shape mismatch");
@@ -35,54 +99,90 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
   if (three) {
     TORCH_CHECK(hi.dtype() == torch::kUInt8 && hi.is_contiguous() && hi.numel() == N * NG * (G / 8), "hi: uint8 [N, K/G, G/8]");
   }
-  const float offset = static_cast<float>(1 << (bits - 1));
+  auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* lop = lo.data_ptr<uint8_t>();
   const uint8_t* hip = three ? hi.data_ptr<uint8_t>() : nullptr;
   const float* sp = scales.data_ptr<float>();
-
-  // offset * sum of x over each group, per row: [M, NG]
-  std::vector<float> xsum(M * NG, 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < NG; ++g) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < G; ++k) acc += xp[m * K + g * G + k];
-      xsum[m * NG + g] = offset * acc;
-    }
-
-  auto y = torch::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
-  const int64_t Q = G / 4, E = G / 8;
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    float w[kMaxGroup];
-    for (int64_t n = n0; n < n1; ++n) {
-      float acc[kMaxRows] = {0.f};
-      for (int64_t g = 0; g < NG; ++g) {
-        const uint8_t* l = lop + (n * NG + g) * Q;
-        // Unpack one group's unsigned codes to float (vectorizable loops).
-        for (int i = 0; i < 4; ++i)
-          for (int64_t j = 0; j < Q; ++j) w[i * Q + j] = static_cast<float>((l[j] >> (2 * i)) & 3);
-        if (three) {
-          const uint8_t* h = hip + (n * NG + g) * E;
-          for (int i = 0; i < 8; ++i)
-            for (int64_t j = 0; j < E; ++j) w[i * E + j] += static_cast<float>(((h[j] >> i) & 1) << 2);
-        }
-        const float s = sp[n * NG + g];
-        for (int64_t m = 0; m < M; ++m) {
-          const float* xg = xp + m * K + g * G;
-          float dot = 0.f;
-          for (int64_t k = 0; k < G; ++k) dot += xg[k] * w[k];
-          acc[m] += s * (dot - xsum[m * NG + g]);
-        }
-      }
-      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = acc[m];
-    }
-  });
+  if (G == 32)
+    dispatch_bits<32>(three, xp, lop, hip, sp, yp, M, N, NG);
+  else if (G == 64)
+    dispatch_bits<64>(three, xp, lop, hip, sp, yp, M, N, NG);
+  else
+    dispatch_bits<128>(three, xp, lop, hip, sp, yp, M, N, NG);
   return y;
+}
+
+// w[n, (g - g0) * G + k] = s[n, g] * (u - offset) for groups g0 <= g < g1: the K-block of the
+// weight that the many-rows path hands to the BLAS GEMM (oneDNN in bf16 is far faster than a
+// hand-written loop once M is large enough to amortize one dequantization).
+template <int G, bool Three, typename T>
+void dequant_rows(const uint8_t* lo, const uint8_t* hi, const float* scales, T* out, int64_t NG,
+                  int64_t g0, int64_t g1, int64_t n0, int64_t n1) {
+  constexpr int Q = G / 4, E = G / 8;
+  alignas(64) float w[G];
+  const int64_t width = (g1 - g0) * G;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t g = g0; g < g1; ++g) {
+      unpack_group<G, Three>(lo + (n * NG + g) * Q, Three ? hi + (n * NG + g) * E : nullptr, w);
+      const float s = scales[n * NG + g];
+      T* o = out + n * width + (g - g0) * G;
+      for (int k = 0; k < G; ++k) o[k] = static_cast<T>(s * w[k]);
+    }
+}
+
+template <int G, typename T>
+void dequant_dispatch(bool three, const uint8_t* lo, const uint8_t* hi, const float* s, T* out,
+                      int64_t N, int64_t NG, int64_t g0, int64_t g1) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    if (three)
+      dequant_rows<G, true, T>(lo, hi, s, out, NG, g0, g1, n0, n1);
+    else
+      dequant_rows<G, false, T>(lo, hi, s, out, NG, g0, g1, n0, n1);
+  });
+}
+
+template <typename T>
+void dequant_typed(bool three, int64_t G, const uint8_t* lo, const uint8_t* hi, const float* s, T* out,
+                   int64_t N, int64_t NG, int64_t g0, int64_t g1) {
+  if (G == 32)
+    dequant_dispatch<32, T>(three, lo, hi, s, out, N, NG, g0, g1);
+  else if (G == 64)
+    dequant_dispatch<64, T>(three, lo, hi, s, out, N, NG, g0, g1);
+  else
+    dequant_dispatch<128, T>(three, lo, hi, s, out, N, NG, g0, g1);
+}
+
+torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const torch::Tensor& scales,
+                      int64_t bits, int64_t group_size, int64_t g0, int64_t g1, torch::ScalarType dtype) {
+  TORCH_CHECK(lo.dtype() == torch::kUInt8 && lo.is_contiguous() && lo.dim() == 3, "lo: contiguous uint8 [N, K/G, G/4]");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 && scales.is_contiguous(), "scales: contiguous float32 [N, K/G]");
+  TORCH_CHECK(bits == 2 || bits == 3, "bits must be 2 or 3");
+  const int64_t G = group_size;
+  TORCH_CHECK(G == 32 || G == 64 || G == 128, "group size must be 32, 64 or 128");
+  const int64_t N = lo.size(0), NG = lo.size(1);
+  TORCH_CHECK(lo.size(2) == G / 4 && scales.size(0) == N && scales.size(1) == NG, "shape mismatch");
+  TORCH_CHECK(0 <= g0 && g0 < g1 && g1 <= NG, "group range [g0, g1) out of bounds");
+  const bool three = bits == 3;
+  if (three) {
+    TORCH_CHECK(hi.dtype() == torch::kUInt8 && hi.is_contiguous() && hi.numel() == N * NG * (G / 8), "hi: uint8 [N, K/G, G/8]");
+  }
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "dtype must be float32 or bfloat16");
+  auto out = torch::empty({N, (g1 - g0) * G}, lo.options().dtype(dtype));
+  const uint8_t* lop = lo.data_ptr<uint8_t>();
+  const uint8_t* hip = three ? hi.data_ptr<uint8_t>() : nullptr;
+  const float* sp = scales.data_ptr<float>();
+  if (dtype == torch::kFloat32)
+    dequant_typed<float>(three, G, lop, hip, sp, out.data_ptr<float>(), N, NG, g0, g1);
+  else
+    dequant_typed<at::BFloat16>(three, G, lop, hip, sp, out.data_ptr<at::BFloat16>(), N, NG, g0, g1);
+  return out;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "GSQ fused dequant+GEMM for few rows: x f32 [M,K] -> y f32 [M,N]");
+  m.def("dequant", &dequant, "GSQ planes of groups [g0, g1) -> dense weight [N, (g1-g0)*G] (float32 or bfloat16)");
 }
