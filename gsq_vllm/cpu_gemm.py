@@ -39,10 +39,21 @@ MAX_BLOCK_K = 1024
 CPP_MAX_ROWS = 8
 
 
+# Layout of lo/hi that this file writes; the C++ module reports the one it was built for.
+LAYOUT_VERSION = 2
+
+
 def _load_cpp():
     try:
         from gsq_vllm import _C_cpu  # built by setup.py when torch is importable
     except ImportError:
+        return None
+    if getattr(_C_cpu, "LAYOUT_VERSION", None) != LAYOUT_VERSION:
+        import warnings
+
+        warnings.warn("gsq_vllm._C_cpu was built from older sources (plane layout "
+                      f"{getattr(_C_cpu, 'LAYOUT_VERSION', 1)}, expected {LAYOUT_VERSION}); using the torch path. "
+                      "Rebuild: pip install --no-build-isolation -e .", stacklevel=2)
         return None
     return _C_cpu
 

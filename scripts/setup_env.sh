@@ -10,7 +10,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${GSQ_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 VLLM_VERSION=0.32.0
-STAMP="$VENV/.gsq-installed-$(cd "$ROOT" && sha1sum setup.py scripts/setup_env.sh | sha1sum | cut -c1-12)"
+# The stamp covers the kernel sources too: an editable install does not rebuild its C++/CUDA
+# extensions by itself, so a pulled kernel change must re-run the install.
+STAMP="$VENV/.gsq-installed-$(cd "$ROOT" && find setup.py scripts/setup_env.sh csrc -type f | LC_ALL=C sort | xargs sha1sum | sha1sum | cut -c1-12)"
 
 if [ -f "$STAMP" ]; then
   exit 0

@@ -183,6 +183,8 @@ torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const to
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // Bumped whenever the plane layout changes; gsq_vllm/cpu_gemm.py refuses a stale build.
+  m.attr("LAYOUT_VERSION") = 2;
   m.def("gemm", &gemm, "GSQ fused dequant+GEMM for few rows: x f32 [M,K] -> y f32 [M,N]");
   m.def("dequant", &dequant, "GSQ planes of groups [g0, g1) -> dense weight [N, (g1-g0)*G] (float32 or bfloat16)");
 }
