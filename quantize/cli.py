@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib", default="wikipedia", help="corpus name (wikipedia, owt) or a .jsonl/.txt file")
+    p.add_argument("--calib-chat", action="store_true",
+                   help="wrap each calibration document in the model's chat template (instruct models)")
     p.add_argument("--skip-attention", action="store_true", help="keep attention linears unquantized")
     p.add_argument("--modules-to-not-convert", default="", help="comma-separated module names kept unquantized")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping (fraction of mean diagonal)")
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(model_dir))
-        ids = tokenize_sequences(load_split(args.calib, "calib"), tok, args.seqlen, args.nsamples)
+        ids = tokenize_sequences(load_split(args.calib, "calib"), tok, args.seqlen, args.nsamples,
+                                 chat=args.calib_chat)
         out = pipe.run(ids, resume=args.resume)
     except (FormatError, DataError, OSError) as e:
         print(f"gsq-quantize: error: {e}", file=sys.stderr)

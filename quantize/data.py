@@ -79,14 +79,38 @@ def load_split(source: str, split: str) -> list[str]:
     return docs
 
 
-def tokenize_sequences(docs: list[str], tokenizer, seqlen: int, nsamples: int | None) -> torch.Tensor:
+# User turns for chat-formatted calibration, cycled over the documents (deterministic).
+CHAT_PROMPTS = (
+    "Tell me about this topic.",
+    "Write a short informative paragraph.",
+    "Can you explain this to me?",
+    "Give me an overview in a few sentences.",
+)
+
+
+def as_chat(docs: list[str], tokenizer) -> list[str]:
+    """Each document rendered by the tokenizer's chat template as the assistant's answer to a
+    generic user request, so an instruct model is calibrated on the token pattern it is served
+    with (role markers and special tokens included). DataError if there is no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("--calib-chat needs a tokenizer with a chat template (this model has none)")
+    return [tokenizer.apply_chat_template(
+        [{"role": "user", "content": CHAT_PROMPTS[i % len(CHAT_PROMPTS)]},
+         {"role": "assistant", "content": doc}], tokenize=False) for i, doc in enumerate(docs)]
+
+
+def tokenize_sequences(docs: list[str], tokenizer, seqlen: int, nsamples: int | None,
+                       chat: bool = False) -> torch.Tensor:
     """Token ids int64 ``[n, seqlen]``: documents joined with EOS, cut into consecutive windows.
 
     Deterministic (no sampling): the first ``nsamples`` windows (all when None).
+    ``chat``: render each document with :func:`as_chat` first (it carries its own end markers).
     """
     if seqlen < 2:
         raise DataError(f"seqlen must be at least 2, got {seqlen}")
-    eos = tokenizer.eos_token_id
+    eos = None if chat else tokenizer.eos_token_id
+    if chat:
+        docs = as_chat(docs, tokenizer)
     ids: list[int] = []
     need = None if nsamples is None else nsamples * seqlen
     for doc in docs:

@@ -28,7 +28,7 @@ from quantize.models import check_architecture, read_config
 
 
 def load_model(folder: str | os.PathLike) -> tuple[torch.nn.Module, str]:
-    """(float32 causal LM in eval mode, kind) where kind is "bf16" or "gsq-<method>-<bits>b-g<G>"."""
+    """(float32 causal LM in eval mode, kind) where kind is "bf16" or "<method>-<bits>b-g<G>" (method: rtn, gptq, gsq)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
@@ -61,7 +61,7 @@ def load_model(folder: str | os.PathLike) -> tuple[torch.nn.Module, str]:
         raise FormatError(f"{folder}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
     if config.tie_word_embeddings:
         model.tie_weights()
-    return model.eval(), f"gsq-{qcfg.method}-{qcfg.bits}b-g{qcfg.group_size}"
+    return model.eval(), f"{qcfg.method}-{qcfg.bits}b-g{qcfg.group_size}"
 
 
 def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4, progress: bool = True) -> float:

@@ -40,6 +40,6 @@ def test_eval_table_bf16_vs_quantized(tiny, tmp_path, capsys):
     assert eval_main([str(tiny), str(q), "--nsamples", "2", "--seqlen", "32", "--json", str(js), "--no-progress"]) == 0
     out = capsys.readouterr().out
     rows = json.loads(js.read_text())
-    assert [r["kind"] for r in rows] == ["bf16", "gsq-gptq-3b-g32"]
+    assert [r["kind"] for r in rows] == ["bf16", "gptq-3b-g32"]
     assert str(q) in out and all(math.isfinite(r["ppl"]) for r in rows)
     assert rows[0]["ppl"] != rows[1]["ppl"]
