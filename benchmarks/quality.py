@@ -67,11 +67,12 @@ def main(argv=None) -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=40)
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: see gsq-quantize --threads)")
     args = p.parse_args(argv)
     bad = [c for c in args.configs if c not in ALL_CONFIGS]
     if bad:
         raise SystemExit(f"unknown configuration(s) {bad}; choose from {ALL_CONFIGS}")
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, args.threads))
     from quantize.evaluate import load_model, perplexity
     from quantize.models import prepare_default_model
 
