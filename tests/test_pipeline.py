@@ -45,7 +45,7 @@ def test_quantize_tiny_end_to_end(tiny, tmp_path, method, bits, g):
     rel = (deq.reshape_as(w) - w).norm() / w.norm()
     assert rel < 0.8
     model, kind = load_model(out)
-    assert kind.startswith(f"gsq-{method}")
+    assert kind == f"{method}-{bits}b-g{g}"
     assert torch.allclose(model.model.layers[0].mlp.up_proj.weight, deq.reshape_as(w), atol=1e-6)
     assert not (out.parent / ".q.work").exists()
 
