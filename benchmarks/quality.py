@@ -100,9 +100,9 @@ def main(argv=None) -> None:
         print(f"[quality] {name}: ppl {info['ppl']:.3f}", flush=True)
     rows = [json.loads((out / "results" / f"{c}.json").read_text())
             for c in ALL_CONFIGS if (out / "results" / f"{c}.json").is_file()]
-    print(f"{'config':<16}{'attn q.':>8}{'ppl':>10}{'quant s':>9}")
+    print(f"{'config':<16}{'attn q.':>8}{'ppl':>14}{'quant s':>9}")
     for r in rows:
-        print(f"{r['config']:<16}{str(r['attention_quantized']):>8}{r['ppl']:>10.3f}{r.get('quantize_s', 0):>9}")
+        print(f"{r['config']:<16}{str(r['attention_quantized']):>8}{r['ppl']:>14.6g}{r.get('quantize_s', 0):>9}")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     plot(rows, out / "quality.png")
 

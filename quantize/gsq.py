@@ -78,7 +78,7 @@ class GSQOptions:
 #     (the scale lr alone made blocks worse than GPTQ);
 #   batch 1, lr 3e-3: x1.02 (steps too large);  batch 1, lr 1e-3 / 1e-4: x0.67;
 #   batch 1, lr 3e-4 / scales 5e-5 (this preset): x0.58, and better than GPTQ on every block;
-#   same with 4 epochs: lower still on block 0 (x0.62 vs x0.75), at twice the time.
+#   same with 4 epochs: x0.51, at twice the time.
 # The scales' lr hardly matters at this step count (5e-5, 2e-5, 0 within 1 %).
 PRESETS: dict[str, dict] = {
     "paper": {},
