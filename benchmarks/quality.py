@@ -111,12 +111,14 @@ def plot(rows, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.patches
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
     names = [r["config"] for r in rows]
-    ax.bar(names, [r["ppl"] for r in rows],
-           color=["gray" if n == "bf16" else ("C0" if n.startswith("gsq") else "C1") for n in names])
+    colour = {"bf16": "gray", "rtn": "C3", "gptq": "C1", "gsq": "C0"}
+    ax.bar(names, [r["ppl"] for r in rows], color=[colour[n.split("-")[0]] for n in names])
+    ax.legend(handles=[matplotlib.patches.Patch(color=c, label=m) for m, c in colour.items()], fontsize=8)
     ax.set_ylabel("perplexity (held-out wikipedia)")
     ax.set_yscale("log")
     ax.tick_params(axis="x", rotation=60)
