@@ -73,7 +73,8 @@ class GSQOptions:
 # by about lr per step, so at lr 1e-4 64 steps barely cross the init's logit gaps (~0.03); the
 # preset takes the most steps it can (microbatch 1) and a 3x logits lr. Measured with
 # benchmarks/gsq_block_sweep.py (2-bit MLP, blocks 0-2 of SmolLM2, 32 x 256 calibration tokens,
-# block-output MSE on held-out text relative to GPTQ, geometric mean; runs/sweep*.log):
+# block-output MSE on held-out text relative to GPTQ, geometric mean;
+# benchmarks/results/gsq_block_sweep_*.log):
 #   batch 4, lr 3e-3 / scales 2e-4 (the previous preset): x0.73, and x1.19 with the logits frozen
 #     (the scale lr alone made blocks worse than GPTQ);
 #   batch 1, lr 3e-3: x1.02 (steps too large);  batch 1, lr 1e-3 / 1e-4: x0.67;
