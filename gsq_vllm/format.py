@@ -378,9 +378,9 @@ def read_model_config(folder: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a model folder as a dict, with clear errors."""
     path = Path(folder) / "config.json"
     if not Path(folder).is_dir():
-        raise FormatError(f"{folder}: not a directory")
+        raise FormatError(f"{folder}: model folder does not exist")
     if not path.is_file():
-        raise FormatError(f"{folder}: no config.json; not a model folder")
+        raise FormatError(f"{folder}: no config.json; not a HF model folder")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -23,8 +23,9 @@ from gsq_vllm.format import (
     check_quantized_tensors,
     dequantize_packed,
     load_tensors,
+    read_model_config,
 )
-from quantize.models import check_architecture, read_config
+from quantize.models import check_architecture
 
 
 def load_model(folder: str | os.PathLike) -> tuple[torch.nn.Module, str]:
@@ -32,7 +33,7 @@ def load_model(folder: str | os.PathLike) -> tuple[torch.nn.Module, str]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    cfg = read_config(folder)
+    cfg = read_model_config(folder)
     check_architecture(cfg, folder)
     qdict = cfg.pop("quantization_config", None)
     if qdict is None:

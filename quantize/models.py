@@ -8,7 +8,6 @@ meta-device skeleton and loads one block at a time from safetensors.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gsq_vllm.format import FormatError, safetensors_files
+from gsq_vllm.format import FormatError, read_model_config, safetensors_files
 
 # Decoder architectures whose blocks the pipeline knows how to run
 # (``model.layers[i]`` called with hidden_states + position_embeddings + mask).
@@ -39,20 +38,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GSQ_CACHE", Path.home() / ".cache" / "gsq-vllm")).expanduser()
 
 
-def read_config(folder: str | os.PathLike) -> dict:
-    """``config.json`` of a model folder as a dict, with clear errors."""
-    path = Path(folder) / "config.json"
-    if not Path(folder).is_dir():
-        raise ModelError(f"{folder}: model folder does not exist")
-    if not path.is_file():
-        raise ModelError(f"{folder}: no config.json; not a HF model folder")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path}: not valid JSON ({e})") from None
-    return cfg
-
-
 def check_architecture(cfg: dict, folder: str | os.PathLike = "model") -> str:
     """Return the architecture name, or raise ModelError for an unsupported one."""
     archs = cfg.get("architectures") or []
@@ -69,7 +54,7 @@ def build_skeleton(folder: str | os.PathLike) -> torch.nn.Module:
     """The model of ``folder`` on the meta device (no weights, no memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = read_config(folder)
+    cfg = read_model_config(folder)
     check_architecture(cfg, folder)
     config = AutoConfig.from_pretrained(str(folder))
     with torch.device("meta"):
