@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     from quantize.gptq import gptq_quantize
     from quantize.gsq import refine_block
     from quantize.models import WeightReader, build_skeleton, prepare_default_model
-    from quantize.pipeline import _call_block, _run_block, block_linears
+    from quantize.pipeline import _call_block, _run_block, block_linears, run_block_with_hessians
 
     bits = normalize_bits(args.bits)
     model_dir = prepare_default_model()
@@ -92,16 +92,7 @@ def main(argv=None) -> None:
         block = reader.load_into(model.model.layers[i], f"model.layers.{i}").eval()
         names = block_linears(block, excluded, f"model.layers.{i}")
         orig = {n: block.get_submodule(n).weight.detach().clone() for n in names}
-        hess = {n: torch.zeros(orig[n].shape[1], orig[n].shape[1]) for n in names}
-        def accumulate(mod, inp, out, n):
-            a = inp[0].reshape(-1, inp[0].shape[-1])
-            hess[n].addmm_(a.t(), a)  # (a hook that returns a value would replace the output)
-
-        hooks = [block.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: accumulate(m, i, o, n))
-                 for n in names]
-        targets = _run_block(block, x, pos_emb, 4)
-        for h in hooks:
-            h.remove()
+        targets, hess = run_block_with_hessians(block, names, x, pos_emb, 4)
         targets_h = _run_block(block, xh, pos_emb, 4)
         call = lambda inp: _call_block(block, inp, pos_emb)  # noqa: E731
         gptq = {n: gptq_quantize(orig[n], hess[n], bits, args.group_size) for n in names}

@@ -24,9 +24,16 @@ from pathlib import Path
 
 import torch
 
-from gsq_vllm.format import CheckpointWriter, FormatError, GSQQuantConfig, check_group_size, is_excluded
+from gsq_vllm.format import (
+    CheckpointWriter,
+    FormatError,
+    GSQQuantConfig,
+    check_group_size,
+    is_excluded,
+    read_model_config,
+)
 from quantize.gptq import gptq_quantize
-from quantize.models import ModelError, WeightReader, build_skeleton, read_config
+from quantize.models import WeightReader, build_skeleton
 from quantize.qtypes import QuantizedWeight
 from quantize.rtn import rtn_quantize
 
@@ -87,6 +94,23 @@ def _run_block(block, x: torch.Tensor, pos_emb, batch_size: int) -> torch.Tensor
         return torch.cat([_call_block(block, x[b : b + batch_size], pos_emb) for b in range(0, x.shape[0], batch_size)])
 
 
+def run_block_with_hessians(block, names: list[str], x: torch.Tensor, pos_emb, batch_size: int):
+    """(block outputs f32 ``[n,S,H]``, {name: sum of x x^T f32 ``[K,K]`` over the inputs of linear ``name``})."""
+    hess = {n: torch.zeros(block.get_submodule(n).in_features, block.get_submodule(n).in_features) for n in names}
+
+    def accumulate(n, inp):
+        a = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
+        hess[n].addmm_(a.t(), a)  # returns nothing: a hook's return value would replace the output
+
+    hooks = [block.get_submodule(n).register_forward_hook(lambda mod, inp, out, n=n: accumulate(n, inp))
+             for n in names]
+    try:
+        return _run_block(block, x, pos_emb, batch_size), hess
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 class BlockPipeline:
     """Quantize ``model_dir`` into a GSQ checkpoint at ``out_dir``; see module docstring."""
 
@@ -111,7 +135,7 @@ class BlockPipeline:
             method=s.method,
             quantizer={k: v for k, v in asdict(s).items() if k not in ("modules_to_not_convert", "batch_size")},
         )
-        self.cfg = read_config(self.model_dir)
+        self.cfg = read_model_config(self.model_dir)
         self.model = build_skeleton(self.model_dir)
         self.reader = WeightReader(self.model_dir)
         self.layers = self.model.model.layers
@@ -176,16 +200,9 @@ class BlockPipeline:
             prefix = f"model.layers.{i}"
             block = self.reader.load_into(self.layers[i], prefix).eval()
             names = self.names[i]
-            hess = {n: torch.zeros(block.get_submodule(n).in_features, block.get_submodule(n).in_features) for n in names}
-            hooks = []
-            for n in names if s.method != "rtn" else []:  # RTN needs no Hessians
-                def hook(mod, inp, out, n=n):
-                    a = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
-                    hess[n].addmm_(a.t(), a)
-                hooks.append(block.get_submodule(n).register_forward_hook(hook))
-            targets = _run_block(block, x, pos_emb, s.batch_size)
-            for h in hooks:
-                h.remove()
+            # RTN needs no Hessians
+            targets, hess = run_block_with_hessians(block, names if s.method != "rtn" else [], x, pos_emb,
+                                                    s.batch_size)
             result: dict[str, QuantizedWeight] = {}
             for n in names:
                 w = block.get_submodule(n).weight.data
