@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace {
 
@@ -71,46 +72,59 @@ void gemm_rows(const float* x, const uint8_t* lo, const uint8_t* hi, const float
   }
 }
 
-template <int G>
-void dispatch_bits(bool three, const float* x, const uint8_t* lo, const uint8_t* hi, const float* s,
-                   float* y, int64_t M, int64_t N, int64_t NG) {
-  // ~16 output rows per task: enough work to amortize a task, enough tasks to balance cores.
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    if (three)
-      gemm_rows<G, true>(x, lo, hi, s, y, M, N, NG, n0, n1);
-    else
-      gemm_rows<G, false>(x, lo, hi, s, y, M, N, NG, n0, n1);
-  });
+// Checks shared by both entry points: lo / hi / scales as written by repack_for_cpu.
+void check_planes(const torch::Tensor& lo, const torch::Tensor& hi, const torch::Tensor& scales, int64_t bits,
+                  int64_t G) {
+  TORCH_CHECK(lo.dtype() == torch::kUInt8 && lo.is_contiguous() && lo.dim() == 3, "lo: contiguous uint8 [N, K/G, G/4]");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 && scales.is_contiguous(), "scales: contiguous float32 [N, K/G]");
+  TORCH_CHECK(bits == 2 || bits == 3, "bits must be 2 or 3");
+  TORCH_CHECK(G == 32 || G == 64 || G == 128, "group size must be 32, 64 or 128");
+  const int64_t N = lo.size(0), NG = lo.size(1);
+  TORCH_CHECK(lo.size(2) == G / 4 && scales.size(0) == N && scales.size(1) == NG, "lo / scales shape mismatch");
+  if (bits == 3) {
+    TORCH_CHECK(hi.dtype() == torch::kUInt8 && hi.is_contiguous() && hi.numel() == N * NG * (G / 8), "hi: uint8 [N, K/G, G/8]");
+  }
 }
+
+// Calls f(std::integral_constant<int, G>, std::bool_constant<3-bit>) for the runtime layout, so
+// the kernels below get compile-time loop bounds.
+template <typename F>
+void with_layout(int64_t G, int64_t bits, F&& f) {
+  auto with_g = [&](auto three) {
+    if (G == 32)
+      f(std::integral_constant<int, 32>{}, three);
+    else if (G == 64)
+      f(std::integral_constant<int, 64>{}, three);
+    else
+      f(std::integral_constant<int, 128>{}, three);
+  };
+  if (bits == 3)
+    with_g(std::true_type{});
+  else
+    with_g(std::false_type{});
+}
+
+// ~16 output rows per task: enough work to amortize a task, enough tasks to balance cores.
+constexpr int64_t kRowsPerTask = 16;
 
 torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch::Tensor& hi,
                    const torch::Tensor& scales, int64_t bits, int64_t group_size) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous float32 [M, K]");
-  TORCH_CHECK(lo.dtype() == torch::kUInt8 && lo.is_contiguous() && lo.dim() == 3, "lo: contiguous uint8 [N, K/G, G/4]");
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 && scales.is_contiguous(), "scales: contiguous float32 [N, K/G]");
-  TORCH_CHECK(bits == 2 || bits == 3, "bits must be 2 or 3");
-  const int64_t G = group_size;
-  TORCH_CHECK(G == 32 || G == 64 || G == 128, "group size must be 32, 64 or 128");
-  const int64_t M = x.size(0), N = lo.size(0), NG = lo.size(1), K = NG * G;
+  check_planes(lo, hi, scales, bits, group_size);
+  const int64_t M = x.size(0), N = lo.size(0), NG = lo.size(1), K = NG * group_size;
   TORCH_CHECK(M <= kMaxRows, "at most ", kMaxRows, " rows; use the blocked path for more");
-  TORCH_CHECK(x.size(1) == K && lo.size(2) == G / 4, "shape mismatch");
-  TORCH_CHECK(scales.size(0) == N && scales.size(1) == NG, "scales shape mismatch");
-  const bool three = bits == 3;
-  if (three) {
-    TORCH_CHECK(hi.dtype() == torch::kUInt8 && hi.is_contiguous() && hi.numel() == N * NG * (G / 8), "hi: uint8 [N, K/G, G/8]");
-  }
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* lop = lo.data_ptr<uint8_t>();
-  const uint8_t* hip = three ? hi.data_ptr<uint8_t>() : nullptr;
+  const uint8_t* hip = bits == 3 ? hi.data_ptr<uint8_t>() : nullptr;
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (G == 32)
-    dispatch_bits<32>(three, xp, lop, hip, sp, yp, M, N, NG);
-  else if (G == 64)
-    dispatch_bits<64>(three, xp, lop, hip, sp, yp, M, N, NG);
-  else
-    dispatch_bits<128>(three, xp, lop, hip, sp, yp, M, N, NG);
+  with_layout(group_size, bits, [&](auto g, auto three) {
+    at::parallel_for(0, N, kRowsPerTask, [&](int64_t n0, int64_t n1) {
+      gemm_rows<decltype(g)::value, decltype(three)::value>(xp, lop, hip, sp, yp, M, N, NG, n0, n1);
+    });
+  });
   return y;
 }
 
@@ -132,51 +146,28 @@ void dequant_rows(const uint8_t* lo, const uint8_t* hi, const float* scales, T* 
     }
 }
 
-template <int G, typename T>
-void dequant_dispatch(bool three, const uint8_t* lo, const uint8_t* hi, const float* s, T* out,
-                      int64_t N, int64_t NG, int64_t g0, int64_t g1) {
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    if (three)
-      dequant_rows<G, true, T>(lo, hi, s, out, NG, g0, g1, n0, n1);
-    else
-      dequant_rows<G, false, T>(lo, hi, s, out, NG, g0, g1, n0, n1);
-  });
-}
-
-template <typename T>
-void dequant_typed(bool three, int64_t G, const uint8_t* lo, const uint8_t* hi, const float* s, T* out,
-                   int64_t N, int64_t NG, int64_t g0, int64_t g1) {
-  if (G == 32)
-    dequant_dispatch<32, T>(three, lo, hi, s, out, N, NG, g0, g1);
-  else if (G == 64)
-    dequant_dispatch<64, T>(three, lo, hi, s, out, N, NG, g0, g1);
-  else
-    dequant_dispatch<128, T>(three, lo, hi, s, out, N, NG, g0, g1);
-}
-
 torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const torch::Tensor& scales,
                       int64_t bits, int64_t group_size, int64_t g0, int64_t g1, torch::ScalarType dtype) {
-  TORCH_CHECK(lo.dtype() == torch::kUInt8 && lo.is_contiguous() && lo.dim() == 3, "lo: contiguous uint8 [N, K/G, G/4]");
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 && scales.is_contiguous(), "scales: contiguous float32 [N, K/G]");
-  TORCH_CHECK(bits == 2 || bits == 3, "bits must be 2 or 3");
-  const int64_t G = group_size;
-  TORCH_CHECK(G == 32 || G == 64 || G == 128, "group size must be 32, 64 or 128");
+  check_planes(lo, hi, scales, bits, group_size);
   const int64_t N = lo.size(0), NG = lo.size(1);
-  TORCH_CHECK(lo.size(2) == G / 4 && scales.size(0) == N && scales.size(1) == NG, "shape mismatch");
   TORCH_CHECK(0 <= g0 && g0 < g1 && g1 <= NG, "group range [g0, g1) out of bounds");
-  const bool three = bits == 3;
-  if (three) {
-    TORCH_CHECK(hi.dtype() == torch::kUInt8 && hi.is_contiguous() && hi.numel() == N * NG * (G / 8), "hi: uint8 [N, K/G, G/8]");
-  }
   TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "dtype must be float32 or bfloat16");
-  auto out = torch::empty({N, (g1 - g0) * G}, lo.options().dtype(dtype));
+  auto out = torch::empty({N, (g1 - g0) * group_size}, lo.options().dtype(dtype));
   const uint8_t* lop = lo.data_ptr<uint8_t>();
-  const uint8_t* hip = three ? hi.data_ptr<uint8_t>() : nullptr;
+  const uint8_t* hip = bits == 3 ? hi.data_ptr<uint8_t>() : nullptr;
   const float* sp = scales.data_ptr<float>();
+  auto run = [&](auto* op) {
+    using T = std::remove_pointer_t<decltype(op)>;
+    with_layout(group_size, bits, [&](auto g, auto three) {
+      at::parallel_for(0, N, kRowsPerTask, [&](int64_t n0, int64_t n1) {
+        dequant_rows<decltype(g)::value, decltype(three)::value, T>(lop, hip, sp, op, NG, g0, g1, n0, n1);
+      });
+    });
+  };
   if (dtype == torch::kFloat32)
-    dequant_typed<float>(three, G, lop, hip, sp, out.data_ptr<float>(), N, NG, g0, g1);
+    run(out.data_ptr<float>());
   else
-    dequant_typed<at::BFloat16>(three, G, lop, hip, sp, out.data_ptr<at::BFloat16>(), N, NG, g0, g1);
+    run(out.data_ptr<at::BFloat16>());
   return out;
 }
 
