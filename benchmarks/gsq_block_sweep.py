@@ -124,8 +124,10 @@ def main(argv=None) -> None:
         gm = lambda key: float(torch.tensor([r["settings"][name][key] for r in rows]).log().mean().exp())  # noqa: E731
         print(f"{name:<48}{gm('calib_rel'):>16.3f}{gm('heldout_rel'):>19.3f}")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
         json.dump({"args": vars(args), "blocks": rows}, f, indent=2)
+    os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":
