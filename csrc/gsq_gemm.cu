@@ -18,7 +18,8 @@
 //   S  fp16/bf16 [K/G, N]; within each 64-column n tile column 8g + j holds
 //      the scale of column 8j + g (so lane group g reads its 8 scales as 16 B).
 //   C  fp16/bf16 [M, N] row-major (written when splits == 1), or
-//   WS fp32 [M, N] zero-initialised, atomically accumulated (splits > 1).
+//   WS fp32 [M, N] zeroed by the host code and atomically accumulated by the
+//      splits (splits > 1), then converted into C by a second kernel.
 //
 // Work split: a block (4 warps, 128 threads) owns one 64-wide n tile, one
 // contiguous range of k tiles (split-K over gridDim.y, so small N still fills
@@ -37,6 +38,12 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include <algorithm>
+
+#include "gsq_gemm.h"
+#include "launch.cuh"
+#include "ptx.cuh"
 
 namespace gsq {
 
@@ -57,11 +64,7 @@ struct DType<__half> {
   __device__ static float to_float(__half x) { return __half2float(x); }
   __device__ static __half from_float(float x) { return __float2half_rn(x); }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    ptx::mma_m16n8k16_f16(c, a, b);
   }
 };
 
@@ -72,29 +75,9 @@ struct DType<__nv_bfloat16> {
   __device__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   __device__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    ptx::mma_m16n8k16_bf16(c, a, b);
   }
 };
-
-// (a & b) | c in one instruction; 0xEA is the truth table of that function.
-__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-
-// 16-byte global -> shared copy; src_bytes == 0 zero-fills (rows past M).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 template <typename T, int M_TILES, int BITS>
 struct SmemLayout {
@@ -117,8 +100,7 @@ __global__ void __launch_bounds__(kThreads) gsq_gemm_kernel(
   using T2 = typename D::T2;
   using L = SmemLayout<T, M_TILES, BITS>;
   constexpr int kBM = L::kBM;
-  static_assert(L::kBytes <= 48 * 1024, "static shared memory limit");
-  __shared__ __align__(16) unsigned char smem[L::kBytes];
+  unsigned char* smem = ptx::dynamic_smem();  // L::kBytes
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -151,17 +133,17 @@ __global__ void __launch_bounds__(kThreads) gsq_gemm_kernel(
       const int grow = m0 + row;
       const bool valid = grow < M;
       const T* src = A + (size_t)(valid ? grow : 0) * K + kt * kTileK + col;
-      cp_async16(sa + row * kARowPad + col, src, valid ? 16 : 0);
+      ptx::cp_async16_zfill(sa + row * kARowPad + col, src, valid ? 16 : 0);
     }
     // B: one contiguous run of kBBytes.
     constexpr int kBChunks = L::kBBytes / 16;
     const int32_t* bsrc = b_tile + (size_t)kt * (kWarps * 32 * BITS);
     uint32_t* sb = stage_b(s);
-    for (int c = tid; c < kBChunks; c += kThreads) cp_async16(sb + c * 4, bsrc + c * 4, 16);
+    for (int c = tid; c < kBChunks; c += kThreads) ptx::cp_async16(sb + c * 4, bsrc + c * 4);
     // Scales: 64 values of group (kt * 64) / G, 8 chunks.
     if (tid < 8) {
       const int grp = kt * kTileK / group_size;
-      cp_async16(stage_s(s) + tid * 8, S + (size_t)grp * N + nb * kTileN + tid * 8, 16);
+      ptx::cp_async16(stage_s(s) + tid * 8, S + (size_t)grp * N + nb * kTileN + tid * 8);
     }
   };
 
@@ -176,19 +158,19 @@ __global__ void __launch_bounds__(kThreads) gsq_gemm_kernel(
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < n_iters) load_stage(s, kt_begin + s);
-    cp_async_commit();
+    ptx::cp_async_commit();
   }
 
   constexpr uint32_t kOffset = BITS == 3 ? 4u : 2u;
   const uint32_t bias_bits = D::kMagic | (kOffset << 16) | kOffset;
 
   for (int it = 0; it < n_iters; ++it) {
-    cp_async_wait<kStages - 2>();
+    ptx::cp_async_wait<kStages - 2>();
     __syncthreads();  // stage `it` visible to all; stage it-1 fully consumed
     {
       const int nxt = it + kStages - 1;
       if (nxt < n_iters) load_stage(nxt % kStages, kt_begin + nxt);
-      cp_async_commit();
+      ptx::cp_async_commit();
     }
     const int s = it % kStages;
     const T* sa = stage_a(s);
@@ -207,7 +189,8 @@ __global__ void __launch_bounds__(kThreads) gsq_gemm_kernel(
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
       for (int p = 0; p < 8; ++p) {
-        uint32_t pair = lop3_and_or(w[h] >> (2 * p), 0x00030003u, D::kMagic);
+        // (a & b) | c: the codes of one fragment register OR-ed into the magic constant
+        uint32_t pair = ptx::lop3<0xEA>(w[h] >> (2 * p), 0x00030003u, D::kMagic);
         if constexpr (BITS == 3) pair |= ((w[2] >> (8 * h + p)) & 0x00010001u) << 2;
         const int j = 4 * h + p / 2;
         T2 q = __hsub2(*reinterpret_cast<const T2*>(&pair), *reinterpret_cast<const T2*>(&bias_bits));
@@ -236,7 +219,7 @@ __global__ void __launch_bounds__(kThreads) gsq_gemm_kernel(
   }
 
   // Sum the 4 warps' partial products in shared memory (reusing the pipeline).
-  cp_async_wait<0>();
+  ptx::cp_async_wait<0>();
   __syncthreads();
   float* red = reinterpret_cast<float*>(smem);  // [kBM][64]
   for (int i = tid; i < kBM * kTileN; i += kThreads) red[i] = 0.f;
@@ -265,42 +248,77 @@ __global__ void __launch_bounds__(kThreads) gsq_gemm_kernel(
   }
 }
 
+// Split-K partial sums (fp32 workspace) -> C in the activation dtype.
+template <typename T>
+__global__ void __launch_bounds__(256) workspace_to_c_kernel(const float* __restrict__ ws, T* __restrict__ c,
+                                                           int count) {
+  const int i = blockIdx.x * 256 + threadIdx.x;
+  if (i < count) c[i] = DType<T>::from_float(ws[i]);
+}
+
 template <typename T, int BITS>
 static cudaError_t launch_m(const void* a, const void* b, const void* s, void* c, float* ws, int m,
-                            int n, int k, int group_size, int splits, cudaStream_t stream) {
+                            int n, int k, int group_size, const GsqGemmPlan& plan, cudaStream_t stream) {
   const int k_tiles = k / kTileK;
-  const int per_split = (k_tiles + splits - 1) / splits;
   const dim3 block(kThreads);
-  auto go = [&](auto kernel, int bm) {
-    const dim3 grid(n / kTileN, (k_tiles + per_split - 1) / per_split, (m + bm - 1) / bm);
-    kernel<<<grid, block, 0, stream>>>(static_cast<const T*>(a), static_cast<const int32_t*>(b),
-                                       static_cast<const T*>(s), static_cast<T*>(c), ws, m, n, k,
-                                       group_size, per_split);
-    return cudaGetLastError();
+  auto go = [&](auto kernel, auto layout) {
+    using L = decltype(layout);
+    const dim3 grid(n / kTileN, (k_tiles + plan.k_tiles_per_split - 1) / plan.k_tiles_per_split,
+                    (m + L::kBM - 1) / L::kBM);
+    return launch_kernel(kernel, grid, block, L::kBytes, stream, static_cast<const T*>(a),
+                         static_cast<const int32_t*>(b), static_cast<const T*>(s), static_cast<T*>(c), ws, m,
+                         n, k, group_size, plan.k_tiles_per_split);
   };
-  if (m <= 16) return go(gsq_gemm_kernel<T, 1, BITS>, 16);
-  if (m <= 32) return go(gsq_gemm_kernel<T, 2, BITS>, 32);
-  return go(gsq_gemm_kernel<T, 4, BITS>, 64);
+  if (plan.block_m == 16) return go(gsq_gemm_kernel<T, 1, BITS>, SmemLayout<T, 1, BITS>{});
+  if (plan.block_m == 32) return go(gsq_gemm_kernel<T, 2, BITS>, SmemLayout<T, 2, BITS>{});
+  return go(gsq_gemm_kernel<T, 4, BITS>, SmemLayout<T, 4, BITS>{});
+}
+
+template <typename T>
+static cudaError_t launch_t(const void* a, const void* b, const void* s, void* c, void* workspace, int m,
+                            int n, int k, int bits, int group_size, const GsqGemmPlan& plan,
+                            cudaStream_t stream) {
+  float* ws = plan.splits > 1 ? static_cast<float*>(workspace) : nullptr;
+  if (ws != nullptr) {
+    const cudaError_t e = cudaMemsetAsync(ws, 0, plan.workspace_bytes, stream);
+    if (e != cudaSuccess) return e;
+  }
+  const cudaError_t e = bits == 2 ? launch_m<T, 2>(a, b, s, c, ws, m, n, k, group_size, plan, stream)
+                                  : launch_m<T, 3>(a, b, s, c, ws, m, n, k, group_size, plan, stream);
+  if (e != cudaSuccess || ws == nullptr) return e;
+  const int count = m * n;
+  return launch_kernel(workspace_to_c_kernel<T>, dim3((count + 255) / 256), dim3(256), 0, stream,
+                       static_cast<const float*>(ws), static_cast<T*>(c), count);
 }
 
 }  // namespace gsq
 
-// Host entry point. bits is the storage width (2 or 3); bf16 selects the
-// dtype of A, S and C. ws == nullptr and splits == 1: write C directly;
-// otherwise ws is a zeroed fp32 [M, N] buffer the splits accumulate into.
-// Returns the launch's cudaError_t (cudaErrorInvalidValue for bad arguments).
-cudaError_t gsq_gemm_launch(const void* a, const void* b, const void* s, void* c, float* ws, int m,
-                            int n, int k, int bits, int group_size, bool bf16, int splits,
-                            cudaStream_t stream) {
+// Split K so that (n tiles x splits x m blocks) covers the SMs about twice;
+// no split is empty.
+GsqGemmPlan gsq_gemm_plan(int m, int n, int k, int sms) {
   using namespace gsq;
-  if (m < 1 || n % kTileN || k % kTileK || k % group_size || (group_size != 64 && group_size != 128) ||
-      splits < 1 || (splits > 1 && ws == nullptr))
+  GsqGemmPlan p{};
+  p.block_m = m <= 16 ? 16 : (m <= 32 ? 32 : 64);
+  const long blocks = (long)(n / kTileN) * ((m + p.block_m - 1) / p.block_m);
+  const int k_tiles = k / kTileK;
+  const long want = (2L * std::max(sms, 1) + blocks - 1) / std::max(blocks, 1L);
+  const int splits = (int)std::clamp<long>(want, 1, std::max(k_tiles, 1));
+  p.k_tiles_per_split = (k_tiles + splits - 1) / splits;
+  p.splits = (k_tiles + p.k_tiles_per_split - 1) / p.k_tiles_per_split;
+  p.workspace_bytes = p.splits > 1 ? (size_t)m * n * sizeof(float) : 0;
+  return p;
+}
+
+cudaError_t gsq_gemm_launch(const void* a, const void* b, const void* s, void* c, void* workspace,
+                            size_t workspace_bytes, int m, int n, int k, int bits, int group_size,
+                            bool bf16, int sms, cudaStream_t stream) {
+  using namespace gsq;
+  if (m < 1 || n < kTileN || k < kTileK || n % kTileN || k % kTileK || k % group_size ||
+      (group_size != 64 && group_size != 128) || (bits != 2 && bits != 3))
     return cudaErrorInvalidValue;
-  if (bits == 2)
-    return bf16 ? launch_m<__nv_bfloat16, 2>(a, b, s, c, ws, m, n, k, group_size, splits, stream)
-                : launch_m<__half, 2>(a, b, s, c, ws, m, n, k, group_size, splits, stream);
-  if (bits == 3)
-    return bf16 ? launch_m<__nv_bfloat16, 3>(a, b, s, c, ws, m, n, k, group_size, splits, stream)
-                : launch_m<__half, 3>(a, b, s, c, ws, m, n, k, group_size, splits, stream);
-  return cudaErrorInvalidValue;
+  const GsqGemmPlan plan = gsq_gemm_plan(m, n, k, sms);
+  if (workspace_bytes < plan.workspace_bytes || (plan.workspace_bytes && workspace == nullptr))
+    return cudaErrorInvalidValue;
+  return bf16 ? launch_t<__nv_bfloat16>(a, b, s, c, workspace, m, n, k, bits, group_size, plan, stream)
+              : launch_t<__half>(a, b, s, c, workspace, m, n, k, bits, group_size, plan, stream);
 }

@@ -294,6 +294,23 @@ def dequant_repacked(
     return (q.to(s.dtype).view(n, -1, group_size) * s.unsqueeze(-1)).view(n, k)
 
 
+def check_gemm_args(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, bits: int, group_size: int, n: int,
+                    k: int) -> None:
+    """The argument checks of ``torch.ops.gsq.gemm`` (and its emulated twin): ``bits`` is
+    the storage width (2 or 3). Raises ValueError naming what is wrong."""
+    if bits not in (2, 3):
+        raise ValueError(f"bits (storage) must be 2 or 3, got {bits}")
+    _check_supported(n, k, bits, group_size)
+    if a.dim() != 2 or a.shape[1] != k:
+        raise ValueError(f"a must be [M, {k}], got {tuple(a.shape)}")
+    if a.dtype not in MAGIC or s.dtype != a.dtype:
+        raise ValueError(f"a ({a.dtype}) and s_repacked ({s.dtype}) must both be fp16 or bf16")
+    if b.dtype != torch.int32 or b.shape != (n // TILE_N, k // TILE_K * WARPS * LANES * bits):
+        raise ValueError(f"b_repacked ({b.dtype}, {tuple(b.shape)}) does not match N={n}, K={k}, bits={bits}")
+    if s.shape != (k // group_size, n):
+        raise ValueError(f"s_repacked shape {tuple(s.shape)} != {(k // group_size, n)}")
+
+
 def gsq_gemm(
     a: torch.Tensor,
     b_repacked: torch.Tensor,
@@ -314,16 +331,8 @@ def gsq_gemm(
         matmul (CPU tensors, or no extension). Raises ValueError for shapes the kernel
         layout cannot describe.
     """
-    _check_supported(n, k, bits, group_size)
-    if a.dim() != 2 or a.shape[1] != k:
-        raise ValueError(f"a must be [M, {k}], got {tuple(a.shape)}")
-    if a.dtype not in MAGIC or s_repacked.dtype != a.dtype:
-        raise ValueError(f"a ({a.dtype}) and s_repacked ({s_repacked.dtype}) must both be fp16 or bf16")
+    check_gemm_args(a, b_repacked, s_repacked, storage_bits(bits), group_size, n, k)
     sb = storage_bits(bits)
-    if b_repacked.shape != (n // TILE_N, k // TILE_K * WARPS * LANES * sb):
-        raise ValueError(f"b_repacked shape {tuple(b_repacked.shape)} does not match N={n}, K={k}, bits={bits}")
-    if s_repacked.shape != (k // group_size, n):
-        raise ValueError(f"s_repacked shape {tuple(s_repacked.shape)} != {(k // group_size, n)}")
     use_kernel = (
         a.is_cuda
         and a.shape[0] >= 1

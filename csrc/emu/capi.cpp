@@ -1,0 +1,118 @@
+// C entry points of the emulator library (loaded with ctypes by
+// gsq_vllm/cuda_emu.py): run the real GSQ GEMM host code and kernels
+// (csrc/gsq_gemm.cu, compiled as C++) on CPU fibers.
+//
+// gsq_emu_gemm does what the torch binding does on a GPU -- the launch plan
+// and split-K workspace come from the same host code (gsq_gemm_plan,
+// gsq_gemm_launch) -- but every buffer is a fresh guarded mapping: inputs are
+// copied in and made read-only, the output and workspace start poisoned
+// (all ones: NaN), so an element the kernel fails to write stays NaN.
+
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <memory>
+
+#include "../gsq_gemm.h"
+#include "runtime.h"
+
+extern "C" {
+
+struct GsqEmuOptions {
+  int sms;
+  int order;  // 0 forward, 1 reverse, 2 seeded random
+  unsigned long long seed;
+  int resident_blocks;
+};
+
+struct GsqEmuStats {
+  long long blocks, threads, switches, mma, ldmatrix, cp_async, barriers;
+};
+
+// Returns 0 on success; otherwise writes a message to err (err_len bytes).
+int gsq_emu_gemm(const void* a, size_t a_bytes, const void* b, size_t b_bytes, const void* s, size_t s_bytes,
+                 void* c, size_t c_bytes, int m, int n, int k, int bits, int group_size, int bf16,
+                 const GsqEmuOptions* opt, GsqEmuStats* stats, char* err, size_t err_len) {
+  using namespace gsq_emu;
+  auto report = [&](const std::string& msg) {
+    if (err != nullptr && err_len > 0) std::snprintf(err, err_len, "%s", msg.c_str());
+    return 1;
+  };
+  try {
+    Options o;
+    o.sms = opt->sms;
+    o.order = static_cast<Order>(opt->order);
+    o.seed = opt->seed;
+    o.resident_blocks = opt->resident_blocks;
+    Session session(o);
+    GuardedBuffer ga("A", a_bytes, false), gb("B", b_bytes, false), gs("S", s_bytes, false);
+    std::memcpy(ga.data(), a, a_bytes);
+    std::memcpy(gb.data(), b, b_bytes);
+    std::memcpy(gs.data(), s, s_bytes);
+    ga.seal();
+    gb.seal();
+    gs.seal();
+    GuardedBuffer gc("C", c_bytes, true);
+    std::memset(gc.data(), 0xFF, c_bytes);
+    const GsqGemmPlan plan = gsq_gemm_plan(m, n, k, o.sms);
+    std::unique_ptr<GuardedBuffer> ws;
+    if (plan.workspace_bytes) {
+      ws = std::make_unique<GuardedBuffer>("workspace", plan.workspace_bytes, true);
+      std::memset(ws->data(), 0xFF, plan.workspace_bytes);
+    }
+    const cudaError_t e = gsq_gemm_launch(ga.data(), gb.data(), gs.data(), gc.data(), ws ? ws->data() : nullptr,
+                                          plan.workspace_bytes, m, n, k, bits, group_size, bf16 != 0, o.sms,
+                                          nullptr);
+    if (stats != nullptr) {
+      const Stats& st = session.stats();
+      *stats = GsqEmuStats{st.blocks, st.threads, st.switches, st.mma, st.ldmatrix, st.cp_async, st.barriers};
+    }
+    if (e != cudaSuccess)
+      return report(session.error().empty() ? std::string("gsq_gemm_launch: ") + cudaGetErrorString(e)
+                                            : session.error());
+    std::memcpy(c, gc.data(), c_bytes);
+    return 0;
+  } catch (const std::exception& ex) {
+    return report(ex.what());
+  }
+}
+
+// The launch plan gsq_gemm_launch uses for this problem on `sms` SMs.
+void gsq_emu_plan(int m, int n, int k, int sms, int* block_m, int* splits, int* k_tiles_per_split,
+                  size_t* workspace_bytes) {
+  const GsqGemmPlan p = gsq_gemm_plan(m, n, k, sms);
+  *block_m = p.block_m;
+  *splits = p.splits;
+  *k_tiles_per_split = p.k_tiles_per_split;
+  *workspace_bytes = p.workspace_bytes;
+}
+
+// The emulator's 16-bit arithmetic, exposed for its own tests:
+// op 0: round(x) (a double given as bits of a, b, c unused), 1: a * b,
+// 2: a + b, 3: a - b, 4: fma(a, b, c); bf16 selects bfloat16 over binary16.
+unsigned gsq_emu_half_op(int op, unsigned a, unsigned b, unsigned c, double x, int bf16) {
+  if (bf16) {
+    const __nv_bfloat16 ha{static_cast<uint16_t>(a)}, hb{static_cast<uint16_t>(b)}, hc{static_cast<uint16_t>(c)};
+    switch (op) {
+      case 0: return __float2bfloat16_rn(static_cast<float>(x)).__x;
+      case 1: return __hmul(ha, hb).__x;
+      case 2: return __hadd(ha, hb).__x;
+      case 3: return __hsub(ha, hb).__x;
+      case 4: return __hfma(ha, hb, hc).__x;
+      case 5: return gsq_emu::from_double<__nv_bfloat16>(x).__x;
+    }
+  } else {
+    const __half ha{static_cast<uint16_t>(a)}, hb{static_cast<uint16_t>(b)}, hc{static_cast<uint16_t>(c)};
+    switch (op) {
+      case 0: return __float2half_rn(static_cast<float>(x)).__x;
+      case 1: return __hmul(ha, hb).__x;
+      case 2: return __hadd(ha, hb).__x;
+      case 3: return __hsub(ha, hb).__x;
+      case 4: return __hfma(ha, hb, hc).__x;
+      case 5: return gsq_emu::from_double<__half>(x).__x;
+    }
+  }
+  return 0xFFFFFFFFu;
+}
+
+}  // extern "C"

@@ -1,0 +1,233 @@
+"""The CUDA GEMM's real source, run on the CPU: ``torch.ops.gsq.gemm_emulated``.
+
+``csrc/gsq_gemm.cu`` -- kernels and host code (launch plan, split-K
+workspace) -- is compiled by g++ as C++ together with the emulator runtime
+in ``csrc/emu/`` (CUDA threads as fibers, warp-collective PTX instructions
+computed from the PTX ISA fragment layouts, cp.async landing only at its
+wait; see docs/EMULATOR.md). The result is a plain shared library, built on
+first use and cached by source hash, called through ctypes.
+
+``gemm_emulated`` takes exactly what ``torch.ops.gsq.gemm`` takes:
+
+* ``a`` fp16/bf16 ``[M, K]``; ``b`` int32 ``[N/64, (K/64)*128*bits]`` and
+  ``s`` ``[K/G, N]`` (dtype of ``a``), both from :func:`gsq_vllm.cuda_gemm.repack`;
+* ``bits`` the storage width (2 or 3), ``group_size`` 64 or 128, ``n``, ``k``;
+
+and returns ``c`` ``[M, N]`` in the dtype of ``a``. It is slow (thousands of
+fibers per call) and meant for tests and for ``GSQ_KERNEL=cuda-emu`` serving
+of tiny models. Emulation options (:class:`EmuOptions`) come from
+:func:`set_options` / :func:`options` or the environment: ``GSQ_EMU_SMS``
+(SM count the launch plan sees, default 132), ``GSQ_EMU_ORDER``
+(forward|reverse|random), ``GSQ_EMU_SEED``, ``GSQ_EMU_RESIDENT`` (blocks
+interleaved at a time).
+
+Needs g++ (C++20) and the source tree (an editable install).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+KERNEL_SOURCE = CSRC / "gsq_gemm.cu"
+ORDERS = ("forward", "reverse", "random")
+CXXFLAGS = [
+    "-std=c++20", "-O2", "-g", "-fPIC", "-shared",
+    # the kernels type-pun registers like CUDA code does; the runtime changes rounding modes
+    "-fno-strict-aliasing", "-frounding-math", "-U_FORTIFY_SOURCE",
+    "-Wall", "-Wno-unknown-pragmas",
+]
+
+
+class EmulatorError(RuntimeError):
+    """The emulated kernel failed: a fault, a race the emulator caught, a bad launch."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EmuOptions:
+    sms: int = 132
+    order: str = "forward"
+    seed: int = 0
+    resident_blocks: int = 1
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.sms < 1 or self.resident_blocks < 1:
+            raise ValueError("sms and resident_blocks must be >= 1")
+
+    @classmethod
+    def from_env(cls) -> "EmuOptions":
+        env = os.environ
+        return cls(sms=int(env.get("GSQ_EMU_SMS", 132)), order=env.get("GSQ_EMU_ORDER", "forward"),
+                   seed=int(env.get("GSQ_EMU_SEED", 0)), resident_blocks=int(env.get("GSQ_EMU_RESIDENT", 1)))
+
+
+class _COptions(ctypes.Structure):
+    _fields_ = [("sms", ctypes.c_int), ("order", ctypes.c_int), ("seed", ctypes.c_ulonglong),
+                ("resident_blocks", ctypes.c_int)]
+
+
+class _CStats(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_longlong) for f in ("blocks", "threads", "switches", "mma", "ldmatrix", "cp_async",
+                                                 "barriers")]
+
+
+# ---------------------------------------------------------------- building
+
+
+def _runtime_sources() -> list[Path]:
+    return sorted((CSRC / "emu").glob("*.cpp"))
+
+
+def _hashed_inputs(kernel_source: Path) -> list[Path]:
+    headers = sorted(CSRC.glob("*.cuh")) + sorted(CSRC.glob("*.h")) + sorted((CSRC / "emu").rglob("*.h"))
+    return _runtime_sources() + headers + [kernel_source]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GSQ_EMU_CACHE", Path.home() / ".cache" / "gsq-vllm" / "emu"))
+
+
+def build_library(kernel_source: Path | None = None, out_dir: Path | None = None) -> Path:
+    """Compile the emulator with ``kernel_source`` (default csrc/gsq_gemm.cu) into a shared
+    library and return its path. Cached by a hash of every source and the flags; the file
+    appears atomically, so concurrent builds are safe. Raises EmulatorError on a compile error."""
+    kernel_source = Path(kernel_source or KERNEL_SOURCE).resolve()
+    if not (CSRC / "emu" / "runtime.cpp").exists():
+        raise EmulatorError(f"emulator sources not found under {CSRC} (needs the source tree)")
+    h = hashlib.sha256(" ".join(CXXFLAGS).encode())
+    for p in _hashed_inputs(kernel_source):
+        h.update(str(p.name).encode())
+        h.update(p.read_bytes())
+    out_dir = Path(out_dir) if out_dir else cache_dir() / h.hexdigest()[:16]
+    lib = out_dir / "libgsq_emu.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    cmd = ["g++", *CXXFLAGS, f"-I{CSRC}", f"-I{CSRC / 'emu' / 'include'}",
+           *map(str, _runtime_sources()), "-x", "c++", str(kernel_source), "-o", tmp]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        os.unlink(tmp)
+        raise EmulatorError(f"building the CUDA emulator failed:\n{res.stderr[-6000:]}")
+    os.replace(tmp, lib)
+    return lib
+
+
+# ---------------------------------------------------------------- calling
+
+
+class Emulator:
+    """ctypes face of one built emulator library (one kernel source)."""
+
+    def __init__(self, lib_path: Path):
+        self.path = Path(lib_path)
+        self._lib = ctypes.CDLL(str(self.path))
+        f = self._lib.gsq_emu_gemm
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.c_void_p, ctypes.c_size_t] * 4 + [ctypes.c_int] * 6 + [
+            ctypes.POINTER(_COptions), ctypes.POINTER(_CStats), ctypes.c_char_p, ctypes.c_size_t]
+        p = self._lib.gsq_emu_plan
+        p.restype = None
+        p.argtypes = [ctypes.c_int] * 4 + [ctypes.POINTER(ctypes.c_int)] * 3 + [ctypes.POINTER(ctypes.c_size_t)]
+        h = self._lib.gsq_emu_half_op
+        h.restype = ctypes.c_uint
+        h.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_double, ctypes.c_int]
+
+    def plan(self, m: int, n: int, k: int, sms: int) -> dict:
+        """The launch plan of csrc/gsq_gemm.cu's host code: block_m, splits, k_tiles_per_split,
+        workspace_bytes."""
+        out = [ctypes.c_int(), ctypes.c_int(), ctypes.c_int()]
+        ws = ctypes.c_size_t()
+        self._lib.gsq_emu_plan(m, n, k, sms, *map(ctypes.byref, out), ctypes.byref(ws))
+        return dict(block_m=out[0].value, splits=out[1].value, k_tiles_per_split=out[2].value,
+                    workspace_bytes=ws.value)
+
+    def gemm(self, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, bits: int, group_size: int, n: int,
+             k: int, opts: EmuOptions | None = None) -> tuple[torch.Tensor, dict]:
+        """Run the kernel's host code and kernels; returns (c [M, N], counters). Arguments are
+        passed as given (checks are the kernel's own); raises EmulatorError on any failure."""
+        opts = opts or EmuOptions()
+        a, b, s = (t.detach().contiguous().cpu() for t in (a, b, s))
+        m = a.shape[0]
+        c = torch.empty(m, n, dtype=a.dtype)
+        err = ctypes.create_string_buffer(8192)
+        stats = _CStats()
+        copts = _COptions(opts.sms, ORDERS.index(opts.order), opts.seed, opts.resident_blocks)
+        rc = self._lib.gsq_emu_gemm(
+            a.data_ptr(), a.numel() * a.element_size(), b.data_ptr(), b.numel() * b.element_size(),
+            s.data_ptr(), s.numel() * s.element_size(), c.data_ptr(), c.numel() * c.element_size(),
+            m, n, k, bits, group_size, int(a.dtype == torch.bfloat16), ctypes.byref(copts), ctypes.byref(stats),
+            err, len(err))
+        if rc != 0:
+            raise EmulatorError(err.value.decode(errors="replace"))
+        return c, {f: getattr(stats, f) for f, _ in _CStats._fields_}
+
+    def half_op(self, op: str, a: int = 0, b: int = 0, c: int = 0, x: float = 0.0, bf16: bool = False) -> int:
+        """The emulator's own 16-bit arithmetic on bit patterns (for its tests): op in
+        float2half (x as float32), mul, add, sub, fma, round (x as double)."""
+        ops = ("float2half", "mul", "add", "sub", "fma", "round")
+        return self._lib.gsq_emu_half_op(ops.index(op), a, b, c, x, int(bf16))
+
+
+_default: Emulator | None = None
+_options: EmuOptions | None = None
+
+
+def default_emulator() -> Emulator:
+    """The emulator of csrc/gsq_gemm.cu as it is in the tree (built on first use)."""
+    global _default
+    if _default is None:
+        _default = Emulator(build_library())
+    return _default
+
+
+def current_options() -> EmuOptions:
+    return _options if _options is not None else EmuOptions.from_env()
+
+
+def set_options(opts: EmuOptions | None) -> None:
+    """Options for gemm_emulated calls in this process (None: back to the environment's)."""
+    global _options
+    _options = opts
+
+
+@contextlib.contextmanager
+def options(**kw):
+    """``with options(sms=8, order="random", seed=3): ...``"""
+    global _options
+    old = _options
+    _options = dataclasses.replace(current_options(), **kw)
+    try:
+        yield _options
+    finally:
+        _options = old
+
+
+@torch.library.custom_op("gsq::gemm_emulated", mutates_args=())
+def gemm_emulated(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, bits: int, group_size: int, n: int,
+                  k: int) -> torch.Tensor:
+    """``torch.ops.gsq.gemm`` run by the emulator on CPU tensors (same arguments, same result)."""
+    from gsq_vllm.cuda_gemm import check_gemm_args
+
+    check_gemm_args(a, b, s, bits, group_size, n, k)
+    c, _ = default_emulator().gemm(a, b, s, bits, group_size, n, k, current_options())
+    return c
+
+
+@gemm_emulated.register_fake
+def _(a, b, s, bits, group_size, n, k):
+    return a.new_empty(a.shape[0], n)
