@@ -11,11 +11,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
-cudaError_t gsq_gemm_launch(const void* a, const void* b, const void* s, void* c, float* ws, int m,
-                            int n, int k, int bits, int group_size, bool bf16, int splits,
-                            cudaStream_t stream);
+#include "gsq_gemm.h"
 
 namespace {
 
@@ -49,26 +45,19 @@ at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   at::Tensor c = at::empty({m, n}, a.options());
   if (m == 0) return c;
 
-  // Split K so that (n tiles x splits x m blocks) covers the SMs about twice.
+  // The launch plan (split-K and its workspace) is the kernel's host code's (gsq_gemm.cu).
   int sms = 0;
   TORCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.get_device()) == cudaSuccess,
               "gsq::gemm: cannot query the SM count");
-  const int64_t bm = m <= 16 ? 16 : (m <= 32 ? 32 : 64);
-  const int64_t blocks = (n / kTileN) * ((m + bm - 1) / bm);
-  const int64_t k_tiles = k / kTileK;
-  int64_t splits = std::clamp<int64_t>((2 * int64_t{sms} + blocks - 1) / blocks, 1, k_tiles);
-  const int64_t per_split = (k_tiles + splits - 1) / splits;
-  splits = (k_tiles + per_split - 1) / per_split;
-
+  const GsqGemmPlan plan = gsq_gemm_plan(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), sms);
   at::Tensor ws;
-  if (splits > 1) ws = at::zeros({m, n}, a.options().dtype(at::kFloat));
+  if (plan.workspace_bytes) ws = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, a.options().dtype(at::kByte));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
   const cudaError_t err = gsq_gemm_launch(
-      a.data_ptr(), b.data_ptr(), s.data_ptr(), c.data_ptr(), splits > 1 ? ws.data_ptr<float>() : nullptr,
-      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(bits),
-      static_cast<int>(group_size), a.scalar_type() == at::kBFloat16, static_cast<int>(splits), stream);
+      a.data_ptr(), b.data_ptr(), s.data_ptr(), c.data_ptr(), plan.workspace_bytes ? ws.data_ptr() : nullptr,
+      plan.workspace_bytes, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(bits),
+      static_cast<int>(group_size), a.scalar_type() == at::kBFloat16, sms, stream);
   TORCH_CHECK(err == cudaSuccess, "gsq::gemm: kernel launch failed: ", cudaGetErrorString(err));
-  if (splits > 1) c.copy_(ws);
   return c;
 }
 

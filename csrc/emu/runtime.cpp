@@ -337,6 +337,19 @@ void apply_order(std::vector<T>& v) {
     std::shuffle(v.begin(), v.end(), s.rng);
 }
 
+// "0-31,33,40-63"
+std::string ranges(const std::vector<int>& v) {
+  std::ostringstream o;
+  for (size_t i = 0; i < v.size();) {
+    size_t j = i;
+    while (j + 1 < v.size() && v[j + 1] == v[j] + 1) ++j;
+    o << (i ? "," : "") << v[i];
+    if (j > i) o << "-" << v[j];
+    i = j + 1;
+  }
+  return o.str();
+}
+
 std::string deadlock_report(const Grid& g) {
   std::ostringstream o;
   o << "deadlock: no thread can run.";
@@ -358,7 +371,7 @@ std::string deadlock_report(const Grid& g) {
     }
     o << " Block (" << b->idx.x << "," << b->idx.y << "," << b->idx.z << "):";
     for (const auto& [key, tids] : groups)
-      o << " " << tids.size() << " thread(s) " << tids.front() << ".." << tids.back() << " " << key << ";";
+      o << " " << tids.size() << " thread(s) " << ranges(tids) << " " << key << ";";
   }
   return o.str();
 }

@@ -1,0 +1,121 @@
+// Probe kernels for the emulator's own tests (tests/test_cuda_emu_runtime.py).
+//
+// Built by gsq_vllm.cuda_emu.build_library in place of csrc/gsq_gemm.cu, so
+// they run through the same C API: gsq_gemm_launch's `bits` argument selects
+// the probe. Some do what a correct kernel does with an instruction (mma and
+// ldmatrix from the PTX ISA fragment layouts), the others make one mistake
+// the emulator must report.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "gsq_gemm.h"
+#include "launch.cuh"
+#include "ptx.cuh"
+
+namespace probes {
+
+// 1: every thread reads one element past the end of A with a plain load.
+__global__ void read_past_end(const __half* a, __half* c, int count) {
+  c[threadIdx.x] = a[count + threadIdx.x];
+}
+
+// 2: warp 0 waits at one __syncthreads, the other warps at another.
+__global__ void divergent_barrier(__half* c) {
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  c[threadIdx.x] = __float2half_rn(1.0f);
+}
+
+// 3: thread t copies row t of A into shared memory with cp.async; thread
+// t + 1 reads it after a barrier but nobody waited for the copy.
+__global__ void read_before_wait(const __half* a, __half* c, bool wait) {
+  __half* sm = reinterpret_cast<__half*>(gsq::ptx::dynamic_smem());
+  const int t = threadIdx.x;
+  gsq::ptx::cp_async16(sm + 8 * t, a + 8 * t);
+  gsq::ptx::cp_async_commit();
+  if (wait) gsq::ptx::cp_async_wait<0>();
+  __syncthreads();
+  const int src = (t + 1) % blockDim.x;
+  for (int i = 0; i < 8; ++i) c[8 * t + i] = sm[8 * src + i];
+}
+
+// 4: lane 0 of each warp leaves early; the rest of the warp does an mma.
+__global__ void mma_with_exited_lane(__half* c) {
+  if (threadIdx.x % 32 == 0) return;
+  float d[4] = {0, 0, 0, 0};
+  const uint32_t a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+  gsq::ptx::mma_m16n8k16_f16(d, a, b);
+  c[threadIdx.x] = __float2half_rn(d[0]);
+}
+
+// 5: a store into the read-only input A.
+__global__ void write_input(const __half* a) { const_cast<__half*>(a)[threadIdx.x] = __float2half_rn(0.f); }
+
+// 6: one warp, one m16n8k16: A [16, 16] row-major and B [8, 16] (column n
+// of the B operand = row n) in global memory, fragments built by each lane
+// from the PTX ISA layout, D [16, 8] written back to C.
+__global__ void one_mma(const __half* A, const __half* B, __half* C) {
+  const int lane = threadIdx.x, group = lane >> 2, tig = lane % 4;
+  auto pack = [](__half lo, __half hi) { return (uint32_t)lo.__x | (uint32_t)hi.__x << 16; };
+  uint32_t a[4], b[2];
+  for (int r = 0; r < 4; ++r) {  // a0..a7, two per register
+    const int row = group + 8 * (r % 2), col = 2 * tig + 8 * (r / 2);
+    a[r] = pack(A[row * 16 + col], A[row * 16 + col + 1]);
+  }
+  for (int r = 0; r < 2; ++r) {
+    const int k = 2 * tig + 8 * r;
+    b[r] = pack(B[group * 16 + k], B[group * 16 + k + 1]);
+  }
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  gsq::ptx::mma_m16n8k16_f16(d, a, b);
+  for (int i = 0; i < 4; ++i) C[(group + 8 * (i / 2)) * 8 + 2 * tig + (i % 2)] = __float2half_rn(d[i]);
+}
+
+// 7: ldmatrix.x4 of four 8x8 matrices stored row-major in shared memory;
+// lane l writes its 4 registers (8 halves) to C[8 l .. 8 l + 7].
+__global__ void ldmatrix_x4(const __half* a, __half* c) {
+  __half* sm = reinterpret_cast<__half*>(gsq::ptx::dynamic_smem());
+  const int lane = threadIdx.x;
+  for (int i = 0; i < 8; ++i) sm[8 * lane + i] = a[8 * lane + i];  // 32 rows of 8
+  __syncwarp();
+  uint32_t d[4];
+  gsq::ptx::ldmatrix_x4(d, sm + 8 * lane);  // lane 8m + r: row r of matrix m
+  for (int m = 0; m < 4; ++m) {
+    c[8 * lane + 2 * m] = __half{(uint16_t)(d[m] & 0xFFFF)};
+    c[8 * lane + 2 * m + 1] = __half{(uint16_t)(d[m] >> 16)};
+  }
+}
+
+// 8: cp.async from a misaligned source.
+__global__ void misaligned_copy(const __half* a, __half* c) {
+  __half* sm = reinterpret_cast<__half*>(gsq::ptx::dynamic_smem());
+  gsq::ptx::cp_async16(sm, a + 1);
+  gsq::ptx::cp_async_wait<0>();
+  c[threadIdx.x] = sm[0];
+}
+
+}  // namespace probes
+
+GsqGemmPlan gsq_gemm_plan(int, int, int, int) { return GsqGemmPlan{16, 1, 1, 0}; }
+
+cudaError_t gsq_gemm_launch(const void* a, const void*, const void*, void* c, void*, size_t, int m, int n, int k,
+                            int probe, int, bool, int, cudaStream_t stream) {
+  using namespace probes;
+  auto A = static_cast<const __half*>(a);
+  auto C = static_cast<__half*>(c);
+  switch (probe) {
+    case 1: return gsq::launch_kernel(read_past_end, dim3(1), dim3(32), 0, stream, A, C, m * k);
+    case 2: return gsq::launch_kernel(divergent_barrier, dim3(1), dim3(64), 0, stream, C);
+    case 3: return gsq::launch_kernel(read_before_wait, dim3(1), dim3(32), 512, stream, A, C, n == 1);
+    case 4: return gsq::launch_kernel(mma_with_exited_lane, dim3(1), dim3(64), 0, stream, C);
+    case 5: return gsq::launch_kernel(write_input, dim3(1), dim3(32), 0, stream, A);
+    case 6: return gsq::launch_kernel(one_mma, dim3(1), dim3(32), 0, stream, A, A + 256, C);
+    case 7: return gsq::launch_kernel(ldmatrix_x4, dim3(1), dim3(32), 512, stream, A, C);
+    case 8: return gsq::launch_kernel(misaligned_copy, dim3(1), dim3(32), 64, stream, A, C);
+  }
+  return cudaErrorInvalidValue;
+}

@@ -1,0 +1,50 @@
+"""Shared by the emulator tests: random layers in the kernel layout and the error bound.
+
+The bound is what the kernel's arithmetic allows, no more: the dequantized
+weight is rounded to the activation dtype once (``__hmul2`` of an exact code
+and the scale), the products and sums are fp32 (at most ``K + splits``
+roundings, each <= 2^-24 of the running sum of magnitudes), and the output
+is rounded to fp16/bf16 once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gsq_vllm import cuda_gemm as cg
+from gsq_vllm.format import grid_range, pack_codes
+
+MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
+
+
+def random_layer(n: int, k: int, bits, g: int, dtype: torch.dtype, seed: int):
+    """-> (w_t [N, K] dequantized weight rounded to dtype, b_repacked, s_repacked)."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = grid_range(bits)
+    q = torch.randint(lo, hi + 1, (n, k), generator=gen, dtype=torch.int8)
+    s = (torch.rand(n, k // g, generator=gen) * 0.02 + 0.005).to(dtype)
+    b_r, s_r = cg.repack(pack_codes(q, bits), s, bits, g)
+    # code * scale in dtype: the product is exact in fp32, so this is one rounding, as __hmul2 does
+    w_t = (q.to(dtype).view(n, -1, g) * s.unsqueeze(-1)).view(n, k)
+    return w_t, b_r, s_r
+
+
+def random_activations(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed + 1)
+    return (torch.randn(m, k, generator=gen) + 0.1).to(dtype)
+
+
+def check_against_float64(c: torch.Tensor, a: torch.Tensor, w_t: torch.Tensor, splits: int = 1) -> None:
+    """Every element of c within the fp32-accumulation + output-rounding bound of float64."""
+    assert torch.isfinite(c).all(), f"{int((~torch.isfinite(c)).sum())} non-finite outputs (unwritten or poisoned)"
+    ref = a.double() @ w_t.double().t()
+    mag = a.double().abs() @ w_t.double().abs().t()
+    k = a.shape[1]
+    bound = 2.0 ** -MANTISSA_BITS[c.dtype] * ref.abs() + (k + splits + 2) * 2.0**-24 * mag + 1e-30
+    err = (c.double() - ref).abs()
+    bad = err > bound
+    if bad.any():
+        i, j = [int(x) for x in bad.nonzero()[0]]
+        raise AssertionError(
+            f"{int(bad.sum())} of {c.numel()} outputs out of bound; e.g. C[{i},{j}] = {c[i, j].item()} "
+            f"vs {ref[i, j].item()} (bound {bound[i, j].item():.3g})")

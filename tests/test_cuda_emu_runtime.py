@@ -1,0 +1,163 @@
+"""The emulator itself: its 16-bit arithmetic, its instructions, and the mistakes it must report.
+
+Probe kernels (tests/cuda_emu/probes.cu) run through the same C API as the
+real GEMM; each either uses an instruction the way the PTX ISA documents it
+or makes one mistake that must come back as an error naming the source line
+(or as poisoned NaN output, for data read before its cp.async landed).
+"""
+
+import random
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+
+from gsq_vllm import cuda_emu as ce
+
+PROBES = Path(__file__).parent / "cuda_emu" / "probes.cu"
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory):
+    return ce.Emulator(ce.build_library(PROBES, tmp_path_factory.mktemp("probes")))
+
+
+def _line_of(text: str) -> int:
+    lines = PROBES.read_text().splitlines()
+    hits = [i + 1 for i, ln in enumerate(lines) if text in ln]
+    assert len(hits) == 1, text
+    return hits[0]
+
+
+def _run(emu, probe, a, n, order="forward"):
+    dummy = torch.zeros(16, dtype=torch.int32)
+    return emu.gemm(a, dummy, dummy.half(), probe, 64, n, a.shape[1], ce.EmuOptions(order=order))[0]
+
+
+# ------------------------------------------------------------------ mistakes
+
+
+def test_read_past_the_end_faults_with_the_source_line(probes):
+    a = torch.ones(1, 64, dtype=torch.float16)
+    with pytest.raises(ce.EmulatorError) as e:
+        _run(probes, 1, a, 32)
+    msg = str(e.value)
+    assert f"probes.cu:{_line_of('c[threadIdx.x] = a[count + threadIdx.x];')}" in msg, msg
+    assert "bytes past the end of buffer A (128 bytes)" in msg, msg
+
+
+def test_store_into_an_input_faults(probes):
+    with pytest.raises(ce.EmulatorError, match=r"probes.cu:\d+.*byte 0 of buffer A"):
+        _run(probes, 5, torch.ones(1, 64, dtype=torch.float16), 32)
+
+
+def test_divergent_barrier_is_reported(probes):
+    with pytest.raises(ce.EmulatorError, match=r"divergent __syncthreads.*probes.cu:\d+.*probes.cu:\d+"):
+        _run(probes, 2, torch.ones(1, 64, dtype=torch.float16), 64)
+
+
+def test_collective_with_an_exited_lane_deadlocks(probes):
+    with pytest.raises(ce.EmulatorError, match="deadlock") as e:
+        _run(probes, 4, torch.ones(1, 64, dtype=torch.float16), 64)
+    assert "62 thread(s) 1-31,33-63 at mma probes.cu:" in str(e.value) and "2 thread(s) 0,32 exited" in str(e.value)
+
+
+@pytest.mark.parametrize("order", ce.ORDERS)
+def test_data_read_before_its_wait_is_poison(probes, order):
+    a = torch.arange(256, dtype=torch.float16)
+    waited = _run(probes, 3, a.view(256, 1), 1, order).view(32, 8)
+    assert torch.equal(waited, a.view(32, 8).roll(-1, 0))  # thread t got row t + 1
+    unwaited = _run(probes, 3, a.view(128, 2), 2, order)
+    assert torch.isnan(unwaited).all()
+
+
+def test_misaligned_cp_async_is_reported(probes):
+    with pytest.raises(ce.EmulatorError, match=r"cp.async at probes.cu:\d+.*source not aligned"):
+        _run(probes, 8, torch.ones(1, 64, dtype=torch.float16), 32)
+
+
+# ------------------------------------------------------------------ instructions
+
+
+def test_mma_computes_a_times_b(probes):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 16, generator=gen).half()
+    b = torch.randn(8, 16, generator=gen).half()  # row n = column n of the B operand
+    c = _run(probes, 6, torch.cat([a, b]), 8)  # [24, 8]: D is the first 16 rows
+    ref = (a.double() @ b.double().t()).float().half()
+    assert torch.allclose(c[:16].float(), ref.float(), rtol=2**-10, atol=0)
+
+
+def test_ldmatrix_x4_gives_each_lane_its_row_pair(probes):
+    a = torch.arange(256, dtype=torch.float16).view(32, 8)  # 4 matrices of 8 rows
+    c = _run(probes, 7, a, 8).view(32, 4, 2)
+    for lane in range(32):
+        for m in range(4):
+            row, col = lane // 4, 2 * (lane % 4)
+            assert c[lane, m].tolist() == a[8 * m + row, col : col + 2].tolist()
+
+
+# ------------------------------------------------------------------ 16-bit arithmetic
+
+FORMATS = {False: (10, 5), True: (7, 8)}  # (mantissa bits, exponent bits): binary16, bfloat16
+
+
+def _value(bits16, bf16):
+    mb, eb = FORMATS[bf16]
+    sign = -1 if bits16 >> 15 else 1
+    e, m = (bits16 >> mb) & ((1 << eb) - 1), bits16 & ((1 << mb) - 1)
+    bias = (1 << (eb - 1)) - 1
+    if e == (1 << eb) - 1:
+        return None  # inf / nan: not exercised here
+    if e == 0:
+        return sign * Fraction(m, 1 << (mb + bias - 1))
+    return sign * Fraction(m + (1 << mb)) * Fraction(2) ** (e - bias - mb)
+
+
+def _round(x: Fraction, bf16) -> int:
+    """Exact round-to-nearest-even of a rational into the format (independent of the C++ code)."""
+    mb, eb = FORMATS[bf16]
+    bias = (1 << (eb - 1)) - 1
+    sign = 0x8000 if x < 0 else 0
+    x = abs(x)
+    if x == 0:
+        return sign
+    e = max(x.numerator.bit_length() - x.denominator.bit_length() + 1, 2 - bias)
+    while e > 1 - bias and x < Fraction(2) ** (e - 1):
+        e -= 1
+    while x >= Fraction(2) ** e:
+        e += 1
+    e -= 1  # now 2^e <= x < 2^(e+1), or the subnormal range
+    e = max(e, 1 - bias)
+    q = x / Fraction(2) ** (e - mb)
+    n = q.numerator // q.denominator
+    rem = q - n
+    if rem > Fraction(1, 2) or (rem == Fraction(1, 2) and n % 2):
+        n += 1
+    bits = n if (e == 1 - bias and n < (1 << mb)) else ((e + bias) << mb) + n - (1 << mb)
+    if bits >= ((1 << eb) - 1) << mb:
+        return sign | (((1 << eb) - 1) << mb)
+    return sign | bits
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_16bit_arithmetic_is_correctly_rounded(probes, bf16):
+    rng = random.Random(1 if bf16 else 0)
+    mb, eb = FORMATS[bf16]
+    finite = lambda: rng.choice([rng.randrange(0, 0x7C00 if not bf16 else 0x7F80),  # noqa: E731
+                                 rng.randrange(0, 1 << (mb + 2))]) | rng.choice([0, 0x8000])
+    for _ in range(3000):
+        a, b, c = finite(), finite(), finite()
+        va, vb, vc = _value(a, bf16), _value(b, bf16), _value(c, bf16)
+        for op, exact in (("mul", va * vb), ("add", va + vb), ("sub", va - vb), ("fma", va * vb + vc)):
+            got = probes.half_op(op, a, b, c, bf16=bf16)
+            want = _round(exact, bf16)
+            if exact == 0:  # sign of an exact zero follows IEEE rules; compare magnitude only
+                got, want = got & 0x7FFF, want & 0x7FFF
+            assert got == want, f"{op}({a:#06x}, {b:#06x}, {c:#06x}) bf16={bf16}: {got:#06x} != {want:#06x}"
+    for _ in range(3000):  # float32 -> 16 bit, including values near ties and the subnormal range
+        x = float(torch.tensor(rng.uniform(-1, 1) * 2.0 ** rng.randint(-30 if not bf16 else -130, 17)).float())
+        assert probes.half_op("float2half", x=x, bf16=bf16) == _round(Fraction(x), bf16), x
+    want = torch.tensor([65520.0]).half().view(torch.int16).item() & 0xFFFF  # rounds to inf in fp16
+    assert probes.half_op("float2half", x=65520.0) == want == 0x7C00
