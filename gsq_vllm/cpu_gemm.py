@@ -121,7 +121,7 @@ def _blocked_gemm(x, lo, hi, scales, bits, group_size, use_cpp: bool = True):
     # Products of small integer codes and scales are exact in float32, so
     # dequantizing in float32 then casting matches a float32 reference exactly.
     wdtype = x.dtype if scales.dtype == x.dtype else torch.float32
-    cpp = use_cpp and _cpp is not None and wdtype in (torch.float32, torch.bfloat16)
+    cpp = use_cpp and _cpp is not None and x.device.type == "cpu" and wdtype in (torch.float32, torch.bfloat16)
     s = scales.float().contiguous() if cpp else scales.to(wdtype)
     y = None
     for b in range(k // block_k):
@@ -152,7 +152,7 @@ def cpu_gemm(
     (decode) go to the fused C++ kernel when built; more rows to a K-blocked
     dequantize + BLAS GEMM.
     """
-    if _cpp is not None and x.shape[0] <= CPP_MAX_ROWS:
+    if _cpp is not None and x.device.type == "cpu" and x.shape[0] <= CPP_MAX_ROWS:
         y = _cpp.gemm(x.float().contiguous(), lo, hi, scales.float().contiguous(), bits, group_size)
         return y.to(x.dtype)
     return _blocked_gemm(x, lo, hi, scales, bits, group_size)

@@ -19,7 +19,8 @@ of tiny models. Emulation options (:class:`EmuOptions`) come from
 :func:`set_options` / :func:`options` or the environment: ``GSQ_EMU_SMS``
 (SM count the launch plan sees, default 132), ``GSQ_EMU_ORDER``
 (forward|reverse|random), ``GSQ_EMU_SEED``, ``GSQ_EMU_RESIDENT`` (blocks
-interleaved at a time).
+interleaved at a time); ``GSQ_EMU_KERNEL_SOURCE`` runs another kernel source
+(a variant of csrc/gsq_gemm.cu) in place of the tree's.
 
 Needs g++ (C++20) and the source tree (an editable install).
 """
@@ -185,13 +186,15 @@ class Emulator:
 
 _default: Emulator | None = None
 _options: EmuOptions | None = None
+calls = 0  # gemm_emulated calls in this process (lets tests see which path served)
 
 
 def default_emulator() -> Emulator:
-    """The emulator of csrc/gsq_gemm.cu as it is in the tree (built on first use)."""
+    """The emulator of csrc/gsq_gemm.cu as it is in the tree, or of the kernel source named by
+    ``GSQ_EMU_KERNEL_SOURCE`` (to serve an experimental variant); built on first use."""
     global _default
     if _default is None:
-        _default = Emulator(build_library())
+        _default = Emulator(build_library(os.environ.get("GSQ_EMU_KERNEL_SOURCE") or None))
     return _default
 
 
@@ -223,8 +226,10 @@ def gemm_emulated(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, bits: int, 
     """``torch.ops.gsq.gemm`` run by the emulator on CPU tensors (same arguments, same result)."""
     from gsq_vllm.cuda_gemm import check_gemm_args
 
+    global calls
     check_gemm_args(a, b, s, bits, group_size, n, k)
     c, _ = default_emulator().gemm(a, b, s, bits, group_size, n, k, current_options())
+    calls += 1
     return c
 
 

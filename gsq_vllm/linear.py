@@ -10,14 +10,30 @@ Parameters (per tensor-parallel rank, ``N = sum(output_partition_sizes)``,
 * ``scales`` ``[N, K/G]`` in the checkpoint's scale dtype.
 
 After loading, :meth:`process_weights_after_loading` repacks once for the
-kernel that ``apply`` will use: the CUDA kernel (``gsq_vllm.cuda_gemm``) when
-the extension is built, a CUDA device holds the layer and it supports the
-shape; otherwise the CPU bit-plane layout of ``gsq_vllm.cpu_gemm``. The
-original ``qweight`` is dropped so only one packed copy stays in memory.
+kernel that ``apply`` will use, chosen by ``GSQ_KERNEL``:
+
+* ``auto`` (default): the CUDA kernel (``gsq_vllm.cuda_gemm``) when the
+  extension is built, a CUDA device holds the layer and it supports the
+  shape; otherwise the CPU bit-plane layout of ``gsq_vllm.cpu_gemm``;
+* ``cuda``: as auto, but a missing extension or device is an error;
+* ``cuda-emu``: the CUDA kernel's layout and real source, run on the CPU by
+  the emulator (``torch.ops.gsq.gemm_emulated``; slow, for tests);
+* ``cpu``: always the CPU layout.
+
+Before a layer takes the CUDA kernel (real or emulated), the kernel is run
+once per distinct (kernel, N, K, bits, G, dtype) on random activations with
+that layer's weights and compared with dequantize + matmul in fp32; a
+mismatch stops loading with an error naming the layer.
+``GSQ_KERNEL_SELFCHECK=fallback`` serves such layers on the dequant path
+instead (with a warning); ``off`` skips the check. Shapes the kernel cannot
+take always use the CPU layout. The original ``qweight`` is dropped so only
+one packed copy stays in memory.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from fractions import Fraction
 
 import torch
@@ -28,7 +44,22 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 
 from gsq_vllm import cpu_gemm
-from gsq_vllm.format import FormatError, check_group_size, storage_bits
+from gsq_vllm.format import FormatError, check_group_size, dequantize_packed, storage_bits
+
+logger = logging.getLogger(__name__)
+KERNEL_CHOICES = ("auto", "cuda", "cuda-emu", "cpu")
+SELFCHECK_CHOICES = ("on", "fallback", "off")
+SELFCHECK_MS = (1, 33)  # one partial 16-row block, one partial 64-row block
+SELFCHECK_MAX_REL_ERR = 1e-2
+# (kernel, N, K, bits, G, dtype) -> passed: each distinct problem is checked once per process
+_selfcheck_results: dict[tuple, bool] = {}
+
+
+def _env_choice(var: str, choices: tuple[str, ...], default: str) -> str:
+    value = os.environ.get(var, default)
+    if value not in choices:
+        raise ValueError(f"{var}={value!r}: choose one of {', '.join(choices)}")
+    return value
 
 
 def _cuda_gemm_module():
@@ -94,16 +125,74 @@ class GSQLinearMethod(LinearMethodBase):
         layer.gsq_k = k
         layer.gsq_act_dtype = params_dtype
 
+    def _choose_kernel(self, layer: torch.nn.Module, qweight: torch.Tensor) -> str:
+        """"cuda", "cuda-emu" or "cpu" for this layer (GSQ_KERNEL, the device, the shape)."""
+        from gsq_vllm import cuda_gemm
+
+        choice = _env_choice("GSQ_KERNEL", KERNEL_CHOICES, "auto")
+        supported = cuda_gemm.cuda_supports(layer.gsq_n, layer.gsq_k, self.fmt.bits, self.fmt.group_size)
+        if choice == "cpu":
+            return "cpu"
+        if choice == "cuda-emu":
+            return "cuda-emu" if supported and layer.gsq_act_dtype in cuda_gemm.MAGIC else "cpu"
+        usable = qweight.is_cuda and _cuda_gemm_module() is not None
+        if choice == "cuda" and not usable:
+            raise ValueError("GSQ_KERNEL=cuda, but the gsq CUDA kernel is not usable here "
+                             f"(layer on {qweight.device}, extension built: {_cuda_gemm_module() is not None})")
+        return "cuda" if usable and supported else "cpu"
+
+    def _kernel_passes_selfcheck(self, layer, kernel, qweight, scales, b, s) -> bool:
+        """Run the kernel on random activations against dequantize + matmul (fp32), once per
+        distinct problem. False only in fallback mode; a mismatch raises otherwise."""
+        mode = _env_choice("GSQ_KERNEL_SELFCHECK", SELFCHECK_CHOICES, "on")
+        if mode == "off":
+            return True
+        bits, g, n, k, dtype = self.fmt.bits, self.fmt.group_size, layer.gsq_n, layer.gsq_k, layer.gsq_act_dtype
+        key = (kernel, n, k, bits, g, dtype)
+        if key not in _selfcheck_results:
+            w = dequantize_packed(qweight, scales.float(), bits, g).to(qweight.device)
+            gen = torch.Generator().manual_seed(0)
+            worst = 0.0
+            for m in SELFCHECK_MS:
+                a = torch.randn(m, k, generator=gen).to(dtype).to(qweight.device)
+                got = self._gemm(kernel, a, b, s, n, k).float()
+                ref = a.float() @ w.t()
+                rel = ((got - ref).norm() / ref.norm()).item()
+                worst = max(worst, rel if torch.isfinite(got).all() else float("inf"))
+            _selfcheck_results[key] = worst <= SELFCHECK_MAX_REL_ERR
+            if not _selfcheck_results[key]:
+                msg = (f"gsq: load-time self-check failed for layer {getattr(layer, 'prefix', '') or '?'}: the "
+                       f"{kernel} kernel differs from dequantize + matmul by relative error {worst:.3g} "
+                       f"(N={n}, K={k}, bits={bits}, G={g}, {dtype}; limit {SELFCHECK_MAX_REL_ERR})")
+                if mode == "on":
+                    raise RuntimeError(msg + ". Set GSQ_KERNEL_SELFCHECK=fallback to serve such layers on the "
+                                       "slower dequantize path.")
+                logger.warning("%s; serving layers of this shape on the dequantize path", msg)
+        return _selfcheck_results[key]
+
+    def _gemm(self, kernel: str, x: torch.Tensor, b, s, n: int, k: int) -> torch.Tensor:
+        if kernel == "cuda-emu":
+            from gsq_vllm import cuda_emu  # noqa: F401  (registers torch.ops.gsq.gemm_emulated)
+
+            return torch.ops.gsq.gemm_emulated(x, b, s, storage_bits(self.fmt.bits), self.fmt.group_size, n, k)
+        from gsq_vllm import cuda_gemm
+
+        return cuda_gemm.gsq_gemm(x, b, s, self.fmt.bits, self.fmt.group_size, n, k)
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         bits, g = self.fmt.bits, self.fmt.group_size
-        n, k = layer.gsq_n, layer.gsq_k
         qweight = layer.qweight.data
         scales = layer.scales.data
-        cuda = _cuda_gemm_module() if qweight.is_cuda else None
-        if cuda is not None and cuda.cuda_supports(n, k, bits, g):
+        kernel = self._choose_kernel(layer, qweight)
+        if kernel != "cpu":
+            from gsq_vllm import cuda_gemm
+
             # The CUDA kernel reads its scales in the activation dtype.
-            b, s = cuda.repack(qweight, scales, bits, g, dtype=layer.gsq_act_dtype)
-            layer.gsq_kernel = "cuda"
+            b, s = cuda_gemm.repack(qweight, scales, bits, g, dtype=layer.gsq_act_dtype)
+            if not self._kernel_passes_selfcheck(layer, kernel, qweight, scales, b, s):
+                kernel = "cpu"
+        if kernel != "cpu":
+            layer.gsq_kernel = kernel
             layer.gsq_b = torch.nn.Parameter(b, requires_grad=False)
             layer.gsq_s = torch.nn.Parameter(s, requires_grad=False)
         else:
@@ -121,12 +210,8 @@ class GSQLinearMethod(LinearMethodBase):
         """``x`` [..., K] -> [..., N] in x's dtype."""
         x2 = x.reshape(-1, x.shape[-1])
         bits = storage_bits(self.fmt.bits)
-        if layer.gsq_kernel == "cuda":
-            from gsq_vllm import cuda_gemm
-
-            y = cuda_gemm.gsq_gemm(
-                x2, layer.gsq_b, layer.gsq_s, self.fmt.bits, self.fmt.group_size, layer.gsq_n, layer.gsq_k
-            )
+        if layer.gsq_kernel != "cpu":
+            y = self._gemm(layer.gsq_kernel, x2, layer.gsq_b, layer.gsq_s, layer.gsq_n, layer.gsq_k)
         else:
             y = torch.ops.gsq.cpu_gemm(x2, layer.gsq_lo, layer.gsq_hi, layer.gsq_s, bits, self.fmt.group_size)
         if bias is not None:
