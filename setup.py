@@ -92,7 +92,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "pybind11", "ninja"],
+        # cuobjdump / nvdisasm: benchmarks/kernel_static.py reads the kernels' SASS (no GPU needed)
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "pybind11", "ninja",
+                "nvidia-cuda-cuobjdump", "nvidia-cuda-nvdisasm"],
     },
     entry_points={
         "console_scripts": [

@@ -60,6 +60,7 @@ class EmuOptions:
     order: str = "forward"
     seed: int = 0
     resident_blocks: int = 1
+    dry_run: bool = False  # record the launches (grid, block, shared memory), run no kernel
 
     def __post_init__(self):
         if self.order not in ORDERS:
@@ -76,7 +77,7 @@ class EmuOptions:
 
 class _COptions(ctypes.Structure):
     _fields_ = [("sms", ctypes.c_int), ("order", ctypes.c_int), ("seed", ctypes.c_ulonglong),
-                ("resident_blocks", ctypes.c_int)]
+                ("resident_blocks", ctypes.c_int), ("dry_run", ctypes.c_int)]
 
 
 class _CStats(ctypes.Structure):
@@ -140,7 +141,8 @@ class Emulator:
         f = self._lib.gsq_emu_gemm
         f.restype = ctypes.c_int
         f.argtypes = [ctypes.c_void_p, ctypes.c_size_t] * 4 + [ctypes.c_int] * 6 + [
-            ctypes.POINTER(_COptions), ctypes.POINTER(_CStats), ctypes.c_char_p, ctypes.c_size_t]
+            ctypes.POINTER(_COptions), ctypes.POINTER(_CStats), ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
+            ctypes.c_size_t]
         p = self._lib.gsq_emu_plan
         p.restype = None
         p.argtypes = [ctypes.c_int] * 4 + [ctypes.POINTER(ctypes.c_int)] * 3 + [ctypes.POINTER(ctypes.c_size_t)]
@@ -160,22 +162,31 @@ class Emulator:
     def gemm(self, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, bits: int, group_size: int, n: int,
              k: int, opts: EmuOptions | None = None) -> tuple[torch.Tensor, dict]:
         """Run the kernel's host code and kernels; returns (c [M, N], counters). Arguments are
-        passed as given (checks are the kernel's own); raises EmulatorError on any failure."""
+        passed as given (checks are the kernel's own); raises EmulatorError on any failure.
+        counters["launches"] lists the kernel launches the host code made, each a dict with
+        kernel (demangled name), grid, block and smem (dynamic shared memory bytes)."""
         opts = opts or EmuOptions()
         a, b, s = (t.detach().contiguous().cpu() for t in (a, b, s))
         m = a.shape[0]
         c = torch.empty(m, n, dtype=a.dtype)
         err = ctypes.create_string_buffer(8192)
+        launches = ctypes.create_string_buffer(16384)
         stats = _CStats()
-        copts = _COptions(opts.sms, ORDERS.index(opts.order), opts.seed, opts.resident_blocks)
+        copts = _COptions(opts.sms, ORDERS.index(opts.order), opts.seed, opts.resident_blocks, int(opts.dry_run))
         rc = self._lib.gsq_emu_gemm(
             a.data_ptr(), a.numel() * a.element_size(), b.data_ptr(), b.numel() * b.element_size(),
             s.data_ptr(), s.numel() * s.element_size(), c.data_ptr(), c.numel() * c.element_size(),
             m, n, k, bits, group_size, int(a.dtype == torch.bfloat16), ctypes.byref(copts), ctypes.byref(stats),
-            err, len(err))
+            launches, len(launches), err, len(err))
         if rc != 0:
             raise EmulatorError(err.value.decode(errors="replace"))
-        return c, {f: getattr(stats, f) for f, _ in _CStats._fields_}
+        counters = {f: getattr(stats, f) for f, _ in _CStats._fields_}
+        counters["launches"] = []
+        for line in launches.value.decode().splitlines():
+            name, grid, block, smem = line.split("|")
+            counters["launches"].append(dict(kernel=name, grid=tuple(map(int, grid.split(","))),
+                                             block=tuple(map(int, block.split(","))), smem=int(smem)))
+        return c, counters
 
     def half_op(self, op: str, a: int = 0, b: int = 0, c: int = 0, x: float = 0.0, bf16: bool = False) -> int:
         """The emulator's own 16-bit arithmetic on bit patterns (for its tests): op in

@@ -23,16 +23,19 @@ struct GsqEmuOptions {
   int order;  // 0 forward, 1 reverse, 2 seeded random
   unsigned long long seed;
   int resident_blocks;
+  int dry_run;  // record the launches only
 };
 
 struct GsqEmuStats {
   long long blocks, threads, switches, mma, ldmatrix, cp_async, barriers;
 };
 
-// Returns 0 on success; otherwise writes a message to err (err_len bytes).
+// Returns 0 on success; otherwise writes a message to err (err_len bytes). `launches` (may be
+// null) receives one line per kernel launch: "name|gx,gy,gz|bx,by,bz|dynamic smem bytes".
 int gsq_emu_gemm(const void* a, size_t a_bytes, const void* b, size_t b_bytes, const void* s, size_t s_bytes,
                  void* c, size_t c_bytes, int m, int n, int k, int bits, int group_size, int bf16,
-                 const GsqEmuOptions* opt, GsqEmuStats* stats, char* err, size_t err_len) {
+                 const GsqEmuOptions* opt, GsqEmuStats* stats, char* launches, size_t launches_len, char* err,
+                 size_t err_len) {
   using namespace gsq_emu;
   auto report = [&](const std::string& msg) {
     if (err != nullptr && err_len > 0) std::snprintf(err, err_len, "%s", msg.c_str());
@@ -44,6 +47,7 @@ int gsq_emu_gemm(const void* a, size_t a_bytes, const void* b, size_t b_bytes, c
     o.order = static_cast<Order>(opt->order);
     o.seed = opt->seed;
     o.resident_blocks = opt->resident_blocks;
+    o.dry_run = opt->dry_run != 0;
     Session session(o);
     GuardedBuffer ga("A", a_bytes, false), gb("B", b_bytes, false), gs("S", s_bytes, false);
     std::memcpy(ga.data(), a, a_bytes);
@@ -66,6 +70,14 @@ int gsq_emu_gemm(const void* a, size_t a_bytes, const void* b, size_t b_bytes, c
     if (stats != nullptr) {
       const Stats& st = session.stats();
       *stats = GsqEmuStats{st.blocks, st.threads, st.switches, st.mma, st.ldmatrix, st.cp_async, st.barriers};
+    }
+    if (launches != nullptr && launches_len > 0) {
+      std::string text;
+      for (const LaunchRecord& r : session.launches())
+        text += r.kernel + "|" + std::to_string(r.grid.x) + "," + std::to_string(r.grid.y) + "," +
+                std::to_string(r.grid.z) + "|" + std::to_string(r.block.x) + "," + std::to_string(r.block.y) +
+                "," + std::to_string(r.block.z) + "|" + std::to_string(r.dynamic_smem_bytes) + "\n";
+      std::snprintf(launches, launches_len, "%s", text.c_str());
     }
     if (e != cudaSuccess)
       return report(session.error().empty() ? std::string("gsq_gemm_launch: ") + cudaGetErrorString(e)

@@ -89,7 +89,8 @@ struct KernelBody {
   void (*fn)(void*);
   void* ctx;
 };
-cudaError_t run_grid(dim3 grid, dim3 block, size_t dynamic_smem_bytes, KernelBody body);
+// `kernel` identifies the __global__ function (for the launch record).
+cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem_bytes, KernelBody body);
 int sm_count();
 cudaError_t last_error();
 const char* error_string(cudaError_t e);
@@ -107,7 +108,7 @@ inline cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block
     auto* c = static_cast<Ctx*>(p);
     std::apply(c->kernel, c->params);
   };
-  return run_grid(grid, block, smem_bytes, KernelBody{fn, &ctx});
+  return run_grid(reinterpret_cast<const void*>(kernel), grid, block, smem_bytes, KernelBody{fn, &ctx});
 }
 
 // ------------------------------------------------------ 16-bit float formats

@@ -29,6 +29,7 @@
 
 #include "runtime.h"
 
+#include <cxxabi.h>
 #include <dlfcn.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -205,6 +206,7 @@ struct State {
   std::string error;
   cudaError_t last_error = cudaSuccess;
   std::vector<Buffer> buffers;
+  std::vector<LaunchRecord> launches;
   Grid* grid = nullptr;
   // fault handling
   pthread_t thread{};
@@ -563,6 +565,7 @@ Session::~Session() {
 }
 
 const std::string& Session::error() const { return g_state->error; }
+const std::vector<LaunchRecord>& Session::launches() const { return g_state->launches; }
 const Stats& Session::stats() const { return g_state->stats; }
 
 const dim3& thread_idx() { return cur("threadIdx")->tidx; }
@@ -590,15 +593,28 @@ const char* error_string(cudaError_t e) {
   return "unknown error";
 }
 
-cudaError_t run_grid(dim3 grid, dim3 block, size_t smem_bytes, KernelBody body) {
+// Demangled name of the function at `fn` (exported symbols of this library).
+std::string function_name(const void* fn) {
+  Dl_info info{};
+  if (dladdr(fn, &info) == 0 || info.dli_sname == nullptr) return "?";
+  int status = 0;
+  char* d = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+  std::string out = status == 0 && d ? d : info.dli_sname;
+  std::free(d);
+  return out;
+}
+
+cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, KernelBody body) {
   State& s = state();
   if (!s.error.empty()) return cudaErrorLaunchFailure;  // an earlier launch failed
+  s.launches.push_back(LaunchRecord{function_name(kernel), grid, block, smem_bytes});
   const long nthreads = static_cast<long>(block.x) * block.y * block.z;
   if (nthreads < 1 || nthreads > 1024 || grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.y > 65535 ||
       grid.z > 65535 || smem_bytes > 227 * 1024) {
     s.last_error = cudaErrorInvalidValue;
     return cudaErrorInvalidValue;
   }
+  if (s.opt.dry_run) return cudaSuccess;
   Grid g;
   g.grid = grid;
   g.block = block;
@@ -960,6 +976,8 @@ double fma_round_odd(double a, double b, double c) {
 
 cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t, gsq_emu::Loc loc) {
   try {
+    // a device operation of its own: recorded like a launch
+    gsq_emu::state().launches.push_back(gsq_emu::LaunchRecord{"cudaMemsetAsync", dim3(), dim3(), bytes});
     gsq_emu::check_memset(p, bytes, loc);
   } catch (const std::exception&) {
     return cudaErrorInvalidValue;

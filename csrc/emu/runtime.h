@@ -22,6 +22,14 @@ struct Options {
   Order order = Order::kForward;
   uint64_t seed = 0;          // for Order::kRandom
   int resident_blocks = 1;    // blocks whose fibers interleave (like blocks sharing an SM)
+  bool dry_run = false;       // record the launches, run no kernel (for the static cost model)
+};
+
+// One kernel launch as the host code made it.
+struct LaunchRecord {
+  std::string kernel;  // demangled name of the __global__ function
+  dim3 grid, block;
+  size_t dynamic_smem_bytes;
 };
 
 struct Stats {
@@ -60,6 +68,7 @@ class Session {
   ~Session();
   const std::string& error() const;
   const Stats& stats() const;
+  const std::vector<LaunchRecord>& launches() const;
 };
 
 }  // namespace gsq_emu
