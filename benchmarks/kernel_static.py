@@ -101,18 +101,27 @@ def compile_ours(arch: str, out_dir: Path) -> tuple[Path, dict[str, dict]]:
 
 
 def our_kernel_facts(name: str) -> dict:
-    """What one pipeline stage of gsq_gemm_kernel<T, M_TILES, BITS> covers (csrc/gsq_gemm.cu):
-    a 64 (k) x 64 (n) weight tile per block of 4 warps; weights in the B operand of m16n8k16
-    (128 weights per HMMA, reused by the M_TILES row tiles)."""
-    m = re.search(r"gsq_gemm_kernel<(\w+), (\d+), (\d+)>", name)
+    """What one hot-loop trip of our kernels covers (csrc/gemm/): the weights are the 16-row A
+    operand of m16n8k16 (256 weights per mma, shared by the MT n8 token tiles).
+
+    * gsq_decode_kernel<T, BITS, CK, G, MT>: every warp streams its own items (64 rows x CK k);
+      one item per trip, the next one's weights and scales in flight meanwhile; per k step 4
+      tiles' mma plus one correction mma (so 4/5 of the tensor work is weights).
+    * gsq_prefill_kernel<T, BITS, CK, G, MT>: a block of 4 warps (one 16-row tile each) does one
+      CK chunk per trip for 8 MT tokens; the next chunk's codes are in flight.
+    Per block and trip: weights, HBM bytes (codes + scales)."""
+    m = re.search(r"gsq_(decode|prefill)_kernel<(\w+), (\d+), (\d+), (\d+), (\d+)>", name)
     if not m:
         return {}
-    m_tiles, bits = int(m.group(2)), int(m.group(3))
-    weights = 64 * 64
-    return dict(dtype=m.group(1), m_tiles=m_tiles, bits=bits, warps=4, stages=4,
-                weights_per_stage=weights, weights_per_hmma=128 / m_tiles,
-                hbm_bytes_per_stage=weights * bits // 8 + 64 * 2 * 64 // GROUP,
-                act_bytes_per_stage=16 * m_tiles * 64 * 2)
+    kind, dtype = m.group(1), m.group(2)
+    bits, ck, g, mt = (int(m.group(i)) for i in range(3, 7))
+    items = 4 if kind == "decode" else 1  # 64-row items per block and trip
+    weights = items * 64 * ck
+    per_hmma = 256 * 4 / 5 / mt if kind == "decode" else 256 / mt
+    return dict(kind=kind, dtype=dtype, bits=bits, chunk_k=ck, group=g, token_tiles=mt, m_tiles=mt, warps=4,
+                stages=2, weights_per_stage=weights, weights_per_hmma=per_hmma,
+                hbm_bytes_per_stage=weights * bits // 8 + items * (ck // g) * 64 * 2,
+                act_bytes_per_stage=8 * mt * ck * 2)
 
 
 def analyze_cubin(cubin: Path, spills: dict, facts_of) -> dict[str, dict]:
@@ -240,7 +249,7 @@ def run_ours(out_dir: Path) -> dict:
             for bits in (2, 3):
                 for m in MS:
                     launches = our_launches(m, n, k, bits, mach["sms"])
-                    main = next(x for x in launches if "gsq_gemm_kernel" in x["kernel"])
+                    main = next(x for x in launches if "_kernel<" in x["kernel"])
                     name = _short(main["kernel"])
                     kern = next(v for kname, v in kernels[mach_name].items() if _short(kname) == name)
                     blocks = main["grid"][0] * main["grid"][1] * main["grid"][2]

@@ -11,6 +11,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <mutex>
+#include <unordered_map>
+
 #include "gsq_gemm.h"
 
 namespace {
@@ -18,9 +21,23 @@ namespace {
 constexpr int64_t kTileN = 64;
 constexpr int64_t kTileK = 64;
 
+// The split-K counters of a device: zero when allocated, and every launch
+// leaves them zero, so they are allocated (and zeroed) only when a larger
+// layer needs more. One stream at a time: vLLM's model runs on one.
+int* split_counters(const at::Device& device, size_t bytes) {
+  static std::mutex mu;
+  static std::unordered_map<int, at::Tensor> counters;
+  const std::lock_guard<std::mutex> lock(mu);
+  at::Tensor& t = counters[device.index()];
+  if (!t.defined() || static_cast<size_t>(t.numel()) * sizeof(int) < bytes)
+    t = at::zeros({static_cast<int64_t>((bytes + sizeof(int) - 1) / sizeof(int))},
+                  at::TensorOptions().device(device).dtype(at::kInt));
+  return t.data_ptr<int>();
+}
+
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-// a [M, K] fp16/bf16 row-major; b int32 [N/64, (K/64)*128*bits]; s [K/G, N] (dtype of a).
+// a [M, K] fp16/bf16 row-major; b int32 [N/64, K*2*bits]; s [N/64, (K/G)*64] (dtype of a).
 // Returns c [M, N] (dtype of a).
 at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& s, int64_t bits,
                      int64_t group_size, int64_t n, int64_t k) {
@@ -34,9 +51,10 @@ at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   TORCH_CHECK(group_size == 64 || group_size == 128, "gsq::gemm: group_size must be 64 or 128");
   TORCH_CHECK(n % kTileN == 0 && k % kTileK == 0 && k % group_size == 0,
               "gsq::gemm: need N % 64 == 0, K % 64 == 0, K % G == 0; got N=", n, " K=", k, " G=", group_size);
-  TORCH_CHECK(b.dim() == 2 && b.size(0) == n / kTileN && b.size(1) == k / kTileK * 128 * bits,
+  TORCH_CHECK(b.dim() == 2 && b.size(0) == n / kTileN && b.size(1) == k * 2 * bits,
               "gsq::gemm: b has the wrong shape for N, K, bits");
-  TORCH_CHECK(s.dim() == 2 && s.size(0) == k / group_size && s.size(1) == n, "gsq::gemm: s must be [K/G, N]");
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == n / kTileN && s.size(1) == k / group_size * 64,
+              "gsq::gemm: s must be [N/64, K/G*64]");
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && s.is_contiguous(), "gsq::gemm: inputs must be contiguous");
   TORCH_CHECK(aligned16(a) && aligned16(b) && aligned16(s), "gsq::gemm: inputs must be 16-byte aligned");
 
@@ -45,18 +63,20 @@ at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   at::Tensor c = at::empty({m, n}, a.options());
   if (m == 0) return c;
 
-  // The launch plan (split-K and its workspace) is the kernel's host code's (gsq_gemm.cu).
+  // The launch plan (kernel, split-K, workspace) is the kernel's host code's (gsq_gemm.cu).
   int sms = 0;
   TORCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.get_device()) == cudaSuccess,
               "gsq::gemm: cannot query the SM count");
   const GsqGemmPlan plan = gsq_gemm_plan(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), sms);
   at::Tensor ws;
   if (plan.workspace_bytes) ws = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, a.options().dtype(at::kByte));
+  int* counters = plan.counter_bytes ? split_counters(a.device(), plan.counter_bytes) : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
   const cudaError_t err = gsq_gemm_launch(
       a.data_ptr(), b.data_ptr(), s.data_ptr(), c.data_ptr(), plan.workspace_bytes ? ws.data_ptr() : nullptr,
-      plan.workspace_bytes, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(bits),
-      static_cast<int>(group_size), a.scalar_type() == at::kBFloat16, sms, stream);
+      plan.workspace_bytes, counters, plan.counter_bytes, static_cast<int>(m), static_cast<int>(n),
+      static_cast<int>(k), static_cast<int>(bits), static_cast<int>(group_size), a.scalar_type() == at::kBFloat16,
+      sms, stream);
   TORCH_CHECK(err == cudaSuccess, "gsq::gemm: kernel launch failed: ", cudaGetErrorString(err));
   return c;
 }

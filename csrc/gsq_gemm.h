@@ -5,24 +5,28 @@
 #include <cuda_runtime.h>
 #include <stddef.h>
 
-// How gsq_gemm_launch splits the work for an [M, K] x [K, N] problem on a
-// device with `sms` SMs: rows per block, K split across `splits` blocks of
-// `k_tiles_per_split` 64-row k tiles (the last one may be shorter), and the
-// workspace bytes the caller must provide (0 when splits == 1).
+// How gsq_gemm_launch runs an [M, K] x [K, N] problem on a device with `sms`
+// SMs. M <= 16: the decode kernel, `warps` independent warps in grid_x
+// blocks, token_tiles = 1 or 2 (8 tokens each). Larger M: the prefill
+// kernel, grid (row blocks, token blocks, splits), token_tiles = 4 or 8.
+// workspace_bytes: scratch for split-K partial sums (any contents);
+// counter_bytes: ints that must be zero before the first launch (each launch
+// leaves them zero). Both 0 when nothing is split.
 struct GsqGemmPlan {
-  int block_m;
-  int splits;
-  int k_tiles_per_split;
+  int token_tiles;
+  int grid_x, grid_y, splits;
+  int warps;
   size_t workspace_bytes;
+  size_t counter_bytes;
 };
 
 GsqGemmPlan gsq_gemm_plan(int m, int n, int k, int sms);
 
-// C[M, N] = A[M, K] @ dequant(B, S), on `stream`. a, s, c: fp16 (bf16 when
-// `bf16`), b: int32 in the kernel layout (gsq_vllm/cuda_gemm.py::repack);
-// bits is the storage width (2 or 3). `workspace` holds at least
-// gsq_gemm_plan(m, n, k, sms).workspace_bytes bytes (may be null when that
-// is 0). Returns cudaErrorInvalidValue for arguments the kernel cannot take.
+// C[M, N] = A[M, K] @ dequant(B, S)^T on `stream`. a, s, c: fp16 (bf16 when
+// `bf16`); b: int32 in the kernel layout (gsq_vllm/cuda_gemm.py::repack);
+// bits is the storage width (2 or 3). Returns cudaErrorInvalidValue for
+// arguments the kernels cannot take or a workspace / counters smaller than
+// gsq_gemm_plan asks for.
 cudaError_t gsq_gemm_launch(const void* a, const void* b, const void* s, void* c, void* workspace,
-                            size_t workspace_bytes, int m, int n, int k, int bits, int group_size,
-                            bool bf16, int sms, cudaStream_t stream);
+                            size_t workspace_bytes, int* counters, size_t counter_bytes, int m, int n, int k,
+                            int bits, int group_size, bool bf16, int sms, cudaStream_t stream);

@@ -19,8 +19,8 @@ of tiny models. Emulation options (:class:`EmuOptions`) come from
 :func:`set_options` / :func:`options` or the environment: ``GSQ_EMU_SMS``
 (SM count the launch plan sees, default 132), ``GSQ_EMU_ORDER``
 (forward|reverse|random), ``GSQ_EMU_SEED``, ``GSQ_EMU_RESIDENT`` (blocks
-interleaved at a time); ``GSQ_EMU_KERNEL_SOURCE`` runs another kernel source
-(a variant of csrc/gsq_gemm.cu) in place of the tree's.
+interleaved at a time); ``GSQ_EMU_CSRC`` runs the kernel of another source
+tree (a modified copy of csrc/) in place of the repository's.
 
 Needs g++ (C++20) and the source tree (an editable install).
 """
@@ -40,7 +40,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
-KERNEL_SOURCE = CSRC / "gsq_gemm.cu"
 ORDERS = ("forward", "reverse", "random")
 CXXFLAGS = [
     "-std=c++20", "-O2", "-g", "-fPIC", "-shared",
@@ -88,29 +87,33 @@ class _CStats(ctypes.Structure):
 # ---------------------------------------------------------------- building
 
 
-def _runtime_sources() -> list[Path]:
-    return sorted((CSRC / "emu").glob("*.cpp"))
+def _runtime_sources(csrc: Path) -> list[Path]:
+    return sorted((csrc / "emu").glob("*.cpp"))
 
 
-def _hashed_inputs(kernel_source: Path) -> list[Path]:
-    headers = sorted(CSRC.glob("*.cuh")) + sorted(CSRC.glob("*.h")) + sorted((CSRC / "emu").rglob("*.h"))
-    return _runtime_sources() + headers + [kernel_source]
+def _hashed_inputs(csrc: Path, kernel_source: Path) -> list[Path]:
+    headers = sorted(p for p in csrc.rglob("*") if p.suffix in (".cuh", ".h"))
+    return _runtime_sources(csrc) + headers + [kernel_source]
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("GSQ_EMU_CACHE", Path.home() / ".cache" / "gsq-vllm" / "emu"))
 
 
-def build_library(kernel_source: Path | None = None, out_dir: Path | None = None) -> Path:
-    """Compile the emulator with ``kernel_source`` (default csrc/gsq_gemm.cu) into a shared
-    library and return its path. Cached by a hash of every source and the flags; the file
-    appears atomically, so concurrent builds are safe. Raises EmulatorError on a compile error."""
-    kernel_source = Path(kernel_source or KERNEL_SOURCE).resolve()
-    if not (CSRC / "emu" / "runtime.cpp").exists():
-        raise EmulatorError(f"emulator sources not found under {CSRC} (needs the source tree)")
+def build_library(kernel_source: Path | None = None, out_dir: Path | None = None,
+                  csrc: Path | None = None) -> Path:
+    """Compile the emulator with ``kernel_source`` (default ``csrc/gsq_gemm.cu``) into a shared
+    library and return its path. ``csrc``: the source tree whose headers and emulator runtime
+    are used (default the repository's; a mutated copy for the mutation test). Cached by a hash
+    of every source and the flags; the file appears atomically, so concurrent builds are safe.
+    Raises EmulatorError on a compile error."""
+    csrc = Path(csrc or CSRC).resolve()
+    kernel_source = Path(kernel_source or csrc / "gsq_gemm.cu").resolve()
+    if not (csrc / "emu" / "runtime.cpp").exists():
+        raise EmulatorError(f"emulator sources not found under {csrc} (needs the source tree)")
     h = hashlib.sha256(" ".join(CXXFLAGS).encode())
-    for p in _hashed_inputs(kernel_source):
-        h.update(str(p.name).encode())
+    for p in _hashed_inputs(csrc, kernel_source):
+        h.update(str(p.relative_to(csrc) if p.is_relative_to(csrc) else p.name).encode())
         h.update(p.read_bytes())
     out_dir = Path(out_dir) if out_dir else cache_dir() / h.hexdigest()[:16]
     lib = out_dir / "libgsq_emu.so"
@@ -119,8 +122,8 @@ def build_library(kernel_source: Path | None = None, out_dir: Path | None = None
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = ["g++", *CXXFLAGS, f"-I{CSRC}", f"-I{CSRC / 'emu' / 'include'}",
-           *map(str, _runtime_sources()), "-x", "c++", str(kernel_source), "-o", tmp]
+    cmd = ["g++", *CXXFLAGS, f"-I{csrc}", f"-I{csrc / 'emu' / 'include'}",
+           *map(str, _runtime_sources(csrc)), "-x", "c++", str(kernel_source), "-o", tmp]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         os.unlink(tmp)
@@ -145,19 +148,18 @@ class Emulator:
             ctypes.c_size_t]
         p = self._lib.gsq_emu_plan
         p.restype = None
-        p.argtypes = [ctypes.c_int] * 4 + [ctypes.POINTER(ctypes.c_int)] * 3 + [ctypes.POINTER(ctypes.c_size_t)]
+        p.argtypes = [ctypes.c_int] * 4 + [ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_size_t)]
         h = self._lib.gsq_emu_half_op
         h.restype = ctypes.c_uint
         h.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_double, ctypes.c_int]
 
     def plan(self, m: int, n: int, k: int, sms: int) -> dict:
-        """The launch plan of csrc/gsq_gemm.cu's host code: block_m, splits, k_tiles_per_split,
-        workspace_bytes."""
-        out = [ctypes.c_int(), ctypes.c_int(), ctypes.c_int()]
-        ws = ctypes.c_size_t()
-        self._lib.gsq_emu_plan(m, n, k, sms, *map(ctypes.byref, out), ctypes.byref(ws))
-        return dict(block_m=out[0].value, splits=out[1].value, k_tiles_per_split=out[2].value,
-                    workspace_bytes=ws.value)
+        """The launch plan of csrc/gsq_gemm.cu's host code (gsq_gemm.h, GsqGemmPlan)."""
+        out = (ctypes.c_int * 5)()
+        nbytes = (ctypes.c_size_t * 2)()
+        self._lib.gsq_emu_plan(m, n, k, sms, out, nbytes)
+        return dict(token_tiles=out[0], grid_x=out[1], grid_y=out[2], splits=out[3], warps=out[4],
+                    workspace_bytes=nbytes[0], counter_bytes=nbytes[1])
 
     def gemm(self, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, bits: int, group_size: int, n: int,
              k: int, opts: EmuOptions | None = None) -> tuple[torch.Tensor, dict]:
@@ -201,11 +203,11 @@ calls = 0  # gemm_emulated calls in this process (lets tests see which path serv
 
 
 def default_emulator() -> Emulator:
-    """The emulator of csrc/gsq_gemm.cu as it is in the tree, or of the kernel source named by
-    ``GSQ_EMU_KERNEL_SOURCE`` (to serve an experimental variant); built on first use."""
+    """The emulator of the kernel in the repository's csrc/, or in the source tree named by
+    ``GSQ_EMU_CSRC`` (a copy of csrc/ holding an experimental variant); built on first use."""
     global _default
     if _default is None:
-        _default = Emulator(build_library(os.environ.get("GSQ_EMU_KERNEL_SOURCE") or None))
+        _default = Emulator(build_library(csrc=os.environ.get("GSQ_EMU_CSRC") or None))
     return _default
 
 

@@ -3,49 +3,48 @@
 This module imports cleanly on CPU-only torch. The compiled op
 ``torch.ops.gsq.gemm`` comes from the extension ``gsq_vllm._C`` (csrc/) and is
 used only when it is importable and the inputs are on a CUDA device; anything
-else goes through :func:`dequant_matmul`, a plain dequantise + matmul.
+else goes through :func:`dequant_repacked` + matmul. ``torch.ops.gsq.gemm_emulated``
+(gsq_vllm/cuda_emu.py) runs the same kernel source on the CPU.
 
 Checkpoint layout (docs/FORMAT.md): ``qweight`` int32 ``[N, K*b/32]`` (offset
 codes ``u = q + 2**(b-1)`` packed little-endian along K), ``scales`` fp16/bf16
 ``[N, K/G]``, ``W[n, k] = scales[n, k//G] * q[n, k]``.
 
-Kernel layout (what :func:`repack` produces; also in docs/FORMAT.md)
+Kernel layout (what :func:`repack` produces; also docs/FORMAT.md)
 --------------------------------------------------------------------
-The kernel tiles the logical ``B = W.T`` (``[K, N]``) into 64 x 64 tiles
-(``kb`` = k tile, ``nb`` = n tile). A block of 4 warps owns one n tile; warp
-``w`` handles rows ``16w .. 16w+15`` of each k tile (one m16n8k16 k step) and
-all 64 columns, as 8 mma n8-tiles ``j = 0..7``. Lane ``l`` has
-``g = l // 4`` and ``t = l % 4``; the mma B fragment of n8-tile ``j`` holds
-``B[k, n]`` for ``n = 8j + g`` and ``k = 2t, 2t+1`` (register ``r = 0``) and
-``k = 2t+8, 2t+9`` (``r = 1``).
+The weights are the A operand of mma.m16n8k16 (16 output rows x 16 k), so
+one mma takes 256 weights. A *tile* is 16 rows x CK k, CK = 128 when
+K % 128 == 0 else 64 (:func:`chunk_k`); a *row block* is 4 tiles (64 rows);
+an *item* is one row block x one chunk, stored contiguously, items in
+(row block, chunk) order: ``b_repacked`` is int32 ``[N/64, (K/CK) * 4 * 32 * W]``
+with ``W = CK * b / 64`` words per lane per tile.
 
-* 2-bit plane word ``lo[nb, kb, w, l, h]`` (``h = 0, 1``), int32: pair
-  ``p = 0..7`` holds the code of ``(k = 16w + 2t + 8r, n = 64nb + 8j + g)``
-  at bits ``[2p, 2p+2)`` and the code of ``k + 1`` (same n) at bits
-  ``[16+2p, 16+2p+2)``, with ``j = 4h + p // 2`` and ``r = p % 2``. So
-  ``(word >> 2p) & 0x00030003`` puts the two codes of one fragment register
-  in the low bits of the two 16-bit halves, which OR-ed into the magic
-  constant (fp16 1024.0 = 0x6400, bf16 128.0 = 0x4300) gives ``magic + u``
-  exactly; subtracting ``magic + offset`` gives the signed code ``q``.
-* 2-bit storage (bits 2 and ternary): the code is ``u`` (offset 2).
-  3-bit storage: ``lo`` holds ``u & 3`` and a high-bit plane word
-  ``hi[nb, kb, w, l]`` holds ``u >> 2`` of the code at ``lo`` word ``h`` bit
-  ``2p`` at bit ``8h + p``, and that of bit ``16+2p`` at bit ``16 + 8h + p``
-  (offset 4). The kernel ORs ``((hi >> (8h+p)) & 0x00010001) << 2`` into the
-  2-bit pair: one shift, one and, one or more per register than 2-bit.
-* Words are stored per lane contiguously, ``bits`` words per lane:
-  ``b_repacked`` is int32 ``[N/64, (K/64) * 4 * 32 * bits]`` with the last dim
-  ordered ``(kb, w, l, word)``, ``word = (lo_h0, lo_h1[, hi])``. A block's
-  stage (one k tile) is one contiguous 1 KiB (2-bit) / 1.5 KiB (3-bit) run.
-* ``s_repacked`` is ``[K/G, N]`` (scale dtype = activation dtype) with the
-  columns of each 64-wide n tile permuted so lane group ``g`` reads its 8
-  scales (``n = 8j + g``, ``j = 0..7``) as one 16-byte load:
-  ``s_repacked[grp, 64nb + 8g + j] = scales[64nb + 8j + g, grp]``.
+Inside a tile, lane ``l = 4g + t`` holds for k step ``s`` and fragment
+register ``r`` the code pair ``p = 4s + r``: rows ``g`` (r even) or ``g + 8``
+(r odd), k ``= 16s + 2t + 8 (r // 2) + {0, 1}``. The first code of a pair
+sits in the low half of a word, the second 16 bits higher:
 
-Supported by the kernel: bits 2, 3, 1.58; G in {64, 128}; N % 64 == 0;
-K % 64 == 0 and K % G == 0; any M >= 1 (tiled by 16/32/64 rows; tuned for
-M <= 256 -- above that it still beats dequantising the whole weight per call,
-which is what the in-Python fallback would do).
+* 2-bit: pair ``p`` in word ``p // 8`` at bits ``2 (p % 8)``;
+* 3-bit: in runs of 16 pairs (4 k steps) over 3 words, five 3-bit fields per
+  word at bits ``3f`` plus a spare pair in bit 15 (and 31) of the 3 words (one
+  code bit per word); the run's pairs of rows ``g`` and of rows ``g + 8`` take
+  the slots ``SLOTS3_ROWS_LO`` / ``SLOTS3_ROWS_HI`` in (k step, r) order.
+
+A lane's W words are stored in planes of 4, 2 and 1 words (``[lane][4]``,
+then ``[lane][2]``, ``[lane][1]``), so every load is aligned and coalesced.
+The kernel masks each pair in place next to a magic number that puts the
+code at weight 1; the magic and the offset come off exactly (an extra mma of
+a constant at decode, an HSUB2 at prefill), so the tensor cores see the
+signed codes ``q``; the group scale is applied to the fp32 partial sums.
+
+``s_repacked`` is ``[N/64, (K/G) * 64]`` in the activation dtype: for row
+block ``rb`` and group ``j``, 64 values ordered ``[g][tile][half]`` =
+``scales[64 rb + 16 tile + g + 8 half, j]`` (lane group ``g`` reads its 8
+scales, rows ``g`` and ``g + 8`` of the 4 tiles, as one 16-byte load).
+
+The layout has exactly the checkpoint's bytes (no padding). Supported:
+bits 2, 3, 1.58; G in {64, 128}; N % 64 == 0; K % 64 == 0 and K % G == 0;
+any M >= 1.
 """
 
 from __future__ import annotations
@@ -54,13 +53,12 @@ import torch
 
 from gsq_vllm.format import FormatError, code_offset, normalize_bits, storage_bits, unpack_codes
 
-TILE_N = 64
-TILE_K = 64
-WARPS = 4  # one m16n8k16 k step (16 rows of K) per warp within a k tile
+ROW_BLOCK = 64  # 4 tiles of 16 rows
+TILES = 4
 LANES = 32
 KERNEL_GROUP_SIZES = (64, 128)
 REPACK_CHUNK_WEIGHTS = 1 << 24  # weights repacked per step (bounds load-time memory)
-MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300}  # bit patterns of 1024.0 / 128.0
+MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300}  # the dtypes the kernel takes
 
 _C = None
 _C_ERROR: str | None = None
@@ -104,8 +102,8 @@ def cuda_supports(n: int, k: int, bits, group_size: int) -> bool:
         and group_size in KERNEL_GROUP_SIZES
         and n > 0
         and k > 0
-        and n % TILE_N == 0
-        and k % TILE_K == 0
+        and n % ROW_BLOCK == 0
+        and k % 64 == 0
         and k % group_size == 0
     )
 
@@ -114,8 +112,8 @@ def _check_supported(n: int, k: int, bits, group_size: int) -> None:
     if not cuda_supports(n, k, bits, group_size):
         raise ValueError(
             f"GSQ CUDA kernel does not support N={n}, K={k}, bits={bits}, G={group_size}: "
-            f"needs bits in (1.58, 2, 3), G in {KERNEL_GROUP_SIZES}, N % {TILE_N} == 0, "
-            f"K % {TILE_K} == 0 and K % G == 0 (use dequant_matmul for other shapes)"
+            f"needs bits in (1.58, 2, 3), G in {KERNEL_GROUP_SIZES}, N % {ROW_BLOCK} == 0, "
+            f"K % 64 == 0 and K % G == 0 (use dequant_matmul for other shapes)"
         )
 
 
@@ -124,22 +122,66 @@ def _check_supported(n: int, k: int, bits, group_size: int) -> None:
 # --------------------------------------------------------------------------
 
 
-def _fragment_index():
-    """Index tensors mapping kernel (w, l, h, p, half) -> (k, n) inside a 64x64 tile.
+def chunk_k(k: int) -> int:
+    """The kernel's chunk of K (CK): 128 when it divides K, else 64."""
+    return 128 if k % 128 == 0 else 64
 
-    Returns int64 ``k_idx, n_idx`` of shape ``[4, 32, 2, 8, 2]`` (warp, lane,
-    lo word h, pair p, half = 0 for bits 2p / 1 for bits 16+2p).
-    """
-    w = torch.arange(WARPS).view(4, 1, 1, 1, 1)
-    lane = torch.arange(LANES).view(1, 32, 1, 1, 1)
-    h = torch.arange(2).view(1, 1, 2, 1, 1)
-    p = torch.arange(8).view(1, 1, 1, 8, 1)
-    half = torch.arange(2).view(1, 1, 1, 1, 2)
+
+def words_per_lane(ck: int, sb: int) -> int:
+    return ck * sb // 64
+
+
+def _planes(words: int) -> list[int]:
+    """A lane's words are stored as planes of these widths (4, 2, 1)."""
+    return [v for v in (4, 2, 1) if words & v]
+
+
+def _pair_index(ck: int):
+    """(row, k) of code pair p inside a tile, per lane: int64 ``rows, ks`` of shape
+    ``[32, 4 * ck // 16, 2]`` (lane, pair, first/second code)."""
+    lane = torch.arange(LANES).view(32, 1, 1)
+    p = torch.arange(4 * ck // 16).view(1, -1, 1)
+    half = torch.arange(2).view(1, 1, 2)
     g, t = lane // 4, lane % 4
-    j, r = 4 * h + p // 2, p % 2
-    k_idx = 16 * w + 2 * t + 8 * r + half
-    n_idx = 8 * j + g
-    return torch.broadcast_tensors(k_idx, n_idx)
+    step, r = p // 4, p % 4
+    rows = g + 8 * (r % 2) + 0 * half
+    ks = 16 * step + 2 * t + 8 * (r // 2) + half
+    return torch.broadcast_tensors(rows, ks)
+
+
+# 3-bit: in each run of 16 pairs (4 k steps) the 8 pairs of rows g (r even) and the 8 of rows
+# g + 8 (r odd), in (k step, r) order, take these (word in the run, field) slots; field f sits at
+# bits 3f, field 5 is the spare pair (bit 15 of words 0, 1, 2 = code bits 0, 1, 2).
+SLOTS3_ROWS_LO = [(0, 0), (0, 2), (0, 4), (1, 0), (1, 2), (2, 0), (2, 2), (0, 5)]
+SLOTS3_ROWS_HI = [(0, 1), (0, 3), (1, 1), (1, 3), (1, 4), (2, 1), (2, 3), (2, 4)]
+
+
+def _code_slots(sb: int, pairs: int):
+    """For each pair and code bit, the (word, bit) holding the pair's first code's bit (the
+    second code is 16 bits higher): int64 ``word[pairs, sb]``, ``bit[pairs, sb]``."""
+    word = torch.empty(pairs, sb, dtype=torch.int64)
+    bit = torch.empty(pairs, sb, dtype=torch.int64)
+    for p in range(pairs):
+        for cb in range(sb):
+            if sb == 2:
+                word[p, cb], bit[p, cb] = p // 8, 2 * (p % 8) + cb
+                continue
+            run, i, r = p // 16, p % 16, p % 4
+            w, f = (SLOTS3_ROWS_HI if r % 2 else SLOTS3_ROWS_LO)[i // 4 * 2 + r // 2]
+            word[p, cb], bit[p, cb] = (3 * run + cb, 15) if f == 5 else (3 * run + w, 3 * f + cb)
+    return word, bit
+
+
+def _plane_order(words: int) -> torch.Tensor:
+    """Permutation: position in the stored tile ([plane][lane][v]) -> (lane, word) index
+    ``lane * words + word``."""
+    order = []
+    start = 0
+    for v in _planes(words):
+        for lane in range(LANES):
+            order += [lane * words + start + j for j in range(v)]
+        start += v
+    return torch.tensor(order)
 
 
 def repack(
@@ -155,8 +197,8 @@ def repack(
         dtype: dtype of the repacked scales (= the activation dtype the kernel
             runs with); default ``scales.dtype`` (fp32 scales become fp16).
     Returns:
-        ``b_repacked`` int32 ``[N/64, (K/64)*128*b]`` and ``s_repacked``
-        ``[K/G, N]`` in ``dtype``, laid out as in the module docstring.
+        ``b_repacked`` int32 ``[N/64, (K/CK)*128*W]`` and ``s_repacked``
+        ``[N/64, (K/G)*64]`` in ``dtype``, laid out as in the module docstring.
     """
     sb = storage_bits(bits)
     n = qweight.shape[0]
@@ -166,34 +208,33 @@ def repack(
         raise ValueError(f"scales shape {tuple(scales.shape)} != {(n, k // group_size)}")
     dtype = dtype or (scales.dtype if scales.dtype in MAGIC else torch.float16)
     # int64 temporaries are ~16x the packed size: repack a few million weights at a time
-    rows = max(TILE_N, (REPACK_CHUNK_WEIGHTS // k) // TILE_N * TILE_N)
-    if n > rows:
-        parts = [repack(qweight[i : i + rows], scales[i : i + rows], bits, group_size, dtype) for i in range(0, n, rows)]
-        return torch.cat([b for b, _ in parts], 0), torch.cat([s for _, s in parts], 1)
+    rows_per = max(ROW_BLOCK, (REPACK_CHUNK_WEIGHTS // k) // ROW_BLOCK * ROW_BLOCK)
+    if n > rows_per:
+        parts = [repack(qweight[i : i + rows_per], scales[i : i + rows_per], bits, group_size, dtype)
+                 for i in range(0, n, rows_per)]
+        return torch.cat([b for b, _ in parts], 0), torch.cat([s for _, s in parts], 0)
     device = qweight.device
-
-    u = (unpack_codes(qweight, bits).to(torch.int64) + code_offset(bits))  # [N, K] in [0, 2^sb)
-    nt, kt = n // TILE_N, k // TILE_K
-    # tiles[nb, kb, kk, nn] = u[64nb + nn, 64kb + kk]  (B = W.T, tiled)
-    tiles = u.view(nt, TILE_N, kt, TILE_K).permute(0, 2, 3, 1)
-    k_idx, n_idx = (x.to(device) for x in _fragment_index())
-    frag = tiles[:, :, k_idx, n_idx]  # [nt, kt, 4, 32, 2(h), 8(p), 2(half)]
-    bitpos = (2 * torch.arange(8, device=device)).view(8, 1) + torch.tensor([0, 16], device=device)
-    lo = ((frag & 3) << bitpos).sum((-1, -2))  # [nt, kt, 4, 32, 2]
-    words = [lo]
-    if sb == 3:
-        hipos = (8 * torch.arange(2, device=device)).view(2, 1, 1) + torch.arange(8, device=device).view(
-            8, 1
-        ) + torch.tensor([0, 16], device=device)
-        hi = ((frag >> 2) << hipos).sum((-1, -2, -3))  # [nt, kt, 4, 32]
-        words.append(hi.unsqueeze(-1))
-    w = torch.cat(words, -1)  # [nt, kt, 4, 32, sb]
-    w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
-    b_repacked = w.reshape(nt, kt * WARPS * LANES * sb).contiguous()
-
-    perm = torch.arange(TILE_N, device=device).view(8, 8).t().reshape(-1)  # 8g + j -> 8j + g
-    s_t = scales.to(dtype).t()  # [K/G, N]
-    s_repacked = s_t.reshape(k // group_size, nt, TILE_N)[:, :, perm].reshape(k // group_size, n).contiguous()
+    ck = chunk_k(k)
+    nb, nc = n // ROW_BLOCK, k // ck
+    words = words_per_lane(ck, sb)
+    u = unpack_codes(qweight, bits).to(torch.int64) + code_offset(bits)  # [N, K] in [0, 2^sb)
+    # tiles[rb, c, tile, row, kk] = u[64 rb + 16 tile + row, ck c + kk]
+    tiles = u.view(nb, TILES, 16, nc, ck).permute(0, 3, 1, 2, 4)
+    rows, ks = (x.to(device) for x in _pair_index(ck))
+    codes = tiles[:, :, :, rows, ks]  # [nb, nc, 4, 32, pairs, 2]
+    wi, bi = (x.to(device) for x in _code_slots(sb, codes.shape[-2]))
+    halves = torch.tensor([0, 16], device=device)
+    acc = torch.zeros(nb, nc, TILES, LANES, words, dtype=torch.int64, device=device)
+    for cb in range(sb):  # scatter each code bit into its (word, bit)
+        bitv = (codes >> cb) & 1  # [..., pairs, 2]
+        shifted = bitv << (bi[:, cb].view(-1, 1) + halves)  # [..., pairs, 2]
+        acc.index_add_(-1, wi[:, cb], shifted.sum(-1))
+    flat = acc.view(nb, nc, TILES, LANES * words)[..., _plane_order(words).to(device)]
+    flat = torch.where(flat >= 2**31, flat - 2**32, flat).to(torch.int32)
+    b_repacked = flat.reshape(nb, nc * TILES * LANES * words).contiguous()
+    # scales: [rb][group][g][tile][half] = scales[64 rb + 16 tile + g + 8 half, group]
+    sv = scales.to(dtype).view(nb, TILES, 2, 8, k // group_size)  # [rb, tile, half, g, group]
+    s_repacked = sv.permute(0, 4, 3, 1, 2).reshape(nb, (k // group_size) * 64).contiguous()
     return b_repacked, s_repacked
 
 
@@ -215,25 +256,28 @@ def dequant_matmul(
 def dequant_repacked(
     b_repacked: torch.Tensor, s_repacked: torch.Tensor, bits, group_size: int, n: int, k: int
 ) -> torch.Tensor:
-    """Vectorised inverse of :func:`repack` (kernel layout -> ``W [N, K]`` in
-    ``s_repacked.dtype``), used by the fallback of :func:`gsq_gemm`."""
+    """Inverse of :func:`repack` (kernel layout -> ``W [N, K]`` in ``s_repacked.dtype``,
+    each weight ``q * s`` rounded once), for the no-kernel fallback of :func:`gsq_gemm`."""
     sb = storage_bits(bits)
-    nt, kt = n // TILE_N, k // TILE_K
     device = b_repacked.device
-    words = b_repacked.to(torch.int64).reshape(nt, kt, WARPS, LANES, sb) & 0xFFFFFFFF
-    bitpos = (2 * torch.arange(8, device=device)).view(8, 1) + torch.tensor([0, 16], device=device)
-    u = (words[..., :2, None, None] >> bitpos) & 3  # [nt, kt, 4, 32, 2, 8, 2]
-    if sb == 3:
-        hipos = (8 * torch.arange(2, device=device)).view(2, 1, 1) + torch.arange(8, device=device).view(
-            8, 1
-        ) + torch.tensor([0, 16], device=device)
-        u = u | (((words[..., 2, None, None, None] >> hipos) & 1) << 2)
-    k_idx, n_idx = (x.to(device) for x in _fragment_index())
-    tiles = torch.empty(nt, kt, TILE_K, TILE_N, dtype=torch.int64, device=device)
-    tiles[:, :, k_idx, n_idx] = u
-    q = (tiles - code_offset(bits)).permute(0, 3, 1, 2).reshape(n, k)
-    inv = torch.arange(TILE_N, device=device).view(8, 8).t().reshape(-1)  # 8j + g -> 8g + j
-    s = s_repacked.reshape(-1, nt, TILE_N)[:, :, inv].reshape(-1, n).t()  # [N, K/G]
+    ck = chunk_k(k)
+    nb, nc = n // ROW_BLOCK, k // ck
+    words = words_per_lane(ck, sb)
+    stored = b_repacked.to(torch.int64).reshape(nb, nc, TILES, LANES * words) & 0xFFFFFFFF
+    acc = torch.empty_like(stored)
+    acc[..., _plane_order(words).to(device)] = stored
+    acc = acc.view(nb, nc, TILES, LANES, words)
+    wi, bi = (x.to(device) for x in _code_slots(sb, 4 * ck // 16))
+    halves = torch.tensor([0, 16], device=device)
+    codes = torch.zeros(nb, nc, TILES, LANES, 4 * ck // 16, 2, dtype=torch.int64, device=device)
+    for cb in range(sb):
+        w = acc[..., wi[:, cb]]  # [..., pairs]
+        codes |= ((w.unsqueeze(-1) >> (bi[:, cb].view(-1, 1) + halves)) & 1) << cb
+    rows, ks = (x.to(device) for x in _pair_index(ck))
+    tiles = torch.empty(nb, nc, TILES, 16, ck, dtype=torch.int64, device=device)
+    tiles[:, :, :, rows, ks] = codes
+    q = (tiles - code_offset(bits)).permute(0, 2, 3, 1, 4).reshape(n, k)
+    s = s_repacked.view(nb, k // group_size, 8, TILES, 2).permute(0, 3, 4, 2, 1).reshape(n, k // group_size)
     return (q.to(s.dtype).view(n, -1, group_size) * s.unsqueeze(-1)).view(n, k)
 
 
@@ -248,10 +292,10 @@ def check_gemm_args(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, bits: int
         raise ValueError(f"a must be [M, {k}], got {tuple(a.shape)}")
     if a.dtype not in MAGIC or s.dtype != a.dtype:
         raise ValueError(f"a ({a.dtype}) and s_repacked ({s.dtype}) must both be fp16 or bf16")
-    if b.dtype != torch.int32 or b.shape != (n // TILE_N, k // TILE_K * WARPS * LANES * bits):
+    if b.dtype != torch.int32 or b.shape != (n // ROW_BLOCK, k * 64 * bits // 32):
         raise ValueError(f"b_repacked ({b.dtype}, {tuple(b.shape)}) does not match N={n}, K={k}, bits={bits}")
-    if s.shape != (k // group_size, n):
-        raise ValueError(f"s_repacked shape {tuple(s.shape)} != {(k // group_size, n)}")
+    if s.shape != (n // ROW_BLOCK, k // group_size * 64):
+        raise ValueError(f"s_repacked shape {tuple(s.shape)} != {(n // ROW_BLOCK, k // group_size * 64)}")
 
 
 def gsq_gemm(
@@ -267,7 +311,7 @@ def gsq_gemm(
 
     Args:
         a: fp16/bf16 ``[M, K]`` row-major (the dtype must match ``s_repacked``).
-        b_repacked: int32 ``[N/64, (K/64)*128*b]``; s_repacked: ``[K/G, N]``.
+        b_repacked: int32 ``[N/64, K*2*b]``; s_repacked: ``[N/64, (K/G)*64]``.
     Returns:
         ``c`` ``[M, N]``, dtype of ``a``, fp32 accumulation. Runs
         ``torch.ops.gsq.gemm`` on CUDA when available, else dequantise +

@@ -14,14 +14,25 @@ import torch
 from emu_util import check_against_float64, random_activations, random_layer
 from gsq_vllm import cuda_emu as ce
 
-# (bits, dtype, G, M, N, K, sms, order): 2 and 3 bit, both dtypes, partial 16/32/64-row blocks,
-# K = 9 k tiles split 5 ways (uneven: 2,2,2,2,1) and unsplit, every schedule order
+# (bits, dtype, G, M, N, K, sms, order)
 CASES = [
-    (3, torch.float16, 64, 17, 128, 576, 5, "forward"),
-    (2, torch.bfloat16, 64, 1, 128, 576, 5, "reverse"),
-    (3, torch.bfloat16, 128, 33, 192, 1024, 1, "random"),
-    (2, torch.float16, 128, 3, 64, 384, 132, "forward"),
-    (3, torch.float16, 64, 65, 64, 576, 3, "reverse"),
+    # decode, 1 token tile, K chunk 64, 3-bit (spare pairs): 27 items over 16 warps, a warp's range
+    # crossing a row block (two partial segments)
+    (3, torch.float16, 64, 5, 192, 576, 1, "forward"),
+    # decode, 2 token tiles, K chunk 128: every row block split between warps
+    (2, torch.bfloat16, 128, 12, 192, 1024, 2, "reverse"),
+    # prefill, 8 token tiles (rows 33..63 past M), 8 chunks in 6 uneven splits
+    (3, torch.bfloat16, 128, 33, 192, 1024, 8, "random"),
+    # prefill, 4 token tiles, two groups per chunk, 3 splits
+    (2, torch.float16, 64, 20, 64, 384, 5, "forward"),
+    # prefill with 4 chunks per split: the pipeline runs past its prologue
+    (2, torch.float16, 128, 40, 64, 1024, 1, "forward"),
+    # decode M = 1: one row block, two warps
+    (2, torch.float16, 128, 1, 64, 256, 132, "reverse"),
+    # decode M = 16, 3-bit, K chunk 128
+    (3, torch.float16, 128, 16, 128, 512, 132, "forward"),
+    # decode without a split: every warp stores its own row block
+    (2, torch.bfloat16, 64, 8, 256, 128, 132, "random"),
 ]
 
 

@@ -1,10 +1,10 @@
 """Shared by the emulator tests: random layers in the kernel layout and the error bound.
 
-The bound is what the kernel's arithmetic allows, no more: the dequantized
-weight is rounded to the activation dtype once (``__hmul2`` of an exact code
-and the scale), the products and sums are fp32 (at most ``K + splits``
-roundings, each <= 2^-24 of the running sum of magnitudes), and the output
-is rounded to fp16/bf16 once.
+The bound is what the kernel's arithmetic allows, no more: the codes enter
+the tensor cores exactly, the scales are applied to fp32 partial sums, so
+the reference weight is ``q * s`` exactly (float64); the sums are fp32 (at
+most ``K + splits`` roundings, each <= 2^-24 of the running sum of
+magnitudes), and the output is rounded to fp16/bf16 once.
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
 
 
 def random_layer(n: int, k: int, bits, g: int, dtype: torch.dtype, seed: int):
-    """-> (w_t [N, K] dequantized weight rounded to dtype, b_repacked, s_repacked)."""
+    """-> (w [N, K] float64 dequantized weight q * s, b_repacked, s_repacked)."""
     gen = torch.Generator().manual_seed(seed)
     lo, hi = grid_range(bits)
     q = torch.randint(lo, hi + 1, (n, k), generator=gen, dtype=torch.int8)
     s = (torch.rand(n, k // g, generator=gen) * 0.02 + 0.005).to(dtype)
     b_r, s_r = cg.repack(pack_codes(q, bits), s, bits, g)
-    # code * scale in dtype: the product is exact in fp32, so this is one rounding, as __hmul2 does
-    w_t = (q.to(dtype).view(n, -1, g) * s.unsqueeze(-1)).view(n, k)
-    return w_t, b_r, s_r
+    w = (q.double().view(n, -1, g) * s.double().unsqueeze(-1)).view(n, k)
+    return w, b_r, s_r
 
 
 def random_activations(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """The real CUDA GEMM source (csrc/gsq_gemm.cu) run under the CPU emulator.
 
 The matrix covers bits 2 / 3 / 1.58 x fp16 / bf16 x G 64 / 128 x M in
-{1, 2, 3, 8, 15, 16, 17, 32, 33, 64, 65, 256}; each case takes one
-(N, K, SM count, schedule) from a rotation, so every shape, split-K plan
-(including uneven ones), schedule order and resident-block count appears
-across the matrix. The output buffer is poisoned (NaN) before each run and
-every element must lie within the fp32-accumulation bound of float64.
+{1, 2, 3, 8, 15, 16, 17, 32, 33, 64, 65, 256} (decode kernel up to 16,
+prefill kernel above); each case takes one (N, K, SM count, schedule) from a
+rotation, so every shape, K chunk (64 and 128), split-K plan (row blocks
+split unevenly between warps, prefill splits of unequal length), schedule
+order and resident-block count appears across the matrix. The output buffer
+is poisoned (NaN) before each run and every element must lie within the
+fp32-accumulation bound of float64.
 """
 
 import itertools
@@ -49,15 +51,22 @@ def test_kernel_matches_float64(emu, bits, dtype, g, m, n, k, sms, order, reside
     assert c.shape == (m, n) and c.dtype == dtype
     plan = emu.plan(m, n, k, sms)
     check_against_float64(c, a, w_t, plan["splits"])
-    n_blocks = (n // 64) * plan["splits"] * -(-m // plan["block_m"])
-    assert stats["blocks"] == n_blocks + (-(-m * n // 256) if plan["splits"] > 1 else 0)
+    # one launch, no memset or conversion around it; its grid is the plan's
+    (launch,) = stats["launches"]
+    assert launch["grid"] == (plan["grid_x"], plan["grid_y"], plan["splits"]) and stats["blocks"] == (
+        plan["grid_x"] * plan["grid_y"] * plan["splits"])
 
 
-def test_matrix_covers_uneven_splits(emu):
-    plans = [emu.plan(c.values[3], c.values[4], c.values[5], c.values[6]) for c in CASES]
-    k_tiles = [c.values[5] // 64 for c in CASES]
-    uneven = [p for p, kt in zip(plans, k_tiles) if p["splits"] > 1 and kt % p["k_tiles_per_split"]]
-    assert len(uneven) >= 10 and any(p["splits"] == 1 for p in plans)
+def test_matrix_covers_every_reduction_case(emu):
+    decode_split = prefill_uneven = unsplit = 0
+    for c in CASES:
+        m, n, k, sms = c.values[3:7]
+        p = emu.plan(m, n, k, sms)
+        chunks = k // (128 if k % 128 == 0 else 64)
+        decode_split += m <= 16 and p["workspace_bytes"] > 0
+        prefill_uneven += m > 16 and p["splits"] > 1 and chunks % p["splits"] != 0
+        unsplit += p["workspace_bytes"] == 0
+    assert decode_split >= 10 and prefill_uneven >= 5 and unsplit >= 10
 
 
 @pytest.mark.parametrize("bits", [2, 3])

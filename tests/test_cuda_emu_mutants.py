@@ -1,17 +1,20 @@
 """A harness that passes a broken kernel is worse than none: break the kernel, watch the emulator fail it.
 
-Each mutant is a copy of csrc/gsq_gemm.cu with one deliberate bug (every
+Each mutant is a copy of csrc/ with one deliberate bug in one file (every
 replaced snippet must occur exactly once, so a kernel change that makes a
 mutant stale fails here and the mutant gets rewritten, not silently
 skipped). Each is built into its own emulator library and run, in a
-subprocess with a time limit, on a few cases chosen to reach every code
-path (2/3-bit, fp16/bf16, partial row blocks, an uneven split-K plan, all
-three schedules); it is caught when any case raises, leaves NaN, or breaks
-the float64 bound. The unmodified kernel must pass the same cases.
+subprocess with a time limit, on cases chosen to reach every code path
+(tests/emu_mutant_run.py: both kernels, 2/3-bit, fp16/bf16, every K chunk
+and group size, split row blocks and uneven prefill splits, rows past M,
+all three schedules); it is caught when any case raises, leaves NaN,
+breaks the float64 bound or leaves a split-K counter non-zero. The
+unmodified tree must pass the same cases.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -23,27 +26,42 @@ from gsq_vllm import cuda_emu as ce
 
 HERE = Path(__file__).parent
 
+# name -> (file under csrc/, [(old, new), ...])
 MUTANTS = {
-    "swapped A fragment registers": [(
-        "      afrag[1] = *reinterpret_cast<const uint32_t*>(r1);\n"
-        "      afrag[2] = *reinterpret_cast<const uint32_t*>(r0 + 8);",
-        "      afrag[2] = *reinterpret_cast<const uint32_t*>(r1);\n"
-        "      afrag[1] = *reinterpret_cast<const uint32_t*>(r0 + 8);")],
-    "swapped B fragment registers": [("bfrag[j][p % 2] = ", "bfrag[j][1 - p % 2] = ")],
-    "dropped cp.async wait": [("    ptx::cp_async_wait<kStages - 2>();\n", "")],
-    "dropped barrier": [("    __syncthreads();  // stage", "    // stage")],
-    "prefetch one stage too far": [("const int nxt = it + kStages - 1;", "const int nxt = it + kStages;")],
-    "3-bit plane off by one": [("(w[2] >> (8 * h + p))", "(w[2] >> (8 * h + p + 1))")],
-    "wrong scale column": [("        sc.x = sv[j];\n        sc.y = sv[j];",
-                            "        sc.x = sv[(j + 1) % 8];\n        sc.y = sv[(j + 1) % 8];")],
-    "no zero-fill for rows past M": [("(valid ? grow : 0)", "grow"), ("valid ? 16 : 0", "16")],
-    "unclamped split end": [("const int kt_end = min(kt_begin + k_tiles_per_split, k_tiles);",
-                             "const int kt_end = kt_begin + k_tiles_per_split;")],
-    "wrong 3-bit code offset": [("kOffset = BITS == 3 ? 4u : 2u", "kOffset = BITS == 3 ? 3u : 2u")],
-    "reduction drops the +8 rows": [("atomicAdd(&red[(row + 8) * kTileN + col], acc[mt][j][2]);",
-                                     "atomicAdd(&red[row * kTileN + col], acc[mt][j][2]);")],
-    "split-K workspace not zeroed": [("cudaMemsetAsync(ws, 0, plan.workspace_bytes, stream)", "cudaSuccess")],
-    "rows past M stored": [("    if (grow >= M) continue;\n", "")],
+    "swapped A fragment registers": ("gemm/layout.cuh", [(
+        "    a[0] = magic_pair<T, BITS, 4 * S>(w), a[1] = magic_pair<T, BITS, 4 * S + 1>(w);\n"
+        "    a[2] = magic_pair<T, BITS, 4 * S + 2>(w), a[3] = magic_pair<T, BITS, 4 * S + 3>(w);",
+        "    a[0] = magic_pair<T, BITS, 4 * S>(w), a[2] = magic_pair<T, BITS, 4 * S + 1>(w);\n"
+        "    a[1] = magic_pair<T, BITS, 4 * S + 2>(w), a[3] = magic_pair<T, BITS, 4 * S + 3>(w);")]),
+    "swapped B fragment registers": ("gemm/decode.cuh", [(
+        "      b[s][mt][0] = ptx::ld_nc(row);\n      b[s][mt][1] = ptx::ld_nc(row + 4);  // k + 8",
+        "      b[s][mt][1] = ptx::ld_nc(row);\n      b[s][mt][0] = ptx::ld_nc(row + 4);  // k + 8")]),
+    "dropped cp.async wait": ("gemm/prefill.cuh", [("    ptx::cp_async_wait<kPrefillStages - 2>();\n", "")]),
+    "dropped barrier": ("gemm/prefill.cuh", [("    __syncthreads();  // chunk", "    // chunk")]),
+    "prefetch one stage too far": ("gemm/prefill.cuh", [("const int nxt = it + kPrefillStages - 1;",
+                                                         "const int nxt = it + kPrefillStages;")]),
+    "3-bit spare pair bit from the wrong word": ("gemm/layout.cuh", [(
+        "shift_by<j + 1 - 15>(w[w0 + 1])", "shift_by<j + 1 - 15>(w[w0 + 2])")]),
+    "wrong scale column": ("gemm/decode.cuh", [(
+        "tile == 0 ? it.s[gi].x : tile == 1 ? it.s[gi].y", "tile == 0 ? it.s[gi].y : tile == 1 ? it.s[gi].x")]),
+    "no zero-fill for rows past M": ("gemm/prefill.cuh", [("(valid ? token : 0)", "token"),
+                                                          ("valid ? 16 : 0", "16")]),
+    "split end past the next split's start": ("gemm/prefill.cuh", [(
+        "const int c_end = (int)((long long)chunks * (split + 1) / splits);",
+        "const int c_end = min(chunks, (int)((long long)chunks * (split + 1) / splits) + 1);")]),
+    "unclamped decode prefetch": ("gemm/decode.cuh", [("const long long nxt = min(item + 1, items - 1);",
+                                                       "const long long nxt = item + 1;")]),
+    "wrong code offset": ("gemm/layout.cuh", [("Fmt<T>::magic(j) | ((1u << (BITS - 1)) << j)",
+                                               "Fmt<T>::magic(j) | ((1u << (BITS - 1)) << j) | (1u << j)")]),
+    "tile sums miss the correction": ("gemm/decode.cuh", [("F::mma_cd(p[mt], a, b[s][mt], corr[mt]);",
+                                                           "F::mma_c0(p[mt], a, b[s][mt]);")]),
+    "reducer skips the last contributor": ("gemm/decode.cuh", [("for (int w = first; w <= last; ++w) {",
+                                                                "for (int w = first; w < last; ++w) {")]),
+    "split-K counter not reset": ("gemm/reduce.cuh", [("    if (lane == 0) atomicExch(counter, 0);", "")]),
+    "rows past M stored": ("gemm/decode.cuh", [("        if (token < M) C[(size_t)token * N + row]",
+                                                "        C[(size_t)token * N + row]")]),
+    "one slot for both partial segments": ("gemm/decode.cuh", [(
+        "const long long slot = 2LL * gw + (seg_begin == begin ? 0 : 1);", "const long long slot = 2LL * gw;")]),
 }
 
 TIME_LIMIT_S = 120
@@ -51,25 +69,29 @@ TIME_LIMIT_S = 120
 
 def _mutate(src: str, edits) -> str:
     for old, new in edits:
-        assert src.count(old) == 1, f"mutant is stale: {old!r} occurs {src.count(old)} times in gsq_gemm.cu"
+        assert src.count(old) == 1, f"mutant is stale: {old!r} occurs {src.count(old)} times"
         src = src.replace(old, new)
     return src
 
 
-def _build(name: str, edits, root: Path) -> Path:
-    d = root / name.replace(" ", "_")
-    d.mkdir()
-    (d / "gsq_gemm.cu").write_text(_mutate(ce.KERNEL_SOURCE.read_text(), edits))
-    return ce.build_library(d / "gsq_gemm.cu", d)
+def _build(name: str, mutant, root: Path) -> Path:
+    """A copy of csrc/ with the mutant's edits, built into its own emulator library."""
+    d = root / name.replace(" ", "_").replace("'", "")
+    shutil.copytree(ce.CSRC, d / "csrc", ignore=shutil.ignore_patterns("cpu"))
+    if mutant is not None:
+        path, edits = mutant
+        f = d / "csrc" / path
+        f.write_text(_mutate(f.read_text(), edits))
+    return ce.build_library(out_dir=d, csrc=d / "csrc")
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """Every mutant's library (and the unmodified kernel's), built two at a time."""
+    """Every mutant's library (and the unmodified tree's), built two at a time."""
     root = tmp_path_factory.mktemp("mutants")
-    jobs = {"unmodified": []} | MUTANTS
+    jobs = {"unmodified": None} | MUTANTS
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(_build, name, edits, root) for name, edits in jobs.items()}
+        futures = {name: pool.submit(_build, name, m, root) for name, m in jobs.items()}
         return {name: f.result() for name, f in futures.items()}
 
 

@@ -30,9 +30,9 @@ def _random_layer(n, k, bits, g, dtype, seed=0):
 def test_dequant_repacked_inverts_repack(bits, n, k, g, dtype):
     q, s, qweight = _random_layer(n, k, bits, g, dtype, seed=n + k + g)
     b_r, s_r = cg.repack(qweight, s, bits, g)
-    assert b_r.dtype == torch.int32 and b_r.shape == (n // 64, k // 64 * 128 * storage_bits(bits))
+    assert b_r.dtype == torch.int32 and b_r.shape == (n // 64, k * 2 * storage_bits(bits))
     assert b_r.numel() * 32 == n * k * storage_bits(bits)  # no padding: same bytes as on disk
-    assert s_r.shape == (k // g, n) and s_r.dtype == dtype
+    assert s_r.shape == (n // 64, k // g * 64) and s_r.dtype == dtype
     # the kernel multiplies code and scale in `dtype`, so compare with that rounding
     ref = (q.to(dtype).view(n, -1, g) * s.unsqueeze(-1)).view(n, k)
     back = cg.dequant_repacked(b_r, s_r, bits, g, n, k)

@@ -64,12 +64,13 @@ def our_sm90(tmp_path_factory):
 
 
 def test_our_compiled_hot_loop_holds_the_kernels_mma_work(our_sm90):
-    assert len(our_sm90) >= 12  # 2 dtypes x 3 row tilings x 2 bit widths
+    assert len(our_sm90) == 48  # decode + prefill x 2 dtypes x 2 bit widths x 3 (CK, G) x 2 token tilings
     for name, k in our_sm90.items():
-        # every pipeline stage the loop advances is a 64 x 64 tile: (64 / 16) k steps x 8 n8 tiles x
-        # M_TILES row tiles of m16n8k16, shared by the 4 warps
-        assert k["hmma_per_trip"] == k["stages_per_trip"] * 8 * k["m_tiles"], name
-        assert k["registers"] and k["spill_stores"] == 0, name
+        # one trip: a warp's 16-row tiles (4 at decode, plus the correction mma; 1 at prefill) x CK / 16
+        # k steps x MT token tiles
+        mmas_per_step = 4 + 1 if k["kind"] == "decode" else 1
+        assert k["hmma_per_trip"] == mmas_per_step * k["chunk_k"] // 16 * k["token_tiles"], name
+        assert k["registers"] and k["spill_stores"] == 0 and k["stack"] == 0, name
         assert 0 < k["instructions_per_weight"] < 2, name
 
 

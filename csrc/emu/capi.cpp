@@ -59,14 +59,19 @@ int gsq_emu_gemm(const void* a, size_t a_bytes, const void* b, size_t b_bytes, c
     GuardedBuffer gc("C", c_bytes, true);
     std::memset(gc.data(), 0xFF, c_bytes);
     const GsqGemmPlan plan = gsq_gemm_plan(m, n, k, o.sms);
-    std::unique_ptr<GuardedBuffer> ws;
-    if (plan.workspace_bytes) {
+    std::unique_ptr<GuardedBuffer> ws, counters;
+    if (plan.workspace_bytes) {  // scratch: any contents, so poisoned
       ws = std::make_unique<GuardedBuffer>("workspace", plan.workspace_bytes, true);
       std::memset(ws->data(), 0xFF, plan.workspace_bytes);
     }
-    const cudaError_t e = gsq_gemm_launch(ga.data(), gb.data(), gs.data(), gc.data(), ws ? ws->data() : nullptr,
-                                          plan.workspace_bytes, m, n, k, bits, group_size, bf16 != 0, o.sms,
-                                          nullptr);
+    if (plan.counter_bytes) {  // zero before the first launch, as the binding keeps them
+      counters = std::make_unique<GuardedBuffer>("counters", plan.counter_bytes, true);
+      std::memset(counters->data(), 0, plan.counter_bytes);
+    }
+    const cudaError_t e = gsq_gemm_launch(
+        ga.data(), gb.data(), gs.data(), gc.data(), ws ? ws->data() : nullptr, plan.workspace_bytes,
+        counters ? reinterpret_cast<int*>(counters->data()) : nullptr, plan.counter_bytes, m, n, k, bits,
+        group_size, bf16 != 0, o.sms, nullptr);
     if (stats != nullptr) {
       const Stats& st = session.stats();
       *stats = GsqEmuStats{st.blocks, st.threads, st.switches, st.mma, st.ldmatrix, st.cp_async, st.barriers};
@@ -82,6 +87,12 @@ int gsq_emu_gemm(const void* a, size_t a_bytes, const void* b, size_t b_bytes, c
     if (e != cudaSuccess)
       return report(session.error().empty() ? std::string("gsq_gemm_launch: ") + cudaGetErrorString(e)
                                             : session.error());
+    if (counters && !o.dry_run)
+      for (size_t i = 0; i < plan.counter_bytes / sizeof(int); ++i)
+        if (reinterpret_cast<const int*>(counters->data())[i] != 0)
+          return report("split-K counter " + std::to_string(i) + " is " +
+                        std::to_string(reinterpret_cast<const int*>(counters->data())[i]) +
+                        " after the launch (every launch must leave the counters at zero)");
     std::memcpy(c, gc.data(), c_bytes);
     return 0;
   } catch (const std::exception& ex) {
@@ -89,14 +100,12 @@ int gsq_emu_gemm(const void* a, size_t a_bytes, const void* b, size_t b_bytes, c
   }
 }
 
-// The launch plan gsq_gemm_launch uses for this problem on `sms` SMs.
-void gsq_emu_plan(int m, int n, int k, int sms, int* block_m, int* splits, int* k_tiles_per_split,
-                  size_t* workspace_bytes) {
+// The launch plan gsq_gemm_launch uses for this problem on `sms` SMs:
+// out = {token_tiles, grid_x, grid_y, splits, warps}, bytes = {workspace, counters}.
+void gsq_emu_plan(int m, int n, int k, int sms, int* out, size_t* bytes) {
   const GsqGemmPlan p = gsq_gemm_plan(m, n, k, sms);
-  *block_m = p.block_m;
-  *splits = p.splits;
-  *k_tiles_per_split = p.k_tiles_per_split;
-  *workspace_bytes = p.workspace_bytes;
+  out[0] = p.token_tiles, out[1] = p.grid_x, out[2] = p.grid_y, out[3] = p.splits, out[4] = p.warps;
+  bytes[0] = p.workspace_bytes, bytes[1] = p.counter_bytes;
 }
 
 // The emulator's 16-bit arithmetic, exposed for its own tests:

@@ -47,6 +47,7 @@ struct alignas(8) int2 { int x, y; };
 struct alignas(8) float2 { float x, y; };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 constexpr int warpSize = 32;
 
@@ -79,6 +80,8 @@ const dim3& block_dim();
 const dim3& grid_dim();
 
 void syncthreads(Loc loc);
+// __shfl_sync(mask, value, src_lane): 32-bit value of lane src_lane (PTX ISA 9.7.9.6, .idx, width 32)
+uint32_t shfl_idx(unsigned mask, uint32_t value, int src_lane, Loc loc);
 void syncwarp(unsigned mask, Loc loc);
 void threadfence(Loc loc);
 void check_atomic(const void* p, size_t bytes, Loc loc);
@@ -134,6 +137,16 @@ inline void __syncwarp(unsigned mask = 0xffffffffu, gsq_emu::Loc loc = gsq_emu::
   gsq_emu::syncwarp(mask, loc);
 }
 inline void __threadfence(gsq_emu::Loc loc = gsq_emu::Loc::here()) { gsq_emu::threadfence(loc); }
+
+inline int __shfl_sync(unsigned mask, int v, int src, int width = 32, gsq_emu::Loc loc = gsq_emu::Loc::here()) {
+  (void)width;
+  return static_cast<int>(gsq_emu::shfl_idx(mask, static_cast<uint32_t>(v), src, loc));
+}
+inline unsigned __shfl_sync(unsigned mask, unsigned v, int src, int width = 32,
+                            gsq_emu::Loc loc = gsq_emu::Loc::here()) {
+  (void)width;
+  return gsq_emu::shfl_idx(mask, v, src, loc);
+}
 
 inline cudaError_t cudaGetLastError() { return gsq_emu::last_error(); }
 inline const char* cudaGetErrorString(cudaError_t e) { return gsq_emu::error_string(e); }

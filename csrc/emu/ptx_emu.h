@@ -10,7 +10,10 @@
 
 namespace gsq_emu {
 enum class MmaType { kF16, kBf16 };
-void mma_m16n8k16(MmaType type, float* d, const uint32_t* a, const uint32_t* b, Loc loc);
+// d = a * b + c; c == nullptr: C = 0 (c may be d: accumulate in place)
+void mma_m16n8k16(MmaType type, float* d, const uint32_t* a, const uint32_t* b, const float* c, Loc loc);
+// A global load: checked against the registered buffers (read-only ones for .nc).
+void check_global_read(const void* p, size_t bytes, bool nc, Loc loc);
 void ldmatrix(int num, bool trans, uint32_t* d, const void* smem_row, Loc loc);
 void cp_async(void* smem, const void* gmem, int cp_size, int src_bytes, Loc loc);
 void cp_async_commit(Loc loc);
@@ -24,11 +27,43 @@ using gsq_emu::Loc;
 
 inline void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
                              Loc loc = Loc::here()) {
-  gsq_emu::mma_m16n8k16(gsq_emu::MmaType::kF16, d, a, b, loc);
+  gsq_emu::mma_m16n8k16(gsq_emu::MmaType::kF16, d, a, b, d, loc);
 }
 inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
                               Loc loc = Loc::here()) {
-  gsq_emu::mma_m16n8k16(gsq_emu::MmaType::kBf16, d, a, b, loc);
+  gsq_emu::mma_m16n8k16(gsq_emu::MmaType::kBf16, d, a, b, d, loc);
+}
+inline void mma_m16n8k16_f16_c0(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                Loc loc = Loc::here()) {
+  gsq_emu::mma_m16n8k16(gsq_emu::MmaType::kF16, d, a, b, nullptr, loc);
+}
+inline void mma_m16n8k16_bf16_c0(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                 Loc loc = Loc::here()) {
+  gsq_emu::mma_m16n8k16(gsq_emu::MmaType::kBf16, d, a, b, nullptr, loc);
+}
+inline void mma_m16n8k16_f16_cd(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
+                                Loc loc = Loc::here()) {
+  gsq_emu::mma_m16n8k16(gsq_emu::MmaType::kF16, d, a, b, c, loc);
+}
+inline void mma_m16n8k16_bf16_cd(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4],
+                                 Loc loc = Loc::here()) {
+  gsq_emu::mma_m16n8k16(gsq_emu::MmaType::kBf16, d, a, b, c, loc);
+}
+inline uint32_t ld_nc(const uint32_t* p, Loc loc = Loc::here()) {
+  gsq_emu::check_global_read(p, 4, true, loc);
+  return *p;
+}
+inline uint2 ld_nc_v2(const uint2* p, Loc loc = Loc::here()) {
+  gsq_emu::check_global_read(p, 8, true, loc);
+  return *p;
+}
+inline uint4 ld_nc_v4(const uint4* p, Loc loc = Loc::here()) {
+  gsq_emu::check_global_read(p, 16, true, loc);
+  return *p;
+}
+inline float4 ld_cg_v4(const float4* p, Loc loc = Loc::here()) {
+  gsq_emu::check_global_read(p, 16, false, loc);
+  return *p;
 }
 inline void ldmatrix_x4(uint32_t (&d)[4], const void* smem_row, Loc loc = Loc::here()) {
   gsq_emu::ldmatrix(4, false, d, smem_row, loc);

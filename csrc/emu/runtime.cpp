@@ -137,7 +137,7 @@ void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc);
 // ------------------------------------------------------------------ state
 
 enum class St { kReady, kBarrier, kCollective, kDone };
-enum class Coll { kNone, kMma, kLdmatrix, kSyncwarp };
+enum class Coll { kNone, kMma, kLdmatrix, kSyncwarp, kShfl };
 
 struct CopyOp {
   unsigned char* dst;
@@ -159,6 +159,7 @@ struct Fiber {
   // operands of the collective this lane waits at
   Coll coll = Coll::kNone;
   MmaType mma_type = MmaType::kF16;
+  const float* mma_c = nullptr;  // null: C = 0
   float* mma_d = nullptr;
   const uint32_t* mma_a = nullptr;
   const uint32_t* mma_b = nullptr;
@@ -166,6 +167,8 @@ struct Fiber {
   bool ld_trans = false;
   uint32_t* ld_d = nullptr;
   const unsigned char* ld_addr = nullptr;
+  uint32_t shfl_value = 0, shfl_result = 0;
+  int shfl_src = 0;
   // cp.async: the open (uncommitted) group and the committed, pending ones
   std::vector<CopyOp> open;
   std::deque<std::vector<CopyOp>> groups;
@@ -363,7 +366,10 @@ std::string deadlock_report(const Grid& g) {
         case St::kBarrier: key = "at __syncthreads " + where(f->loc); break;
         case St::kCollective:
           key = std::string("at ") +
-                (f->coll == Coll::kMma ? "mma " : f->coll == Coll::kLdmatrix ? "ldmatrix " : "__syncwarp ") +
+                (f->coll == Coll::kMma        ? "mma "
+                 : f->coll == Coll::kLdmatrix ? "ldmatrix "
+                 : f->coll == Coll::kShfl     ? "__shfl_sync "
+                                              : "__syncwarp ") +
                 where(f->loc);
           break;
         case St::kDone: key = "exited"; break;
@@ -750,7 +756,7 @@ void do_mma(Fiber* const* lanes) {
     }
     for (int i = 0; i < 4; ++i) {  // c0..c3
       const int row = i < 2 ? group : group + 8;
-      C[row][tig * 2 + (i & 1)] = f->mma_d[i];
+      C[row][tig * 2 + (i & 1)] = f->mma_c ? f->mma_c[i] : 0.f;
     }
   }
   // Products of 16-bit values are exact in double; the sum is rounded once to
@@ -804,14 +810,16 @@ void resolve_warp(Fiber* last) {
   for (int i = 0; i < n; ++i) {
     const Fiber* f = lanes[i];
     if (f->coll != l0->coll || f->loc.line != l0->loc.line || std::strcmp(f->loc.file, l0->loc.file) != 0 ||
-        (f->coll == Coll::kMma && f->mma_type != l0->mma_type) ||
+        (f->coll == Coll::kMma && (f->mma_type != l0->mma_type || !f->mma_c != !l0->mma_c)) ||
         (f->coll == Coll::kLdmatrix && (f->ld_num != l0->ld_num || f->ld_trans != l0->ld_trans)))
       fail("divergent warp collective: " + who(f) + " is at " + where(f->loc) + " while lane 0 of its warp is at " +
            where(l0->loc));
   }
-  if (l0->coll != Coll::kSyncwarp && n != 32)
+  if (n != 32)
     fail("warp collective at " + where(l0->loc) + " in a warp of " + std::to_string(n) + " threads (needs 32)");
-  if (l0->coll == Coll::kMma) {
+  if (l0->coll == Coll::kShfl) {
+    for (int i = 0; i < n; ++i) lanes[i]->shfl_result = lanes[lanes[i]->shfl_src & 31]->shfl_value;
+  } else if (l0->coll == Coll::kMma) {
     do_mma(lanes);
     ++state().stats.mma;
   } else if (l0->coll == Coll::kLdmatrix) {
@@ -827,9 +835,10 @@ void resolve_warp(Fiber* last) {
 
 }  // namespace
 
-void mma_m16n8k16(MmaType type, float* d, const uint32_t* a, const uint32_t* b, Loc loc) {
+void mma_m16n8k16(MmaType type, float* d, const uint32_t* a, const uint32_t* b, const float* c, Loc loc) {
   Fiber* f = cur("mma");
   f->mma_type = type;
+  f->mma_c = c;
   f->mma_d = d;
   f->mma_a = a;
   f->mma_b = b;
@@ -843,6 +852,15 @@ void ldmatrix(int num, bool trans, uint32_t* d, const void* smem_row, Loc loc) {
   f->ld_d = d;
   f->ld_addr = static_cast<const unsigned char*>(smem_row);
   arrive(f, Coll::kLdmatrix, loc);
+}
+
+uint32_t shfl_idx(unsigned mask, uint32_t value, int src_lane, Loc loc) {
+  Fiber* f = cur("__shfl_sync");
+  if (mask != 0xffffffffu) fail("__shfl_sync with a partial mask is not emulated, at " + where(loc));
+  f->shfl_value = value;
+  f->shfl_src = src_lane;
+  arrive(f, Coll::kShfl, loc);
+  return f->shfl_result;
 }
 
 void syncwarp(unsigned mask, Loc loc) {
@@ -893,6 +911,20 @@ void cp_async_wait(int pending, Loc loc) {
 unsigned char* dynamic_smem() { return cur("dynamic shared memory")->block->smem->data(); }
 
 // ------------------------------------------------------------ checked memory ops
+
+void check_global_read(const void* p, size_t bytes, bool nc, Loc loc) {
+  Fiber* f = cur("global load");
+  f->loc = loc;
+  if (reinterpret_cast<uintptr_t>(p) % bytes)
+    fail("misaligned " + std::to_string(bytes) + "-byte global load at " + where(loc) + " by " + who(f));
+  const Buffer* b = find_buffer(p, bytes);
+  if (b == nullptr)
+    fail("global load of " + std::to_string(bytes) + " bytes at " + where(loc) + " by " + who(f) + ": " +
+         describe_address(p));
+  if (nc && b->writable)
+    fail("ld.global.nc at " + where(loc) + " by " + who(f) + " reads buffer " + b->name +
+         ", which the kernel may write (the non-coherent path is for read-only data)");
+}
 
 void check_atomic(const void* p, size_t bytes, Loc loc) {
   Fiber* f = cur("atomic");

@@ -1,4 +1,5 @@
 // Probe kernels for the emulator's own tests (tests/test_cuda_emu_runtime.py).
+// Emulation-only code: it builds __half from raw bits, which CUDA's __half does not allow.
 //
 // Built by gsq_vllm.cuda_emu.build_library in place of csrc/gsq_gemm.cu, so
 // they run through the same C API: gsq_gemm_launch's `bits` argument selects
@@ -100,10 +101,10 @@ __global__ void misaligned_copy(const __half* a, __half* c) {
 
 }  // namespace probes
 
-GsqGemmPlan gsq_gemm_plan(int, int, int, int) { return GsqGemmPlan{16, 1, 1, 0}; }
+GsqGemmPlan gsq_gemm_plan(int, int, int, int) { return GsqGemmPlan{}; }
 
-cudaError_t gsq_gemm_launch(const void* a, const void*, const void*, void* c, void*, size_t, int m, int n, int k,
-                            int probe, int, bool, int, cudaStream_t stream) {
+cudaError_t gsq_gemm_launch(const void* a, const void*, const void*, void* c, void*, size_t, int*, size_t, int m,
+                            int n, int k, int probe, int, bool, int, cudaStream_t stream) {
   using namespace probes;
   auto A = static_cast<const __half*>(a);
   auto C = static_cast<__half*>(c);
