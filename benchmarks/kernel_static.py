@@ -104,8 +104,8 @@ def our_kernel_facts(name: str) -> dict:
     """What one hot-loop trip of our kernels covers (csrc/gemm/): the weights are the 16-row A
     operand of m16n8k16 (256 weights per mma, shared by the MT n8 token tiles).
 
-    * gsq_decode_kernel<T, BITS, CK, G, MT>: every warp streams its own items (64 rows x CK k);
-      one item per trip, the next one's weights and scales in flight meanwhile; per k step 4
+    * gsq_decode_kernel<T, BITS, CK, G, MT>: every warp streams its own items (64 rows x CK k)
+      through a 3-stage cp.async ring: one item per trip, the next two in flight; per k step 4
       tiles' mma plus one correction mma (so 4/5 of the tensor work is weights).
     * gsq_prefill_kernel<T, BITS, CK, G, MT>: a block of 4 warps (one 16-row tile each) does one
       CK chunk per trip for 8 MT tokens; the next chunk's codes are in flight.
@@ -119,7 +119,7 @@ def our_kernel_facts(name: str) -> dict:
     weights = items * 64 * ck
     per_hmma = 256 * 4 / 5 / mt if kind == "decode" else 256 / mt
     return dict(kind=kind, dtype=dtype, bits=bits, chunk_k=ck, group=g, token_tiles=mt, m_tiles=mt, warps=4,
-                stages=2, weights_per_stage=weights, weights_per_hmma=per_hmma,
+                stages=3 if kind == "decode" else 2, weights_per_stage=weights, weights_per_hmma=per_hmma,
                 hbm_bytes_per_stage=weights * bits // 8 + items * (ck // g) * 64 * 2,
                 act_bytes_per_stage=8 * mt * ck * 2)
 
@@ -135,9 +135,13 @@ def analyze_cubin(cubin: Path, spills: dict, facts_of) -> dict[str, dict]:
         if not facts:
             continue
         loop = sass.hot_loop(instrs)
-        steps = sum(1 for ins in instrs if loop.head <= ins.addr <= loop.tail and ins.base == "LDGDEPBAR")
-        # stages advanced per trip: one cp.async group is committed per stage (LDGDEPBAR)
-        steps = max(steps, 1)
+        # the loop's tensor work is its weight work: stages (items, chunks) per trip from its mma count
+        hmma_per_stage = facts["weights_per_stage"] / facts["warps"] / facts["weights_per_hmma"]
+        steps = loop.tensor_ops / hmma_per_stage
+        if abs(steps - round(steps)) > 1e-9 or steps < 1:
+            raise ValueError(f"{names[mangled]}: {loop.tensor_ops} mma in the hot loop is not a whole number "
+                             f"of stages ({hmma_per_stage} each)")
+        steps = round(steps)
         weights_per_warp = steps * facts["weights_per_stage"] / facts["warps"]
         out[names[mangled]] = dict(
             facts, registers=usage.get(mangled, {}).get("REG"), stack=usage.get(mangled, {}).get("STACK", 0),
@@ -150,15 +154,16 @@ def analyze_cubin(cubin: Path, spills: dict, facts_of) -> dict[str, dict]:
     return out
 
 
-def our_launches(m: int, n: int, k: int, bits: int, sms: int) -> list[dict]:
-    """The launches csrc/gsq_gemm.cu's host code makes (emulator, dry run: nothing executes)."""
+def our_launches(m: int, n: int, k: int, bits: int, mach: dict) -> list[dict]:
+    """The launches csrc/gsq_gemm.cu's host code makes on `mach` (emulator, dry run: nothing executes)."""
     from gsq_vllm import cuda_emu
 
     emu = cuda_emu.default_emulator()
     a = torch.zeros(m, k, dtype=torch.float16)
-    b = torch.zeros(n // 64, k // 64 * 128 * bits, dtype=torch.int32)
-    s = torch.zeros(k // GROUP, n, dtype=torch.float16)
-    _, counters = emu.gemm(a, b, s, bits, GROUP, n, k, cuda_emu.EmuOptions(sms=sms, dry_run=True))
+    b = torch.zeros(n // 64, k * 2 * bits, dtype=torch.int32)
+    s = torch.zeros(n // 64, k // GROUP * 64, dtype=torch.float16)
+    opts = cuda_emu.EmuOptions(sms=mach["sms"], smem_per_sm=mach["smem_sm"], dry_run=True)
+    _, counters = emu.gemm(a, b, s, bits, GROUP, n, k, opts)
     return counters["launches"]
 
 
@@ -248,7 +253,7 @@ def run_ours(out_dir: Path) -> dict:
         for model, layer, n, k in LAYERS:
             for bits in (2, 3):
                 for m in MS:
-                    launches = our_launches(m, n, k, bits, mach["sms"])
+                    launches = our_launches(m, n, k, bits, mach)
                     main = next(x for x in launches if "_kernel<" in x["kernel"])
                     name = _short(main["kernel"])
                     kern = next(v for kname, v in kernels[mach_name].items() if _short(kname) == name)

@@ -65,6 +65,9 @@ class Instr:
 
     @property
     def unconditional(self) -> bool:
+        # BRA.DIV branches only when the warp has diverged; "BRA P0, target" carries its own predicate
+        if self.op == "BRA.DIV" or re.match(r"!?P\d", self.args):
+            return False
         return not self.pred.strip() or self.pred.strip() == "@PT"
 
 

@@ -64,10 +64,13 @@ at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   if (m == 0) return c;
 
   // The launch plan (kernel, split-K, workspace) is the kernel's host code's (gsq_gemm.cu).
-  int sms = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.get_device()) == cudaSuccess,
-              "gsq::gemm: cannot query the SM count");
-  const GsqGemmPlan plan = gsq_gemm_plan(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), sms);
+  GsqDevice dev{};
+  TORCH_CHECK(cudaDeviceGetAttribute(&dev.sms, cudaDevAttrMultiProcessorCount, a.get_device()) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&dev.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                                         a.get_device()) == cudaSuccess,
+              "gsq::gemm: cannot query the device's SMs");
+  const GsqGemmPlan plan = gsq_gemm_plan(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
+                                         static_cast<int>(bits), static_cast<int>(group_size), dev);
   at::Tensor ws;
   if (plan.workspace_bytes) ws = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, a.options().dtype(at::kByte));
   int* counters = plan.counter_bytes ? split_counters(a.device(), plan.counter_bytes) : nullptr;
@@ -76,7 +79,7 @@ at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
       a.data_ptr(), b.data_ptr(), s.data_ptr(), c.data_ptr(), plan.workspace_bytes ? ws.data_ptr() : nullptr,
       plan.workspace_bytes, counters, plan.counter_bytes, static_cast<int>(m), static_cast<int>(n),
       static_cast<int>(k), static_cast<int>(bits), static_cast<int>(group_size), a.scalar_type() == at::kBFloat16,
-      sms, stream);
+      dev, stream);
   TORCH_CHECK(err == cudaSuccess, "gsq::gemm: kernel launch failed: ", cudaGetErrorString(err));
   return c;
 }

@@ -32,15 +32,36 @@
 
 namespace gsq {
 
-constexpr int kDecodeWarpsPerSm = 16;  // warps the decode plan asks for per SM (4 blocks of 4)
-constexpr int kPrefillBlocksPerSm = 2;
+constexpr int kPrefillBlocksPerSm = 2;  // blocks the prefill split aims at per SM
+constexpr int kSmemPerBlockReserved = 1024;  // the system's share of each block's shared memory (sm_80+)
 
 int chunk_k(int k) { return k % 128 == 0 ? 128 : 64; }
+
+// Decode blocks that fit on one SM at once: the registers' budget (launch
+// bounds) and the shared memory of the instantiation the plan will launch.
+template <int BITS, int CK, int G, int MT>
+int decode_blocks_per_sm(int smem_per_sm) {
+  return std::max(1, std::min(decode_min_blocks<MT>(),
+                              smem_per_sm / (DecodeSmem<BITS, CK, G, MT>::kBytes + kSmemPerBlockReserved)));
+}
+
+template <int BITS, int CK, int G>
+int decode_blocks_per_sm_mt(int mt, int smem_per_sm) {
+  return mt == 1 ? decode_blocks_per_sm<BITS, CK, G, 1>(smem_per_sm) : decode_blocks_per_sm<BITS, CK, G, 2>(smem_per_sm);
+}
+
+template <int BITS>
+int decode_blocks_per_sm_g(int k, int group_size, int mt, int smem_per_sm) {
+  if (chunk_k(k) == 64) return decode_blocks_per_sm_mt<BITS, 64, 64>(mt, smem_per_sm);
+  if (group_size == 64) return decode_blocks_per_sm_mt<BITS, 128, 64>(mt, smem_per_sm);
+  return decode_blocks_per_sm_mt<BITS, 128, 128>(mt, smem_per_sm);
+}
 
 template <typename T, int BITS, int CK, int G, int MT>
 cudaError_t launch_decode(const GsqGemmPlan& p, const void* a, const void* b, const void* s, void* c, void* ws,
                           int* counters, int m, int n, int k, cudaStream_t stream) {
-  return launch_kernel(gsq_decode_kernel<T, BITS, CK, G, MT>, dim3(p.grid_x), dim3(kDecodeThreads), 0, stream,
+  return launch_kernel(gsq_decode_kernel<T, BITS, CK, G, MT>, dim3(p.grid_x), dim3(kDecodeThreads),
+                       DecodeSmem<BITS, CK, G, MT>::kBytes, stream,
                        static_cast<const T*>(a), static_cast<const uint32_t*>(b), static_cast<const T*>(s),
                        static_cast<T*>(c), static_cast<float*>(ws), counters, m, n, k, p.warps);
 }
@@ -75,16 +96,18 @@ cudaError_t launch_bits(const GsqGemmPlan& p, const void* a, const void* b, cons
 
 }  // namespace gsq
 
-GsqGemmPlan gsq_gemm_plan(int m, int n, int k, int sms) {
+GsqGemmPlan gsq_gemm_plan(int m, int n, int k, int bits, int group_size, GsqDevice device) {
   using namespace gsq;
   GsqGemmPlan p{};
-  sms = std::max(sms, 1);
+  const int sms = std::max(device.sms, 1);
   const int chunks = k / chunk_k(k);
   const long long row_blocks = n / kRowBlock;
   if (m <= 16) {
     p.token_tiles = m <= 8 ? 1 : 2;
     const long long items = row_blocks * chunks;
-    p.warps = (int)std::min<long long>(items, (long long)sms * kDecodeWarpsPerSm);
+    const int blocks_per_sm = bits == 2 ? decode_blocks_per_sm_g<2>(k, group_size, p.token_tiles, device.smem_per_sm)
+                                        : decode_blocks_per_sm_g<3>(k, group_size, p.token_tiles, device.smem_per_sm);
+    p.warps = (int)std::min<long long>(items, (long long)sms * blocks_per_sm * kDecodeWarps);
     p.grid_x = (p.warps + kDecodeWarps - 1) / kDecodeWarps;
     p.grid_y = 1;
     p.splits = 1;
@@ -114,12 +137,12 @@ GsqGemmPlan gsq_gemm_plan(int m, int n, int k, int sms) {
 
 cudaError_t gsq_gemm_launch(const void* a, const void* b, const void* s, void* c, void* workspace,
                             size_t workspace_bytes, int* counters, size_t counter_bytes, int m, int n, int k,
-                            int bits, int group_size, bool bf16, int sms, cudaStream_t stream) {
+                            int bits, int group_size, bool bf16, GsqDevice device, cudaStream_t stream) {
   using namespace gsq;
   if (m < 1 || n < kRowBlock || k < 64 || n % kRowBlock || k % 64 || k % group_size ||
       (group_size != 64 && group_size != 128) || (bits != 2 && bits != 3))
     return cudaErrorInvalidValue;
-  const GsqGemmPlan p = gsq_gemm_plan(m, n, k, sms);
+  const GsqGemmPlan p = gsq_gemm_plan(m, n, k, bits, group_size, device);
   if (workspace_bytes < p.workspace_bytes || counter_bytes < p.counter_bytes ||
       (p.workspace_bytes && workspace == nullptr) || (p.counter_bytes && counters == nullptr))
     return cudaErrorInvalidValue;

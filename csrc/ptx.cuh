@@ -151,6 +151,12 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return d;
 }
 
+// No instruction: makes four registers' values unknown to the compiler, so it
+// keeps them in registers instead of rebuilding them from constants.
+__device__ __forceinline__ void opaque(uint32_t (&r)[4]) {
+  asm volatile("" : "+r"(r[0]), "+r"(r[1]), "+r"(r[2]), "+r"(r[3]));
+}
+
 // Not PTX, but the other device facility the emulation replaces: the kernel's
 // dynamic shared memory (size given at launch).
 __device__ __forceinline__ unsigned char* dynamic_smem() {

@@ -17,7 +17,8 @@ and returns ``c`` ``[M, N]`` in the dtype of ``a``. It is slow (thousands of
 fibers per call) and meant for tests and for ``GSQ_KERNEL=cuda-emu`` serving
 of tiny models. Emulation options (:class:`EmuOptions`) come from
 :func:`set_options` / :func:`options` or the environment: ``GSQ_EMU_SMS``
-(SM count the launch plan sees, default 132), ``GSQ_EMU_ORDER``
+(SM count the launch plan sees, default 132), ``GSQ_EMU_SMEM_PER_SM`` (its
+shared memory per SM, default 228 KiB), ``GSQ_EMU_ORDER``
 (forward|reverse|random), ``GSQ_EMU_SEED``, ``GSQ_EMU_RESIDENT`` (blocks
 interleaved at a time); ``GSQ_EMU_CSRC`` runs the kernel of another source
 tree (a modified copy of csrc/) in place of the repository's.
@@ -56,6 +57,7 @@ class EmulatorError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class EmuOptions:
     sms: int = 132
+    smem_per_sm: int = 228 * 1024  # H100; A100: 164 KiB
     order: str = "forward"
     seed: int = 0
     resident_blocks: int = 1
@@ -70,13 +72,14 @@ class EmuOptions:
     @classmethod
     def from_env(cls) -> "EmuOptions":
         env = os.environ
-        return cls(sms=int(env.get("GSQ_EMU_SMS", 132)), order=env.get("GSQ_EMU_ORDER", "forward"),
+        return cls(sms=int(env.get("GSQ_EMU_SMS", 132)), smem_per_sm=int(env.get("GSQ_EMU_SMEM_PER_SM", 228 * 1024)),
+                   order=env.get("GSQ_EMU_ORDER", "forward"),
                    seed=int(env.get("GSQ_EMU_SEED", 0)), resident_blocks=int(env.get("GSQ_EMU_RESIDENT", 1)))
 
 
 class _COptions(ctypes.Structure):
-    _fields_ = [("sms", ctypes.c_int), ("order", ctypes.c_int), ("seed", ctypes.c_ulonglong),
-                ("resident_blocks", ctypes.c_int), ("dry_run", ctypes.c_int)]
+    _fields_ = [("sms", ctypes.c_int), ("smem_per_sm", ctypes.c_int), ("order", ctypes.c_int),
+                ("seed", ctypes.c_ulonglong), ("resident_blocks", ctypes.c_int), ("dry_run", ctypes.c_int)]
 
 
 class _CStats(ctypes.Structure):
@@ -148,16 +151,17 @@ class Emulator:
             ctypes.c_size_t]
         p = self._lib.gsq_emu_plan
         p.restype = None
-        p.argtypes = [ctypes.c_int] * 4 + [ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_size_t)]
+        p.argtypes = [ctypes.c_int] * 7 + [ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_size_t)]
         h = self._lib.gsq_emu_half_op
         h.restype = ctypes.c_uint
         h.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_double, ctypes.c_int]
 
-    def plan(self, m: int, n: int, k: int, sms: int) -> dict:
+    def plan(self, m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132,
+             smem_per_sm: int = 228 * 1024) -> dict:
         """The launch plan of csrc/gsq_gemm.cu's host code (gsq_gemm.h, GsqGemmPlan)."""
         out = (ctypes.c_int * 5)()
         nbytes = (ctypes.c_size_t * 2)()
-        self._lib.gsq_emu_plan(m, n, k, sms, out, nbytes)
+        self._lib.gsq_emu_plan(m, n, k, bits, group_size, sms, smem_per_sm, out, nbytes)
         return dict(token_tiles=out[0], grid_x=out[1], grid_y=out[2], splits=out[3], warps=out[4],
                     workspace_bytes=nbytes[0], counter_bytes=nbytes[1])
 
@@ -174,7 +178,8 @@ class Emulator:
         err = ctypes.create_string_buffer(8192)
         launches = ctypes.create_string_buffer(16384)
         stats = _CStats()
-        copts = _COptions(opts.sms, ORDERS.index(opts.order), opts.seed, opts.resident_blocks, int(opts.dry_run))
+        copts = _COptions(opts.sms, opts.smem_per_sm, ORDERS.index(opts.order), opts.seed, opts.resident_blocks,
+                          int(opts.dry_run))
         rc = self._lib.gsq_emu_gemm(
             a.data_ptr(), a.numel() * a.element_size(), b.data_ptr(), b.numel() * b.element_size(),
             s.data_ptr(), s.numel() * s.element_size(), c.data_ptr(), c.numel() * c.element_size(),

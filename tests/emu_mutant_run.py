@@ -44,7 +44,7 @@ def verdict(lib: str) -> dict:
         a = random_activations(m, k, dtype, seed=i)
         try:
             c, _ = emu.gemm(a, b_r, s_r, bits, g, n, k, ce.EmuOptions(sms=sms, order=order, seed=i))
-            check_against_float64(c, a, w_t, emu.plan(m, n, k, sms)["splits"])
+            check_against_float64(c, a, w_t, emu.plan(m, n, k, bits, g, sms)["splits"])
         except (ce.EmulatorError, AssertionError) as e:
             return {"caught": True, "how": f"{label}: {str(e)[:300]}"}
     return {"caught": False, "how": "every case passed"}

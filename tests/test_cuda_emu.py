@@ -49,7 +49,7 @@ def test_kernel_matches_float64(emu, bits, dtype, g, m, n, k, sms, order, reside
     opts = ce.EmuOptions(sms=sms, order=order, seed=seed, resident_blocks=resident)
     c, stats = emu.gemm(a, b_r, s_r, storage_bits(bits), g, n, k, opts)
     assert c.shape == (m, n) and c.dtype == dtype
-    plan = emu.plan(m, n, k, sms)
+    plan = emu.plan(m, n, k, storage_bits(bits), g, sms)
     check_against_float64(c, a, w_t, plan["splits"])
     # one launch, no memset or conversion around it; its grid is the plan's
     (launch,) = stats["launches"]
@@ -60,8 +60,8 @@ def test_kernel_matches_float64(emu, bits, dtype, g, m, n, k, sms, order, reside
 def test_matrix_covers_every_reduction_case(emu):
     decode_split = prefill_uneven = unsplit = 0
     for c in CASES:
-        m, n, k, sms = c.values[3:7]
-        p = emu.plan(m, n, k, sms)
+        bits, _, g, m, n, k, sms = c.values[:7]
+        p = emu.plan(m, n, k, storage_bits(bits), g, sms)
         chunks = k // (128 if k % 128 == 0 else 64)
         decode_split += m <= 16 and p["workspace_bytes"] > 0
         prefill_uneven += m > 16 and p["splits"] > 1 and chunks % p["splits"] != 0

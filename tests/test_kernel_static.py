@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import sass  # noqa: E402
 
 # An outer loop (0x10 .. 0xb0) around an inner one (0x20 .. 0x90) with a skippable block
-# (0x50 .. 0x60) and a nested copy loop (0x70 .. 0x80).
+# (0x50 .. 0x60), a nested copy loop (0x70 .. 0x80) and a divergence check leaving the loop.
 SYNTHETIC = """
         Function : _Z4testv
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -26,6 +26,7 @@ SYNTHETIC = """
         /*0060*/                   LDGDEPBAR ;
         /*0070*/                   LOP3.LUT R9, R9, 0x3, RZ, 0xc0, !PT ;
         /*0080*/              @!P1 BRA 0x70 ;
+        /*0088*/                   BRA.DIV UR7, 0xd0 ;
         /*0090*/              @!P2 BRA 0x20 ;
         /*00a0*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
         /*00b0*/              @!P3 BRA 0x10 ;
@@ -37,9 +38,10 @@ def test_hot_loop_paths_on_synthetic_sass():
     (instrs,) = sass.parse_sass(SYNTHETIC).values()
     loop = sass.hot_loop(instrs)
     assert (loop.head, loop.tail) == (0x20, 0x90)  # the innermost loop with tensor ops, not the outer one
-    assert loop.executed == 8 and loop.executed_min == 6  # the copy block taken / skipped; inner loop once
+    # the copy block taken / skipped, the inner loop once, the divergence check (BRA.DIV) not taken
+    assert loop.executed == 9 and loop.executed_min == 7
     assert loop.by_class["tensor"] == 1 and loop.by_class["global/async"] == 2
-    assert loop.by_class["control"] == 3 and loop.by_class["shared"] == 1
+    assert loop.by_class["control"] == 4 and loop.by_class["shared"] == 1
 
 
 def test_classes():
@@ -69,7 +71,8 @@ def test_our_compiled_hot_loop_holds_the_kernels_mma_work(our_sm90):
         # one trip: a warp's 16-row tiles (4 at decode, plus the correction mma; 1 at prefill) x CK / 16
         # k steps x MT token tiles
         mmas_per_step = 4 + 1 if k["kind"] == "decode" else 1
-        assert k["hmma_per_trip"] == mmas_per_step * k["chunk_k"] // 16 * k["token_tiles"], name
+        per_stage = mmas_per_step * k["chunk_k"] // 16 * k["token_tiles"]
+        assert k["hmma_per_trip"] == k["stages_per_trip"] * per_stage and k["stages_per_trip"] >= 1, name
         assert k["registers"] and k["spill_stores"] == 0 and k["stack"] == 0, name
         assert 0 < k["instructions_per_weight"] < 2, name
 

@@ -20,6 +20,7 @@ extern "C" {
 
 struct GsqEmuOptions {
   int sms;
+  int smem_per_sm;
   int order;  // 0 forward, 1 reverse, 2 seeded random
   unsigned long long seed;
   int resident_blocks;
@@ -44,6 +45,7 @@ int gsq_emu_gemm(const void* a, size_t a_bytes, const void* b, size_t b_bytes, c
   try {
     Options o;
     o.sms = opt->sms;
+    o.smem_per_sm = opt->smem_per_sm;
     o.order = static_cast<Order>(opt->order);
     o.seed = opt->seed;
     o.resident_blocks = opt->resident_blocks;
@@ -58,7 +60,8 @@ int gsq_emu_gemm(const void* a, size_t a_bytes, const void* b, size_t b_bytes, c
     gs.seal();
     GuardedBuffer gc("C", c_bytes, true);
     std::memset(gc.data(), 0xFF, c_bytes);
-    const GsqGemmPlan plan = gsq_gemm_plan(m, n, k, o.sms);
+    const GsqDevice dev{o.sms, o.smem_per_sm};
+    const GsqGemmPlan plan = gsq_gemm_plan(m, n, k, bits, group_size, dev);
     std::unique_ptr<GuardedBuffer> ws, counters;
     if (plan.workspace_bytes) {  // scratch: any contents, so poisoned
       ws = std::make_unique<GuardedBuffer>("workspace", plan.workspace_bytes, true);
@@ -71,7 +74,7 @@ int gsq_emu_gemm(const void* a, size_t a_bytes, const void* b, size_t b_bytes, c
     const cudaError_t e = gsq_gemm_launch(
         ga.data(), gb.data(), gs.data(), gc.data(), ws ? ws->data() : nullptr, plan.workspace_bytes,
         counters ? reinterpret_cast<int*>(counters->data()) : nullptr, plan.counter_bytes, m, n, k, bits,
-        group_size, bf16 != 0, o.sms, nullptr);
+        group_size, bf16 != 0, dev, nullptr);
     if (stats != nullptr) {
       const Stats& st = session.stats();
       *stats = GsqEmuStats{st.blocks, st.threads, st.switches, st.mma, st.ldmatrix, st.cp_async, st.barriers};
@@ -100,10 +103,11 @@ int gsq_emu_gemm(const void* a, size_t a_bytes, const void* b, size_t b_bytes, c
   }
 }
 
-// The launch plan gsq_gemm_launch uses for this problem on `sms` SMs:
-// out = {token_tiles, grid_x, grid_y, splits, warps}, bytes = {workspace, counters}.
-void gsq_emu_plan(int m, int n, int k, int sms, int* out, size_t* bytes) {
-  const GsqGemmPlan p = gsq_gemm_plan(m, n, k, sms);
+// The launch plan gsq_gemm_launch uses for this problem on a device of `sms` SMs with
+// `smem_per_sm` bytes of shared memory each: out = {token_tiles, grid_x, grid_y, splits, warps},
+// bytes = {workspace, counters}.
+void gsq_emu_plan(int m, int n, int k, int bits, int group_size, int sms, int smem_per_sm, int* out, size_t* bytes) {
+  const GsqGemmPlan p = gsq_gemm_plan(m, n, k, bits, group_size, GsqDevice{sms, smem_per_sm});
   out[0] = p.token_tiles, out[1] = p.grid_x, out[2] = p.grid_y, out[3] = p.splits, out[4] = p.warps;
   bytes[0] = p.workspace_bytes, bytes[1] = p.counter_bytes;
 }

@@ -58,7 +58,7 @@ enum cudaError_t {
   cudaErrorInvalidValue = 1,
   cudaErrorLaunchFailure = 719,
 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
@@ -95,6 +95,7 @@ struct KernelBody {
 // `kernel` identifies the __global__ function (for the launch record).
 cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem_bytes, KernelBody body);
 int sm_count();
+int smem_per_sm();
 cudaError_t last_error();
 const char* error_string(cudaError_t e);
 
@@ -151,8 +152,12 @@ inline unsigned __shfl_sync(unsigned mask, unsigned v, int src, int width = 32,
 inline cudaError_t cudaGetLastError() { return gsq_emu::last_error(); }
 inline const char* cudaGetErrorString(cudaError_t e) { return gsq_emu::error_string(e); }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
-  *value = gsq_emu::sm_count();
+  if (attr == cudaDevAttrMultiProcessorCount)
+    *value = gsq_emu::sm_count();
+  else if (attr == cudaDevAttrMaxSharedMemoryPerMultiprocessor)
+    *value = gsq_emu::smem_per_sm();
+  else
+    return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 inline cudaError_t cudaGetDevice(int* dev) {

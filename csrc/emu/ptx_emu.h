@@ -106,6 +106,8 @@ inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return d;
 }
 
+inline void opaque(uint32_t (&)[4]) {}
+
 inline unsigned char* dynamic_smem() { return gsq_emu::dynamic_smem(); }
 
 }  // namespace gsq::ptx

@@ -585,6 +585,7 @@ const dim3& grid_dim() {
   return state().grid->grid;
 }
 int sm_count() { return state().opt.sms; }
+int smem_per_sm() { return state().opt.smem_per_sm; }
 cudaError_t last_error() {
   const cudaError_t e = state().last_error;
   state().last_error = cudaSuccess;
@@ -616,7 +617,7 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_byte
   s.launches.push_back(LaunchRecord{function_name(kernel), grid, block, smem_bytes});
   const long nthreads = static_cast<long>(block.x) * block.y * block.z;
   if (nthreads < 1 || nthreads > 1024 || grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.y > 65535 ||
-      grid.z > 65535 || smem_bytes > 227 * 1024) {
+      grid.z > 65535 || smem_bytes + 1024 > static_cast<size_t>(s.opt.smem_per_sm)) {
     s.last_error = cudaErrorInvalidValue;
     return cudaErrorInvalidValue;
   }

@@ -19,6 +19,7 @@ enum class Order { kForward = 0, kReverse = 1, kRandom = 2 };
 
 struct Options {
   int sms = 132;              // what cudaDevAttrMultiProcessorCount reports (H100 SXM)
+  int smem_per_sm = 228 * 1024;  // cudaDevAttrMaxSharedMemoryPerMultiprocessor (H100)
   Order order = Order::kForward;
   uint64_t seed = 0;          // for Order::kRandom
   int resident_blocks = 1;    // blocks whose fibers interleave (like blocks sharing an SM)

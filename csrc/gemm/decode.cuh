@@ -3,19 +3,21 @@
 //
 // Work split: the (row block, chunk) items of the layer (csrc/gemm/layout.cuh)
 // are cut into `warps_total` contiguous, balanced ranges, one per warp
-// (stream-K over warps: every warp streams its own weights; there is no
-// shared memory and no __syncthreads). A warp walks its range one item at a
-// time, row block by row block (a *segment*), loading the next item's
-// weights and scales (the HBM stream) into registers while it computes the
-// current one; the current item's activations (a few hundred bytes, L2
-// hits) are loaded at its start. Per group, one correction mma per k step
-// (csrc/gemm/layout.cuh) gives the accumulator every tile's fp32 partial sum
-// of q * a starts from; the partial sums are added times the group scale. A segment that covers a whole row block stores C directly;
-// a partial one goes through csrc/gemm/reduce.cuh.
+// (stream-K over warps). Warps never wait for each other: each has its own
+// ring of kDecodeStages shared-memory stages, and no __syncthreads is used.
+// A warp walks its range one item at a time, row block by row block (a
+// *segment*): cp.async brings item i + kDecodeStages - 1 (codes, scales and
+// the chunk's activations, token rows past M zero-filled) into the ring while
+// item i is computed, so two items per warp are in flight with no registers
+// held for them.
 //
-// Lanes whose token (g, or 8 + g) is >= M read token M - 1 instead: their
-// columns of the result are never stored, so the hot loop has no bounds
-// logic. The loop body has no runtime division and no branch but its own.
+// Per item and group, one correction mma per k step (csrc/gemm/layout.cuh)
+// gives the accumulator every tile's fp32 partial sum of q * a starts from;
+// the partial sums are added times the group scale. A segment that covers a
+// whole row block stores C directly; a partial one goes through
+// csrc/gemm/reduce.cuh. The loop body is straight-line: no runtime division,
+// no branch but its own (prefetches past the range's end re-read its last
+// item instead of being skipped).
 #pragma once
 
 #include "layout.cuh"
@@ -25,56 +27,124 @@ namespace gsq {
 
 constexpr int kDecodeWarps = 4;  // per block; warps are independent
 constexpr int kDecodeThreads = 32 * kDecodeWarps;
+constexpr int kDecodeStages = 3;
 
-// Blocks per SM the register budget is set for: 4 (16 warps, 128 registers)
-// where the item fits, fewer where two token tiles or two scale groups per
-// chunk need more registers than that (no spills anywhere).
-template <int CK, int G, int MT>
+// Blocks per SM the register budget is set for (no spills in any instantiation).
+template <int MT>
 constexpr int decode_min_blocks() {
-  return MT == 2 ? 2 : (CK / G == 2 ? 3 : 4);
+  return MT == 1 ? 4 : 2;
 }
 
-template <typename T, int BITS, int CK, int G, int MT>
-struct DecodeItem {
+// One warp's ring stage: an item's codes (as stored), its scales, and the
+// chunk's activations for 8 MT tokens (rows padded by 16 bytes so ldmatrix
+// rows fall in different banks).
+template <int BITS, int CK, int G, int MT>
+struct DecodeSmem {
   using L = Layout<BITS, CK>;
-  uint32_t w[kTilesPerItem][L::kWords];  // this lane's codes of the 4 tiles
-  uint4 s[CK / G];                       // scales: (row g, row g + 8) of the 4 tiles, per group
+  static constexpr int kWeightBytes = L::kItemWords * 4;
+  static constexpr int kScaleBytes = (CK / G) * 64 * 2;
+  static constexpr int kActRowHalves = CK + 8;
+  static constexpr int kActBytes = 8 * MT * kActRowHalves * 2;
+  static constexpr int kStageBytes = kWeightBytes + kScaleBytes + kActBytes;
+  static constexpr int kWarpBytes = kDecodeStages * kStageBytes;
+  static constexpr int kBytes = kDecodeWarps * kWarpBytes;
+  static_assert(kWeightBytes % 16 == 0 && kScaleBytes % 16 == 0 && kActBytes % 16 == 0, "16-byte pieces");
+};
+
+// Where this lane's cp.async pieces come from and go to, relative to an
+// item's codes / scales / activation chunk (fixed for the whole kernel, so
+// the loop only adds an item base and immediates):
+//   codes: pieces lane, lane + 32, ... (the lane's own 16 bytes of each plane row);
+//   scales: piece `lane` for the first kScaleBytes / 16 lanes;
+//   activations: token 8r + lane / 4 (round r < MT), its k run of CK / 4
+//   elements starting at (lane % 4) CK / 4, as CK / 32 consecutive pieces.
+template <typename T, int BITS, int CK, int G, int MT>
+struct DecodeCopy {
+  using SM = DecodeSmem<BITS, CK, G, MT>;
+  static constexpr int kRunHalves = CK / 4;
+  const T* act_src[MT];  // + chunk * CK
+  bool act_valid[MT];
+  int act_dst;           // byte offset in a stage (round r adds 8 r rows)
+  __device__ DecodeCopy(const T* A, int M, int K, int lane) {
+#pragma unroll
+    for (int r = 0; r < MT; ++r) {
+      const int token = 8 * r + lane / 4;
+      act_valid[r] = token < M;
+      act_src[r] = A + (size_t)(act_valid[r] ? token : 0) * K + (lane % 4) * kRunHalves;
+    }
+    act_dst = SM::kWeightBytes + SM::kScaleBytes + ((lane / 4) * SM::kActRowHalves + (lane % 4) * kRunHalves) * 2;
+  }
 };
 
 template <typename T, int BITS, int CK, int G, int MT>
-__device__ __forceinline__ void load_item(DecodeItem<T, BITS, CK, G, MT>& it, const uint32_t* w_item,
-                                          const T* s_item, int lane) {
+__device__ __forceinline__ void issue_item(unsigned char* stage, const uint32_t* w_lane, const T* s_lane,
+                                           const DecodeCopy<T, BITS, CK, G, MT>& cp, int chunk, int lane) {
   using L = Layout<BITS, CK>;
+  using SM = DecodeSmem<BITS, CK, G, MT>;
 #pragma unroll
-  for (int tile = 0; tile < kTilesPerItem; ++tile) load_tile_words<BITS, CK>(it.w[tile], w_item + tile * L::kTileWords, lane);
+  for (int i = 0; i < L::kWords; ++i) ptx::cp_async16(stage + lane * 16 + i * 512, w_lane + i * 128);
+  if (lane < SM::kScaleBytes / 16) ptx::cp_async16(stage + SM::kWeightBytes + lane * 16, s_lane);
 #pragma unroll
-  for (int gi = 0; gi < CK / G; ++gi) it.s[gi] = ptx::ld_nc_v4(reinterpret_cast<const uint4*>(s_item + 64 * gi));
+  for (int r = 0; r < MT; ++r)
+#pragma unroll
+    for (int i = 0; i < CK / 32; ++i)
+      ptx::cp_async16_zfill(stage + cp.act_dst + (8 * r * SM::kActRowHalves + 8 * i) * 2,
+                            cp.act_src[r] + (size_t)chunk * CK + 8 * i, cp.act_valid[r] ? 16 : 0);
 }
 
-// B fragments of a chunk: token g (+8 mt), k = 16 s + 2t + {0, 1} and the same + 8.
+// This lane's words of one tile, from a stage (the same planes as in memory).
+template <int BITS, int CK>
+__device__ __forceinline__ void stage_tile_words(uint32_t (&w)[Layout<BITS, CK>::kWords], const uint32_t* tile,
+                                                 int lane) {
+  using L = Layout<BITS, CK>;
+  if constexpr (L::kPlane4) {
+    const uint4 v = reinterpret_cast<const uint4*>(tile)[lane];
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  }
+  if constexpr (L::kPlane2) {
+    const uint2 v = reinterpret_cast<const uint2*>(tile + 32 * L::kPlane4)[lane];
+    w[L::kPlane4] = v.x, w[L::kPlane4 + 1] = v.y;
+  }
+  if constexpr (L::kPlane1) w[L::kPlane4 + L::kPlane2] = tile[32 * (L::kPlane4 + L::kPlane2) + lane];
+}
+
+// B fragments of the whole chunk from the stage's activations, by ldmatrix.x4:
+// MT = 1: matrices (k 16s, 16s + 8, 16s + 16, 16s + 24) = steps s and s + 1;
+// MT = 2: matrices (tokens 0-7, 8-15) x (k 16s, 16s + 8) = step s, both token tiles.
 template <typename T, int CK, int MT>
-__device__ __forceinline__ void load_activations(uint32_t (&b)[CK / 16][MT][2], const T* const (&a_rows)[MT], int k0) {
+__device__ __forceinline__ void stage_activations(uint32_t (&b)[CK / 16][MT][2], const T* act, int lane) {
+  constexpr int kRow = CK + 8;
+  if constexpr (MT == 1) {
 #pragma unroll
-  for (int s = 0; s < CK / 16; ++s)
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const uint32_t* row = reinterpret_cast<const uint32_t*>(a_rows[mt] + k0 + 16 * s);
-      b[s][mt][0] = ptx::ld_nc(row);
-      b[s][mt][1] = ptx::ld_nc(row + 4);  // k + 8
+    for (int s = 0; s < CK / 16; s += 2) {
+      uint32_t r[4];
+      ptx::ldmatrix_x4(r, act + (lane % 8) * kRow + 16 * s + 8 * (lane / 8));
+      b[s][0][0] = r[0], b[s][0][1] = r[1], b[s + 1][0][0] = r[2], b[s + 1][0][1] = r[3];
     }
+  } else {
+#pragma unroll
+    for (int s = 0; s < CK / 16; ++s) {
+      uint32_t r[4];
+      ptx::ldmatrix_x4(r, act + (8 * (lane / 16) + lane % 8) * kRow + 16 * s + 8 * ((lane / 8) % 2));
+      b[s][0][0] = r[0], b[s][0][1] = r[1], b[s][1][0] = r[2], b[s][1][1] = r[3];
+    }
+  }
 }
 
 // Per group: corr = A' x B (the magic + offset of every code, times the
 // activations, for all 16 rows at once), then each tile's partial sum starts
 // from corr and adds x * B: exactly q * a, in fp32. Then acc += scale * sum.
 template <typename T, int BITS, int CK, int G, int MT>
-__device__ __forceinline__ void compute_item(float (&acc)[kTilesPerItem][MT][4], const DecodeItem<T, BITS, CK, G, MT>& it,
-                                             const uint32_t (&b)[CK / 16][MT][2]) {
+__device__ __forceinline__ void compute_item(float (&acc)[kTilesPerItem][MT][4], const unsigned char* stage,
+                                             const uint32_t (&a_corr)[4], int lane) {
   using F = Fmt<T>;
   using T2 = typename F::T2;
+  using L = Layout<BITS, CK>;
+  using SM = DecodeSmem<BITS, CK, G, MT>;
   constexpr int kStepsPerGroup = G / 16;
-  uint32_t a_corr[4];
-  correction_fragment<T, BITS>(a_corr);
+  uint32_t b[CK / 16][MT][2];
+  stage_activations<T, CK, MT>(b, reinterpret_cast<const T*>(stage + SM::kWeightBytes + SM::kScaleBytes), lane);
+  const uint32_t* scales = reinterpret_cast<const uint32_t*>(stage + SM::kWeightBytes) + (lane / 4) * 4;
   static_for<CK / G>([&](auto gi_c) {
     constexpr int gi = decltype(gi_c)::value;
     float corr[MT][4];
@@ -90,11 +160,13 @@ __device__ __forceinline__ void compute_item(float (&acc)[kTilesPerItem][MT][4],
     });
 #pragma unroll
     for (int tile = 0; tile < kTilesPerItem; ++tile) {
+      uint32_t w[L::kWords];
+      stage_tile_words<BITS, CK>(w, reinterpret_cast<const uint32_t*>(stage) + tile * L::kTileWords, lane);
       float p[MT][4];
       static_for<kStepsPerGroup>([&](auto ss_c) {
         constexpr int ss = decltype(ss_c)::value, s = gi * kStepsPerGroup + ss;
         uint32_t a[4];
-        a_fragment<T, BITS, s, false>(a, it.w[tile]);
+        a_fragment<T, BITS, s, false>(a, w);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           if constexpr (ss == 0)
@@ -103,8 +175,8 @@ __device__ __forceinline__ void compute_item(float (&acc)[kTilesPerItem][MT][4],
             F::mma(p[mt], a, b[s][mt]);
         }
       });
-      // (scale of row g, scale of row g + 8) of this tile: word `tile` of the 16-byte load
-      const uint32_t sw = tile == 0 ? it.s[gi].x : tile == 1 ? it.s[gi].y : tile == 2 ? it.s[gi].z : it.s[gi].w;
+      // (scale of row g, scale of row g + 8) of this tile: scales [group][g][tile][2]
+      const uint32_t sw = scales[gi * 32 + tile];
       const T2 s2 = *reinterpret_cast<const T2*>(&sw);
       const float s_lo = F::to_float(s2.x), s_hi = F::to_float(s2.y);
 #pragma unroll
@@ -141,43 +213,60 @@ __device__ __forceinline__ int owner_of(long long i, long long items, int warps)
 }
 
 template <typename T, int BITS, int CK, int G, int MT>
-__global__ void __launch_bounds__(kDecodeThreads, decode_min_blocks<CK, G, MT>())
+__global__ void __launch_bounds__(kDecodeThreads, decode_min_blocks<MT>())
     gsq_decode_kernel(const T* __restrict__ A, const uint32_t* __restrict__ B, const T* __restrict__ S,
                       T* __restrict__ C, float* __restrict__ ws, int* __restrict__ counters, int M, int N, int K,
                       int warps_total) {
-  using L = Layout<BITS, CK>;
+  using SM = DecodeSmem<BITS, CK, G, MT>;
   constexpr int kFloats = kTilesPerItem * MT * 4;
-  const int lane = threadIdx.x % 32;
-  const int gw = blockIdx.x * kDecodeWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int gw = blockIdx.x * kDecodeWarps + warp;
   if (gw >= warps_total) return;
-  const int g = lane / 4, t = lane % 4;
+  unsigned char* ring = ptx::dynamic_smem() + warp * SM::kWarpBytes;
   const int chunks = K / CK;
   const long long items = (long long)(N / kRowBlock) * chunks;
   const long long begin = items * gw / warps_total, end = items * (gw + 1) / warps_total;
-  const T* a_rows[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) a_rows[mt] = A + (size_t)min(8 * mt + g, M - 1) * K + 2 * t;
-  const T* s_lane = S + g * 8;  // item i's scales start at 64 (CK / G) i
 
+  // prologue: the first kDecodeStages - 1 items of the range in flight
+  using L = Layout<BITS, CK>;
+  const DecodeCopy<T, BITS, CK, G, MT> cp(A, M, K, lane);
+  const uint32_t* w_lane = B + begin * L::kItemWords + lane * 4;     // + kItemWords per item
+  const T* s_lane = S + begin * (CK / G) * 64 + lane * 8;            // + (CK / G) 64 per item
+  int c_issue = (int)(begin % chunks);
+#pragma unroll
+  for (int st = 0; st < kDecodeStages - 1; ++st) {
+    issue_item<T, BITS, CK, G, MT>(ring + st * SM::kStageBytes, w_lane, s_lane, cp, c_issue, lane);
+    ptx::cp_async_commit();
+    if (begin + st + 1 < end) {  // never past the range's last item
+      w_lane += L::kItemWords;
+      s_lane += (CK / G) * 64;
+      c_issue = c_issue + 1 == chunks ? 0 : c_issue + 1;
+    }
+  }
+  uint32_t a_corr[4];  // the correction mma's constant A operand
+  correction_fragment<T, BITS>(a_corr);
+  int stage = 0;  // ring stage of `item`; item + kDecodeStages - 1 goes into the one before it
   long long item = begin;
-  int c = (int)(begin % chunks);
-  DecodeItem<T, BITS, CK, G, MT> cur;
-  load_item<T, BITS, CK, G, MT>(cur, B + item * L::kItemWords, s_lane + item * (CK / G) * 64, lane);
   while (item < end) {
     const int rb = (int)(item / chunks);  // once per segment
     const long long seg_begin = item;
     const long long seg_end = min(end, (long long)(rb + 1) * chunks);
     float acc[kTilesPerItem][MT][4] = {};
     for (; item < seg_end; ++item) {
-      uint32_t b[L::kSteps][MT][2];
-      load_activations<T, CK, MT>(b, a_rows, c * CK);
-      // the next item's weights and scales (the last item re-reads itself)
-      const long long nxt = min(item + 1, items - 1);
-      DecodeItem<T, BITS, CK, G, MT> next;
-      load_item<T, BITS, CK, G, MT>(next, B + nxt * L::kItemWords, s_lane + nxt * (CK / G) * 64, lane);
-      compute_item<T, BITS, CK, G, MT>(acc, cur, b);
-      cur = next;
-      c = c + 1 == chunks ? 0 : c + 1;  // the chunk wraps to 0 at a new row block
+      ptx::cp_async_wait<kDecodeStages - 2>();
+      __syncwarp();  // item's pieces (copied by all lanes) visible to all; the stage refilled below is free
+      // refill the stage freed last time; past the range's end it re-reads the last item (never
+      // computed again), which keeps the loop free of branches
+      const int refill = stage == 0 ? kDecodeStages - 1 : stage - 1;
+      issue_item<T, BITS, CK, G, MT>(ring + refill * SM::kStageBytes, w_lane, s_lane, cp, c_issue, lane);
+      ptx::cp_async_commit();
+      if (item + kDecodeStages < end) {  // advance the copy pointers (compiled to selects)
+        w_lane += L::kItemWords;
+        s_lane += (CK / G) * 64;
+        c_issue = c_issue + 1 == chunks ? 0 : c_issue + 1;
+      }
+      compute_item<T, BITS, CK, G, MT>(acc, ring + stage * SM::kStageBytes, a_corr, lane);
+      stage = stage + 1 == kDecodeStages ? 0 : stage + 1;
     }
     if (seg_begin == (long long)rb * chunks && seg_end == (long long)(rb + 1) * chunks) {
       store_row_block<T, MT>(C, acc, rb, M, N, lane);
@@ -196,6 +285,7 @@ __global__ void __launch_bounds__(kDecodeThreads, decode_min_blocks<CK, G, MT>()
     }
     store_row_block<T, MT>(C, sum, rb, M, N, lane);
   }
+  ptx::cp_async_wait<0>();
 }
 
 }  // namespace gsq

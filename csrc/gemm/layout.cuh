@@ -181,12 +181,16 @@ __device__ __forceinline__ uint32_t code_pair(const uint32_t (&w)[NW]) {
 
 // The constant A' of the decode correction mma: -c(J0) in rows 0-7 (registers
 // 0, 2), -c(J1) in rows 8-15 (registers 1, 3).
+// (Built once per kernel and kept in one register quad: the empty asm hides
+// the values from the compiler, which would otherwise rebuild the quad from
+// immediates before every correction mma.)
 template <typename T, int BITS>
 __device__ __forceinline__ void correction_fragment(uint32_t (&a)[4]) {
   constexpr uint32_t lo = 0x8000u | Slots<T, BITS>::c_bits(Slots<T, BITS>::kJ0);
   constexpr uint32_t hi = 0x8000u | Slots<T, BITS>::c_bits(Slots<T, BITS>::kJ1);
   a[0] = a[2] = lo | lo << 16;
   a[1] = a[3] = hi | hi << 16;
+  ptx::opaque(a);
 }
 
 // f(std::integral_constant<int, 0>{}) ... f(std::integral_constant<int, N - 1>{}):

@@ -54,12 +54,15 @@ __global__ void __launch_bounds__(kPrefillThreads, prefill_min_blocks<MT>())
   const int n_chunks = c_end - c_begin;
   const int token0 = tb * SM::kTokens;
 
-  // cp.async of one chunk of the token block's activations (16-byte pieces; rows past M zero-filled)
+  // cp.async of one chunk of the token block's activations (16-byte pieces; rows past M
+  // zero-filled): thread `tid` copies pieces tid, tid + 128, ...
+  constexpr int kPieces = SM::kTokens * CK / 8;
+  static_assert(kPieces % kPrefillThreads == 0, "whole rounds of pieces");
   auto load_stage = [&](int stage, int chunk) {
     T* dst = smem + stage * SM::kStageHalves;
-    constexpr int kPieces = SM::kTokens * CK / 8;
 #pragma unroll
-    for (int i = tid; i < kPieces; i += kPrefillThreads) {
+    for (int r = 0; r < kPieces / kPrefillThreads; ++r) {
+      const int i = r * kPrefillThreads + tid;
       const int row = i / (CK / 8), col = (i % (CK / 8)) * 8;
       const int token = token0 + row;
       const bool valid = token < M;
@@ -94,9 +97,9 @@ __global__ void __launch_bounds__(kPrefillThreads, prefill_min_blocks<MT>())
   for (int it = 0; it < n_chunks; ++it) {
     ptx::cp_async_wait<kPrefillStages - 2>();
     __syncthreads();  // chunk `it` landed for everyone; the stage refilled below is no longer read
-    {
+    {  // past the last chunk the stage is refilled with it again (never read): no branch
       const int nxt = it + kPrefillStages - 1;
-      if (nxt < n_chunks) load_stage(nxt % kPrefillStages, c_begin + nxt);
+      load_stage(nxt % kPrefillStages, c_begin + min(nxt, n_chunks - 1));
       ptx::cp_async_commit();
     }
     uint32_t w_next[L::kWords], s_next[kGroups];

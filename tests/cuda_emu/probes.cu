@@ -101,10 +101,10 @@ __global__ void misaligned_copy(const __half* a, __half* c) {
 
 }  // namespace probes
 
-GsqGemmPlan gsq_gemm_plan(int, int, int, int) { return GsqGemmPlan{}; }
+GsqGemmPlan gsq_gemm_plan(int, int, int, int, int, GsqDevice) { return GsqGemmPlan{}; }
 
 cudaError_t gsq_gemm_launch(const void* a, const void*, const void*, void* c, void*, size_t, int*, size_t, int m,
-                            int n, int k, int probe, int, bool, int, cudaStream_t stream) {
+                            int n, int k, int probe, int, bool, GsqDevice, cudaStream_t stream) {
   using namespace probes;
   auto A = static_cast<const __half*>(a);
   auto C = static_cast<__half*>(c);
