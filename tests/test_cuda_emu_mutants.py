@@ -34,23 +34,26 @@ MUTANTS = {
         "    a[0] = magic_pair<T, BITS, 4 * S>(w), a[2] = magic_pair<T, BITS, 4 * S + 1>(w);\n"
         "    a[1] = magic_pair<T, BITS, 4 * S + 2>(w), a[3] = magic_pair<T, BITS, 4 * S + 3>(w);")]),
     "swapped B fragment registers": ("gemm/decode.cuh", [(
-        "      b[s][mt][0] = ptx::ld_nc(row);\n      b[s][mt][1] = ptx::ld_nc(row + 4);  // k + 8",
-        "      b[s][mt][1] = ptx::ld_nc(row);\n      b[s][mt][0] = ptx::ld_nc(row + 4);  // k + 8")]),
+        "b[s][0][0] = r[0], b[s][0][1] = r[1], b[s + 1][0][0] = r[2]",
+        "b[s][0][0] = r[1], b[s][0][1] = r[0], b[s + 1][0][0] = r[2]")]),
     "dropped cp.async wait": ("gemm/prefill.cuh", [("    ptx::cp_async_wait<kPrefillStages - 2>();\n", "")]),
     "dropped barrier": ("gemm/prefill.cuh", [("    __syncthreads();  // chunk", "    // chunk")]),
     "prefetch one stage too far": ("gemm/prefill.cuh", [("const int nxt = it + kPrefillStages - 1;",
                                                          "const int nxt = it + kPrefillStages;")]),
     "3-bit spare pair bit from the wrong word": ("gemm/layout.cuh", [(
         "shift_by<j + 1 - 15>(w[w0 + 1])", "shift_by<j + 1 - 15>(w[w0 + 2])")]),
-    "wrong scale column": ("gemm/decode.cuh", [(
-        "tile == 0 ? it.s[gi].x : tile == 1 ? it.s[gi].y", "tile == 0 ? it.s[gi].y : tile == 1 ? it.s[gi].x")]),
+    "wrong scale column": ("gemm/decode.cuh", [("const uint32_t sw = scales[gi * 32 + tile];",
+                                                "const uint32_t sw = scales[gi * 32 + (tile ^ 1)];")]),
     "no zero-fill for rows past M": ("gemm/prefill.cuh", [("(valid ? token : 0)", "token"),
                                                           ("valid ? 16 : 0", "16")]),
     "split end past the next split's start": ("gemm/prefill.cuh", [(
         "const int c_end = (int)((long long)chunks * (split + 1) / splits);",
         "const int c_end = min(chunks, (int)((long long)chunks * (split + 1) / splits) + 1);")]),
-    "unclamped decode prefetch": ("gemm/decode.cuh", [("const long long nxt = min(item + 1, items - 1);",
-                                                       "const long long nxt = item + 1;")]),
+    "unclamped decode prefetch": ("gemm/decode.cuh", [("      if (item + kDecodeStages < end) {  // advance",
+                                                       "      if (true) {  // advance")]),
+    "decode ring read without __syncwarp": ("gemm/decode.cuh", [("      __syncwarp();  // item's pieces", "      // item's pieces")]),
+    "decode ring refills the stage being read": ("gemm/decode.cuh", [(
+        "const int refill = stage == 0 ? kDecodeStages - 1 : stage - 1;", "const int refill = stage;")]),
     "wrong code offset": ("gemm/layout.cuh", [("Fmt<T>::magic(j) | ((1u << (BITS - 1)) << j)",
                                                "Fmt<T>::magic(j) | ((1u << (BITS - 1)) << j) | (1u << j)")]),
     "tile sums miss the correction": ("gemm/decode.cuh", [("F::mma_cd(p[mt], a, b[s][mt], corr[mt]);",

@@ -295,7 +295,7 @@ def test_load_time_selfcheck_stops_a_wrong_kernel(vllm_dist, monkeypatch, fresh_
 
     from gsq_vllm import cuda_emu
 
-    wrong = cuda_emu.Emulator(_build("wrong scale column", MUTANTS["wrong scale column"], tmp_path))
+    wrong = cuda_emu.Emulator(_build("wrong scale column", MUTANTS["wrong scale column"], tmp_path))  # a mutated csrc
     monkeypatch.setattr(cuda_emu, "_default", wrong)
     monkeypatch.setenv("GSQ_KERNEL", "cuda-emu")
     with pytest.raises(RuntimeError, match=r"self-check failed for layer model.layers.0.mlp.gate_up_proj.*"
