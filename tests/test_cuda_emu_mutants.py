@@ -42,8 +42,8 @@ MUTANTS = {
                                                          "const int nxt = it + kPrefillStages;")]),
     "3-bit spare pair bit from the wrong word": ("gemm/layout.cuh", [(
         "shift_by<j + 1 - 15>(w[w0 + 1])", "shift_by<j + 1 - 15>(w[w0 + 2])")]),
-    "wrong scale column": ("gemm/decode.cuh", [("const uint32_t sw = scales[gi * 32 + tile];",
-                                                "const uint32_t sw = scales[gi * 32 + (tile ^ 1)];")]),
+    "wrong scale column": ("gemm/decode.cuh", [("add_scaled<T, MT>(acc[tile], p, scales[gi * 32 + tile]);",
+                                                "add_scaled<T, MT>(acc[tile], p, scales[gi * 32 + (tile ^ 1)]);")]),
     "no zero-fill for rows past M": ("gemm/prefill.cuh", [("(valid ? token : 0)", "token"),
                                                           ("valid ? 16 : 0", "16")]),
     "split end past the next split's start": ("gemm/prefill.cuh", [(

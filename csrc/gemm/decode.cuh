@@ -138,7 +138,6 @@ template <typename T, int BITS, int CK, int G, int MT>
 __device__ __forceinline__ void compute_item(float (&acc)[kTilesPerItem][MT][4], const unsigned char* stage,
                                              const uint32_t (&a_corr)[4], int lane) {
   using F = Fmt<T>;
-  using T2 = typename F::T2;
   using L = Layout<BITS, CK>;
   using SM = DecodeSmem<BITS, CK, G, MT>;
   constexpr int kStepsPerGroup = G / 16;
@@ -176,16 +175,7 @@ __device__ __forceinline__ void compute_item(float (&acc)[kTilesPerItem][MT][4],
         }
       });
       // (scale of row g, scale of row g + 8) of this tile: scales [group][g][tile][2]
-      const uint32_t sw = scales[gi * 32 + tile];
-      const T2 s2 = *reinterpret_cast<const T2*>(&sw);
-      const float s_lo = F::to_float(s2.x), s_hi = F::to_float(s2.y);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        acc[tile][mt][0] += s_lo * p[mt][0];  // c0, c1: row g
-        acc[tile][mt][1] += s_lo * p[mt][1];
-        acc[tile][mt][2] += s_hi * p[mt][2];  // c2, c3: row g + 8
-        acc[tile][mt][3] += s_hi * p[mt][3];
-      }
+      add_scaled<T, MT>(acc[tile], p, scales[gi * 32 + tile]);
     }
   });
 }

@@ -193,6 +193,22 @@ __device__ __forceinline__ void correction_fragment(uint32_t (&a)[4]) {
   ptx::opaque(a);
 }
 
+// acc += scale * p for the C fragments of MT token tiles: c0, c1 are row g
+// (scale = low half of `scale_pair`), c2, c3 row g + 8 (high half).
+template <typename T, int MT>
+__device__ __forceinline__ void add_scaled(float (&acc)[MT][4], const float (&p)[MT][4], uint32_t scale_pair) {
+  using F = Fmt<T>;
+  const typename F::T2 s2 = *reinterpret_cast<const typename F::T2*>(&scale_pair);
+  const float s_lo = F::to_float(s2.x), s_hi = F::to_float(s2.y);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    acc[mt][0] += s_lo * p[mt][0];
+    acc[mt][1] += s_lo * p[mt][1];
+    acc[mt][2] += s_hi * p[mt][2];
+    acc[mt][3] += s_hi * p[mt][3];
+  }
+}
+
 // f(std::integral_constant<int, 0>{}) ... f(std::integral_constant<int, N - 1>{}):
 // a loop whose index is a constant expression in the body.
 template <int N, typename F>

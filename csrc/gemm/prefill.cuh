@@ -40,7 +40,6 @@ __global__ void __launch_bounds__(kPrefillThreads, prefill_min_blocks<MT>())
                        int splits) {
   using L = Layout<BITS, CK>;
   using F = Fmt<T>;
-  using T2 = typename F::T2;
   using SM = PrefillSmem<CK, MT>;
   constexpr int kGroups = CK / G, kStepsPerGroup = G / 16;
   T* smem = reinterpret_cast<T*>(ptx::dynamic_smem());
@@ -127,15 +126,7 @@ __global__ void __launch_bounds__(kPrefillThreads, prefill_min_blocks<MT>())
           }
         }
       });
-      const T2 s2 = *reinterpret_cast<const T2*>(&s_cur[gi]);
-      const float s_lo = F::to_float(s2.x), s_hi = F::to_float(s2.y);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        acc[mt][0] += s_lo * p[mt][0];
-        acc[mt][1] += s_lo * p[mt][1];
-        acc[mt][2] += s_hi * p[mt][2];
-        acc[mt][3] += s_hi * p[mt][3];
-      }
+      add_scaled<T, MT>(acc, p, s_cur[gi]);
     });
 #pragma unroll
     for (int i = 0; i < L::kWords; ++i) w_cur[i] = w_next[i];
