@@ -90,6 +90,7 @@ setup(
         "accelerate",
         "lion-pytorch",
         "tqdm",
+        "compressed-tensors",
     ],
     extras_require={
         # cuobjdump / nvdisasm: benchmarks/kernel_static.py reads the kernels' SASS (no GPU needed)
@@ -101,6 +102,7 @@ setup(
             "gsq-quantize=quantize.cli:main",
             "gsq-eval=quantize.eval_cli:main",
             "gsq-serve=gsq_vllm.serve:main",
+            "gsq-convert=gsq_vllm.convert:main",
         ],
         "vllm.general_plugins": [
             "gsq=gsq_vllm.plugin:register",

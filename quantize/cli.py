@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping (fraction of mean diagonal)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order with static groups")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--init", default=None, metavar="FOLDER",
+                   help="--method gsq: start from this quantized checkpoint's codes and scales instead of GPTQ "
+                        "(GSQ, compressed-tensors pack-quantized or GPTQ format; refine in place)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared 2-core machine more threads spin and run 10-20x slower)")
     p.add_argument("--work-dir", default=None, help="resume folder (default: .<out>.work next to --out)")
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = QuantizeSettings(
             method=args.method, bits=bits, group_size=args.group_size, nsamples=args.nsamples,
             seqlen=args.seqlen, seed=args.seed, modules_to_not_convert=excluded, damp=args.damp,
-            act_order=args.act_order, batch_size=args.batch_size,
+            act_order=args.act_order, batch_size=args.batch_size, init=args.init,
         )
         model_dir = resolve_model(args.model)
         pipe = BlockPipeline(model_dir, args.out, settings, work_dir=args.work_dir, gsq_options=gsq_options,

@@ -3,7 +3,8 @@
 Flow: embed N calibration sequences (block-0 inputs) -> for each block i:
 load block i from safetensors (fp32), run it on its inputs to get the fp
 targets while accumulating each linear's input Hessian, quantize its linears
-(RTN, GPTQ, or GPTQ + GSQ refinement), put the dequantized weights in and run
+(RTN, GPTQ, or GSQ refinement from GPTQ or from an existing quantized
+checkpoint's codes -- ``init``), put the dequantized weights in and run
 it again to get block i+1's inputs (propagated through quantized blocks).
 
 Resume: after each block the work folder gets ``block-XXXXX.safetensors``
@@ -29,6 +30,7 @@ from gsq_vllm.format import (
     FormatError,
     GSQQuantConfig,
     check_group_size,
+    grid_range,
     is_excluded,
     read_model_config,
 )
@@ -54,6 +56,7 @@ class QuantizeSettings:
     damp: float = 0.01
     act_order: bool = False
     batch_size: int = 8
+    init: str | None = None  # gsq: start from this quantized checkpoint's codes and scales, not GPTQ
 
 
 def block_linears(block: torch.nn.Module, excluded: list[str], block_prefix: str) -> list[str]:
@@ -147,8 +150,37 @@ class BlockPipeline:
             self.names.append(names)
         if not any(self.names):
             raise FormatError("no linear layer left to quantize (check --modules-to-not-convert)")
+        self.init = self._read_init() if s.init else None
         for name in self.reader.names():  # every weight finite, before any work
             self.reader.get(name)
+
+    def _read_init(self) -> dict[str, QuantizedWeight]:
+        """The --init checkpoint's codes and scales for every linear to quantize (any format
+        gsq_vllm.convert reads), checked against the settings."""
+        from gsq_vllm.convert import read_checkpoint
+
+        s = self.s
+        if s.method != "gsq":
+            raise FormatError("--init starts GSQ from a quantized checkpoint: use it with --method gsq")
+        ck = read_checkpoint(s.init)
+        if ck.group_size != s.group_size:
+            raise FormatError(f"--init {s.init}: group size {ck.group_size}, but --group-size is {s.group_size}")
+        qmin, qmax = grid_range(s.bits)
+        init = {}
+        for i, names in enumerate(self.names):
+            for n in names:
+                prefix = f"model.layers.{i}.{n}"
+                if prefix not in ck.linears:
+                    raise FormatError(f"--init {s.init}: {prefix} is not quantized there")
+                codes, scales = ck.linears[prefix]
+                shape = tuple(self.layers[i].get_submodule(n).weight.shape)
+                if tuple(codes.shape) != shape:
+                    raise FormatError(f"--init {s.init}: {prefix} is {tuple(codes.shape)}, the model's is {shape}")
+                if int(codes.min()) < qmin or int(codes.max()) > qmax:
+                    raise FormatError(f"--init {s.init}: {prefix} has codes outside the {s.bits}-bit grid "
+                                      f"[{qmin}, {qmax}]; choose --bits to match the checkpoint")
+                init[prefix] = QuantizedWeight(codes, scales.float(), s.bits, s.group_size)
+        return init
 
     def _fingerprint(self, ids: torch.Tensor) -> str:
         h = hashlib.sha256(json.dumps(asdict(self.s), sort_keys=True).encode())
@@ -200,13 +232,15 @@ class BlockPipeline:
             prefix = f"model.layers.{i}"
             block = self.reader.load_into(self.layers[i], prefix).eval()
             names = self.names[i]
-            # RTN needs no Hessians
-            targets, hess = run_block_with_hessians(block, names if s.method != "rtn" else [], x, pos_emb,
-                                                    s.batch_size)
+            # RTN, and GSQ from an --init checkpoint, need no Hessians
+            targets, hess = run_block_with_hessians(
+                block, names if s.method != "rtn" and self.init is None else [], x, pos_emb, s.batch_size)
             result: dict[str, QuantizedWeight] = {}
             for n in names:
                 w = block.get_submodule(n).weight.data
-                if s.method == "rtn":
+                if self.init is not None:
+                    result[n] = self.init[f"{prefix}.{n}"]
+                elif s.method == "rtn":
                     result[n] = rtn_quantize(w, s.bits, s.group_size)
                 else:
                     result[n] = gptq_quantize(w, hess[n], s.bits, s.group_size, damp=s.damp, act_order=s.act_order)
