@@ -36,7 +36,7 @@ def parse_setting(text: str):
         key, _, value = item.partition("=")
         if key not in types:
             raise SystemExit(f"unknown GSQ option {key!r} in setting {text!r}")
-        kw[key] = int(value) if key in ("epochs", "batch_size") else float(value)
+        kw[key] = int(value) if key in ("epochs", "batch_size", "micro_batch_size") else float(value)
     kw["keep_best"] = False  # measure the method itself, not the safeguard
     return GSQOptions(**kw)
 

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modules-to-not-convert", default="", help="comma-separated module names kept unquantized")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping (fraction of mean diagonal)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order with static groups")
+    p.add_argument("--scale-search", choices=["mse", "gptq-ref"], default="mse",
+                   help="RTN/GPTQ group scales: mse (41 positive clip factors, squared error) or gptq-ref "
+                        "(the GSQ reference's: 80 clip factors, |error|^2.4, negative scales at 2 bits)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--init", default=None, metavar="FOLDER",
                    help="--method gsq: start from this quantized checkpoint's codes and scales instead of GPTQ "
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = QuantizeSettings(
             method=args.method, bits=bits, group_size=args.group_size, nsamples=args.nsamples,
             seqlen=args.seqlen, seed=args.seed, modules_to_not_convert=excluded, damp=args.damp,
-            act_order=args.act_order, batch_size=args.batch_size, init=args.init,
+            act_order=args.act_order, batch_size=args.batch_size, init=args.init, scale_search=args.scale_search,
         )
         model_dir = resolve_model(args.model)
         pipe = BlockPipeline(model_dir, args.out, settings, work_dir=args.work_dir, gsq_options=gsq_options,

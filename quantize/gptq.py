@@ -23,6 +23,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    scale_search: str = "mse",
 ) -> QuantizedWeight:
     """Quantize weight ``[N, K]`` given the layer-input Hessian float32 ``[K, K]`` (sum of x x^T).
 
@@ -44,7 +45,7 @@ def gptq_quantize(
     if act_order:
         for g in range(ngroups):
             cols = slice(g * group_size, (g + 1) * group_size)
-            scales[:, g] = mse_scales(W[:, cols], bits).squeeze(1)
+            scales[:, g] = mse_scales(W[:, cols], bits, search=scale_search).squeeze(1)
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(k)
@@ -66,7 +67,7 @@ def gptq_quantize(
             orig = int(perm[col])
             g = orig // group_size
             if not act_order and col % group_size == 0:
-                scales[:, g] = mse_scales(W1[:, i : i + group_size], bits).squeeze(1)
+                scales[:, g] = mse_scales(W1[:, i : i + group_size], bits, search=scale_search).squeeze(1)
             s = scales[:, g]
             q = round_to_grid(W1[:, i], s, bits)
             Q1[:, i] = q

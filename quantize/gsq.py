@@ -45,8 +45,9 @@ LOCAL_SHIFTS = (-2, -1, 0, 1, 2)
 class GSQOptions:
     """Hyper-parameters of one GSQ block refinement (defaults = the paper / reference config)."""
 
-    epochs: int = 10              # passes over the block's calibration inputs
-    batch_size: int = 16          # sequences per optimisation step (reference microbatch 16)
+    epochs: int = 10              # passes over the block's calibration inputs (paper: 20)
+    batch_size: int = 64          # sequences per Lion step (the reference's 64)
+    micro_batch_size: int = 16    # sequences per forward/backward; gradients accumulate to a step
     lr_logits: float = 1e-4
     lr_scales: float = 5e-5
     wd_logits: float = 1.0
@@ -68,8 +69,9 @@ class GSQOptions:
         return 3.0 if normalize_bits(bits) == 1.58 else 6.0
 
 
-# The `fast` preset: SmolLM2-135M on 2 CPU cores. The paper's 10 epochs x microbatch 16 over
-# thousands of sequences is ~2.5k Lion steps per block; a CPU run affords ~64. Lion moves a logit
+# The `paper` preset is the reference's: one Lion step per 64 sequences (micro-batches of 16
+# accumulated), 10 epochs -- 640-1280 steps per block over its 4-8k calibration sequences.
+# The `fast` preset: SmolLM2-135M on 2 CPU cores, which affords ~64 steps per block. Lion moves a logit
 # by about lr per step, so at lr 1e-4 64 steps barely cross the init's logit gaps (~0.03); the
 # preset takes the most steps it can (microbatch 1) and a 3x logits lr. Measured with
 # benchmarks/gsq_block_sweep.py (2-bit MLP, blocks 0-2 of SmolLM2, 32 x 256 calibration tokens,
@@ -83,7 +85,7 @@ class GSQOptions:
 # The scales' lr hardly matters at this step count (5e-5, 2e-5, 0 within 1 %).
 PRESETS: dict[str, dict] = {
     "paper": {},
-    "fast": {"epochs": 2, "batch_size": 1, "lr_logits": 3e-4, "lr_scales": 5e-5},
+    "fast": {"epochs": 2, "batch_size": 1, "micro_batch_size": 1, "lr_logits": 3e-4, "lr_scales": 5e-5},
 }
 
 
@@ -91,9 +93,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """GSQ options for `gsq-quantize --method gsq`. Explicit flags override the preset."""
     g = parser.add_argument_group("GSQ")
     g.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                   help="paper: reference defaults; fast: CPU (2 epochs, microbatch 1, lr logits 3e-4 / scales 5e-5)")
+                   help="paper: the reference's (10 epochs, 64 sequences per step in micro-batches of 16); "
+                        "fast: CPU (2 epochs, 1 sequence per step, lr logits 3e-4 / scales 5e-5)")
     g.add_argument("--gsq-epochs", type=int, default=None)
-    g.add_argument("--gsq-batch-size", type=int, default=None)
+    g.add_argument("--gsq-batch-size", type=int, default=None, help="sequences per Lion step")
+    g.add_argument("--gsq-micro-batch-size", type=int, default=None,
+                   help="sequences per forward/backward (gradients accumulate; memory only)")
     g.add_argument("--gsq-lr-logits", type=float, default=None)
     g.add_argument("--gsq-lr-scales", type=float, default=None)
     g.add_argument("--gsq-wd-logits", type=float, default=None)
@@ -107,7 +112,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args) -> GSQOptions:
     kw = dict(PRESETS[getattr(args, "preset", None) or "paper"])
-    direct = {"gsq_epochs": "epochs", "gsq_batch_size": "batch_size",
+    direct = {"gsq_epochs": "epochs", "gsq_batch_size": "batch_size", "gsq_micro_batch_size": "micro_batch_size",
               "gsq_lr_logits": "lr_logits", "gsq_lr_scales": "lr_scales",
               "gsq_wd_logits": "wd_logits", "gsq_alpha": "alpha"}
     for arg, field in direct.items():
@@ -120,8 +125,8 @@ def options_from_args(args) -> GSQOptions:
     if getattr(args, "gsq_store_noise", False):
         kw["store_noise"] = True
     opts = GSQOptions(**kw)
-    if opts.epochs < 1 or opts.batch_size < 1:
-        raise ValueError("--gsq-epochs and --gsq-batch-size must be >= 1")
+    if opts.epochs < 1 or opts.batch_size < 1 or opts.micro_batch_size < 1:
+        raise ValueError("--gsq-epochs, --gsq-batch-size and --gsq-micro-batch-size must be >= 1")
     return opts
 
 
@@ -355,6 +360,7 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
     originals: dict[str, nn.Module] = {}
     n = inputs.shape[0]
     bs = min(options.batch_size, n)
+    micro = min(options.micro_batch_size, bs)
     steps_per_epoch = math.ceil(n / bs)
     total = options.epochs * steps_per_epoch
     log = {"options": asdict(options), "seed": int(seed), "names": list(names),
@@ -395,16 +401,22 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
                 kappa = linear_schedule(options.kappa_start, options.kappa_end, step, total)
                 for m in layers.values():
                     m.tau, m.kappa = tau, kappa
-                loss = F.mse_loss(forward(inputs[idx]), targets[idx])
-                if not loss.requires_grad:
-                    raise RuntimeError("refine_block: `forward` ran without autograd (torch.no_grad?)")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss_sum = 0.0
+                for j in range(0, len(idx), micro):
+                    part = idx[j:j + micro]
+                    # Mean over the whole step's elements, whatever the micro-batching.
+                    loss = F.mse_loss(forward(inputs[part]), targets[part], reduction="sum") / (
+                        len(idx) * targets[0].numel())
+                    if not loss.requires_grad:
+                        raise RuntimeError("refine_block: `forward` ran without autograd (torch.no_grad?)")
+                    loss.backward()
+                    loss_sum += loss.item()
                 lr = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()
                 if step % options.log_every == 0 or step == total - 1:
-                    log["steps"].append({"step": step, "epoch": epoch, "soft_mse": loss.item(),
+                    log["steps"].append({"step": step, "epoch": epoch, "soft_mse": loss_sum,
                                          "tau": tau, "kappa": kappa, "lr_logits": lr})
                 step += 1
             log["hard_mse"].append(_hard_mse(forward, layers.values(), inputs, targets, bs))

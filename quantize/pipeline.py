@@ -57,6 +57,7 @@ class QuantizeSettings:
     act_order: bool = False
     batch_size: int = 8
     init: str | None = None  # gsq: start from this quantized checkpoint's codes and scales, not GPTQ
+    scale_search: str = "mse"  # RTN / GPTQ group scales: mse or gptq-ref (quantize/rtn.py)
 
 
 def block_linears(block: torch.nn.Module, excluded: list[str], block_prefix: str) -> list[str]:
@@ -241,9 +242,10 @@ class BlockPipeline:
                 if self.init is not None:
                     result[n] = self.init[f"{prefix}.{n}"]
                 elif s.method == "rtn":
-                    result[n] = rtn_quantize(w, s.bits, s.group_size)
+                    result[n] = rtn_quantize(w, s.bits, s.group_size, search=s.scale_search)
                 else:
-                    result[n] = gptq_quantize(w, hess[n], s.bits, s.group_size, damp=s.damp, act_order=s.act_order)
+                    result[n] = gptq_quantize(w, hess[n], s.bits, s.group_size, damp=s.damp, act_order=s.act_order,
+                                              scale_search=s.scale_search)
             if refine is not None:
                 # GSQ backpropagates through this call, so it keeps gradients and takes any batch.
                 forward = lambda inp: _call_block(block, inp, pos_emb)  # noqa: E731

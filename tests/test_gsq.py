@@ -253,3 +253,35 @@ def test_pipeline_gsq_improves_on_gptq_per_block(tiny_model, tmp_path, bits):
     assert len(prefixes) == 2 * 7   # q,k,v,o,gate,up,down in both blocks
     for prefix in prefixes:
         check_quantized_tensors(prefix, tensors[prefix + ".qweight"], tensors[prefix + ".scales"], cfg)
+
+
+def test_micro_batches_accumulate_to_the_same_step():
+    # Peaked logits (alpha huge) make the soft weight the init whatever the Gumbel noise, so one
+    # Lion step over 4 sequences must be the same taken whole or as 4 accumulated micro-batches.
+    block, inputs, targets = ls_problem(k=64, n=8, samples=4, seq=4)
+    init = {"proj": rtn(block.proj.weight.detach(), 2, 32)}
+    runs = {}
+    for micro in (4, 1):
+        calls = []
+
+        def forward(x):
+            calls.append(x.shape[0])
+            return block(x)
+
+        opts = GSQOptions(epochs=1, batch_size=4, micro_batch_size=micro, alpha=1e4, keep_best=False)
+        runs[micro] = refine_block(block, forward, ["proj"], init, inputs, targets, opts, seed=2)
+        assert runs[micro][1]["total_steps"] == 1
+        assert sorted(set(calls[1:-1])) == [micro]   # between the two hard-MSE passes
+    (whole, log_whole), (parts, log_parts) = runs[4], runs[1]
+    assert log_parts["steps"][0]["soft_mse"] == pytest.approx(log_whole["steps"][0]["soft_mse"], rel=1e-5)
+    assert not torch.equal(whole["proj"].scales, init["proj"].scales)
+    torch.testing.assert_close(parts["proj"].scales, whole["proj"].scales, rtol=0, atol=0)
+
+
+def test_cli_micro_batch_size_overrides_preset_and_is_checked():
+    p = argparse.ArgumentParser()
+    add_cli_arguments(p)
+    fast = options_from_args(p.parse_args(["--preset", "fast", "--gsq-micro-batch-size", "1", "--gsq-batch-size", "2"]))
+    assert (fast.batch_size, fast.micro_batch_size) == (2, 1)
+    with pytest.raises(ValueError, match="micro-batch"):
+        options_from_args(p.parse_args(["--gsq-micro-batch-size", "0"]))

@@ -3,7 +3,7 @@ import torch
 
 from gsq_vllm.format import FormatError, grid_range
 from quantize.gptq import gptq_quantize
-from quantize.rtn import rtn_quantize
+from quantize.rtn import mse_scales, round_to_grid, rtn_quantize
 
 
 def _data(n=48, k=128, tokens=512, seed=0):
@@ -54,3 +54,23 @@ def test_group_size_must_divide_k():
         rtn_quantize(w, 2, 128)
     with pytest.raises(FormatError, match="does not divide"):
         gptq_quantize(w, torch.eye(576), 2, 128)
+
+
+def test_gptq_ref_scale_search_mirrors_2bit_grid_for_positive_outliers():
+    # Rows whose largest weight is positive: the 2-bit grid {-2, -1, 0, 1} reaches +2 steps
+    # only with a negative scale, so gptq-ref must pick one and beat the positive-only search.
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 32, generator=g) * 0.2
+    w[:, 0] = 1.0
+    s_mse = mse_scales(w, 2)
+    s_ref = mse_scales(w, 2, search="gptq-ref")
+    assert (s_mse > 0).all() and (s_ref < 0).float().mean() > 0.5
+
+    def err(s):
+        return (w - s * round_to_grid(w, s, 2)).abs().pow(2).sum()
+
+    assert err(s_ref) < 0.75 * err(s_mse)
+    # 3 bits and ternary keep positive scales; an unknown search is refused.
+    assert (mse_scales(w, 3, search="gptq-ref") > 0).all()
+    with pytest.raises(ValueError, match="scale search"):
+        mse_scales(w, 2, search="minmax")
