@@ -39,12 +39,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, metavar="FOLDER",
                    help="--method gsq: start from this quantized checkpoint's codes and scales instead of GPTQ "
                         "(GSQ, compressed-tensors pack-quantized or GPTQ format; refine in place)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when present), cpu, cuda or cuda:N: where blocks, activations, Hessians, "
+                        "GPTQ and GSQ run; the model is streamed from disk one block at a time either way")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared 2-core machine more threads spin and run 10-20x slower)")
     p.add_argument("--work-dir", default=None, help="resume folder (default: .<out>.work next to --out)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
     gsq.add_cli_arguments(p)
     return p
+
+
+def resolve_device(name: str):
+    """``--device`` -> torch.device; FormatError for an unknown or absent device."""
+    import re
+
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if not m:
+        raise FormatError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise FormatError(f"--device {name}: torch sees no CUDA device here (use --device cpu)")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise FormatError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             seqlen=args.seqlen, seed=args.seed, modules_to_not_convert=excluded, damp=args.damp,
             act_order=args.act_order, batch_size=args.batch_size, init=args.init, scale_search=args.scale_search,
         )
+        device = resolve_device(args.device)
         model_dir = resolve_model(args.model)
         pipe = BlockPipeline(model_dir, args.out, settings, work_dir=args.work_dir, gsq_options=gsq_options,
-                             log=lambda m: print(m, file=sys.stderr))
+                             log=lambda m: print(m, file=sys.stderr), device=device)
         pipe.check()
         from transformers import AutoTokenizer
 

@@ -126,4 +126,4 @@ def tokenize_sequences(docs: list[str], tokenizer, seqlen: int, nsamples: int | 
         n = nsamples
     if n == 0:
         raise DataError(f"text is shorter than one sequence of {seqlen} tokens")
-    return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
+    return torch.tensor(ids[: n * seqlen], dtype=torch.long, device="cpu").view(n, seqlen)

@@ -41,20 +41,21 @@ def gptq_quantize(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     ngroups = k // group_size
-    scales = torch.zeros(n, ngroups)
+    scales = torch.zeros(n, ngroups, device=W.device)
     if act_order:
         for g in range(ngroups):
             cols = slice(g * group_size, (g + 1) * group_size)
             scales[:, g] = mse_scales(W[:, cols], bits, search=scale_search).squeeze(1)
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
-        perm = torch.arange(k)
+        perm = torch.arange(k, device=W.device)
     W = W[:, perm]
     H = H[perm][:, perm]
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     Q = torch.zeros_like(W)
+    perm_host = perm.tolist()  # one device sync, not one per column
     block_size = max(group_size, (block_size // group_size) * group_size)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -64,7 +65,7 @@ def gptq_quantize(
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            orig = int(perm[col])
+            orig = perm_host[col]
             g = orig // group_size
             if not act_order and col % group_size == 0:
                 scales[:, g] = mse_scales(W1[:, i : i + group_size], bits, search=scale_search).squeeze(1)

@@ -152,12 +152,12 @@ def cosine_lr_factor(step: int, total_steps: int, min_ratio: float) -> float:
 
 
 def _gumbel(shape, generator: torch.Generator) -> torch.Tensor:
-    u = torch.rand(shape, generator=generator)
+    u = torch.rand(shape, generator=generator, device=generator.device)
     return -torch.log(-torch.log(u + _EPS) + _EPS)
 
 
 def _logistic(shape, generator: torch.Generator) -> torch.Tensor:
-    u = torch.rand(shape, generator=generator)
+    u = torch.rand(shape, generator=generator, device=generator.device)
     return torch.log(u + _EPS) - torch.log1p(-u + _EPS)
 
 
@@ -223,7 +223,7 @@ class SoftWeightFunction(torch.autograd.Function):
             logits, scales, noise = ctx.saved_tensors
         else:
             logits, scales = ctx.saved_tensors
-            gen = torch.Generator()
+            gen = torch.Generator(device=logits.device)
             gen.set_state(ctx.rng_state)
             noise = sample_noise(kind, logits.shape, gen)
         with torch.enable_grad():
@@ -256,10 +256,10 @@ class GumbelGridLinear(nn.Module):
         n, k = q.shape
         self.mask = None
         if self.kind == "full":
-            levels = torch.arange(qmin, qmax + 1, dtype=torch.float32).view(-1, 1, 1)   # [4,1,1]
+            levels = torch.arange(qmin, qmax + 1, dtype=torch.float32, device=q.device).view(-1, 1, 1)   # [4,1,1]
             self.levels = levels
         elif self.kind == "shift":
-            shifts = torch.tensor(LOCAL_SHIFTS, dtype=torch.float32).view(-1, 1, 1)
+            shifts = torch.tensor(LOCAL_SHIFTS, dtype=torch.float32, device=q.device).view(-1, 1, 1)
             self.levels = q.unsqueeze(0) + shifts                                        # [5,N,K]
             self.mask = (self.levels < qmin) | (self.levels > qmax)
         else:
@@ -280,7 +280,7 @@ class GumbelGridLinear(nn.Module):
             prior = prior - mean
         # Logits are kept in float32: the reference defaults to bf16 logits on GPU, but bf16
         # softmax on CPU is slower and the 1e-4 Lion steps would round away at |logit| ~ 1.
-        noise = torch.randn(prior.shape, generator=generator)
+        noise = torch.randn(prior.shape, generator=generator, device=generator.device)
         self.logits = nn.Parameter(std * (noise + alpha * prior))
         self.scales = nn.Parameter(init.scales.detach().float().clone())
         self.generator = generator
@@ -354,7 +354,7 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
     Log: {"steps": [{step, epoch, soft_mse, tau, kappa, lr_logits}], "hard_mse": [per epoch,
     index 0 = the init], ...}; JSON-serialisable.
     """
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator(device=inputs.device).manual_seed(int(seed))
     frozen: list = []
     layers: dict[str, GumbelGridLinear] = {}
     originals: dict[str, nn.Module] = {}
@@ -394,7 +394,7 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
             m.fixed = None
         step = 0
         for epoch in range(options.epochs):
-            order = torch.randperm(n, generator=gen)
+            order = torch.randperm(n, generator=gen, device=gen.device)
             for i in range(0, n, bs):
                 idx = order[i:i + bs]
                 tau = linear_schedule(options.tau_start, options.tau_end, step, total)

@@ -97,14 +97,15 @@ class WeightReader:
             raise ModelError(f"{self.folder}: weight {name} contains NaN or Inf")
         return t
 
-    def load_into(self, module: torch.nn.Module, prefix: str, dtype=torch.float32) -> torch.nn.Module:
-        """Materialize ``module`` (meta) with the tensors named ``prefix.<param>``."""
-        module.to_empty(device="cpu")
+    def load_into(self, module: torch.nn.Module, prefix: str, dtype=torch.float32,
+                  device: torch.device | str = "cpu") -> torch.nn.Module:
+        """Materialize ``module`` (meta) on ``device`` with the tensors named ``prefix.<param>``."""
+        module.to_empty(device=device)
         state = {}
         for pname, p in list(module.named_parameters()) + list(module.named_buffers()):
             full = f"{prefix}.{pname}"
             if full in self.where:
-                state[pname] = self.get(full).to(dtype)
+                state[pname] = self.get(full).to(device=device, dtype=dtype)
         module.load_state_dict(state, strict=False, assign=False)
         missing = [n for n, _ in module.named_parameters() if n not in state]
         if missing:

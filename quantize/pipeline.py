@@ -100,7 +100,8 @@ def _run_block(block, x: torch.Tensor, pos_emb, batch_size: int) -> torch.Tensor
 
 def run_block_with_hessians(block, names: list[str], x: torch.Tensor, pos_emb, batch_size: int):
     """(block outputs f32 ``[n,S,H]``, {name: sum of x x^T f32 ``[K,K]`` over the inputs of linear ``name``})."""
-    hess = {n: torch.zeros(block.get_submodule(n).in_features, block.get_submodule(n).in_features) for n in names}
+    hess = {n: torch.zeros(block.get_submodule(n).in_features, block.get_submodule(n).in_features, device=x.device)
+            for n in names}
 
     def accumulate(n, inp):
         a = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
@@ -118,8 +119,13 @@ def run_block_with_hessians(block, names: list[str], x: torch.Tensor, pos_emb, b
 class BlockPipeline:
     """Quantize ``model_dir`` into a GSQ checkpoint at ``out_dir``; see module docstring."""
 
-    def __init__(self, model_dir, out_dir, settings: QuantizeSettings, work_dir=None, gsq_options=None, log=print):
+    def __init__(self, model_dir, out_dir, settings: QuantizeSettings, work_dir=None, gsq_options=None, log=print,
+                 device: torch.device | str = "cpu"):
         self.model_dir = Path(model_dir)
+        # Where every tensor of the run lives (blocks, activations, Hessians, GPTQ, GSQ); files
+        # and the resume state stay on the host. Not part of the fingerprint: a run may resume
+        # on another device.
+        self.device = torch.device(device)
         self.out_dir = Path(out_dir)
         self.s = settings
         self.work_dir = Path(work_dir) if work_dir else self.out_dir.with_name(f".{self.out_dir.name}.work")
@@ -213,15 +219,18 @@ class BlockPipeline:
         from safetensors.torch import load_file
 
         cfg_obj = self.model.config
-        with torch.device("cpu"):
+        dev = self.device
+        with torch.device(dev):
             rotary = type(self.model.model.rotary_emb)(config=cfg_obj)
-        pos = torch.arange(ids.shape[1]).unsqueeze(0)
+        pos = torch.arange(ids.shape[1], device=dev).unsqueeze(0)
         if start == 0:
-            emb = self.reader.get("model.embed_tokens.weight").float()
-            x = emb[ids]
+            emb = self.reader.get("model.embed_tokens.weight").to(dev, torch.float32)
+            x = emb[ids.to(dev)]
             del emb
         else:
-            x = load_file(str(self.work_dir / "inputs.safetensors"))["inputs"]
+            x = load_file(str(self.work_dir / "inputs.safetensors"), device=str(dev))["inputs"]
+        init = {k: QuantizedWeight(q.codes.to(dev), q.scales.to(dev), q.bits, q.group_size)
+                for k, q in (self.init or {}).items()}
         with torch.no_grad():
             pos_emb = rotary(x[:1], pos)
         gsq_logs = {}
@@ -231,7 +240,7 @@ class BlockPipeline:
         for i in range(start, len(self.layers)):
             torch.manual_seed(s.seed * 1_000_003 + i)
             prefix = f"model.layers.{i}"
-            block = self.reader.load_into(self.layers[i], prefix).eval()
+            block = self.reader.load_into(self.layers[i], prefix, device=dev).eval()
             names = self.names[i]
             # RTN, and GSQ from an --init checkpoint, need no Hessians
             targets, hess = run_block_with_hessians(
@@ -240,7 +249,7 @@ class BlockPipeline:
             for n in names:
                 w = block.get_submodule(n).weight.data
                 if self.init is not None:
-                    result[n] = self.init[f"{prefix}.{n}"]
+                    result[n] = init[f"{prefix}.{n}"]
                 elif s.method == "rtn":
                     result[n] = rtn_quantize(w, s.bits, s.group_size, search=s.scale_search)
                 else:
@@ -259,10 +268,10 @@ class BlockPipeline:
             self.log(f"[gsq-quantize] block {i + 1}/{len(self.layers)}: {len(names)} linears, rel. output MSE {err:.3e}")
             tensors = {}
             for n, q in result.items():
-                tensors[f"{n}.codes"] = q.codes
-                tensors[f"{n}.scales"] = q.scales.float()
+                tensors[f"{n}.codes"] = q.codes.cpu()
+                tensors[f"{n}.scales"] = q.scales.float().cpu()
             _atomic_save(tensors, self.work_dir / f"block-{i:05d}.safetensors")
-            _atomic_save({"inputs": x}, self.work_dir / "inputs.safetensors")
+            _atomic_save({"inputs": x.cpu()}, self.work_dir / "inputs.safetensors")
             if gsq_logs:
                 _atomic_json(gsq_logs, self.work_dir / "gsq_logs.json")
             _atomic_json({"fingerprint": fp, "next_block": i + 1}, state_path)

@@ -9,7 +9,7 @@ from quantize.qtypes import QuantizedWeight
 
 # Candidate scales are ``absmax * c / qmax`` for c on this grid: c = 1 never
 # clips the positive side, smaller c trades clipping for finer steps.
-CLIP_GRID = torch.linspace(0.2, 1.0, 41)
+CLIP_GRID = torch.linspace(0.2, 1.0, 41, device="cpu").tolist()
 SCALE_SEARCHES = ("mse", "gptq-ref")
 
 
@@ -31,7 +31,7 @@ def _candidates(bits, search: str) -> list[float]:
     """
     qmin, qmax = grid_range(bits)
     if search == "mse":
-        return [c / qmax for c in CLIP_GRID.tolist()]
+        return [c / qmax for c in CLIP_GRID]
     if search != "gptq-ref":
         raise ValueError(f"scale search must be one of {SCALE_SEARCHES}, got {search!r}")
     bases = [1 / qmax, 2 / (qmax - qmin)]

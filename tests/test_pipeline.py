@@ -70,3 +70,31 @@ def test_gptq_beats_rtn_on_tiny_block_outputs(tiny, tmp_path, capsys):
         log = capsys.readouterr().err
         errs[m] = [float(l.rsplit(" ", 1)[1]) for l in log.splitlines() if "rel. output MSE" in l]
     assert errs["gptq"][0] < errs["rtn"][0]
+
+
+@pytest.mark.parametrize("method,extra", [("gptq", ["--act-order"]), ("gsq", ["--preset", "fast", "--gsq-epochs", "1"]),
+                                          ("gsq", ["--bits", "3", "--preset", "fast", "--gsq-epochs", "1"])])
+def test_every_tensor_has_an_explicit_device(tiny, tmp_path, method, extra):
+    # The GPU path (--device cuda) cannot run here. With torch's default device set to meta, any
+    # tensor the pipeline creates without naming its device lands on meta and the run fails
+    # (meta tensors have no data), so a run that matches the plain one is the check we can do.
+    args = ["--model", str(tiny), "--method", method, "--bits", "2", "--group-size", "32", *ARGS, *extra]
+    assert quantize_main([*args, "--out", str(tmp_path / "plain"), "--device", "cpu"]) == 0
+    torch.set_default_device("meta")
+    try:
+        rc = quantize_main([*args, "--out", str(tmp_path / "meta"), "--device", "cpu"])
+    finally:
+        torch.set_default_device(None)
+    assert rc == 0
+    a, b = load_file(str(tmp_path / "plain" / "model.safetensors")), load_file(str(tmp_path / "meta" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_device_flag_refuses_absent_or_unknown_devices(tiny, tmp_path, capsys):
+    args = ["--model", str(tiny), "--method", "rtn", *ARGS]
+    assert quantize_main([*args, "--out", str(tmp_path / "a"), "--device", "tpu"]) == 2
+    assert "--device must be" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert quantize_main([*args, "--out", str(tmp_path / "b"), "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
