@@ -62,6 +62,7 @@ class GSQOptions:
     store_noise: bool = False     # True: keep the Gumbel noise for backward (more memory)
     log_every: int = 1            # log the soft MSE every n steps
     keep_best: bool = True        # return the init if the hardened block is worse (see refine_block)
+    logits_dtype: str = "float32"  # or "bfloat16": half the logits' memory (and Lion's state)
 
     def strength(self, bits) -> float:
         if self.alpha is not None:
@@ -106,6 +107,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gsq-kappa", type=float, nargs=2, default=None, metavar=("START", "END"))
     g.add_argument("--gsq-alpha", type=float, default=None,
                    help="logit init strength (default 6 for 2/3-bit, 3 for ternary)")
+    g.add_argument("--logits-dtype", choices=["float32", "bfloat16", "bf16"], default=None,
+                   help="dtype of the GSQ logits and their optimizer state (default float32; bf16 halves "
+                        "the largest memory of a GPU run, as the reference does, at coarser Lion steps)")
     g.add_argument("--gsq-store-noise", action="store_true",
                    help="keep the Gumbel noise for backward instead of regenerating it")
 
@@ -122,6 +126,8 @@ def options_from_args(args) -> GSQOptions:
         kw["tau_start"], kw["tau_end"] = args.gsq_tau
     if getattr(args, "gsq_kappa", None) is not None:
         kw["kappa_start"], kw["kappa_end"] = args.gsq_kappa
+    if getattr(args, "logits_dtype", None) is not None:
+        kw["logits_dtype"] = "bfloat16" if args.logits_dtype == "bf16" else args.logits_dtype
     if getattr(args, "gsq_store_noise", False):
         kw["store_noise"] = True
     opts = GSQOptions(**kw)
@@ -176,7 +182,7 @@ def soft_codes(kind: str, logits: torch.Tensor, levels: torch.Tensor | None,
     mask:   bool ``[V, N, K]``, True where the level is off the grid (3-bit local shift), or None.
     noise:  float32 like ``logits``.
     """
-    z = (kappa * logits + noise) / tau
+    z = (kappa * logits.float() + noise) / tau   # bf16 logits: the arithmetic stays float32
     if kind == "ternary":
         sign = torch.tanh(0.5 * z[0])          # = 2*sigmoid(z)-1 = E[+-1]
         nonzero = torch.sigmoid(z[1])
@@ -240,12 +246,12 @@ class SoftWeightFunction(torch.autograd.Function):
 class GumbelGridLinear(nn.Module):
     """Stands in for one nn.Linear during refinement: y = x @ W^T + b with W soft or hard.
 
-    Parameters: `logits` float32 ``[V, N, K]`` (V = 4 for 2-bit, 5 for 3-bit, 2 for ternary),
+    Parameters: `logits` ``[V, N, K]`` float32 or ``logits_dtype`` (V = 4 for 2-bit, 5 for 3-bit, 2 for ternary),
     `scales` float32 ``[N, K // G]``. Buffers: `levels` (grid value per logit), `mask`.
     """
 
     def __init__(self, linear: nn.Linear, init: QuantizedWeight, std: float, alpha: float,
-                 generator: torch.Generator):
+                 generator: torch.Generator, logits_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.bits = normalize_bits(init.bits)
         self.group_size = init.group_size
@@ -278,10 +284,10 @@ class GumbelGridLinear(nn.Module):
             else:
                 mean = prior.mean(0, keepdim=True)
             prior = prior - mean
-        # Logits are kept in float32: the reference defaults to bf16 logits on GPU, but bf16
+        # Logits default to float32: the reference defaults to bf16 logits on GPU, but bf16
         # softmax on CPU is slower and the 1e-4 Lion steps would round away at |logit| ~ 1.
         noise = torch.randn(prior.shape, generator=generator, device=generator.device)
-        self.logits = nn.Parameter(std * (noise + alpha * prior))
+        self.logits = nn.Parameter((std * (noise + alpha * prior)).to(logits_dtype))
         self.scales = nn.Parameter(init.scales.detach().float().clone())
         self.generator = generator
         self.kappa, self.tau = 1.0, 1.0
@@ -369,7 +375,8 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
         for name in names:
             lin = block.get_submodule(name)
             alpha = options.strength(init[name].bits)
-            layers[name] = GumbelGridLinear(lin, init[name], options.init_std, alpha, gen)
+            layers[name] = GumbelGridLinear(lin, init[name], options.init_std, alpha, gen,
+                                            getattr(torch, options.logits_dtype))
             layers[name].store_noise = options.store_noise
             originals[name] = _swap(block, name, layers[name])
         params_logits = [m.logits for m in layers.values()]
