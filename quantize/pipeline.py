@@ -288,20 +288,25 @@ class BlockPipeline:
         """Assemble the final folder from the work folder's blocks and the original non-quantized tensors."""
         from safetensors.torch import load_file
 
-        quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for i, names in enumerate(self.names):
-            blk = load_file(str(self.work_dir / f"block-{i:05d}.safetensors"))
-            for n in names:
-                quantized[f"model.layers.{i}.{n}"] = (blk[f"{n}.codes"], blk[f"{n}.scales"])
+        # prefix -> (block index, name in the block); one block's codes in memory at a time (the
+        # whole model's int8 codes would be a byte per weight: 70 GB for a 70B model).
+        where = {f"model.layers.{i}.{n}": (i, n) for i, names in enumerate(self.names) for n in names}
+        loaded: dict = {"index": None, "tensors": None}
+
+        def codes_and_scales(prefix):
+            i, n = where[prefix]
+            if loaded["index"] != i:
+                loaded["index"], loaded["tensors"] = i, load_file(str(self.work_dir / f"block-{i:05d}.safetensors"))
+            return loaded["tensors"][f"{n}.codes"], loaded["tensors"][f"{n}.scales"]
+
         base = dict(self.cfg)
         base.pop("quantization_config", None)
         writer = CheckpointWriter(self.out_dir, base_config=base, quant_config=self.qcfg)
         try:
             for name in sorted(self.reader.names()):
                 prefix = name.rsplit(".", 1)[0]
-                if prefix in quantized and name.endswith(".weight"):
-                    codes, scales = quantized[prefix]
-                    writer.add_quantized(prefix, codes, scales)
+                if prefix in where and name.endswith(".weight"):
+                    writer.add_quantized(prefix, *codes_and_scales(prefix))
                 else:
                     writer.add(name, self.reader.get(name))
             return writer.finish(tokenizer_dir=self.model_dir)
