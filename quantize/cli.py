@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="auto (cuda when present), cpu, cuda or cuda:N: where blocks, activations, Hessians, "
                         "GPTQ and GSQ run; the model is streamed from disk one block at a time either way")
+    p.add_argument("--activation-budget", type=float, default=None, metavar="GIB",
+                   help="memory the calibration activations may take (three [nsamples, seqlen, hidden] float32 "
+                        "tensors) before they move to files in the work folder (default: half of the free "
+                        "device memory, or of the host's available memory on CPU)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared 2-core machine more threads spin and run 10-20x slower)")
     p.add_argument("--work-dir", default=None, help="resume folder (default: .<out>.work next to --out)")
@@ -84,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         bits = normalize_bits(args.bits)
         if args.nsamples < 1 or args.seqlen < 2:
             raise FormatError("--nsamples must be >= 1 and --seqlen >= 2")
+        if args.activation_budget is not None and args.activation_budget < 0:
+            raise FormatError("--activation-budget must be >= 0")
         excluded = [m.strip() for m in args.modules_to_not_convert.split(",") if m.strip()]
         if args.skip_attention:
             excluded.append("self_attn")
@@ -98,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         model_dir = resolve_model(args.model)
         pipe = BlockPipeline(model_dir, args.out, settings, work_dir=args.work_dir, gsq_options=gsq_options,
-                             log=lambda m: print(m, file=sys.stderr), device=device)
+                             log=lambda m: print(m, file=sys.stderr), device=device,
+                             activation_budget=None if args.activation_budget is None
+                             else int(args.activation_budget * 2**30))
         pipe.check()
         from transformers import AutoTokenizer
 

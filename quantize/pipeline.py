@@ -7,9 +7,13 @@ targets while accumulating each linear's input Hessian, quantize its linears
 checkpoint's codes -- ``init``), put the dequantized weights in and run
 it again to get block i+1's inputs (propagated through quantized blocks).
 
+Activations (inputs, targets, next inputs; f32 [n,S,H] each) stay on the run's
+device, or above a memory budget live in files in the work folder
+(quantize/activations.py).
+
 Resume: after each block the work folder gets ``block-XXXXX.safetensors``
-(codes int8 [N,K] + scales f32 [N,K/G] per linear), ``inputs.safetensors``
-(next block's inputs f32 [n,S,H]) and ``state.json``, each written to a
+(codes int8 [N,K] + scales f32 [N,K/G] per linear), ``inputs-XXXXX.f32``
+(next block's inputs, raw f32 [n,S,H]) and ``state.json``, each written to a
 temporary file and renamed. A rerun with the same settings continues at the
 next block; the run is deterministic, so the checkpoint is byte-identical.
 """
@@ -34,12 +38,15 @@ from gsq_vllm.format import (
     is_excluded,
     read_model_config,
 )
+from quantize.activations import Activations, ActivationSpace, default_budget
 from quantize.gptq import gptq_quantize
 from quantize.models import WeightReader, build_skeleton
 from quantize.qtypes import QuantizedWeight
 from quantize.rtn import rtn_quantize
 
 METHODS = ("rtn", "gptq", "gsq")
+# Changes when the work folder's files change meaning, so an older work folder is not resumed.
+WORK_FORMAT = "work-2: inputs-<block>.f32"
 # Never quantized, whatever the user asks: MoE routers (a "gate" linear, not gate_proj).
 ALWAYS_EXCLUDED = ("mlp.gate", "router")
 
@@ -92,14 +99,16 @@ def _call_block(block, x: torch.Tensor, pos_emb) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _run_block(block, x: torch.Tensor, pos_emb, batch_size: int) -> torch.Tensor:
-    """Block outputs f32 ``[n,S,H]`` for inputs f32 ``[n,S,H]``, in batches, without gradients."""
+def _run_block(block, x: Activations, pos_emb, batch_size: int, out: Activations) -> Activations:
+    """Block outputs f32 ``[n,S,H]`` into ``out`` for inputs f32 ``[n,S,H]``, in batches, without gradients."""
     with torch.no_grad():
-        return torch.cat([_call_block(block, x[b : b + batch_size], pos_emb) for b in range(0, x.shape[0], batch_size)])
+        for sl, xb in x.batches(batch_size):
+            out[sl] = _call_block(block, xb, pos_emb)
+    return out
 
 
-def run_block_with_hessians(block, names: list[str], x: torch.Tensor, pos_emb, batch_size: int):
-    """(block outputs f32 ``[n,S,H]``, {name: sum of x x^T f32 ``[K,K]`` over the inputs of linear ``name``})."""
+def run_block_with_hessians(block, names: list[str], x: Activations, pos_emb, batch_size: int, out: Activations):
+    """(block outputs f32 ``[n,S,H]`` in ``out``, {name: sum of x x^T f32 ``[K,K]`` over the inputs of linear ``name``})."""
     hess = {n: torch.zeros(block.get_submodule(n).in_features, block.get_submodule(n).in_features, device=x.device)
             for n in names}
 
@@ -110,7 +119,7 @@ def run_block_with_hessians(block, names: list[str], x: torch.Tensor, pos_emb, b
     hooks = [block.get_submodule(n).register_forward_hook(lambda mod, inp, out, n=n: accumulate(n, inp))
              for n in names]
     try:
-        return _run_block(block, x, pos_emb, batch_size), hess
+        return _run_block(block, x, pos_emb, batch_size, out), hess
     finally:
         for h in hooks:
             h.remove()
@@ -120,12 +129,15 @@ class BlockPipeline:
     """Quantize ``model_dir`` into a GSQ checkpoint at ``out_dir``; see module docstring."""
 
     def __init__(self, model_dir, out_dir, settings: QuantizeSettings, work_dir=None, gsq_options=None, log=print,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", activation_budget: int | None = None):
         self.model_dir = Path(model_dir)
         # Where every tensor of the run lives (blocks, activations, Hessians, GPTQ, GSQ); files
         # and the resume state stay on the host. Not part of the fingerprint: a run may resume
         # on another device.
         self.device = torch.device(device)
+        # Bytes of device (or host, on CPU) memory the three activation tensors may take before
+        # they spill to files in the work folder (quantize/activations.py); None: half of what is free.
+        self.activation_budget = activation_budget
         self.out_dir = Path(out_dir)
         self.s = settings
         self.work_dir = Path(work_dir) if work_dir else self.out_dir.with_name(f".{self.out_dir.name}.work")
@@ -191,6 +203,7 @@ class BlockPipeline:
 
     def _fingerprint(self, ids: torch.Tensor) -> str:
         h = hashlib.sha256(json.dumps(asdict(self.s), sort_keys=True).encode())
+        h.update(WORK_FORMAT.encode())
         h.update(ids.numpy().tobytes())
         for f in sorted(self.model_dir.glob("*.safetensors")):
             st = f.stat()
@@ -216,19 +229,24 @@ class BlockPipeline:
             shutil.rmtree(self.work_dir, ignore_errors=True)
         self.work_dir.mkdir(parents=True, exist_ok=True)
 
-        from safetensors.torch import load_file
-
         cfg_obj = self.model.config
         dev = self.device
         with torch.device(dev):
             rotary = type(self.model.model.rotary_emb)(config=cfg_obj)
         pos = torch.arange(ids.shape[1], device=dev).unsqueeze(0)
+        budget = self.activation_budget if self.activation_budget is not None else default_budget(dev)
+        space = ActivationSpace((ids.shape[0], ids.shape[1], self.cfg["hidden_size"]), dev, self.work_dir, budget)
+        if space.on_disk:
+            self.log(f"[gsq-quantize] activations ({3 * space.bytes_each / 2**30:.2f} GiB for three) exceed the "
+                     f"budget of {budget / 2**30:.2f} GiB: kept in files in {self.work_dir}")
         if start == 0:
             emb = self.reader.get("model.embed_tokens.weight").to(dev, torch.float32)
-            x = emb[ids.to(dev)]
+            x = space.new("inputs")
+            for sl, _ in x.batches(s.batch_size):
+                x[sl] = emb[ids[sl].to(dev)]
             del emb
         else:
-            x = load_file(str(self.work_dir / "inputs.safetensors"), device=str(dev))["inputs"]
+            x = space.load_inputs(start)
         init = {k: QuantizedWeight(q.codes.to(dev), q.scales.to(dev), q.bits, q.group_size)
                 for k, q in (self.init or {}).items()}
         with torch.no_grad():
@@ -244,7 +262,8 @@ class BlockPipeline:
             names = self.names[i]
             # RTN, and GSQ from an --init checkpoint, need no Hessians
             targets, hess = run_block_with_hessians(
-                block, names if s.method != "rtn" and self.init is None else [], x, pos_emb, s.batch_size)
+                block, names if s.method != "rtn" and self.init is None else [], x, pos_emb, s.batch_size,
+                space.new("targets"))
             result: dict[str, QuantizedWeight] = {}
             for n in names:
                 w = block.get_submodule(n).weight.data
@@ -263,18 +282,27 @@ class BlockPipeline:
             with torch.no_grad():
                 for n in names:
                     block.get_submodule(n).weight.copy_(result[n].dequantize())
-            x = _run_block(block, x, pos_emb, s.batch_size)
-            err = (x - targets).pow(2).mean().item() / max(targets.pow(2).mean().item(), 1e-12)
+            x_next = _run_block(block, x, pos_emb, s.batch_size, space.new("next-inputs"))
+            space.discard(x)
+            x = x_next
+            num = den = 0.0
+            for sl, yb in x.batches(s.batch_size):
+                tb = targets[sl]
+                num += (yb - tb).pow(2).sum().item()
+                den += tb.pow(2).sum().item()
+            space.discard(targets)
+            err = num / max(den, 1e-12)
             self.log(f"[gsq-quantize] block {i + 1}/{len(self.layers)}: {len(names)} linears, rel. output MSE {err:.3e}")
             tensors = {}
             for n, q in result.items():
                 tensors[f"{n}.codes"] = q.codes.cpu()
                 tensors[f"{n}.scales"] = q.scales.float().cpu()
             _atomic_save(tensors, self.work_dir / f"block-{i:05d}.safetensors")
-            _atomic_save({"inputs": x.cpu()}, self.work_dir / "inputs.safetensors")
+            x = space.commit_inputs(x, i + 1)
             if gsq_logs:
                 _atomic_json(gsq_logs, self.work_dir / "gsq_logs.json")
             _atomic_json({"fingerprint": fp, "next_block": i + 1}, state_path)
+            space.inputs_path(i).unlink(missing_ok=True)  # only now: the state no longer names it
             self.layers[i].to("meta")
             del block, targets, hess
 

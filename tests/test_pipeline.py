@@ -98,3 +98,15 @@ def test_device_flag_refuses_absent_or_unknown_devices(tiny, tmp_path, capsys):
         assert quantize_main([*args, "--out", str(tmp_path / "b"), "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("method,extra", [("gptq", []), ("gsq", ["--preset", "fast", "--gsq-epochs", "1"])])
+def test_activations_spilled_to_disk_give_the_same_checkpoint(tiny, tmp_path, capsys, method, extra):
+    args = ["--model", str(tiny), "--method", method, "--bits", "2", "--group-size", "32", *ARGS, *extra]
+    assert quantize_main([*args, "--out", str(tmp_path / "mem"), "--activation-budget", "100"]) == 0
+    assert "exceed the budget" not in capsys.readouterr().err
+    assert quantize_main([*args, "--out", str(tmp_path / "disk"), "--activation-budget", "0"]) == 0
+    assert "exceed the budget" in capsys.readouterr().err
+    a, b = load_file(str(tmp_path / "mem" / "model.safetensors")), load_file(str(tmp_path / "disk" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / ".disk.work").exists()

@@ -16,8 +16,8 @@ def _ids(folder):
     return tokenize_sequences(load_split("wikipedia", "calib"), AutoTokenizer.from_pretrained(str(folder)), 64, 4)
 
 
-@pytest.mark.parametrize("method", ["gptq"])
-def test_killed_run_resumes_to_byte_identical_checkpoint(tmp_path, method):
+@pytest.mark.parametrize("method,budget", [("gptq", None), ("gptq", 0)])  # 0: activations in files
+def test_killed_run_resumes_to_byte_identical_checkpoint(tmp_path, method, budget):
     model = build_tiny_llama(tmp_path / "model", layers=3)
     ids = _ids(model)
     settings = QuantizeSettings(method=method, bits=2, group_size=32, nsamples=4, seqlen=64, seed=3)
@@ -34,15 +34,18 @@ def test_killed_run_resumes_to_byte_identical_checkpoint(tmp_path, method):
             raise Killed  # dies after block 3 is computed, before it is saved
 
     work = tmp_path / "work"
-    first = BlockPipeline(model, tmp_path / "out", settings, work_dir=work, log=kill_in_block_3)
+    first = BlockPipeline(model, tmp_path / "out", settings, work_dir=work, log=kill_in_block_3,
+                          activation_budget=budget)
     first.check()
     with pytest.raises(Killed):
         first.run(ids)
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in work.glob("block-*")) == ["block-00000.safetensors", "block-00001.safetensors"]
+    assert [p.name for p in work.glob("inputs-*")] == ["inputs-00002.f32"]
 
     msgs = []
-    second = BlockPipeline(model, tmp_path / "out", settings, work_dir=work, log=msgs.append)
+    second = BlockPipeline(model, tmp_path / "out", settings, work_dir=work, log=msgs.append,
+                           activation_budget=budget)
     second.check()
     second.run(ids)
     assert any("resuming at block 2" in m for m in msgs)
