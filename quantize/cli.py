@@ -18,7 +18,7 @@ from quantize import gsq
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gsq-quantize", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="HF model folder, or 'default' (embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--out", help="checkpoint folder to write (not needed with --plan)")
     p.add_argument("--method", choices=["rtn", "gptq", "gsq"], default="gptq")
     p.add_argument("--bits", default="2", help="2, 3 or 1.58 (ternary)")
     p.add_argument("--group-size", type=int, default=64)
@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modules-to-not-convert", default="", help="comma-separated module names kept unquantized")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping (fraction of mean diagonal)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order with static groups")
-    p.add_argument("--scale-search", choices=["mse", "gptq-ref"], default="mse",
-                   help="RTN/GPTQ group scales: mse (41 positive clip factors, squared error) or gptq-ref "
-                        "(the GSQ reference's: 80 clip factors, |error|^2.4, negative scales at 2 bits)")
+    p.add_argument("--scale-search", choices=["mse", "gptq-ref"], default="gptq-ref",
+                   help="RTN/GPTQ group scales: gptq-ref (default; the GSQ reference's: 80 clip factors, "
+                        "|error|^2.4, negative scales at 2 bits) or mse (41 positive clip factors, squared error)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--init", default=None, metavar="FOLDER",
                    help="--method gsq: start from this quantized checkpoint's codes and scales instead of GPTQ "
@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory the calibration activations may take (three [nsamples, seqlen, hidden] float32 "
                         "tensors) before they move to files in the work folder (default: half of the free "
                         "device memory, or of the host's available memory on CPU)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the peak device/host memory and disk this run would need (a model, from "
+                        "config.json alone: --model may be a folder with only config.json) and exit")
+    p.add_argument("--plan-json", default=None, metavar="FILE", help="with --plan: also write the plan as JSON")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared 2-core machine more threads spin and run 10-20x slower)")
     p.add_argument("--work-dir", default=None, help="resume folder (default: .<out>.work next to --out)")
@@ -72,6 +76,48 @@ def resolve_device(name: str):
     if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
         raise FormatError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
+
+
+def _print_plan(args, bits, excluded, gsq_options) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    from quantize.activations import default_budget
+    from quantize.models import resolve_model
+    from quantize.plan import PlanSettings, format_plan, make_plan, read_config
+
+    folder = Path(args.model)
+    cfg = read_config(resolve_model(args.model) if args.model == "default" else folder)
+    if args.device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = "cuda" if args.device.startswith("cuda") else "cpu"
+    if args.activation_budget is not None:
+        budget = int(args.activation_budget * 2**30)
+    else:
+        import torch
+
+        budget = default_budget(torch.device("cpu")) if device == "cpu" else None
+    opts = gsq_options
+    ps = PlanSettings(method=args.method, bits=bits, group_size=args.group_size, nsamples=args.nsamples,
+                      seqlen=args.seqlen, batch_size=args.batch_size, excluded=excluded, device=device,
+                      gsq_micro_batch=min(opts.micro_batch_size, opts.batch_size) if opts else 1,
+                      logits_bytes=2 if opts and opts.logits_dtype == "bfloat16" else 4,
+                      activation_budget=budget)
+    plan = make_plan(cfg, ps)
+    title = (f"gsq-quantize --plan: {args.model} ({(cfg.get('architectures') or ['?'])[0]}), {args.method} "
+             f"{bits}-bit G{args.group_size}, {args.nsamples} x {args.seqlen} calibration tokens, on {device}"
+             + (" (GPU activation budget: pass --activation-budget)" if device == "cuda" and budget is None else ""))
+    print(format_plan(plan, title))
+    if args.plan_json:
+        out = Path(args.plan_json)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps({"settings": ps.__dict__, **plan.as_json()}, indent=2))
+        os.replace(tmp, out)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             seqlen=args.seqlen, seed=args.seed, modules_to_not_convert=excluded, damp=args.damp,
             act_order=args.act_order, batch_size=args.batch_size, init=args.init, scale_search=args.scale_search,
         )
+        if args.plan:
+            return _print_plan(args, bits, excluded, gsq_options)
+        if not args.out:
+            raise FormatError("--out is required (except with --plan)")
         device = resolve_device(args.device)
         model_dir = resolve_model(args.model)
         pipe = BlockPipeline(model_dir, args.out, settings, work_dir=args.work_dir, gsq_options=gsq_options,

@@ -23,7 +23,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
-    scale_search: str = "mse",
+    scale_search: str = "gptq-ref",
 ) -> QuantizedWeight:
     """Quantize weight ``[N, K]`` given the layer-input Hessian float32 ``[K, K]`` (sum of x x^T).
 

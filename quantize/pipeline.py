@@ -64,7 +64,7 @@ class QuantizeSettings:
     act_order: bool = False
     batch_size: int = 8
     init: str | None = None  # gsq: start from this quantized checkpoint's codes and scales, not GPTQ
-    scale_search: str = "mse"  # RTN / GPTQ group scales: mse or gptq-ref (quantize/rtn.py)
+    scale_search: str = "gptq-ref"  # RTN / GPTQ group scales: gptq-ref or mse (quantize/rtn.py)
 
 
 def block_linears(block: torch.nn.Module, excluded: list[str], block_prefix: str) -> list[str]:
@@ -77,6 +77,21 @@ def block_linears(block: torch.nn.Module, excluded: list[str], block_prefix: str
                 continue
             names.append(name)
     return names
+
+
+def release_host_memory() -> None:
+    """Give freed heap back to the OS. Without it glibc keeps each block's freed buffers in
+    fragmented arenas and a 30-block SmolLM2 run's RSS creeps from 0.51 to 0.88 GiB (measured);
+    with it, it stays flat. No-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -172,6 +187,7 @@ class BlockPipeline:
         self.init = self._read_init() if s.init else None
         for name in self.reader.names():  # every weight finite, before any work
             self.reader.get(name)
+        release_host_memory()
 
     def _read_init(self) -> dict[str, QuantizedWeight]:
         """The --init checkpoint's codes and scales for every linear to quantize (any format
@@ -274,6 +290,7 @@ class BlockPipeline:
                 else:
                     result[n] = gptq_quantize(w, hess[n], s.bits, s.group_size, damp=s.damp, act_order=s.act_order,
                                               scale_search=s.scale_search)
+            hess = None  # K^2 floats per linear: free them before GSQ's logits arrive
             if refine is not None:
                 # GSQ backpropagates through this call, so it keeps gradients and takes any batch.
                 forward = lambda inp: _call_block(block, inp, pos_emb)  # noqa: E731
@@ -305,6 +322,7 @@ class BlockPipeline:
             space.inputs_path(i).unlink(missing_ok=True)  # only now: the state no longer names it
             self.layers[i].to("meta")
             del block, targets, hess
+            release_host_memory()
 
         out = self.write_checkpoint()
         if gsq_logs:

@@ -66,7 +66,7 @@ def mse_scales(w: torch.Tensor, bits, weight: torch.Tensor | None = None, search
     return best
 
 
-def rtn_quantize(w: torch.Tensor, bits, group_size: int, search: str = "mse") -> QuantizedWeight:
+def rtn_quantize(w: torch.Tensor, bits, group_size: int, search: str = "gptq-ref") -> QuantizedWeight:
     """Quantize weight float ``[N, K]`` group-wise along K with an error-optimal scale per group."""
     n, k = w.shape
     check_group_size(k, group_size)
