@@ -39,6 +39,13 @@ class Activations:
             self._map = np.memmap(self.path, dtype=np.float32, mode=mode, shape=tuple(self.shape))
             self.data = torch.from_numpy(self._map)
 
+    def first(self, n: int) -> "Activations":
+        """A view of the first ``n`` sequences (same storage; do not close or save it)."""
+        view = object.__new__(Activations)
+        view.shape = torch.Size((min(n, len(self)), *self.shape[1:]))
+        view.device, view.path, view.data = self.device, self.path, self.data[:n]
+        return view
+
     @property
     def on_disk(self) -> bool:
         return self.path is not None

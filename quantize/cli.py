@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--nsamples", type=int, default=16, help="calibration sequences")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence")
+    p.add_argument("--gsq-nsamples", type=int, default=None,
+                   help="--method gsq: train GSQ on the first N calibration sequences only; GPTQ's Hessians use "
+                        "all --nsamples (the reference takes its Hessians from a larger set than GSQ's tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib", default="wikipedia", help="corpus name (wikipedia, owt) or a .jsonl/.txt file")
     p.add_argument("--calib-chat", action="store_true",
@@ -134,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         bits = normalize_bits(args.bits)
         if args.nsamples < 1 or args.seqlen < 2:
             raise FormatError("--nsamples must be >= 1 and --seqlen >= 2")
+        if args.gsq_nsamples is not None and not 1 <= args.gsq_nsamples <= args.nsamples:
+            raise FormatError(f"--gsq-nsamples must be between 1 and --nsamples ({args.nsamples})")
         if args.activation_budget is not None and args.activation_budget < 0:
             raise FormatError("--activation-budget must be >= 0")
         excluded = [m.strip() for m in args.modules_to_not_convert.split(",") if m.strip()]
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             method=args.method, bits=bits, group_size=args.group_size, nsamples=args.nsamples,
             seqlen=args.seqlen, seed=args.seed, modules_to_not_convert=excluded, damp=args.damp,
             act_order=args.act_order, batch_size=args.batch_size, init=args.init, scale_search=args.scale_search,
+            gsq_nsamples=args.gsq_nsamples,
         )
         if args.plan:
             return _print_plan(args, bits, excluded, gsq_options)

@@ -65,6 +65,8 @@ class QuantizeSettings:
     batch_size: int = 8
     init: str | None = None  # gsq: start from this quantized checkpoint's codes and scales, not GPTQ
     scale_search: str = "gptq-ref"  # RTN / GPTQ group scales: gptq-ref or mse (quantize/rtn.py)
+    gsq_nsamples: int | None = None  # GSQ trains on the first this many sequences (None: all);
+                                     # Hessians and propagation always use all `nsamples`
 
 
 def block_linears(block: torch.nn.Module, excluded: list[str], block_prefix: str) -> list[str]:
@@ -294,7 +296,9 @@ class BlockPipeline:
             if refine is not None:
                 # GSQ backpropagates through this call, so it keeps gradients and takes any batch.
                 forward = lambda inp: _call_block(block, inp, pos_emb)  # noqa: E731
-                result, blog = refine(block, forward, names, result, x, targets, self.gsq_options, s.seed * 1_000_003 + i)
+                k = s.gsq_nsamples or len(x)
+                result, blog = refine(block, forward, names, result, x.first(k), targets.first(k), self.gsq_options,
+                                      s.seed * 1_000_003 + i)
                 gsq_logs[prefix] = blog
             with torch.no_grad():
                 for n in names:

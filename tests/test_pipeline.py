@@ -110,3 +110,15 @@ def test_activations_spilled_to_disk_give_the_same_checkpoint(tiny, tmp_path, ca
     a, b = load_file(str(tmp_path / "mem" / "model.safetensors")), load_file(str(tmp_path / "disk" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / ".disk.work").exists()
+
+
+def test_gsq_trains_on_its_subset_while_hessians_use_all(tiny, tmp_path):
+    args = ["--model", str(tiny), "--method", "gsq", "--bits", "2", "--group-size", "32", "--nsamples", "6",
+            "--seqlen", "64", "--preset", "fast", "--gsq-epochs", "1"]
+    assert quantize_main([*args, "--out", str(tmp_path / "sub"), "--gsq-nsamples", "2"]) == 0
+    logs = json.loads((tmp_path / "sub" / "gsq_logs.json").read_text())
+    assert {blk["total_steps"] for blk in logs.values()} == {2}   # 1 epoch x 2 sequences, batch 1
+    assert quantize_main([*args, "--out", str(tmp_path / "all")]) == 0
+    full = json.loads((tmp_path / "all" / "gsq_logs.json").read_text())
+    assert {blk["total_steps"] for blk in full.values()} == {6}
+    assert quantize_main([*args, "--out", str(tmp_path / "bad"), "--gsq-nsamples", "7"]) == 2
