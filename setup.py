@@ -63,7 +63,11 @@ def _cpu_extensions():
     flags = ["-O3", "-std=c++17", "-ffast-math"]
     if os.environ.get("GSQ_CPU_NATIVE", "1") != "0":
         flags.append("-march=native")
-    return [CppExtension("gsq_vllm._C_cpu", sources, extra_compile_args=flags)]
+    # The quantizer's own op (GSQ noise): no -march=native and no FMA contraction, so every
+    # machine draws bit-identical noise (its target_clones pick AVX-512/AVX2 at run time).
+    noise = CppExtension("quantize._C", ["csrc/quantize/gsq_soft.cpp"],
+                         extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off"])
+    return [CppExtension("gsq_vllm._C_cpu", sources, extra_compile_args=flags), noise]
 
 
 ext_modules, cmdclass = _extensions()

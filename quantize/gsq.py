@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass, asdict, fields
 from typing import Callable
 
@@ -173,6 +174,45 @@ def sample_noise(kind: str, shape, generator: torch.Generator) -> torch.Tensor:
     return _logistic(shape, generator) if kind == "ternary" else _gumbel(shape, generator)
 
 
+def _load_cpu_ext():
+    if os.environ.get("GSQ_SOFT_KERNEL", "auto") == "torch":   # the torch-only path, for comparison
+        return None
+    try:
+        from quantize import _C  # csrc/quantize/gsq_soft.cpp, built by setup.py
+    except ImportError:
+        return None
+    return _C
+
+
+# On the CPU the noise comes from a counter-based generator (csrc/quantize/gsq_soft.cpp), 18x
+# faster than torch.rand + two logs and regenerated for backward from a 63-bit key alone, and
+# the soft weight and its gradient are computed by fused kernels that draw that same noise
+# inline. Elsewhere (CUDA), or without the extension: `generator` and the torch formulas.
+_CPU_EXT = _load_cpu_ext()
+_KIND_ID = {"full": 0, "shift": 1, "ternary": 2}
+
+
+class NoiseSource:
+    """Draws the soft weight's noise for one forward and redraws the same noise for backward."""
+
+    def __init__(self, kind: str, shape, generator: torch.Generator):
+        self.kind, self.shape = kind, tuple(shape)
+        self.fast = _CPU_EXT is not None and generator.device.type == "cpu"
+        if self.fast:   # the key comes from `generator`, so a run stays a function of its seed
+            self.key = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device="cpu"))
+        else:
+            self.state, self.device = generator.get_state(), generator.device
+
+    def draw(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The noise; `generator` is advanced past it on the first (forward) draw."""
+        if self.fast:
+            return _CPU_EXT.noise(list(self.shape), self.key, self.kind == "ternary")
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.set_state(self.state)
+        return sample_noise(self.kind, self.shape, generator)
+
+
 def soft_codes(kind: str, logits: torch.Tensor, levels: torch.Tensor | None,
                mask: torch.Tensor | None, noise: torch.Tensor, kappa: float, tau: float) -> torch.Tensor:
     """Expected code E_p[v] per weight, float32 ``[N, K]``.
@@ -202,36 +242,54 @@ def soft_weight(kind, logits, scales, levels, mask, noise, kappa, tau, group_siz
 class SoftWeightFunction(torch.autograd.Function):
     """W_soft with the noise regenerated in backward instead of stored.
 
-    forward samples noise from `generator`, after saving its state; backward restores that state
-    on a private generator, draws the identical noise and differentiates `soft_weight` again
-    (recomputation: only logits and scales, which are parameters anyway, are kept).
+    forward draws noise through a NoiseSource (a counter-based key on the CPU, the generator's
+    saved state elsewhere); backward redraws the identical noise from it and differentiates
+    `soft_weight` again (recomputation: only logits and scales, which are parameters anyway, are kept).
     With `store_noise` the noise tensor itself is saved (the memory-hungry variant).
+    On the CPU with float32 logits, both directions run the fused kernels of gsq_soft.cpp on
+    the same noise instead of the torch formulas.
+    `cfg` = (kind, levels, mask, kappa, tau, group_size, q0 int8 [N, K] or None, (qmin, qmax)).
     """
 
     @staticmethod
     def forward(ctx, logits, scales, generator, cfg, store_noise):
-        kind, levels, mask, kappa, tau, group_size = cfg
-        state = generator.get_state()
-        noise = sample_noise(kind, logits.shape, generator)
+        kind, levels, mask, kappa, tau, group_size, q0, (qmin, qmax) = cfg
+        source = NoiseSource(kind, logits.shape, generator)
+        ctx.cfg = cfg
+        ctx.fused = source.fast and not store_noise and logits.dtype == torch.float32
+        if ctx.fused:
+            ctx.save_for_backward(logits, scales)
+            ctx.noise_source = source
+            q = q0 if q0 is not None else torch.empty(0, dtype=torch.int8)
+            ctx.q0 = q
+            w, _ = _CPU_EXT.soft_forward(logits.contiguous(), scales.contiguous(), q, _KIND_ID[kind], qmin, qmax,
+                                         kappa, tau, group_size, source.key)
+            return w
+        noise = source.draw(generator)
         if store_noise:
             ctx.save_for_backward(logits, scales, noise)
         else:
             ctx.save_for_backward(logits, scales)
-            ctx.rng_state = state
-        ctx.cfg = cfg
+            ctx.noise_source = source
         ctx.store_noise = store_noise
         return soft_weight(kind, logits, scales, levels, mask, noise, kappa, tau, group_size)
 
     @staticmethod
     def backward(ctx, grad_w):
-        kind, levels, mask, kappa, tau, group_size = ctx.cfg
+        kind, levels, mask, kappa, tau, group_size, _, (qmin, qmax) = ctx.cfg
+        if ctx.fused:
+            logits, scales = ctx.saved_tensors
+            g_logits, codes = _CPU_EXT.soft_backward(grad_w.float().contiguous(), logits.contiguous(),
+                                                     scales.contiguous(), ctx.q0, _KIND_ID[kind], qmin, qmax,
+                                                     kappa, tau, group_size, ctx.noise_source.key)
+            n, k = codes.shape
+            g_scales = (grad_w * codes).view(n, k // group_size, group_size).sum(-1)
+            return g_logits, g_scales, None, None, None
         if ctx.store_noise:
             logits, scales, noise = ctx.saved_tensors
         else:
             logits, scales = ctx.saved_tensors
-            gen = torch.Generator(device=logits.device)
-            gen.set_state(ctx.rng_state)
-            noise = sample_noise(kind, logits.shape, gen)
+            noise = ctx.noise_source.draw()
         with torch.enable_grad():
             lg = logits.detach().requires_grad_(True)
             sc = scales.detach().requires_grad_(True)
@@ -261,6 +319,9 @@ class GumbelGridLinear(nn.Module):
         qmin, qmax = grid_range(self.bits)
         n, k = q.shape
         self.mask = None
+        self.grid = (qmin, qmax)
+        # the 3-bit local shift's centres, for the fused CPU kernels
+        self.q0 = init.codes.contiguous() if self.kind == "shift" else None
         if self.kind == "full":
             levels = torch.arange(qmin, qmax + 1, dtype=torch.float32, device=q.device).view(-1, 1, 1)   # [4,1,1]
             self.levels = levels
@@ -295,6 +356,10 @@ class GumbelGridLinear(nn.Module):
         self.hard = False
         self.fixed: QuantizedWeight | None = None   # when set, hard mode uses exactly this weight
 
+    def soft_cfg(self) -> tuple:
+        """The `cfg` of SoftWeightFunction at the current tau and kappa."""
+        return (self.kind, self.levels, self.mask, self.kappa, self.tau, self.group_size, self.q0, self.grid)
+
     def hard_codes(self) -> torch.Tensor:
         """Argmax codes, int8 ``[N, K]``, no noise; masked levels never win."""
         lg = self.logits.detach()
@@ -314,8 +379,7 @@ class GumbelGridLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         if self.hard:
             return (self.fixed or self.hardened()).dequantize(torch.float32)
-        cfg = (self.kind, self.levels, self.mask, self.kappa, self.tau, self.group_size)
-        return SoftWeightFunction.apply(self.logits, self.scales, self.generator, cfg,
+        return SoftWeightFunction.apply(self.logits, self.scales, self.generator, self.soft_cfg(),
                                         self.store_noise)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -335,8 +399,11 @@ def _swap(block: nn.Module, name: str, module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def _hard_mse(forward, layers, inputs, targets, batch_size) -> float:
+    layers = list(layers)
+    cached = [m.fixed for m in layers]
     for m in layers:
         m.hard = True
+        m.fixed = m.fixed or m.hardened()   # one argmax per evaluation, not one per batch
     total, count = 0.0, 0
     try:
         for i in range(0, inputs.shape[0], batch_size):
@@ -344,8 +411,9 @@ def _hard_mse(forward, layers, inputs, targets, batch_size) -> float:
             total += F.mse_loss(out, targets[i:i + batch_size], reduction="sum").item()
             count += out.numel()
     finally:
-        for m in layers:
+        for m, fixed in zip(layers, cached):
             m.hard = False
+            m.fixed = fixed
     return total / max(count, 1)
 
 

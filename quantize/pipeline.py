@@ -46,7 +46,7 @@ from quantize.rtn import rtn_quantize
 
 METHODS = ("rtn", "gptq", "gsq")
 # Changes when the work folder's files change meaning, so an older work folder is not resumed.
-WORK_FORMAT = "work-2: inputs-<block>.f32"
+WORK_FORMAT = "work-3: inputs-<block>.f32, counter-based CPU noise"
 # Never quantized, whatever the user asks: MoE routers (a "gate" linear, not gate_proj).
 ALWAYS_EXCLUDED = ("mlp.gate", "router")
 

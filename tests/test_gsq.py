@@ -160,9 +160,9 @@ def test_regenerated_noise_gives_same_gradients_as_stored_noise(bits):
     gen = torch.Generator().manual_seed(0)
     init = rtn(torch.randn(16, 64, generator=gen), bits, 32)
     layer = GumbelGridLinear(nn.Linear(64, 16), init, std=0.5, alpha=1.0, generator=gen)
-    layer.tau, layer.kappa = 1.0, 2.0
+    layer.tau, layer.kappa = 0.7, 2.0
     upstream = torch.randn(16, 64, generator=gen)
-    cfg = (layer.kind, layer.levels, layer.mask, layer.kappa, layer.tau, layer.group_size)
+    cfg = layer.soft_cfg()
     grads = []
     for store in (False, True):
         logits = layer.logits.detach().clone().requires_grad_(True)
@@ -173,11 +173,12 @@ def test_regenerated_noise_gives_same_gradients_as_stored_noise(bits):
         (w * upstream).sum().backward()
         grads.append((w.detach(), logits.grad, scales.grad))
     # plain autograd on the same noise: the reference both variants must match
-    from quantize.gsq import sample_noise
-    noise = sample_noise(layer.kind, layer.logits.shape, torch.Generator().manual_seed(42))
+    from quantize.gsq import NoiseSource
+    gen42 = torch.Generator().manual_seed(42)
+    noise = NoiseSource(layer.kind, layer.logits.shape, gen42).draw(gen42)
     logits = layer.logits.detach().clone().requires_grad_(True)
     scales = layer.scales.detach().clone().requires_grad_(True)
-    w = soft_weight(*cfg[:1], logits, scales, *cfg[1:3], noise, *cfg[3:])
+    w = soft_weight(cfg[0], logits, scales, cfg[1], cfg[2], noise, *cfg[3:6])
     (w * upstream).sum().backward()
     for got in grads:
         torch.testing.assert_close(got[0], w.detach())
@@ -306,3 +307,21 @@ def test_bf16_logits_train_and_beat_the_init():
         hard[dtype] = log["hard_mse"]
     assert hard["bfloat16"][-1] < 0.6 * hard["bfloat16"][0]
     assert hard["bfloat16"][-1] < 1.1 * hard["float32"][-1]
+
+
+@pytest.mark.parametrize("logistic", [False, True])
+def test_cpu_noise_is_gumbel_or_logistic_and_a_function_of_its_key(logistic):
+    from quantize.gsq import _CPU_EXT
+
+    assert _CPU_EXT is not None, "quantize._C (csrc/quantize/gsq_soft.cpp) was not built"
+    a = _CPU_EXT.noise([3, 1000, 700], 12345, logistic)
+    assert torch.equal(a, _CPU_EXT.noise([3, 1000, 700], 12345, logistic))
+    assert (a == _CPU_EXT.noise([3, 1000, 700], 12346, logistic)).float().mean() < 1e-3
+    # Kolmogorov-Smirnov distance to the exact CDF over 2.1M draws (critical value ~1e-3).
+    x, _ = a.double().flatten().sort()
+    cdf = torch.sigmoid(x) if logistic else torch.exp(-torch.exp(-x))
+    ecdf = torch.arange(1, x.numel() + 1, dtype=torch.float64) / x.numel()
+    assert (cdf - ecdf).abs().max() < 2e-3
+    # neighbouring elements are independent
+    flat = a.flatten()
+    assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1]) < 5e-3
