@@ -8,7 +8,9 @@ block). Prints a table, writes results.json and quality.png.
     PYTHONPATH=. nice python benchmarks/quality.py --out runs/quality \
         --configs bf16 gptq-2-mlp gsq-2-mlp gptq-2-all gsq-2-all
 
-Configuration names: bf16 | <rtn|gptq|gsq>-<2|3|1.58>-<mlp|all>.
+Configuration names: bf16 | <rtn|gptq|gptqmse|gsq>-<2|3|1.58>-<mlp|all>. gptqmse is GPTQ with the
+scale search used before the reference's (``--scale-search mse``), kept beside the current GPTQ
+so a gain in the init is not mistaken for GSQ's.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 ALL_CONFIGS = ["bf16"] + [f"{m}-{b}-{s}" for s in ("mlp", "all") for b in ("2", "3", "1.58")
-                          for m in ("rtn", "gptq", "gsq")]
+                          for m in ("rtn", "gptqmse", "gptq", "gsq")]
 
 
 def calib_and_eval_ids(model_dir: Path, nsamples: int, seqlen: int, eval_samples: int):
@@ -44,10 +46,13 @@ def quantize_config(name, model_dir, calib, out: Path, args) -> tuple[Path, dict
 
     method, bits, scope = name.split("-")
     bits = float(bits) if "." in bits else int(bits)
+    search = "mse" if method == "gptqmse" else "gptq-ref"
+    method = "gptq" if method == "gptqmse" else method
     settings = QuantizeSettings(method=method, bits=bits, group_size=args.group_size,
                                 nsamples=calib.shape[0], seqlen=calib.shape[1], seed=0,
                                 modules_to_not_convert=["self_attn"] if scope == "mlp" else [],
-                                batch_size=4)
+                                batch_size=8, scale_search=search,  # gsq-quantize's defaults
+                                gsq_nsamples=args.gsq_nsamples if method == "gsq" else None)
     opts = GSQOptions(**PRESETS[args.preset]) if method == "gsq" else None
     ckpt = out / "ckpt" / name
     t0 = time.time()
@@ -63,7 +68,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--configs", nargs="+", default=ALL_CONFIGS)
     p.add_argument("--preset", default="fast")
-    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (GPTQ's Hessians)")
+    p.add_argument("--gsq-nsamples", type=int, default=32, help="of which GSQ trains on the first N")
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=40)
     p.add_argument("--group-size", type=int, default=64)
@@ -85,6 +91,7 @@ def main(argv=None) -> None:
         if res_path.is_file():
             continue
         info = {"config": name, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                "gsq_nsamples": args.gsq_nsamples if name.startswith("gsq") else None,
                 "eval_tokens": int(evals.numel()), "group_size": args.group_size,
                 "preset": args.preset if name.startswith("gsq") else None,
                 "attention_quantized": name.endswith("-all")}
@@ -116,7 +123,7 @@ def plot(rows, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     names = [r["config"] for r in rows]
-    colour = {"bf16": "gray", "rtn": "C3", "gptq": "C1", "gsq": "C0"}
+    colour = {"bf16": "gray", "rtn": "C3", "gptqmse": "C5", "gptq": "C1", "gsq": "C0"}
     ax.bar(names, [r["ppl"] for r in rows], color=[colour[n.split("-")[0]] for n in names])
     ax.legend(handles=[matplotlib.patches.Patch(color=c, label=m) for m, c in colour.items()], fontsize=8)
     ax.set_ylabel("perplexity (held-out wikipedia)")
