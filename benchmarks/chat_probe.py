@@ -1,0 +1,151 @@
+"""Factual chat probe: short questions with one-word answers, asked through the served model.
+
+Each model folder (bf16 or GSQ) is served by ``gsq-serve`` (vLLM's OpenAI API
+server, ``--enforce-eager``) and asked every question as a chat message
+("<question> Answer with one word.", greedy, 24 tokens) with the official
+``openai`` client. An answer scores when one of the accepted words is one of
+its words (lower-cased, punctuation stripped; the answer is at most 24
+tokens): "Paris." and "The capital of France is Paris." both count,
+"France." does not. Prints a table and merges the results into a JSON file.
+
+    python benchmarks/chat_probe.py ~/.cache/gsq-vllm/models/SmolLM2-135M-Instruct-bf16 runs/x \\
+        --out benchmarks/results/chat_probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving import _free_port, start_server, wait_ready  # noqa: E402
+
+QUESTIONS = [
+    ("What is the capital of France?", ["paris"]),
+    ("What is the capital of Japan?", ["tokyo"]),
+    ("What is the capital of Italy?", ["rome"]),
+    ("What is the capital of Germany?", ["berlin"]),
+    ("What is the capital of Spain?", ["madrid"]),
+    ("What is the capital of England?", ["london"]),
+    ("What is the capital of Russia?", ["moscow"]),
+    ("What is the capital of Egypt?", ["cairo"]),
+    ("What is the capital of China?", ["beijing"]),
+    ("What is the capital of Greece?", ["athens"]),
+    ("What color is the sky on a clear day?", ["blue"]),
+    ("What color is grass?", ["green"]),
+    ("What color is snow?", ["white"]),
+    ("How many legs does a spider have?", ["eight", "8"]),
+    ("How many days are in a week?", ["seven", "7"]),
+    ("How many continents are there?", ["seven", "7"]),
+    ("What is 2 plus 2?", ["four", "4"]),
+    ("What is 5 times 3?", ["fifteen", "15"]),
+    ("What is 10 minus 7?", ["three", "3"]),
+    ("What planet do we live on?", ["earth"]),
+    ("What is the largest planet in our solar system?", ["jupiter"]),
+    ("What star is at the center of our solar system?", ["sun"]),
+    ("What gas do humans need to breathe?", ["oxygen"]),
+    ("What is frozen water called?", ["ice"]),
+    ("What animal is known as man's best friend?", ["dog", "dogs"]),
+    ("What is the largest ocean on Earth?", ["pacific"]),
+    ("Which animal says moo?", ["cow", "cows"]),
+    ("What do bees make?", ["honey"]),
+    ("What is the opposite of hot?", ["cold"]),
+    ("What is the opposite of up?", ["down"]),
+    ("Who wrote Romeo and Juliet?", ["shakespeare"]),
+    ("What language is spoken in Brazil?", ["portuguese"]),
+    ("What is the chemical symbol for gold?", ["au"]),
+    ("How many hours are in a day?", ["24", "twenty-four", "twentyfour"]),
+    ("What is the tallest animal?", ["giraffe", "giraffes"]),
+    ("What is the main ingredient in bread?", ["flour", "wheat"]),
+    ("In which country are the pyramids of Giza?", ["egypt"]),
+    ("What is the currency of Japan?", ["yen"]),
+    ("At how many degrees Celsius does water boil?", ["100", "hundred"]),
+    ("What is the largest mammal?", ["whale", "whales"]),
+]
+
+
+def machine() -> str:
+    """CPU model and the vector extensions the kernels can use, e.g. 'AMD EPYC 7B13 (avx2, fma)'."""
+    name, flags = platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and name == platform.machine():
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    ext = [f for f in ("avx512f", "avx2", "fma") if f in flags]
+    return f"{name} ({', '.join(ext)}), {os.cpu_count()} CPUs" if ext else f"{name}, {os.cpu_count()} CPUs"
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^\w\s-]", " ", text.lower()).split()
+
+
+def scores(answer: str, accepted: list[str]) -> bool:
+    return any(w in accepted for w in words(answer))
+
+
+def probe(model: str, log_dir: Path, timeout_s: float = 900) -> dict:
+    from openai import OpenAI
+
+    port = _free_port()
+    proc = start_server(model, port, ["--enforce-eager", "--max-model-len", "512"],
+                        log_dir / f"probe-{Path(model).name}.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        startup = wait_ready(proc, base, timeout_s)
+        client = OpenAI(base_url=f"{base}/v1", api_key="none")
+        rows = []
+        for q, accepted in QUESTIONS:
+            r = client.chat.completions.create(model="bench", temperature=0, max_tokens=24,
+                                               messages=[{"role": "user", "content": f"{q} Answer with one word."}])
+            a = r.choices[0].message.content or ""
+            rows.append({"question": q, "answer": a, "correct": scores(a, accepted)})
+        return {"score": sum(r["correct"] for r in rows) / len(rows), "n": len(rows), "startup_s": startup,
+                "answers": rows}
+    finally:
+        proc.send_signal(signal.SIGINT)  # vLLM's own shutdown path
+        try:
+            proc.wait(60)
+        except Exception:
+            proc.kill()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", help="model folders (bf16 or GSQ)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "chat_probe.json"))
+    ap.add_argument("--label", action="append", default=[], help="name for each model in the JSON (in order)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
+    for i, model in enumerate(args.models):
+        label = args.label[i] if i < len(args.label) else Path(model).name
+        t0 = time.time()
+        res = probe(model, log_dir)
+        res.update(model=str(model), machine=machine(), seconds=round(time.time() - t0))
+        results[label] = res
+        print(f"{label:40} {res['score'] * 100:5.1f} %  ({sum(r['correct'] for r in res['answers'])}/{res['n']})")
+        for r in res["answers"]:
+            if not r["correct"]:
+                print(f"    miss: {r['question']!r} -> {r['answer'][:60]!r}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
