@@ -72,5 +72,5 @@ class GSQConfig(QuantizationConfig):
                 return UnquantizedLinearMethod()
             from gsq_vllm.linear import GSQLinearMethod
 
-            return GSQLinearMethod(self)
+            return GSQLinearMethod(self, prefix)
         return None

@@ -79,9 +79,10 @@ def _cuda_gemm_module():
 class GSQLinearMethod(LinearMethodBase):
     """Weight-only GSQ linear: ``y = x @ (s * q).T + bias``."""
 
-    def __init__(self, quant_config) -> None:
+    def __init__(self, quant_config, prefix: str = "") -> None:
         self.quant_config = quant_config
         self.fmt = quant_config.fmt
+        self.prefix = prefix  # the layer's name in the model, for errors
 
     def create_weights(
         self,
@@ -96,13 +97,16 @@ class GSQLinearMethod(LinearMethodBase):
         g = self.fmt.group_size
         sb = self.fmt.storage_bits
         k = input_size_per_partition
-        name = extra_weight_attrs.get("prefix", "") or type(layer).__name__
+        name = self.prefix or type(layer).__name__
+        # Row-parallel layers hold K / tp_size input features per rank; groups must not straddle ranks.
+        per_rank = f"{k} input features per rank of {input_size}" if k != input_size else f"{k} input features"
         try:
-            check_group_size(k, g, f"gsq layer {name} (input features per rank)")
+            check_group_size(k, g, f"gsq layer {name} ({per_rank})")
         except FormatError as e:
-            raise ValueError(str(e)) from None
+            hint = "; or use a smaller tensor-parallel size" if k != input_size else ""
+            raise ValueError(f"{e}{hint}") from None
         if k % 32:
-            raise ValueError(f"gsq: input features per rank ({k}) must be a multiple of 32")
+            raise ValueError(f"gsq layer {name}: {per_rank}; must be a multiple of 32 (whole packed words)")
         n = sum(output_partition_sizes)
         weight_loader = extra_weight_attrs["weight_loader"]
         qweight = PackedvLLMParameter(

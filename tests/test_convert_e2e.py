@@ -23,6 +23,7 @@ import torch
 pytest.importorskip("vllm", reason="vllm not installed")
 sys.path.insert(0, str(Path(__file__).parent))
 import plugin_tiny  # noqa: E402
+import vllm_greedy  # noqa: E402
 from test_convert import write_ct  # noqa: E402
 from test_cuda_emu_e2e import PROMPTS  # noqa: E402
 
@@ -37,7 +38,7 @@ def _greedy(ckpt, dtype, **env_extra):
     res = subprocess.run([sys.executable, str(HERE / "vllm_greedy.py"), str(ckpt), dtype, str(N_TOKENS),
                           json.dumps(PROMPTS)], capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])["tokens"]
+    return vllm_greedy.read_result(res.stdout)["tokens"]
 
 
 def _convert(*argv):

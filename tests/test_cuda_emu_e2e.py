@@ -22,6 +22,7 @@ import torch
 pytest.importorskip("vllm", reason="vllm not installed")
 sys.path.insert(0, str(Path(__file__).parent))
 import plugin_tiny  # noqa: E402
+import vllm_greedy  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 HERE = Path(__file__).parent
@@ -36,7 +37,7 @@ def _greedy(ckpt, kernel):
     res = subprocess.run([sys.executable, str(HERE / "vllm_greedy.py"), str(ckpt), "float16", str(N_TOKENS),
                           json.dumps(PROMPTS)], capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return vllm_greedy.read_result(res.stdout)
 
 
 def _reference(model, prompt):
