@@ -38,10 +38,39 @@ echo "[run] evaluating" >&2
 echo "[run] checkpoint: $OUT"
 [ "$SERVE" = "0" ] && exit 0
 
-echo "[run] serving $OUT on http://$HOST:$PORT (vLLM startup takes 1-4 min on 2 cores)" >&2
-"$VENV/bin/gsq-serve" "$OUT" --host "$HOST" --port "$PORT" --max-model-len 1024 --dtype bfloat16 &
+LOG="$OUT.serve.log"
+echo "[run] serving $OUT on http://$HOST:$PORT (vLLM startup takes 1-4 min on 2 cores; log: $LOG)" >&2
+# Job control for this one launch: the server gets its own process group, so it does not inherit
+# the ignored SIGINT of a non-interactive script's background jobs and Ctrl-C reaches it only
+# through stop_server.
+set -m
+"$VENV/bin/gsq-serve" "$OUT" --host "$HOST" --port "$PORT" --max-model-len 1024 --dtype bfloat16 \
+  --shutdown-timeout 10 >"$LOG" 2>&1 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
+set +m
+# Stop it as Ctrl-C would (SIGINT); --shutdown-timeout lets its workers drain and exit instead of
+# being force-killed. vLLM 0.32 still logs an EngineDeadError and nanobind leak warnings while it
+# shuts down normally: they stay in $LOG, which is printed only when the run fails.
+stop_server() {
+  kill -0 "$SERVER" 2>/dev/null || return 0
+  kill -INT "$SERVER" 2>/dev/null || true
+  for _ in $(seq 60); do kill -0 "$SERVER" 2>/dev/null || break; sleep 0.5; done
+  if kill -0 "$SERVER" 2>/dev/null; then
+    echo "[run] the server did not stop within 30 s of SIGINT; killing it (log: $LOG)" >&2
+    kill -KILL "$SERVER" 2>/dev/null || true
+  fi
+  wait "$SERVER" 2>/dev/null || true
+}
+on_exit() {
+  rc=$?
+  stop_server
+  if [ "$rc" -ne 0 ]; then
+    echo "[run] failed (exit $rc); last lines of the server log $LOG:" >&2
+    tail -n 40 "$LOG" >&2 || true
+  fi
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
 "$VENV/bin/python" - "$HOST" "$PORT" "$SERVER" <<'PY'
 import json, os, sys, time, urllib.request
 host, port, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -55,7 +84,7 @@ while True:
         try:
             os.kill(pid, 0)
         except OSError:
-            sys.exit("[run] error: the server exited during startup (see its log above)")
+            sys.exit("[run] error: the server exited during startup")
         if time.time() > deadline:
             sys.exit("[run] error: the server did not come up within 15 minutes")
         time.sleep(3)
@@ -68,7 +97,8 @@ answer = json.load(urllib.request.urlopen(req, timeout=300))["choices"][0]["mess
 print(f"[run] Q: {question}\n[run] A: {answer}")
 PY
 if [ "$SERVE" = "once" ]; then
+  echo "[run] done; stopping the server" >&2
   exit 0
 fi
-echo "[run] serving until Ctrl-C: any OpenAI client at http://$HOST:$PORT/v1" >&2
-wait $SERVER
+echo "[run] serving until Ctrl-C: any OpenAI client at http://$HOST:$PORT/v1 (log: $LOG)" >&2
+wait "$SERVER"
