@@ -15,7 +15,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 
 from gsq_vllm.format import QUANT_METHOD, FormatError, GSQQuantConfig, is_excluded
 
-MOE_ERROR = "MoE is not supported yet by gsq"
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 
 def _moe_layer_types() -> tuple[type, ...]:
@@ -23,6 +23,15 @@ def _moe_layer_types() -> tuple[type, ...]:
     import vllm.model_executor.layers.fused_moe as fused_moe
 
     return tuple(getattr(fused_moe, n) for n in ("RoutedExperts", "FusedMoE") if hasattr(fused_moe, n))
+
+
+def _is_router(layer: torch.nn.Module, prefix: str) -> bool:
+    """An MoE router (vLLM's GateLinear, or a replicated linear named like one)."""
+    try:
+        from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
+    except ImportError:
+        GateLinear = ()
+    return isinstance(layer, GateLinear) or prefix.rsplit(".", 1)[-1] in ROUTER_NAMES
 
 
 class GSQConfig(QuantizationConfig):
@@ -66,9 +75,16 @@ class GSQConfig(QuantizationConfig):
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, _moe_layer_types()):
-            raise NotImplementedError(f"{MOE_ERROR} (layer {prefix!r})")
-        if isinstance(layer, LinearBase):
             if is_excluded(prefix, self.fmt.modules_to_not_convert):
+                from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
+
+                return UnquantizedFusedMoEMethod(layer.moe_config)
+            from gsq_vllm.moe import GSQMoEMethod
+
+            return GSQMoEMethod(self, layer.moe_config, prefix)
+        if isinstance(layer, LinearBase):
+            # Routers stay in the checkpoint's float dtype: the format never quantizes them.
+            if is_excluded(prefix, self.fmt.modules_to_not_convert) or _is_router(layer, prefix):
                 return UnquantizedLinearMethod()
             from gsq_vllm.linear import GSQLinearMethod
 

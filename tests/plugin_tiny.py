@@ -82,3 +82,70 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, bits=2, group_size=32, 
                 writer.add(name, t)
     writer.finish(tokenizer_dir=tokenizer_dir)
     return model
+
+
+# Per-expert checkpoint names (as the published HF checkpoints spell them) for gate, up, down.
+MOE_ARCHS = {
+    "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+}
+
+
+def make_tiny_moe_checkpoint(out: Path, tokenizer_dir: Path, arch="qwen3_moe", bits=2, group_size=32, seed=0,
+                             num_experts=4, quantize_attention=True):
+    """A 2-layer MoE (hidden 128, 4 experts of intermediate 128, top-2) as a GSQ checkpoint: attention
+    and every expert's gate/up/down RTN-quantized, the router kept float. Returns the fp32 transformers
+    model holding the dequantized weights (transformers fuses the experts: ``experts.gate_up_proj``
+    ``[E, 2I, H]`` = gate rows then up rows, ``experts.down_proj`` ``[E, H, I]``)."""
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tok), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, torch_dtype="float32")
+    if arch == "qwen3_moe":
+        cfg = Qwen3MoeConfig(**common, head_dim=32, intermediate_size=256, moe_intermediate_size=128,
+                             num_experts=num_experts, num_experts_per_tok=2, norm_topk_prob=True,
+                             decoder_sparse_step=1, mlp_only_layers=[])
+        model = Qwen3MoeForCausalLM(cfg)
+    elif arch == "mixtral":
+        cfg = MixtralConfig(**common, intermediate_size=128, num_local_experts=num_experts, num_experts_per_tok=2)
+        model = MixtralForCausalLM(cfg)
+    else:
+        raise ValueError(f"unknown MoE arch {arch!r}; choose from {sorted(MOE_ARCHS)}")
+    cfg.architectures = [type(model).__name__]
+    model = model.float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    module, (gate_name, up_name, down_name) = MOE_ARCHS[arch]
+    qcfg = F.GSQQuantConfig(bits=bits, group_size=group_size, method="rtn",
+                            modules_to_not_convert=[] if quantize_attention else ["self_attn"])
+    writer = F.CheckpointWriter(out, base_config=cfg.to_dict(), quant_config=qcfg)
+
+    def quantized(prefix, w):
+        q, s = rtn_quantize(w, bits, group_size)
+        writer.add_quantized(prefix, q, s)
+        return F.dequantize(q, s, group_size)
+
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            prefix = name.removesuffix(".weight")
+            if quantize_attention and any(prefix.endswith(lin) for lin in LINEARS[:4]):
+                t.copy_(quantized(prefix, t))
+            elif name.endswith("mlp.experts.gate_up_proj"):
+                base = name.removesuffix("mlp.experts.gate_up_proj") + f"{module}.experts"
+                inter = t.shape[1] // 2
+                for e in range(t.shape[0]):
+                    t[e, :inter] = quantized(f"{base}.{e}.{gate_name}", t[e, :inter])
+                    t[e, inter:] = quantized(f"{base}.{e}.{up_name}", t[e, inter:])
+            elif name.endswith("mlp.experts.down_proj"):
+                base = name.removesuffix("mlp.experts.down_proj") + f"{module}.experts"
+                for e in range(t.shape[0]):
+                    t[e] = quantized(f"{base}.{e}.{down_name}", t[e])
+            else:
+                writer.add(name.replace(".mlp.gate.", f".{module}.gate."), t)
+    writer.finish(tokenizer_dir=tokenizer_dir)
+    return model

@@ -238,15 +238,17 @@ def test_group_size_not_dividing_input_is_a_clear_error(vllm_dist):
         ReplicatedLinear(576, 64, bias=False, quant_config=cfg, prefix="model.layers.0.mlp.up_proj")
 
 
-def test_moe_layer_is_rejected_clearly():
-    from vllm.model_executor.layers.fused_moe import RoutedExperts
+def test_moe_router_stays_unquantized(vllm_dist):
+    from vllm.model_executor.layers.linear import ReplicatedLinear, UnquantizedLinearMethod
 
-    from gsq_vllm.config import MOE_ERROR, GSQConfig
+    from gsq_vllm.config import GSQConfig
+    from gsq_vllm.linear import GSQLinearMethod
 
     cfg = GSQConfig.from_config(_quant_dict())
-    fake_moe = RoutedExperts.__new__(RoutedExperts)  # type check only; no engine needed
-    with pytest.raises(NotImplementedError, match=MOE_ERROR):
-        cfg.get_quant_method(fake_moe, "model.layers.0.mlp.experts")
+    router = ReplicatedLinear(128, 8, bias=False, quant_config=cfg, prefix="model.layers.0.mlp.gate")
+    gate_proj = ReplicatedLinear(128, 64, bias=False, quant_config=cfg, prefix="model.layers.0.mlp.gate_proj")
+    assert isinstance(router.quant_method, UnquantizedLinearMethod)
+    assert isinstance(gate_proj.quant_method, GSQLinearMethod)
 
 
 # ---------------------------------------------------------------- CUDA layout on CPU (emulated)
