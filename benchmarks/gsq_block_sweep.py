@@ -41,6 +41,15 @@ def parse_setting(text: str):
     return GSQOptions(**kw)
 
 
+def _acts(t: torch.Tensor):
+    """A float32 ``[n, S, H]`` tensor as the pipeline's in-memory Activations."""
+    from quantize.activations import Activations
+
+    a = Activations(tuple(t.shape), t.device)
+    a[0:len(t)] = t
+    return a
+
+
 def hard_mse(block, names, weights, call, x, targets) -> float:
     with torch.no_grad():
         for n in names:
@@ -72,6 +81,7 @@ def main(argv=None) -> None:
     from quantize.gptq import gptq_quantize
     from quantize.gsq import refine_block
     from quantize.models import WeightReader, build_skeleton, prepare_default_model
+    from quantize.activations import Activations
     from quantize.pipeline import _call_block, _run_block, block_linears, run_block_with_hessians
 
     bits = normalize_bits(args.bits)
@@ -92,8 +102,8 @@ def main(argv=None) -> None:
         block = reader.load_into(model.model.layers[i], f"model.layers.{i}").eval()
         names = block_linears(block, excluded, f"model.layers.{i}")
         orig = {n: block.get_submodule(n).weight.detach().clone() for n in names}
-        targets, hess = run_block_with_hessians(block, names, x, pos_emb, 4)
-        targets_h = _run_block(block, xh, pos_emb, 4)
+        targets, hess, _ = run_block_with_hessians(block, names, _acts(x), pos_emb, 4, Activations(x.shape, "cpu"))
+        targets, targets_h = targets.data, _run_block(block, _acts(xh), pos_emb, 4, Activations(xh.shape, "cpu")).data
         call = lambda inp: _call_block(block, inp, pos_emb)  # noqa: E731
         gptq = {n: gptq_quantize(orig[n], hess[n], bits, args.group_size) for n in names}
         base_c = hard_mse(block, names, gptq, call, x, targets)
@@ -115,7 +125,7 @@ def main(argv=None) -> None:
         with torch.no_grad():
             for n in names:
                 block.get_submodule(n).weight.copy_(gptq[n].dequantize())
-        x, xh = _run_block(block, x, pos_emb, 4), _run_block(block, xh, pos_emb, 4)
+        x, xh = (_run_block(block, _acts(t), pos_emb, 4, Activations(t.shape, "cpu")).data for t in (x, xh))
         model.model.layers[i].to("meta")
         rows.append(row)
 

@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gsq-nsamples", type=int, default=None,
                    help="--method gsq: train GSQ on the first N calibration sequences only; GPTQ's Hessians use "
                         "all --nsamples (the reference takes its Hessians from a larger set than GSQ's tokens)")
+    p.add_argument("--moe-min-tokens", type=int, default=64,
+                   help="MoE: an expert the router sends fewer calibration tokens than this is RTN-quantized "
+                        "(named in the log and moe_rtn_experts.json)")
+    p.add_argument("--moe-quantize-dense", action="store_true",
+                   help="MoE models: also quantize the dense-MLP blocks (kept in float by default, as the GSQ "
+                        "reference does); routers are never quantized")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib", default="wikipedia", help="corpus name (wikipedia, owt) or a .jsonl/.txt file")
     p.add_argument("--calib-chat", action="store_true",
@@ -141,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             raise FormatError(f"--gsq-nsamples must be between 1 and --nsamples ({args.nsamples})")
         if args.activation_budget is not None and args.activation_budget < 0:
             raise FormatError("--activation-budget must be >= 0")
+        if args.moe_min_tokens < 0:
+            raise FormatError("--moe-min-tokens must be >= 0")
         excluded = [m.strip() for m in args.modules_to_not_convert.split(",") if m.strip()]
         if args.skip_attention:
             excluded.append("self_attn")
@@ -151,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             method=args.method, bits=bits, group_size=args.group_size, nsamples=args.nsamples,
             seqlen=args.seqlen, seed=args.seed, modules_to_not_convert=excluded, damp=args.damp,
             act_order=args.act_order, batch_size=args.batch_size, init=args.init, scale_search=args.scale_search,
-            gsq_nsamples=args.gsq_nsamples,
+            gsq_nsamples=args.gsq_nsamples, moe_min_tokens=args.moe_min_tokens,
+            moe_quantize_dense=args.moe_quantize_dense,
         )
         if args.plan:
             return _print_plan(args, bits, excluded, gsq_options)

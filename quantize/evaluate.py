@@ -26,6 +26,7 @@ from gsq_vllm.format import (
     read_model_config,
 )
 from quantize.models import check_architecture
+from quantize.moe import disk_name, moe_spec, unfuse_experts
 
 
 def load_model(folder: str | os.PathLike) -> tuple[torch.nn.Module, str]:
@@ -34,7 +35,7 @@ def load_model(folder: str | os.PathLike) -> tuple[torch.nn.Module, str]:
 
     folder = Path(folder)
     cfg = read_model_config(folder)
-    check_architecture(cfg, folder)
+    arch = check_architecture(cfg, folder)
     qdict = cfg.pop("quantization_config", None)
     if qdict is None:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa")
@@ -42,6 +43,9 @@ def load_model(folder: str | os.PathLike) -> tuple[torch.nn.Module, str]:
     qcfg = GSQQuantConfig.from_dict(qdict)
     config = AutoConfig.for_model(**cfg)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    if moe_spec(arch) is not None:
+        unfuse_experts(model, arch)  # one linear per expert weight, named as in the checkpoint
+    internal = {disk_name(n, arch): n for n in model.state_dict()}
     tensors = load_tensors(folder)
     state = {}
     for name, t in tensors.items():
@@ -56,6 +60,7 @@ def load_model(folder: str | os.PathLike) -> tuple[torch.nn.Module, str]:
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise FormatError(f"{folder}: tensor {name} contains NaN or Inf")
             state[name] = t.float()
+    state = {internal.get(n, n): t for n, t in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:

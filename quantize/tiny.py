@@ -68,3 +68,60 @@ def build_tiny_llama(
         if src.is_file():
             shutil.copy2(src, out / fname)
     return out
+
+
+def build_tiny_moe(
+    out: str | os.PathLike,
+    arch: str = "qwen3_moe",
+    hidden: int = 64,
+    expert_intermediate: int = 64,
+    experts: int = 4,
+    top_k: int = 2,
+    layers: int = 2,
+    dense_layers: tuple[int, ...] = (),
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write a random Qwen3-MoE (``arch="qwen3_moe"``; ``dense_layers`` get a dense MLP of 2x the
+    expert width) or Mixtral (``"mixtral"``) folder, saved by transformers in the hub's per-expert
+    layout, with the SmolLM2 tokenizer (as :func:`build_tiny_llama`)."""
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from quantize.models import prepare_default_model
+
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else prepare_default_model()
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    common = dict(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, num_experts_per_tok=top_k)
+    torch.manual_seed(seed)
+    if arch == "qwen3_moe":
+        config = Qwen3MoeConfig(**common, head_dim=hidden // 4, intermediate_size=2 * expert_intermediate,
+                                moe_intermediate_size=expert_intermediate, num_experts=experts,
+                                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=list(dense_layers))
+        model = Qwen3MoeForCausalLM(config)
+    elif arch == "mixtral":
+        if dense_layers:
+            raise ValueError("Mixtral has no dense layers")
+        config = MixtralConfig(**common, intermediate_size=expert_intermediate, num_local_experts=experts)
+        model = MixtralForCausalLM(config)
+    else:
+        raise ValueError(f"arch must be qwen3_moe or mixtral, got {arch!r}")
+    model = model.to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif p.dim() >= 2 and "embed" not in name:
+                p.normal_(0, 0.02)  # transformers leaves fused expert tensors uninitialised
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    for fname in TOKENIZER_FILES:
+        if fname == "generation_config.json":
+            continue
+        src = tok_dir / fname
+        if src.is_file():
+            shutil.copy2(src, out / fname)
+    return out
