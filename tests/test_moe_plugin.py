@@ -67,3 +67,20 @@ def test_expert_group_that_straddles_ranks_is_refused_naming_the_layer(tmp_path,
     assert res.returncode != 0
     assert "gsq experts model.layers.0.mlp.experts (down: 64 input features per rank)" in out, out[-4000:]
     assert "smaller tensor-parallel size" in out
+
+
+def test_cuda_emu_experts_give_the_cpu_path_tokens(tmp_path, tok):
+    """The experts through the CUDA kernel's real source under the emulator (fp16, G=64: the kernel's
+    shapes); attention is left float so every emulated GEMM is an expert's."""
+    plugin_tiny.make_tiny_moe_checkpoint(tmp_path / "ckpt", tok, arch="qwen3_moe", bits=2, group_size=64, seed=2,
+                                         quantize_attention=False)
+    runs = {}
+    for kernel in ("cuda-emu", "cpu"):
+        env = dict(os.environ, GSQ_KERNEL=kernel, GSQ_EMU_SMS="8", VLLM_CPU_KVCACHE_SPACE="1")
+        env["PYTHONPATH"] = f"{HERE.parent}{os.pathsep}{env.get('PYTHONPATH', '')}"
+        res = subprocess.run([sys.executable, str(HERE / "vllm_greedy.py"), str(tmp_path / "ckpt"), "float16", "6",
+                              json.dumps(PROMPTS)], capture_output=True, text=True, env=env, timeout=900)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+        runs[kernel] = vllm_greedy.read_result(res.stdout)
+    assert runs["cuda-emu"]["emulated_gemms"] > 0 and runs["cpu"]["emulated_gemms"] == 0
+    assert runs["cuda-emu"]["tokens"] == runs["cpu"]["tokens"]
