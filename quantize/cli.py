@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gsq-nsamples", type=int, default=None,
                    help="--method gsq: train GSQ on the first N calibration sequences only; GPTQ's Hessians use "
                         "all --nsamples (the reference takes its Hessians from a larger set than GSQ's tokens)")
+    p.add_argument("--attention-mode", choices=["joint", "reference"], default="joint",
+                   help="--method gsq with attention quantized: joint (default: GSQ trains all linears on the "
+                        "block output) or reference (the GSQ reference's: q/k GSQ on the Hessian-weighted weight "
+                        "error, v/o GSQ on the attention output, MLP Hessians taken after attention is quantized)")
     p.add_argument("--moe-min-tokens", type=int, default=64,
                    help="MoE: an expert the router sends fewer calibration tokens than this is RTN-quantized "
                         "(named in the log and moe_rtn_experts.json)")
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             method=args.method, bits=bits, group_size=args.group_size, nsamples=args.nsamples,
             seqlen=args.seqlen, seed=args.seed, modules_to_not_convert=excluded, damp=args.damp,
             act_order=args.act_order, batch_size=args.batch_size, init=args.init, scale_search=args.scale_search,
-            gsq_nsamples=args.gsq_nsamples, moe_min_tokens=args.moe_min_tokens,
+            gsq_nsamples=args.gsq_nsamples, moe_min_tokens=args.moe_min_tokens, attention_mode=args.attention_mode,
             moe_quantize_dense=args.moe_quantize_dense,
         )
         if args.plan:

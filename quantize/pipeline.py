@@ -52,6 +52,9 @@ from quantize.qtypes import QuantizedWeight
 from quantize.rtn import rtn_quantize
 
 METHODS = ("rtn", "gptq", "gsq")
+ATTENTION_MODES = ("joint", "reference")
+QK = ("self_attn.q_proj", "self_attn.k_proj")
+VO = ("self_attn.v_proj", "self_attn.o_proj")
 # Changes when the work folder's files change meaning, so an older work folder is not resumed.
 WORK_FORMAT = "work-3: inputs-<block>.f32, counter-based CPU noise"
 # Never quantized, whatever the user asks: MoE routers (a "gate" linear, not gate_proj).
@@ -75,6 +78,8 @@ class QuantizeSettings:
     scale_search: str = "gptq-ref"  # RTN / GPTQ group scales: gptq-ref or mse (quantize/rtn.py)
     gsq_nsamples: int | None = None  # GSQ trains on the first this many sequences (None: all);
                                      # Hessians and propagation always use all `nsamples`
+    attention_mode: str = "joint"  # gsq with attention quantized: "joint" (all linears on the block output)
+                                   # or "reference" (the GSQ reference's: see _quantize_attention_first)
     moe_min_tokens: int = 64  # MoE: an expert routed fewer calibration tokens is RTN-quantized, not GPTQ/GSQ
     moe_quantize_dense: bool = False  # MoE models: also quantize dense-MLP blocks (kept float by default)
 
@@ -124,6 +129,25 @@ def _call_block(block, x: torch.Tensor, pos_emb) -> torch.Tensor:
     """One differentiable block call: f32 ``[b,S,H]`` -> ``[b,S,H]`` (causal attention via sdpa, no mask)."""
     out = block(x, attention_mask=None, position_embeddings=pos_emb)
     return out[0] if isinstance(out, tuple) else out
+
+
+def _call_attention(block, x: torch.Tensor, pos_emb) -> torch.Tensor:
+    """The block's attention output before the residual add: ``self_attn(input_layernorm(x))``."""
+    out = block.self_attn(hidden_states=block.input_layernorm(x), attention_mask=None, position_embeddings=pos_emb)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _cholesky_rows(hess: torch.Tensor, damp: float, pieces: int) -> torch.Tensor:
+    """``L^T`` of the damped Hessian ``H + damp*mean(diag)*I = L L^T``, cut into ``pieces`` chunks of
+    rows, f32 ``[pieces, K/pieces, K]``: a layer's output error on these rows, summed, is
+    ``tr(dW H dW^T)`` (the Hessian-weighted weight error), so GSQ can minimise it in mini-batches."""
+    k = hess.shape[0]
+    h = hess + damp * hess.diagonal().mean().clamp(min=1e-8) * torch.eye(k, device=hess.device)
+    lt = torch.linalg.cholesky(h).t().contiguous()
+    pieces = max(1, min(pieces, k))
+    while k % pieces:
+        pieces -= 1
+    return lt.view(pieces, k // pieces, k)
 
 
 def _run_block(block, x: Activations, pos_emb, batch_size: int, out: Activations) -> Activations:
@@ -181,6 +205,8 @@ class BlockPipeline:
         s = self.s
         if s.method not in METHODS:
             raise FormatError(f"method must be one of {METHODS}, got {s.method!r}")
+        if s.attention_mode not in ATTENTION_MODES:
+            raise FormatError(f"attention mode must be one of {ATTENTION_MODES}, got {s.attention_mode!r}")
         self.cfg = read_model_config(self.model_dir)
         self.arch = check_architecture(self.cfg, self.model_dir)
         self.model = build_skeleton(self.model_dir)
@@ -300,10 +326,22 @@ class BlockPipeline:
             prefix = f"model.layers.{i}"
             block = self.reader.load_into(self.layers[i], prefix, device=dev, arch=self.arch).eval()
             names = self.names[i]
+            attention_first = (refine is not None and s.attention_mode == "reference"
+                               and any(n in QK + VO for n in names))
+            result: dict[str, QuantizedWeight] = {}
+            attention_logs = {}
+            if attention_first:
+                # quantizes q/k/v/o (and leaves them in the block); names left: the rest
+                attention_logs = self._quantize_attention_first(block, names, x, pos_emb, space, result, refine, i)
+            later = [n for n in names if n not in result]
             # RTN, and GSQ from an --init checkpoint, need no Hessians
             targets, hess, counts = run_block_with_hessians(
-                block, names if s.method != "rtn" and self.init is None else [], x, pos_emb, s.batch_size,
+                block, later if s.method != "rtn" and self.init is None else [], x, pos_emb, s.batch_size,
                 space.new("targets"))
+            if attention_first:
+                # Block targets are the float block's: recompute them with the float attention.
+                space.discard(targets)
+                targets = self._float_targets
             # MoE experts the router sent too few calibration tokens: their Hessians say little, so RTN.
             few = {}
             for n, c in counts.items():
@@ -315,8 +353,7 @@ class BlockPipeline:
                          f"{s.moe_min_tokens} calibration tokens: "
                          + ", ".join(f"{disk_name(f'{prefix}.{e}', self.arch)} ({c})" for e, c in few.items()))
                 rtn_experts.update({disk_name(f"{prefix}.{e}", self.arch): c for e, c in few.items()})
-            result: dict[str, QuantizedWeight] = {}
-            for n in names:
+            for n in later:
                 w = block.get_submodule(n).weight.data
                 if self.init is not None:
                     result[n] = init[disk_name(f"{prefix}.{n}", self.arch)]
@@ -326,14 +363,16 @@ class BlockPipeline:
                     result[n] = gptq_quantize(w, hess[n], s.bits, s.group_size, damp=s.damp, act_order=s.act_order,
                                               scale_search=s.scale_search)
             hess = None  # K^2 floats per linear: free them before GSQ's logits arrive
-            if refine is not None and any(expert_of(n) not in few for n in names):
+            if refine is not None and any(expert_of(n) not in few for n in later):
                 # GSQ backpropagates through this call, so it keeps gradients and takes any batch.
                 forward = lambda inp: _call_block(block, inp, pos_emb)  # noqa: E731
                 k = s.gsq_nsamples or len(x)
-                trained = [n for n in names if expert_of(n) not in few]
+                trained = [n for n in later if expert_of(n) not in few]
                 refined, blog = refine(block, forward, trained, {n: result[n] for n in trained}, x.first(k),
                                        targets.first(k), self.gsq_options, s.seed * 1_000_003 + i)
                 result.update(refined)
+                if attention_logs:
+                    blog["attention"] = attention_logs  # q/k weight-space and v/o attention-output runs
                 gsq_logs[prefix] = blog
             with torch.no_grad():
                 for n in names:
@@ -372,6 +411,49 @@ class BlockPipeline:
             (out / MOE_RTN_FILE).write_text(json.dumps(rtn_experts, indent=2, sort_keys=True))
         shutil.rmtree(self.work_dir, ignore_errors=True)
         return out
+
+    def _quantize_attention_first(self, block, names, x, pos_emb, space, result, refine, i) -> dict:
+        """The GSQ reference's attention (``attention_mode="reference"``): q/k by GPTQ, then GSQ on
+        the Hessian-weighted weight error (no forward pass); v/o by GPTQ, then GSQ on the attention
+        output (float targets, q/k already quantized). The quantized attention is left in ``block``,
+        so the later Hessians (MLP) see it, as the reference takes them. Fills ``result`` for the
+        attention linears, keeps the float block's outputs in ``self._float_targets``; returns logs."""
+        s = self.s
+        seed = s.seed * 1_000_003 + i
+        attn = [n for n in names if n in QK + VO]
+        float_targets, hess, _ = run_block_with_hessians(block, attn, x, pos_emb, s.batch_size, space.new("targets"))
+        attn_targets = space.new("attention-targets")
+        with torch.no_grad():
+            for sl, xb in x.batches(s.batch_size):
+                attn_targets[sl] = _call_attention(block, xb, pos_emb)
+        for n in attn:
+            result[n] = gptq_quantize(block.get_submodule(n).weight.data, hess[n], s.bits, s.group_size, damp=s.damp,
+                                      act_order=s.act_order, scale_search=s.scale_search)
+        logs = {}
+        for n in (q for q in QK if q in attn):
+            lin = block.get_submodule(n)
+            rows = _cholesky_rows(hess[n], s.damp, self.gsq_options.batch_size * 32)
+            with torch.no_grad():
+                want = rows @ lin.weight.data.t()  # [pieces, K/pieces, N]: the float layer on L^T
+            forward = lambda inp, n=n: block.get_submodule(n)(inp)  # noqa: E731
+            refined, logs[n] = refine(block, forward, [n], {n: result[n]}, rows, want, self.gsq_options, seed)
+            result.update(refined)
+            with torch.no_grad():
+                lin.weight.copy_(result[n].dequantize())
+        hess = None
+        vo = [n for n in VO if n in attn]
+        if vo:
+            forward = lambda inp: _call_attention(block, inp, pos_emb)  # noqa: E731
+            k = s.gsq_nsamples or len(x)
+            refined, logs["v_o"] = refine(block, forward, vo, {n: result[n] for n in vo}, x.first(k),
+                                          attn_targets.first(k), self.gsq_options, seed + 1)
+            result.update(refined)
+        space.discard(attn_targets)
+        with torch.no_grad():
+            for n in attn:
+                block.get_submodule(n).weight.copy_(result[n].dequantize())
+        self._float_targets = float_targets
+        return logs
 
     def write_checkpoint(self) -> Path:
         """Assemble the final folder from the work folder's blocks and the original non-quantized tensors."""

@@ -122,3 +122,51 @@ def test_gsq_trains_on_its_subset_while_hessians_use_all(tiny, tmp_path):
     full = json.loads((tmp_path / "all" / "gsq_logs.json").read_text())
     assert {blk["total_steps"] for blk in full.values()} == {6}
     assert quantize_main([*args, "--out", str(tmp_path / "bad"), "--gsq-nsamples", "7"]) == 2
+
+
+def test_cholesky_rows_give_the_hessian_weighted_error():
+    from quantize.pipeline import _cholesky_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 64)
+    hess = x.t() @ x
+    dw = torch.randn(16, 64)
+    rows = _cholesky_rows(hess, 0.01, 8)
+    assert rows.shape == (8, 8, 64)
+    damped = hess + 0.01 * hess.diagonal().mean() * torch.eye(64)
+    got = sum((r @ dw.t()).pow(2).sum() for r in rows)
+    torch.testing.assert_close(got, torch.trace(dw @ damped @ dw.t()), rtol=1e-4, atol=1e-3)
+
+
+def test_reference_attention_mode(tiny, tmp_path):
+    """q/k by weight-space GSQ, v/o on the attention output, then the MLP with Hessians taken
+    through the quantized attention: the attention left in the block is the quantized one."""
+    from quantize.activations import ActivationSpace
+    from quantize.gsq import GSQOptions, refine_block
+    from quantize.pipeline import BlockPipeline, QuantizeSettings
+
+    s = QuantizeSettings(method="gsq", bits=2, group_size=32, nsamples=4, seqlen=64, attention_mode="reference")
+    pipe = BlockPipeline(tiny, tmp_path / "q", s, gsq_options=GSQOptions(epochs=1, batch_size=1, micro_batch_size=1))
+    pipe.check()
+    block = pipe.reader.load_into(pipe.layers[0], "model.layers.0").eval()
+    space = ActivationSpace((4, 64, 64), torch.device("cpu"), tmp_path, 1 << 30)
+    x = space.new("inputs")
+    x[0:4] = torch.randn(4, 64, 64)
+    rotary = type(pipe.model.model.rotary_emb)(config=pipe.model.config)
+    pos_emb = rotary(x[0:1], torch.arange(64).unsqueeze(0))
+    result = {}
+    logs = pipe._quantize_attention_first(block, pipe.names[0], x, pos_emb, space, result, refine_block, 0)
+    assert sorted(result) == sorted(f"self_attn.{p}_proj" for p in "qkvo")
+    assert logs["self_attn.q_proj"]["names"] == ["self_attn.q_proj"] and logs["v_o"]["names"] == [
+        "self_attn.v_proj", "self_attn.o_proj"]
+    assert logs["self_attn.q_proj"]["total_steps"] == 32  # Cholesky rows in 32 pieces, batch 1, 1 epoch
+    for n, q in result.items():
+        assert torch.equal(block.get_submodule(n).weight, q.dequantize())
+    assert pipe._float_targets.shape == (4, 64, 64)
+    # and through the CLI: the MLP's GSQ log carries the attention runs
+    assert quantize_main(["--model", str(tiny), "--out", str(tmp_path / "cli"), "--method", "gsq", "--bits", "2",
+                          "--group-size", "32", *ARGS, "--preset", "fast", "--gsq-epochs", "1",
+                          "--attention-mode", "reference"]) == 0
+    cli_logs = json.loads((tmp_path / "cli" / "gsq_logs.json").read_text())
+    assert cli_logs["model.layers.1"]["names"] == ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert set(cli_logs["model.layers.1"]["attention"]) == {"self_attn.q_proj", "self_attn.k_proj", "v_o"}
