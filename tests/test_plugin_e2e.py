@@ -2,8 +2,11 @@
 
 Checks /v1/models, completions, chat, streaming, 32 concurrent requests, and
 greedy tokens equal to a plain transformers forward of the same dequantized
-weights (float32 on both sides so near-ties cannot flip a token). Also: a
-corrupt checkpoint / wrong config is refused by gsq-serve up front.
+weights (float32 on both sides so near-ties cannot flip a token). With the
+official ``openai`` client: chat and streaming, completion logprobs, stop
+sequences, n > 1, a prompt over the context length (400), an unknown model
+(404), and a client that disconnects mid-stream. Also: a corrupt checkpoint /
+wrong config is refused by gsq-serve up front.
 """
 
 import asyncio
@@ -147,6 +150,86 @@ def test_32_concurrent_requests_complete(server):
 
     results = asyncio.run(run())
     assert results == [(200, 8)] * 32
+
+
+# ------------------------------------------------- the official openai client against the server
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+def test_openai_chat_and_stream(client):
+    kw = dict(model="tiny-gsq", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=12,
+              temperature=0, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw)
+    assert full.choices[0].message.role == "assistant" and full.usage.completion_tokens == 12
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 2 and text == full.choices[0].message.content
+
+
+def test_openai_completion_logprobs(client):
+    r = client.completions.create(model="tiny-gsq", prompt="The weather today is", max_tokens=5, temperature=0,
+                                  logprobs=3, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    for tok, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and len(top) >= 3
+        assert logprob == pytest.approx(max(top.values()), abs=1e-4)  # greedy: the chosen token is the top one
+        assert tok in top
+
+
+def test_openai_stop_sequence(client):
+    kw = dict(model="tiny-gsq", prompt="Once upon a time", max_tokens=24, temperature=0,
+              extra_body={"ignore_eos": True})
+    free = client.completions.create(**kw).choices[0].text
+    words = [w for w in free.split() if len(w) >= 3]
+    assert words, f"greedy output has no word to stop at: {free!r}"
+    stop = words[len(words) // 2]
+    stopped = client.completions.create(**kw, stop=[stop]).choices[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free[: free.index(stop)]
+
+
+def test_openai_n_choices(client):
+    r = client.completions.create(model="tiny-gsq", prompt="A list of fruits:", max_tokens=6, temperature=1.0,
+                                  n=3, seed=0)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert all(c.text for c in r.choices)
+
+
+def test_openai_over_context_length_is_a_400(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny-gsq", prompt=[1] * 300, max_tokens=4)  # --max-model-len 256
+    assert e.value.status_code == 400
+
+
+def test_openai_unknown_model_is_a_404(client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 404
+
+
+def test_client_disconnecting_mid_stream_leaves_the_server_serving(client, server):
+    stream = client.completions.create(model="tiny-gsq", prompt="Count:", max_tokens=200, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    got = 0
+    for chunk in stream:
+        got += 1
+        if got == 3:
+            break
+    stream.close()  # drop the connection with ~197 tokens still to come
+    r = client.completions.create(model="tiny-gsq", prompt="Still there?", max_tokens=4, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
 
 
 # ------------------------------------------------------- bad checkpoints (no server needed)
