@@ -107,6 +107,43 @@ def evaluate_folders(folders: list[str], corpus: str, nsamples: int | None, seql
     return rows
 
 
+def served_perplexity(base_url: str, ids: torch.Tensor, model: str | None = None, timeout: float = 600) -> float:
+    """exp(mean next-token NLL) of token ids int64 ``[n, S]`` as a running OpenAI-compatible vLLM
+    server scores them: each row is sent as a token-id prompt with ``prompt_logprobs`` (vLLM's
+    extension), one generated token that is ignored. Same rows and NLL as :func:`perplexity`."""
+    import httpx
+
+    base = base_url.rstrip("/")
+    if not base.endswith("/v1"):
+        base += "/v1"
+    with httpx.Client(timeout=timeout) as client:
+        if model is None:
+            model = client.get(f"{base}/models").raise_for_status().json()["data"][0]["id"]
+        nll, count = 0.0, 0
+        for row in ids.tolist():
+            r = client.post(f"{base}/completions", json={
+                "model": model, "prompt": row, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0})
+            if r.status_code != 200:
+                raise FormatError(f"server {base}: HTTP {r.status_code}: {r.text[:300]}")
+            scored = r.json()["choices"][0]["prompt_logprobs"]
+            for tok, entry in zip(row[1:], scored[1:]):  # the first prompt token has no logprob
+                nll -= entry[str(tok)]["logprob"]
+                count += 1
+    return math.exp(nll / count)
+
+
+def served_row(base_url: str, tokenizer_folder: str, corpus: str, nsamples: int | None, seqlen: int) -> dict:
+    """A perplexity row for a server, on the rows :func:`evaluate_folders` scores (same tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from quantize.data import load_split, tokenize_sequences
+
+    ids = tokenize_sequences(load_split(corpus, "eval"), AutoTokenizer.from_pretrained(tokenizer_folder), seqlen,
+                             nsamples)
+    return {"model": base_url, "kind": "served", "ppl": served_perplexity(base_url, ids),
+            "tokens": int(ids[:, 1:].numel()), "corpus": corpus, "seqlen": seqlen}
+
+
 def format_table(rows: list[dict]) -> str:
     w = max([len(r["model"]) for r in rows] + [5])
     lines = [f"{'model':<{w}}  {'kind':<22}  {'ppl':>10}  {'tokens':>8}"]

@@ -62,6 +62,7 @@ def make_tiny_checkpoint(out: Path, tokenizer_dir: Path, bits=2, group_size=32, 
         tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         torch_dtype="float32",
     )
+    cfg.architectures = ["LlamaForCausalLM"]
     model = LlamaForCausalLM(cfg).float().eval()
     # Larger-than-default init so the random model's logits are well separated (no greedy ties).
     with torch.no_grad():

@@ -152,6 +152,18 @@ def test_32_concurrent_requests_complete(server):
     assert results == [(200, 8)] * 32
 
 
+def test_served_perplexity_equals_offline(server, tiny):
+    """The server's prompt logprobs give the offline gsq-eval perplexity of the same checkpoint (both
+    float32, so the bound is float32 rounding over a few hundred tokens, not quantization)."""
+    from quantize.evaluate import load_model, perplexity, served_perplexity
+
+    ckpt, _ = tiny
+    ids = torch.randint(0, 49152, (3, 64), generator=torch.Generator().manual_seed(0))
+    offline = perplexity(load_model(ckpt)[0], ids, progress=False)
+    served = served_perplexity(server, ids, model="tiny-gsq")
+    assert served == pytest.approx(offline, rel=1e-4)
+
+
 # ------------------------------------------------- the official openai client against the server
 
 
