@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -77,7 +78,7 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4, p
     nll, count = 0.0, 0
     batches = range(0, ids.shape[0], batch_size)
     with torch.no_grad():
-        for b in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
+        for b in tqdm(batches, desc="perplexity", disable=not progress or not sys.stderr.isatty(), leave=False):
             x = ids[b : b + batch_size]
             logits = model(input_ids=x).logits.float()
             loss = torch.nn.functional.cross_entropy(

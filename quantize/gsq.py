@@ -25,12 +25,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from dataclasses import dataclass, asdict, fields
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from quantize.qtypes import QuantizedWeight
 from gsq_vllm.format import grid_range, normalize_bits
@@ -468,6 +470,8 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
         for m in layers.values():
             m.fixed = None
         step = 0
+        bar = tqdm(total=total, unit="step", desc="  GSQ", leave=False, dynamic_ncols=True,
+                   disable=not sys.stderr.isatty())
         for epoch in range(options.epochs):
             order = torch.randperm(n, generator=gen, device=gen.device)
             for i in range(0, n, bs):
@@ -494,7 +498,10 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
                     log["steps"].append({"step": step, "epoch": epoch, "soft_mse": loss_sum,
                                          "tau": tau, "kappa": kappa, "lr_logits": lr})
                 step += 1
+                bar.update(1)
+                bar.set_postfix(soft_mse=f"{loss_sum:.3e}", tau=f"{tau:.2f}", refresh=False)
             log["hard_mse"].append(_hard_mse(forward, layers.values(), inputs, targets, bs))
+        bar.close()
         result = {name: m.hardened() for name, m in layers.items()}
         # Not in the reference: if the hardened block is worse than its init on the calibration
         # inputs (too few steps, e.g. a CPU preset), keep the init so GSQ never loses to GPTQ.

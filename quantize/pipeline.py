@@ -30,10 +30,12 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from gsq_vllm.format import (
     CheckpointWriter,
@@ -321,6 +323,10 @@ class BlockPipeline:
         if (self.work_dir / MOE_RTN_FILE).is_file():
             rtn_experts = json.loads((self.work_dir / MOE_RTN_FILE).read_text())
 
+        # A bar with an ETA on a terminal (stderr a TTY), nothing otherwise; log lines print above it.
+        bar = tqdm(total=len(self.layers), initial=start, unit="block", desc="gsq-quantize", dynamic_ncols=True,
+                   disable=not sys.stderr.isatty())
+        log = self.log if bar.disable else bar.write
         for i in range(start, len(self.layers)):
             torch.manual_seed(s.seed * 1_000_003 + i)
             prefix = f"model.layers.{i}"
@@ -349,7 +355,7 @@ class BlockPipeline:
                 if ex is not None and c < s.moe_min_tokens:
                     few[ex] = min(c, few.get(ex, c))
             if few:
-                self.log(f"[gsq-quantize] block {i + 1}: RTN for {len(few)} expert(s) routed fewer than "
+                log(f"[gsq-quantize] block {i + 1}: RTN for {len(few)} expert(s) routed fewer than "
                          f"{s.moe_min_tokens} calibration tokens: "
                          + ", ".join(f"{disk_name(f'{prefix}.{e}', self.arch)} ({c})" for e, c in few.items()))
                 rtn_experts.update({disk_name(f"{prefix}.{e}", self.arch): c for e, c in few.items()})
@@ -387,7 +393,7 @@ class BlockPipeline:
                 den += tb.pow(2).sum().item()
             space.discard(targets)
             err = num / max(den, 1e-12)
-            self.log(f"[gsq-quantize] block {i + 1}/{len(self.layers)}: {len(names)} linears, rel. output MSE {err:.3e}")
+            log(f"[gsq-quantize] block {i + 1}/{len(self.layers)}: {len(names)} linears, rel. output MSE {err:.3e}")
             tensors = {}
             for n, q in result.items():
                 tensors[f"{n}.codes"] = q.codes.cpu()
@@ -403,6 +409,8 @@ class BlockPipeline:
             self.layers[i].to("meta")
             del block, targets, hess
             release_host_memory()
+            bar.update(1)
+        bar.close()
 
         out = self.write_checkpoint()
         if gsq_logs:

@@ -170,3 +170,44 @@ def test_reference_attention_mode(tiny, tmp_path):
     cli_logs = json.loads((tmp_path / "cli" / "gsq_logs.json").read_text())
     assert cli_logs["model.layers.1"]["names"] == ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     assert set(cli_logs["model.layers.1"]["attention"]) == {"self_attn.q_proj", "self_attn.k_proj", "v_o"}
+
+
+def test_progress_bars_on_a_terminal_only(tiny, tmp_path):
+    """On a terminal: a per-block bar (with rate/ETA) and a per-step GSQ bar; piped: only log lines."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    def cmd(out):
+        return [sys.executable, "-c", "import sys; from quantize.cli import main; sys.exit(main())", "--model",
+                str(tiny), "--out", str(tmp_path / out), "--method", "gsq", "--bits", "2", "--group-size", "32",
+                *ARGS, "--preset", "fast", "--gsq-epochs", "1"]
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    proc = subprocess.Popen(cmd("tty"), stdout=slave, stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(120) == 0
+    tty = b"".join(chunks).decode(errors="replace")
+    assert "gsq-quantize:" in tty and ("block/s" in tty or "s/block" in tty), tty[-2000:]
+    assert "GSQ:" in tty and ("step/s" in tty or "s/step" in tty)
+    assert "[gsq-quantize] block 2/2" in tty  # log lines still printed, above the bar
+    piped = subprocess.run(cmd("piped"), capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0
+    assert "block/s" not in piped.stderr and "s/block" not in piped.stderr and "step/s" not in piped.stderr
+    assert "[gsq-quantize] block 2/2" in piped.stderr
