@@ -98,8 +98,9 @@ setup(
     ],
     extras_require={
         # cuobjdump / nvdisasm: benchmarks/kernel_static.py reads the kernels' SASS (no GPU needed)
+        # lm-eval[api]: benchmarks/lm_eval_served.py and its test (served vs offline perplexity)
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "pybind11", "ninja",
-                "nvidia-cuda-cuobjdump", "nvidia-cuda-nvdisasm"],
+                "nvidia-cuda-cuobjdump", "nvidia-cuda-nvdisasm", "openai", "lm-eval[api]==0.4.13"],
     },
     entry_points={
         "console_scripts": [
