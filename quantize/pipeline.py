@@ -338,16 +338,17 @@ class BlockPipeline:
             attention_logs = {}
             if attention_first:
                 # quantizes q/k/v/o (and leaves them in the block); names left: the rest
-                attention_logs = self._quantize_attention_first(block, names, x, pos_emb, space, result, refine, i)
+                attention_logs, float_targets = self._quantize_attention_first(block, names, x, pos_emb, space,
+                                                                               result, refine, i, init)
             later = [n for n in names if n not in result]
             # RTN, and GSQ from an --init checkpoint, need no Hessians
             targets, hess, counts = run_block_with_hessians(
                 block, later if s.method != "rtn" and self.init is None else [], x, pos_emb, s.batch_size,
                 space.new("targets"))
             if attention_first:
-                # Block targets are the float block's: recompute them with the float attention.
+                # These outputs went through the quantized attention; GSQ's targets are the float block's.
                 space.discard(targets)
-                targets = self._float_targets
+                targets = float_targets
             # MoE experts the router sent too few calibration tokens: their Hessians say little, so RTN.
             few = {}
             for n, c in counts.items():
@@ -356,8 +357,8 @@ class BlockPipeline:
                     few[ex] = min(c, few.get(ex, c))
             if few:
                 log(f"[gsq-quantize] block {i + 1}: RTN for {len(few)} expert(s) routed fewer than "
-                         f"{s.moe_min_tokens} calibration tokens: "
-                         + ", ".join(f"{disk_name(f'{prefix}.{e}', self.arch)} ({c})" for e, c in few.items()))
+                    f"{s.moe_min_tokens} calibration tokens: "
+                    + ", ".join(f"{disk_name(f'{prefix}.{e}', self.arch)} ({c})" for e, c in few.items()))
                 rtn_experts.update({disk_name(f"{prefix}.{e}", self.arch): c for e, c in few.items()})
             for n in later:
                 w = block.get_submodule(n).weight.data
@@ -420,12 +421,12 @@ class BlockPipeline:
         shutil.rmtree(self.work_dir, ignore_errors=True)
         return out
 
-    def _quantize_attention_first(self, block, names, x, pos_emb, space, result, refine, i) -> dict:
-        """The GSQ reference's attention (``attention_mode="reference"``): q/k by GPTQ, then GSQ on
-        the Hessian-weighted weight error (no forward pass); v/o by GPTQ, then GSQ on the attention
-        output (float targets, q/k already quantized). The quantized attention is left in ``block``,
-        so the later Hessians (MLP) see it, as the reference takes them. Fills ``result`` for the
-        attention linears, keeps the float block's outputs in ``self._float_targets``; returns logs."""
+    def _quantize_attention_first(self, block, names, x, pos_emb, space, result, refine, i, init):
+        """The GSQ reference's attention (``attention_mode="reference"``): q/k by GPTQ (or ``init``),
+        then GSQ on the Hessian-weighted weight error (no forward pass); v/o likewise, then GSQ on
+        the attention output (float targets, q/k already quantized). The quantized attention is left
+        in ``block``, so the later Hessians (MLP) see it, as the reference takes them. Fills
+        ``result`` for the attention linears; returns (GSQ logs, the float block's outputs)."""
         s = self.s
         seed = s.seed * 1_000_003 + i
         attn = [n for n in names if n in QK + VO]
@@ -435,8 +436,11 @@ class BlockPipeline:
             for sl, xb in x.batches(s.batch_size):
                 attn_targets[sl] = _call_attention(block, xb, pos_emb)
         for n in attn:
-            result[n] = gptq_quantize(block.get_submodule(n).weight.data, hess[n], s.bits, s.group_size, damp=s.damp,
-                                      act_order=s.act_order, scale_search=s.scale_search)
+            if self.init is not None:
+                result[n] = init[disk_name(f"model.layers.{i}.{n}", self.arch)]
+            else:
+                result[n] = gptq_quantize(block.get_submodule(n).weight.data, hess[n], s.bits, s.group_size,
+                                          damp=s.damp, act_order=s.act_order, scale_search=s.scale_search)
         logs = {}
         for n in (q for q in QK if q in attn):
             lin = block.get_submodule(n)
@@ -460,8 +464,7 @@ class BlockPipeline:
         with torch.no_grad():
             for n in attn:
                 block.get_submodule(n).weight.copy_(result[n].dequantize())
-        self._float_targets = float_targets
-        return logs
+        return logs, float_targets
 
     def write_checkpoint(self) -> Path:
         """Assemble the final folder from the work folder's blocks and the original non-quantized tensors."""

@@ -155,14 +155,15 @@ def test_reference_attention_mode(tiny, tmp_path):
     rotary = type(pipe.model.model.rotary_emb)(config=pipe.model.config)
     pos_emb = rotary(x[0:1], torch.arange(64).unsqueeze(0))
     result = {}
-    logs = pipe._quantize_attention_first(block, pipe.names[0], x, pos_emb, space, result, refine_block, 0)
+    logs, float_targets = pipe._quantize_attention_first(block, pipe.names[0], x, pos_emb, space, result,
+                                                         refine_block, 0, {})
     assert sorted(result) == sorted(f"self_attn.{p}_proj" for p in "qkvo")
     assert logs["self_attn.q_proj"]["names"] == ["self_attn.q_proj"] and logs["v_o"]["names"] == [
         "self_attn.v_proj", "self_attn.o_proj"]
     assert logs["self_attn.q_proj"]["total_steps"] == 32  # Cholesky rows in 32 pieces, batch 1, 1 epoch
     for n, q in result.items():
         assert torch.equal(block.get_submodule(n).weight, q.dequantize())
-    assert pipe._float_targets.shape == (4, 64, 64)
+    assert float_targets.shape == (4, 64, 64)
     # and through the CLI: the MLP's GSQ log carries the attention runs
     assert quantize_main(["--model", str(tiny), "--out", str(tmp_path / "cli"), "--method", "gsq", "--bits", "2",
                           "--group-size", "32", *ARGS, "--preset", "fast", "--gsq-epochs", "1",
