@@ -8,11 +8,14 @@ no checkpoint folder at --out.
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
+from dataclasses import asdict
 
 from gsq_vllm.format import FormatError, normalize_bits
 from quantize import gsq
+from quantize.report import write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,8 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     from gsq_vllm.format import checkpoint_bits_per_weight
 
     bpw, n = checkpoint_bits_per_weight(out)
+    report = write_report(out, {
+        "model": str(model_dir), "settings": asdict(settings),
+        "gsq_options": asdict(gsq_options) if gsq_options else None, "device": str(device),
+        "wall_s": time.time() - t0, "bits_per_weight": bpw, "quantized_weights": n,
+        # ru_maxrss is KiB on Linux: the whole process's peak, this run included
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "blocks": pipe.report_blocks, "gsq_logs": pipe.gsq_logs,
+    })
     print(f"gsq-quantize: wrote {out} ({args.method}, {bits}-bit, G={args.group_size}, "
-          f"{bpw:.3f} bits/weight over {n} quantized weights) in {time.time() - t0:.1f} s")
+          f"{bpw:.3f} bits/weight over {n} quantized weights) in {time.time() - t0:.1f} s; report: {report}")
     return 0
 
 

@@ -42,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     if args.json:
         write_json(rows, args.json)
+    # A checkpoint's report.html shows its own perplexity and that of the float models beside it.
+    from quantize.report import add_perplexity
+
+    baselines = [r for r in rows if r["kind"] == "bf16"]
+    for r in rows:
+        if r["kind"] not in ("bf16", "served") and add_perplexity(r["model"], r):
+            for b in baselines:
+                add_perplexity(r["model"], b)
     return 0
 
 

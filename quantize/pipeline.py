@@ -51,6 +51,7 @@ from quantize.gptq import gptq_quantize
 from quantize.models import WeightReader, build_skeleton, check_architecture
 from quantize.moe import disk_name, expert_of, is_sparse_block_mlp, moe_spec
 from quantize.qtypes import QuantizedWeight
+from quantize.report import layer_error
 from quantize.rtn import rtn_quantize
 
 METHODS = ("rtn", "gptq", "gsq")
@@ -62,6 +63,7 @@ WORK_FORMAT = "work-3: inputs-<block>.f32, counter-based CPU noise"
 # Never quantized, whatever the user asks: MoE routers (a "gate" linear, not gate_proj).
 ALWAYS_EXCLUDED = ("mlp.gate", "router")
 MOE_RTN_FILE = "moe_rtn_experts.json"  # in the work folder and the checkpoint
+REPORT_BLOCKS_FILE = "report_blocks.json"  # per-block errors for report.html (work folder)
 
 
 @dataclass
@@ -322,6 +324,9 @@ class BlockPipeline:
         rtn_experts = {}  # MoE experts quantized by RTN for lack of routed tokens: name -> tokens
         if (self.work_dir / MOE_RTN_FILE).is_file():
             rtn_experts = json.loads((self.work_dir / MOE_RTN_FILE).read_text())
+        self.report_blocks = []  # one record per block for quantize/report.py
+        if (self.work_dir / REPORT_BLOCKS_FILE).is_file():
+            self.report_blocks = json.loads((self.work_dir / REPORT_BLOCKS_FILE).read_text())
 
         # A bar with an ETA on a terminal (stderr a TTY), nothing otherwise; log lines print above it.
         bar = tqdm(total=len(self.layers), initial=start, unit="block", desc="gsq-quantize", dynamic_ncols=True,
@@ -369,6 +374,13 @@ class BlockPipeline:
                 else:
                     result[n] = gptq_quantize(w, hess[n], s.bits, s.group_size, damp=s.damp, act_order=s.act_order,
                                               scale_search=s.scale_search)
+            # diag(H) only (K floats per linear) for the report's per-layer errors
+            layer_errors = {}
+            for n in later:
+                if n in hess:
+                    hdiag = hess[n].diagonal().clone()
+                    layer_errors[n] = {"final": layer_error(block.get_submodule(n).weight.data, result[n], hdiag),
+                                       "hdiag": hdiag}
             hess = None  # K^2 floats per linear: free them before GSQ's logits arrive
             if refine is not None and any(expert_of(n) not in few for n in later):
                 # GSQ backpropagates through this call, so it keeps gradients and takes any batch.
@@ -377,6 +389,11 @@ class BlockPipeline:
                 trained = [n for n in later if expert_of(n) not in few]
                 refined, blog = refine(block, forward, trained, {n: result[n] for n in trained}, x.first(k),
                                        targets.first(k), self.gsq_options, s.seed * 1_000_003 + i)
+                for n in trained:
+                    if n in layer_errors:  # GSQ ran: keep the GPTQ init's error beside the result's
+                        layer_errors[n]["init"] = layer_errors[n]["final"]
+                        layer_errors[n]["final"] = layer_error(block.get_submodule(n).weight.data, refined[n],
+                                                               layer_errors[n]["hdiag"])
                 result.update(refined)
                 if attention_logs:
                     blog["attention"] = attention_logs  # q/k weight-space and v/o attention-output runs
@@ -395,6 +412,12 @@ class BlockPipeline:
             space.discard(targets)
             err = num / max(den, 1e-12)
             log(f"[gsq-quantize] block {i + 1}/{len(self.layers)}: {len(names)} linears, rel. output MSE {err:.3e}")
+            record = {"index": i, "rel_output_mse": err,
+                      "layers": {n: {k: v for k, v in e.items() if k != "hdiag"} for n, e in layer_errors.items()}}
+            if prefix in gsq_logs:
+                record["gsq_init_mse"] = gsq_logs[prefix]["hard_mse"][0]
+                record["gsq_final_mse"] = gsq_logs[prefix]["hard_mse"][-1]
+            self.report_blocks.append(record)
             tensors = {}
             for n, q in result.items():
                 tensors[f"{n}.codes"] = q.codes.cpu()
@@ -405,6 +428,7 @@ class BlockPipeline:
                 _atomic_json(gsq_logs, self.work_dir / "gsq_logs.json")
             if rtn_experts:
                 _atomic_json(rtn_experts, self.work_dir / MOE_RTN_FILE)
+            _atomic_json(self.report_blocks, self.work_dir / REPORT_BLOCKS_FILE)
             _atomic_json({"fingerprint": fp, "next_block": i + 1}, state_path)
             space.inputs_path(i).unlink(missing_ok=True)  # only now: the state no longer names it
             self.layers[i].to("meta")
@@ -418,6 +442,7 @@ class BlockPipeline:
             (out / "gsq_logs.json").write_text(json.dumps(gsq_logs, indent=2, sort_keys=True))
         if rtn_experts:
             (out / MOE_RTN_FILE).write_text(json.dumps(rtn_experts, indent=2, sort_keys=True))
+        self.gsq_logs = gsq_logs
         shutil.rmtree(self.work_dir, ignore_errors=True)
         return out
 
