@@ -4,10 +4,11 @@
 # checkpoint, then serve it through vLLM's OpenAI API and ask it one question.
 #
 #   METHOD (gsq) BITS (3) GROUP_SIZE (64) OUT (runs/smollm2-$METHOD-${BITS}b-g$GROUP_SIZE)
-#   NSAMPLES (32 calibration sequences of 256 tokens) EVAL_NSAMPLES (20) EVAL_SEQLEN (512)
-#   QUANTIZE_ARGS ("--skip-attention --preset fast"): attention stays bf16 by default, as in the
-#     GSQ reference's released checkpoints: quantizing SmolLM2-135M's attention to 3 bits breaks
-#     its chat answers even where perplexity looks tolerable (measured; see README).
+#   NSAMPLES (128 calibration sequences of 256 tokens for GPTQ's Hessians) EVAL_NSAMPLES (20) EVAL_SEQLEN (512)
+#   QUANTIZE_ARGS ("--skip-attention --preset fast --calib-chat --gsq-nsamples 32"): attention stays
+#     bf16, as in the GSQ reference's released checkpoints (3-bit attention breaks SmolLM2-135M's
+#     chat answers); calibration text in the chat template, GSQ trained on the first 32 sequences.
+#     Chosen by the chat probe, not perplexity alone (README, "GSQ against its reference").
 #   SERVE: "1" (default) keep serving on $HOST:$PORT after the demo question,
 #          "once" ask the demo question and stop, "0" do not serve.
 #   HOST (127.0.0.1) PORT (8000); extra arguments go to gsq-quantize.
@@ -17,8 +18,8 @@ VENV="${GSQ_VENV:-$ROOT/.venv}"
 METHOD="${METHOD:-gsq}"
 BITS="${BITS:-3}"
 GROUP_SIZE="${GROUP_SIZE:-64}"
-NSAMPLES="${NSAMPLES:-32}"
-QUANTIZE_ARGS="${QUANTIZE_ARGS:---skip-attention --preset fast}"
+NSAMPLES="${NSAMPLES:-128}"
+QUANTIZE_ARGS="${QUANTIZE_ARGS:---skip-attention --preset fast --calib-chat --gsq-nsamples 32}"
 OUT="${OUT:-$ROOT/runs/smollm2-$METHOD-${BITS}b-g$GROUP_SIZE}"
 SERVE="${SERVE:-1}"
 HOST="${HOST:-127.0.0.1}"
