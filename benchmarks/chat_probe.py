@@ -19,13 +19,12 @@ import json
 import os
 import platform
 import re
-import signal
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import _free_port, start_server, wait_ready  # noqa: E402
+from serving import _free_port, start_server, stop_server, wait_ready  # noqa: E402
 
 QUESTIONS = [
     ("What is the capital of France?", ["paris"]),
@@ -114,11 +113,7 @@ def probe(model: str, log_dir: Path, timeout_s: float = 900) -> dict:
         return {"score": sum(r["correct"] for r in rows) / len(rows), "n": len(rows), "startup_s": startup,
                 "answers": rows}
     finally:
-        proc.send_signal(signal.SIGINT)  # vLLM's own shutdown path
-        try:
-            proc.wait(60)
-        except Exception:
-            proc.kill()
+        stop_server(proc)
 
 
 def main(argv=None) -> int:

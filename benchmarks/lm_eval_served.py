@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import _free_port, start_server, wait_ready  # noqa: E402
+from serving import _free_port, start_server, stop_server, wait_ready  # noqa: E402
 
 TASK = "gsq_heldout"
 METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -110,11 +109,7 @@ def main(argv=None) -> int:
             wait_ready(proc, base, 900)
             served = run_served(base, "bench", args.checkpoint, task_dir, args.max_length)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     print(f"{'metric':<18}{'served':>14}{'offline':>14}{'served/offline':>16}")
     for m in METRICS:
         print(f"{m:<18}{served[m]:>14.6g}{offline[m]:>14.6g}{served[m] / offline[m]:>16.5f}")

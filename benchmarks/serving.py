@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -51,6 +52,16 @@ def start_server(model: str, port: int, extra: list[str], log_path: Path) -> sub
     cmd = [sys.executable, "-m", "gsq_vllm.serve", model, "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", "bench", *extra]
     return subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a server started by :func:`start_server` as Ctrl-C does (SIGINT, vLLM's own shutdown
+    path); kill it if it is still up after 60 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def wait_ready(proc: subprocess.Popen, base: str, timeout_s: float) -> float:
@@ -135,11 +146,7 @@ def main() -> int:
                 results.append(row)
                 print(f"{name} c={c}: {row['output_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
 
     hdr = f"{'model':<8} {'conc':>4} {'out tok/s':>9} {'decode tok/s':>12} {'TTFT p50/p90/p99 ms':>22} {'ITL p50/p90/p99 ms':>20}"
     print(hdr)

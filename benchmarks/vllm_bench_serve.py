@@ -22,13 +22,12 @@ import argparse
 import asyncio
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import _free_port, run_level, start_server, wait_ready  # noqa: E402
+from serving import _free_port, run_level, start_server, stop_server, wait_ready  # noqa: E402
 
 
 def vllm_bench(base: str, tokenizer: str, concurrency: int, requests: int, input_len: int, output_len: int) -> dict:
@@ -84,11 +83,7 @@ def main() -> int:
                 print(f"{name} c={c}: vllm {v['output_throughput']:.1f} tok/s, ours {ours['output_tok_s']:.1f}",
                       file=sys.stderr, flush=True)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
 
     print(f"{'model':<8}{'conc':>5}  {'out tok/s vllm | ours':>22}  {'TTFT p50 ms vllm | ours':>24}  "
           f"{'ITL p50 ms vllm | ours':>23}")

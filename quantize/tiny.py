@@ -14,6 +14,20 @@ import torch
 from gsq_vllm.format import TOKENIZER_FILES
 
 
+def _save_with_tokenizer(model, out: str | os.PathLike, tok_dir: Path) -> Path:
+    """Save ``model`` (safetensors + config) to ``out`` with ``tok_dir``'s tokenizer files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    for fname in TOKENIZER_FILES:
+        if fname == "generation_config.json":
+            continue
+        src = tok_dir / fname
+        if src.is_file():
+            shutil.copy2(src, out / fname)
+    return out
+
+
 def build_tiny_llama(
     out: str | os.PathLike,
     hidden: int = 64,
@@ -58,16 +72,7 @@ def build_tiny_llama(
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
-    for fname in TOKENIZER_FILES:
-        if fname == "generation_config.json":
-            continue
-        src = tok_dir / fname
-        if src.is_file():
-            shutil.copy2(src, out / fname)
-    return out
+    return _save_with_tokenizer(model, out, tok_dir)
 
 
 def build_tiny_moe(
@@ -115,13 +120,4 @@ def build_tiny_moe(
                 p.uniform_(0.5, 1.5)
             elif p.dim() >= 2 and "embed" not in name:
                 p.normal_(0, 0.02)  # transformers leaves fused expert tensors uninitialised
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
-    for fname in TOKENIZER_FILES:
-        if fname == "generation_config.json":
-            continue
-        src = tok_dir / fname
-        if src.is_file():
-            shutil.copy2(src, out / fname)
-    return out
+    return _save_with_tokenizer(model, out, tok_dir)

@@ -8,9 +8,6 @@ forward of the same dequantized weights, on one rank and on two (tensor
 parallel: gate/up cut along the output dim, down along the packed input dim).
 """
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,16 +20,12 @@ import vllm_greedy  # noqa: E402
 from test_cuda_emu_e2e import PROMPTS, _reference  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
-HERE = Path(__file__).parent
 N_TOKENS = 12
 MIN_REL_MARGIN = 1e-3
 
 
 def _run(ckpt, tp):
-    env = dict(os.environ, GSQ_KERNEL="cpu", VLLM_CPU_KVCACHE_SPACE="1")
-    env["PYTHONPATH"] = f"{HERE.parent}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    return subprocess.run([sys.executable, str(HERE / "vllm_greedy.py"), str(ckpt), "float32", str(N_TOKENS),
-                           json.dumps(PROMPTS), str(tp)], capture_output=True, text=True, env=env, timeout=900)
+    return vllm_greedy.run(ckpt, "float32", N_TOKENS, PROMPTS, tp)
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +69,7 @@ def test_cuda_emu_experts_give_the_cpu_path_tokens(tmp_path, tok):
                                          quantize_attention=False)
     runs = {}
     for kernel in ("cuda-emu", "cpu"):
-        env = dict(os.environ, GSQ_KERNEL=kernel, GSQ_EMU_SMS="8", VLLM_CPU_KVCACHE_SPACE="1")
-        env["PYTHONPATH"] = f"{HERE.parent}{os.pathsep}{env.get('PYTHONPATH', '')}"
-        res = subprocess.run([sys.executable, str(HERE / "vllm_greedy.py"), str(tmp_path / "ckpt"), "float16", "6",
-                              json.dumps(PROMPTS)], capture_output=True, text=True, env=env, timeout=900)
+        res = vllm_greedy.run(tmp_path / "ckpt", "float16", 6, PROMPTS, kernel=kernel, GSQ_EMU_SMS="8")
         assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
         runs[kernel] = vllm_greedy.read_result(res.stdout)
     assert runs["cuda-emu"]["emulated_gemms"] > 0 and runs["cpu"]["emulated_gemms"] == 0

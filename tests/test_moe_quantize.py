@@ -8,8 +8,6 @@ transformers forward (its own fused experts) holding the dequantized weights.
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +18,6 @@ from safetensors.torch import load_file
 from gsq_vllm.format import read_quant_config, unpack_codes
 from quantize.activations import Activations
 from quantize.cli import main as quantize_main
-from quantize.moe import unfuse_experts
 from quantize.pipeline import run_block_with_hessians
 from quantize.rtn import rtn_quantize
 from quantize.tiny import build_tiny_moe
@@ -148,9 +145,6 @@ def test_quantized_moe_is_served_with_the_reference_tokens(tmp_path, arch, metho
     refs = [_reference(ref, p) for p in PROMPTS]
     if min(m for _, m in refs) < 1e-4:
         pytest.skip("the float32 reference has a near-tie on these prompts")
-    env = dict(os.environ, GSQ_KERNEL="cpu", VLLM_CPU_KVCACHE_SPACE="1")
-    env["PYTHONPATH"] = f"{HERE.parent}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    res = subprocess.run([sys.executable, str(HERE / "vllm_greedy.py"), str(tmp_path / "q"), "float32", "12",
-                          json.dumps(PROMPTS)], capture_output=True, text=True, env=env, timeout=900)
+    res = vllm_greedy.run(tmp_path / "q", "float32", 12, PROMPTS)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert vllm_greedy.read_result(res.stdout)["tokens"] == [r for r, _ in refs]

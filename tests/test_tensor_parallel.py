@@ -10,9 +10,6 @@ one core per rank. A group size that does not divide a row-parallel layer's
 K per rank is refused at load, naming the layer.
 """
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,15 +22,11 @@ import vllm_greedy  # noqa: E402
 from test_cuda_emu_e2e import PROMPTS, _reference  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
-HERE = Path(__file__).parent
 N_TOKENS = 12
 
 
 def _run(ckpt, tp):
-    env = dict(os.environ, GSQ_KERNEL="cpu", VLLM_CPU_KVCACHE_SPACE="1")
-    env["PYTHONPATH"] = f"{HERE.parent}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    return subprocess.run([sys.executable, str(HERE / "vllm_greedy.py"), str(ckpt), "float32", str(N_TOKENS),
-                           json.dumps(PROMPTS), str(tp)], capture_output=True, text=True, env=env, timeout=900)
+    return vllm_greedy.run(ckpt, "float32", N_TOKENS, PROMPTS, tp)
 
 
 @pytest.fixture(scope="module")

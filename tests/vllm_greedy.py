@@ -14,9 +14,22 @@ core (VLLM_CPU_OMP_THREADS_BIND="0|1|...") unless that is already set.
 
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 RESULT_PREFIX = "GREEDY_RESULT "
+
+
+def run(ckpt, dtype: str, n_tokens: int, prompts: list[list[int]], tp: int = 1, kernel: str = "cpu",
+        **env) -> subprocess.CompletedProcess:
+    """This script on ``ckpt`` in a fresh process (GSQ_KERNEL=``kernel`` plus ``env``); read its
+    stdout with :func:`read_result`."""
+    here = Path(__file__).resolve().parent
+    full_env = dict(os.environ, GSQ_KERNEL=kernel, VLLM_CPU_KVCACHE_SPACE="1", **env)
+    full_env["PYTHONPATH"] = f"{here.parent}{os.pathsep}{full_env.get('PYTHONPATH', '')}"
+    return subprocess.run([sys.executable, str(here / "vllm_greedy.py"), str(ckpt), dtype, str(n_tokens),
+                           json.dumps(prompts), str(tp)], capture_output=True, text=True, env=full_env, timeout=900)
 
 
 def read_result(stdout: str) -> dict:
