@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import _free_port, start_server, stop_server, wait_ready  # noqa: E402
+from serving import running_server  # noqa: E402
 
 QUESTIONS = [
     ("What is the capital of France?", ["paris"]),
@@ -97,12 +97,8 @@ def scores(answer: str, accepted: list[str]) -> bool:
 def probe(model: str, log_dir: Path, timeout_s: float = 900) -> dict:
     from openai import OpenAI
 
-    port = _free_port()
-    proc = start_server(model, port, ["--enforce-eager", "--max-model-len", "512"],
-                        log_dir / f"probe-{Path(model).name}.log")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        startup = wait_ready(proc, base, timeout_s)
+    with running_server(model, ["--enforce-eager", "--max-model-len", "512"],
+                        log_dir / f"probe-{Path(model).name}.log", timeout_s) as (base, startup):
         client = OpenAI(base_url=f"{base}/v1", api_key="none")
         rows = []
         for q, accepted in QUESTIONS:
@@ -112,8 +108,6 @@ def probe(model: str, log_dir: Path, timeout_s: float = 900) -> dict:
             rows.append({"question": q, "answer": a, "correct": scores(a, accepted)})
         return {"score": sum(r["correct"] for r in rows) / len(rows), "n": len(rows), "startup_s": startup,
                 "answers": rows}
-    finally:
-        stop_server(proc)
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import _free_port, start_server, stop_server, wait_ready  # noqa: E402
+from serving import running_server  # noqa: E402
 
 TASK = "gsq_heldout"
 METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -102,14 +102,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         task_dir = write_task(Path(tmp), docs)
         offline = run_offline(args.checkpoint, task_dir, args.max_length)
-        port = _free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = start_server(args.checkpoint, port, args.server_args.split(), Path(tmp) / "server.log")
-        try:
-            wait_ready(proc, base, 900)
+        with running_server(args.checkpoint, args.server_args.split(), Path(tmp) / "server.log") as (base, _):
             served = run_served(base, "bench", args.checkpoint, task_dir, args.max_length)
-        finally:
-            stop_server(proc)
     print(f"{'metric':<18}{'served':>14}{'offline':>14}{'served/offline':>16}")
     for m in METRICS:
         print(f"{m:<18}{served[m]:>14.6g}{offline[m]:>14.6g}{served[m] / offline[m]:>16.5f}")

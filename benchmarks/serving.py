@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -78,6 +79,32 @@ def wait_ready(proc: subprocess.Popen, base: str, timeout_s: float) -> float:
     raise TimeoutError("server did not start in time")
 
 
+@contextlib.contextmanager
+def running_server(model: str, extra: list[str], log_path: Path, timeout_s: float = 900):
+    """``with running_server(folder, args, log) as (base_url, startup_s):`` a ``gsq-serve`` of
+    ``folder`` on a free port of 127.0.0.1 (served model name "bench"), up and answering;
+    stopped on exit, whatever happens inside."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(model, port, extra, log_path)
+    try:
+        yield base, wait_ready(proc, base, timeout_s)
+    finally:
+        stop_server(proc)
+
+
+def model_specs(specs: list[str], prog: str) -> list[tuple[str, str]] | None:
+    """``NAME=FOLDER`` arguments as (name, folder) pairs; None (after one error line) if one is bad."""
+    pairs = []
+    for spec in specs:
+        name, _, folder = spec.partition("=")
+        if not folder or not Path(folder).is_dir():
+            print(f"{prog}: error: --models expects NAME=FOLDER, got {spec!r}", file=sys.stderr)
+            return None
+        pairs.append((name, folder))
+    return pairs
+
+
 async def one_request(client: httpx.AsyncClient, base: str, max_tokens: int) -> dict:
     body = {"model": "bench", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True}
@@ -128,25 +155,18 @@ def main() -> int:
     ap.add_argument("--out", default="serving_bench.json")
     args = ap.parse_args()
 
+    models = model_specs(args.models, "serving.py")
+    if models is None:
+        return 2
     results = []
-    for spec in args.models:
-        name, _, folder = spec.partition("=")
-        if not folder or not Path(folder).is_dir():
-            print(f"serving.py: error: --models expects NAME=FOLDER, got {spec!r}", file=sys.stderr)
-            return 2
-        port = _free_port()
-        base = f"http://127.0.0.1:{port}"
+    for name, folder in models:
         log = Path(args.out).with_suffix(f".{name}.log")
-        proc = start_server(folder, port, args.server_args.split(), log)
-        try:
-            startup = wait_ready(proc, base, args.startup_timeout)
+        with running_server(folder, args.server_args.split(), log, args.startup_timeout) as (base, startup):
             for c in args.concurrency:
                 row = asyncio.run(run_level(base, c, max(args.requests, c), args.max_tokens))
                 row.update(model=name, folder=folder, startup_s=startup)
                 results.append(row)
                 print(f"{name} c={c}: {row['output_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
-        finally:
-            stop_server(proc)
 
     hdr = f"{'model':<8} {'conc':>4} {'out tok/s':>9} {'decode tok/s':>12} {'TTFT p50/p90/p99 ms':>22} {'ITL p50/p90/p99 ms':>20}"
     print(hdr)

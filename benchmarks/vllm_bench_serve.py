@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import _free_port, run_level, start_server, stop_server, wait_ready  # noqa: E402
+from serving import model_specs, run_level, running_server  # noqa: E402
 
 
 def vllm_bench(base: str, tokenizer: str, concurrency: int, requests: int, input_len: int, output_len: int) -> dict:
@@ -58,17 +58,12 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/vllm_bench_serve.json")
     args = ap.parse_args()
 
+    models = model_specs(args.models, "vllm_bench_serve.py")
+    if models is None:
+        return 2
     rows = []
-    for spec in args.models:
-        name, _, folder = spec.partition("=")
-        if not folder or not Path(folder).is_dir():
-            print(f"vllm_bench_serve.py: error: --models expects NAME=FOLDER, got {spec!r}", file=sys.stderr)
-            return 2
-        port = _free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = start_server(folder, port, args.server_args.split(), Path(args.out).with_suffix(f".{name}.log"))
-        try:
-            wait_ready(proc, base, 900)
+    for name, folder in models:
+        with running_server(folder, args.server_args.split(), Path(args.out).with_suffix(f".{name}.log")) as (base, _):
             for c in args.concurrency:
                 requests = max(args.requests, c)
                 v = vllm_bench(base, folder, c, requests, args.input_len, args.max_tokens)
@@ -82,8 +77,6 @@ def main() -> int:
                 })
                 print(f"{name} c={c}: vllm {v['output_throughput']:.1f} tok/s, ours {ours['output_tok_s']:.1f}",
                       file=sys.stderr, flush=True)
-        finally:
-            stop_server(proc)
 
     print(f"{'model':<8}{'conc':>5}  {'out tok/s vllm | ours':>22}  {'TTFT p50 ms vllm | ours':>24}  "
           f"{'ITL p50 ms vllm | ours':>23}")
