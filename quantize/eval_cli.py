@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = evaluate_folders(folders, args.corpus, args.nsamples, args.seqlen, progress=not args.no_progress)
         if args.server:
             rows.append(served_row(args.server, folders[-1], args.corpus, args.nsamples, args.seqlen))
-    except (FormatError, DataError, OSError, httpx.HTTPError) as e:
+    except httpx.HTTPError as e:
+        print(f"gsq-eval: error: server {args.server}: {e}", file=sys.stderr)
+        return 2
+    except (FormatError, DataError, OSError) as e:
         print(f"gsq-eval: error: {e}", file=sys.stderr)
         return 2
     print(format_table(rows))
