@@ -58,10 +58,12 @@ def _cpu_extensions():
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
     if not sources:
         return []
-    # -ffast-math lets the compiler vectorize the float reductions (sum order changes only);
-    # -march=native because the extension is built on the machine that serves (GSQ_CPU_NATIVE=0: portable).
+    # -ffast-math lets the compiler vectorize the float reductions (sum order changes only).
+    # The build is portable: the AVX2 and AVX-512 kernels carry their own target pragmas and are
+    # picked at load from cpuid, so a wheel or a build cache moved to another machine still runs.
+    # GSQ_CPU_NATIVE=1 adds -march=native (only the generic kernel gains from it).
     flags = ["-O3", "-std=c++17", "-ffast-math"]
-    if os.environ.get("GSQ_CPU_NATIVE", "1") != "0":
+    if os.environ.get("GSQ_CPU_NATIVE", "0") == "1":
         flags.append("-march=native")
     # The quantizer's own op (GSQ noise): no -march=native and no FMA contraction, so every
     # machine draws bit-identical noise (its target_clones pick AVX-512/AVX2 at run time).

@@ -37,6 +37,9 @@ MAX_BLOCK_K = 1024
 # measured by benchmarks/bench_cpu_gemm.py on SmolLM2 shapes (2-core AVX-512 machine): between
 # M=8 (fused 0.8-1.2x the blocked time) and M=16 (fused 1.4-2.2x slower).
 CPP_MAX_ROWS = 8
+# The same crossover for the AVX2 / AVX-512 kernels, which unpack each group once per tile of
+# 4 / 8 rows (measured by the same benchmark; see the README's CPU section).
+SIMD_MAX_ROWS = 64
 
 
 # Layout of lo/hi that this file writes; the C++ module reports the one it was built for.
@@ -46,7 +49,10 @@ LAYOUT_VERSION = 2
 def _load_cpp():
     try:
         from gsq_vllm import _C_cpu  # built by setup.py when torch is importable
-    except ImportError:
+    except ImportError as e:
+        if "GSQ_CPU_ISA" in str(e):  # a bad or unsupported forced kernel: say so, don't fall back
+            msg = next(line for line in str(e).splitlines() if "GSQ_CPU_ISA" in line)
+            raise ImportError(msg.strip()) from None
         return None
     if getattr(_C_cpu, "LAYOUT_VERSION", None) != LAYOUT_VERSION:
         import warnings
@@ -63,6 +69,17 @@ _cpp = _load_cpp()
 
 def cpp_kernel_available() -> bool:
     return _cpp is not None
+
+
+def cpu_isa() -> str | None:
+    """The C++ kernel in use ("avx512", "avx2" or "generic"; chosen from cpuid at load,
+    GSQ_CPU_ISA forces one), None when the extension is not built."""
+    return _cpp.isa() if _cpp is not None else None
+
+
+def cpp_max_rows() -> int:
+    """Up to this many rows of x the fused C++ kernel runs; more go to the blocked BLAS path."""
+    return CPP_MAX_ROWS if cpu_isa() == "generic" else SIMD_MAX_ROWS
 
 
 def choose_block_k(k: int, group_size: int) -> int:
@@ -152,9 +169,11 @@ def cpu_gemm(
     (decode) go to the fused C++ kernel when built; more rows to a K-blocked
     dequantize + BLAS GEMM.
     """
-    if _cpp is not None and x.device.type == "cpu" and x.shape[0] <= CPP_MAX_ROWS:
-        y = _cpp.gemm(x.float().contiguous(), lo, hi, scales.float().contiguous(), bits, group_size)
-        return y.to(x.dtype)
+    if _cpp is not None and x.device.type == "cpu" and x.shape[0] <= cpp_max_rows():
+        # bf16 / float32 activations and scales go in as they are (the kernel converts them).
+        xc = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+        sc = scales if scales.dtype in (torch.float32, torch.bfloat16) else scales.float()
+        return _cpp.gemm(xc.contiguous(), lo, hi, sc.contiguous(), bits, group_size).to(x.dtype)
     return _blocked_gemm(x, lo, hi, scales, bits, group_size)
 
 

@@ -1,8 +1,14 @@
-// Fused dequantize + GEMV/GEMM for GSQ 2/3-bit weights on CPU (decode-sized M).
+// Fused dequantize + GEMM for GSQ 2/3-bit weights on CPU, with the SIMD kernel chosen at run time.
 //
 // y[m, n] = sum_g s[n, g] * sum_{k in group g} x[m, k] * (u[n, k] - offset)
 //
-// Per (row n, group g) the group's unsigned codes u are unpacked once into a small float buffer
+// Three kernels compute it, one picked when the library loads (cpuid) so one build runs well on
+// every x86-64 machine; GSQ_CPU_ISA=generic|avx2|avx512 forces one, set_isa() switches (tests
+// and benchmarks compare them on one machine):
+//   avx512, avx2: gemm_simd.h, compiled twice (isa_avx512.cpp, isa_avx2.cpp), the fast ones;
+//   generic: the portable loop below, compiled for the baseline ISA, kept as their reference.
+//
+// The generic kernel: per (row n, group g) the group's unsigned codes u are unpacked once into a small float buffer
 // as signed values u - offset, then dotted with every activation row m. The dot products go into
 // kLanes independent partial sums (fixed-size arrays the compiler maps onto SIMD registers, so
 // nothing depends on reassociating a float reduction); each group's partial sums are scaled by
@@ -16,9 +22,18 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
+#include <vector>
+
+#include "gemm_args.h"
+
+extern GemmRowsFn gsq_gemm_rows_avx2;    // isa_avx2.cpp
+extern GemmRowsFn gsq_gemm_rows_avx512;  // isa_avx512.cpp
 
 namespace {
 
@@ -76,7 +91,8 @@ void gemm_rows(const float* x, const uint8_t* lo, const uint8_t* hi, const float
 void check_planes(const torch::Tensor& lo, const torch::Tensor& hi, const torch::Tensor& scales, int64_t bits,
                   int64_t G) {
   TORCH_CHECK(lo.dtype() == torch::kUInt8 && lo.is_contiguous() && lo.dim() == 3, "lo: contiguous uint8 [N, K/G, G/4]");
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 && scales.is_contiguous(), "scales: contiguous float32 [N, K/G]");
+  TORCH_CHECK((scales.dtype() == torch::kFloat32 || scales.dtype() == torch::kBFloat16) && scales.is_contiguous(),
+              "scales: contiguous float32 or bfloat16 [N, K/G]");
   TORCH_CHECK(bits == 2 || bits == 3, "bits must be 2 or 3");
   TORCH_CHECK(G == 32 || G == 64 || G == 128, "group size must be 32, 64 or 128");
   const int64_t N = lo.size(0), NG = lo.size(1);
@@ -107,13 +123,10 @@ void with_layout(int64_t G, int64_t bits, F&& f) {
 // ~16 output rows per task: enough work to amortize a task, enough tasks to balance cores.
 constexpr int64_t kRowsPerTask = 16;
 
-torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch::Tensor& hi,
-                   const torch::Tensor& scales, int64_t bits, int64_t group_size) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x: contiguous float32 [M, K]");
-  check_planes(lo, hi, scales, bits, group_size);
-  const int64_t M = x.size(0), N = lo.size(0), NG = lo.size(1), K = NG * group_size;
-  TORCH_CHECK(M <= kMaxRows, "at most ", kMaxRows, " rows; use the blocked path for more");
-  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
+// The generic kernel on float32 x [M <= kMaxRows, K] and float32 scales.
+torch::Tensor gemm_generic(const torch::Tensor& x, const torch::Tensor& lo, const torch::Tensor& hi,
+                           const torch::Tensor& scales, int64_t bits, int64_t group_size) {
+  const int64_t M = x.size(0), N = lo.size(0), NG = lo.size(1);
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* lop = lo.data_ptr<uint8_t>();
@@ -125,6 +138,114 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
       gemm_rows<decltype(g)::value, decltype(three)::value>(xp, lop, hip, sp, yp, M, N, NG, n0, n1);
     });
   });
+  return y;
+}
+
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic";
+}
+
+bool cpu_has(Isa isa) {
+  __builtin_cpu_init();
+  if (isa == Isa::kAvx512)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && cpu_has(Isa::kAvx2);
+  if (isa == Isa::kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return true;
+}
+
+Isa parse_isa(const std::string& name) {
+  if (name == "avx512") return Isa::kAvx512;
+  if (name == "avx2") return Isa::kAvx2;
+  TORCH_CHECK(name == "generic", "GSQ CPU kernel ISA must be generic, avx2 or avx512, got '", name, "'");
+  return Isa::kGeneric;
+}
+
+Isa best_isa() {
+  if (const char* forced = std::getenv("GSQ_CPU_ISA"); forced && *forced) {
+    const std::string name = forced;
+    TORCH_CHECK(name == "generic" || name == "avx2" || name == "avx512", "GSQ_CPU_ISA=", name,
+                ": must be generic, avx2 or avx512");
+    const Isa isa = parse_isa(name);
+    TORCH_CHECK(cpu_has(isa), "GSQ_CPU_ISA=", forced, " but this CPU does not support it");
+    return isa;
+  }
+  return cpu_has(Isa::kAvx512) ? Isa::kAvx512 : cpu_has(Isa::kAvx2) ? Isa::kAvx2 : Isa::kGeneric;
+}
+
+Isa g_isa = Isa::kGeneric;  // set when the module loads (an error there is an ImportError)
+
+std::string get_isa() { return isa_name(g_isa); }
+
+std::string set_isa(const std::string& name) {
+  const Isa isa = parse_isa(name);
+  TORCH_CHECK(cpu_has(isa), "this CPU does not support the ", name, " kernel");
+  const std::string before = isa_name(g_isa);
+  g_isa = isa;
+  return before;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (Isa isa : {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512})
+    if (cpu_has(isa)) out.push_back(isa_name(isa));
+  return out;
+}
+
+float load_as_float(const void* p, bool bf16, int64_t i) {
+  if (bf16) return static_cast<float>(static_cast<const at::BFloat16*>(p)[i]);
+  return static_cast<const float*>(p)[i];
+}
+
+// y = x @ W.T for x [M, K] float32 or bfloat16 (y in x's dtype), scales float32 or bfloat16.
+torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch::Tensor& hi,
+                   const torch::Tensor& scales, int64_t bits, int64_t group_size) {
+  TORCH_CHECK((x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16) && x.is_contiguous() && x.dim() == 2,
+              "x: contiguous float32 or bfloat16 [M, K]");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 || scales.dtype() == torch::kBFloat16,
+              "scales: float32 or bfloat16");
+  check_planes(lo, hi, scales, bits, group_size);
+  const int64_t M = x.size(0), N = lo.size(0), NG = lo.size(1), G = group_size, K = NG * G;
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
+  if (M == 0) return torch::empty({0, N}, x.options());
+  GemmRowsFn rows = g_isa == Isa::kAvx512 ? (G == 32 ? gsq_gemm_rows_avx2 : gsq_gemm_rows_avx512)
+                    : g_isa == Isa::kAvx2 ? gsq_gemm_rows_avx2 : nullptr;
+  if (rows == nullptr) {  // generic: float32 in, kMaxRows rows at a time
+    auto xf = x.to(torch::kFloat32), sf = scales.to(torch::kFloat32).contiguous();
+    std::vector<torch::Tensor> parts;
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)
+      parts.push_back(gemm_generic(xf.narrow(0, m0, std::min<int64_t>(kMaxRows, M - m0)).contiguous(), lo, hi, sf, bits, G));
+    return (parts.size() == 1 ? parts[0] : torch::cat(parts)).to(x.scalar_type());
+  }
+  // xs: quarter i of every group times 4^-i (exact: a power of two), xsum: each group's sum.
+  auto xs = torch::empty({M, K}, x.options().dtype(torch::kFloat32));
+  auto xsum = torch::empty({M, NG}, x.options().dtype(torch::kFloat32));
+  const bool xbf = x.dtype() == torch::kBFloat16;
+  const void* xp = x.data_ptr();
+  float* xsp = xs.data_ptr<float>();
+  float* xsump = xsum.data_ptr<float>();
+  const int64_t Q = G / 4;
+  at::parallel_for(0, M * NG, 64, [&](int64_t b, int64_t e) {
+    for (int64_t mg = b; mg < e; ++mg) {
+      float sum = 0.f;
+      for (int i = 0; i < 4; ++i) {
+        const float f = 1.f / static_cast<float>(1 << (2 * i));
+        for (int64_t j = 0; j < Q; ++j) {
+          const float v = load_as_float(xp, xbf, mg * G + i * Q + j);
+          sum += v;
+          xsp[mg * G + i * Q + j] = v * f;
+        }
+      }
+      xsump[mg] = sum;
+    }
+  });
+  auto y = torch::empty({M, N}, x.options());
+  GemmArgs a{xsp, xsump, lo.data_ptr<uint8_t>(), bits == 3 ? hi.data_ptr<uint8_t>() : nullptr, scales.data_ptr(),
+             y.data_ptr(), M, N, NG, static_cast<int>(G), static_cast<int>(bits),
+             scales.dtype() == torch::kBFloat16, x.dtype() == torch::kBFloat16};
+  at::parallel_for(0, N, kRowsPerTask, [&](int64_t n0, int64_t n1) { rows(a, n0, n1); });
   return y;
 }
 
@@ -152,6 +273,7 @@ torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const to
   const int64_t N = lo.size(0), NG = lo.size(1);
   TORCH_CHECK(0 <= g0 && g0 < g1 && g1 <= NG, "group range [g0, g1) out of bounds");
   TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "dtype must be float32 or bfloat16");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32, "dequant: scales must be float32");
   auto out = torch::empty({N, (g1 - g0) * group_size}, lo.options().dtype(dtype));
   const uint8_t* lop = lo.data_ptr<uint8_t>();
   const uint8_t* hip = bits == 3 ? hi.data_ptr<uint8_t>() : nullptr;
@@ -176,6 +298,10 @@ torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const to
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Bumped whenever the plane layout changes; gsq_vllm/cpu_gemm.py refuses a stale build.
   m.attr("LAYOUT_VERSION") = 2;
-  m.def("gemm", &gemm, "GSQ fused dequant+GEMM for few rows: x f32 [M,K] -> y f32 [M,N]");
+  g_isa = best_isa();
+  m.def("gemm", &gemm, "GSQ fused dequant+GEMM: x f32/bf16 [M,K], scales f32/bf16 [N,K/G] -> y [M,N] in x's dtype");
+  m.def("isa", &get_isa, "the kernel in use: generic, avx2 or avx512");
+  m.def("set_isa", &set_isa, "use this kernel from now on (must be supported here); returns the previous one");
+  m.def("supported_isas", &supported_isas, "the kernels this CPU can run");
   m.def("dequant", &dequant, "GSQ planes of groups [g0, g1) -> dense weight [N, (g1-g0)*G] (float32 or bfloat16)");
 }

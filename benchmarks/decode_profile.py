@@ -1,0 +1,219 @@
+"""Where one decode step's time goes: vLLM (in process) under torch.profiler, per model and mode.
+
+For each model folder, eager (``--enforce-eager``) and compiled (vLLM's default torch.compile),
+and each concurrency, this starts ``vllm.LLM`` in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+so the engine core and its model run here and the profiler sees them), adds ``concurrency``
+requests, runs their prefill step unprofiled, then profiles ``--steps`` decode steps
+(``LLMEngine.step()``; every request generates one token per step, ``ignore_eos``). Every
+profiler event's *self* time is charged to the nearest enclosing event that a category rule
+names (our GEMM, dense GEMM = lm_head and bf16 linears, attention, norms, activation, rotary,
+sampling, compiled region, other ops); the wall time no op covers is "Python / scheduler".
+
+The profiler adds overhead per op, so the profiled step is slower than an unprofiled one; the
+table gives both (``step_ms`` is timed without the profiler, right after).
+
+    PYTHONPATH=. python benchmarks/decode_profile.py --models bf16=DIR gsq2=DIR \
+        [--concurrency 1 8] [--modes eager compiled] [--json benchmarks/results/decode_profile.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# (category, substrings of a profiler event name); first match wins, checked from the event
+# outwards, so a dense mm inside our op is still "gsq GEMM".
+CATEGORIES = [
+    ("gsq GEMM", ("gsq::",)),
+    ("dense GEMM (lm_head, bf16 linears)", ("aten::linear", "aten::mm", "aten::addmm", "aten::matmul",
+                                            "mkldnn", "onednn", "_C::onednn", "brgemm")),
+    ("attention", ("attention", "attn", "paged", "reshape_and_cache", "flash", "sdpa")),
+    ("norms", ("rms_norm", "layer_norm")),
+    ("activation", ("silu", "act_and_mul", "gelu")),
+    ("rotary", ("rotary",)),
+    ("sampling / logits", ("sample", "sampler", "argmax", "topk", "top_k", "softmax", "logits", "gather_logprobs")),
+    ("embedding", ("embedding",)),
+    ("compiled region (inductor kernels)", ("Torch-Compiled Region", "CompiledFunction", "inductor", "cpp_fused")),
+]
+PY = "Python / scheduler (no op)"
+
+
+def _category(name: str) -> str | None:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k.lower() in low for k in keys):
+            return cat
+    return None
+
+
+def breakdown(events, wall_us: float) -> dict[str, float]:
+    """Self time (us) of every main-thread event charged to its nearest categorised ancestor."""
+    out: dict[str, float] = {}
+    covered = 0.0
+    main_thread = None
+    # The thread that ran the most top-level time is the engine's (worker threads record nothing
+    # at top level).
+    tops: dict[int, float] = {}
+    for e in events:
+        if e.cpu_parent is None:
+            tops[e.thread] = tops.get(e.thread, 0.0) + e.cpu_time_total
+    if tops:
+        main_thread = max(tops, key=tops.get)
+    for e in events:
+        if e.thread != main_thread:
+            continue
+        cat, node = None, e
+        while node is not None and cat is None:
+            cat = _category(node.name)
+            node = node.cpu_parent
+        cat = cat or "other ops"
+        out[cat] = out.get(cat, 0.0) + e.self_cpu_time_total
+        covered += e.self_cpu_time_total
+    out[PY] = max(0.0, wall_us - covered)
+    return out
+
+
+def _top_ops(events, k: int = 12) -> list[tuple[str, float]]:
+    tot: dict[str, float] = {}
+    for e in events:
+        tot[e.name] = tot.get(e.name, 0.0) + e.self_cpu_time_total
+    return sorted(tot.items(), key=lambda kv: -kv[1])[:k]
+
+
+def profile_model(path: str, eager: bool, concurrencies: list[int], steps: int, prompt_len: int) -> list[dict]:
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=path, dtype="bfloat16", max_model_len=1024, enforce_eager=eager, seed=0,
+              max_num_seqs=max(concurrencies))
+    engine = llm.llm_engine
+    threads = torch.get_num_threads()
+    rows = []
+    for conc in concurrencies:
+        params = SamplingParams(max_tokens=steps * 2 + 8, temperature=0.0, ignore_eos=True)
+
+        def start(tag: str):
+            for i in range(conc):
+                ids = [(17 * i + 31 * j) % 10000 + 100 for j in range(prompt_len)]
+                engine.add_request(f"{tag}-{i}", TokensPrompt(prompt_token_ids=ids), params)
+            for _ in range(3):  # prefill (one step for short prompts) + two warm decode steps
+                engine.step()
+
+        def finish():
+            while engine.has_unfinished_requests():
+                engine.step()
+
+        start(f"warm{conc}")  # the first shapes compile here under torch.compile
+        for _ in range(steps):
+            engine.step()
+        finish()
+        start(f"time{conc}")
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        step_ms = 1e3 * (time.perf_counter() - t0) / steps
+        finish()
+        start(f"prof{conc}")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            wall_us = 1e6 * (time.perf_counter() - t0)
+        finish()
+        events = prof.events()
+        cats = breakdown(events, wall_us)
+        rows.append({"model": path, "mode": "eager" if eager else "compiled", "concurrency": conc,
+                     "steps": steps, "threads": threads, "step_ms": step_ms,
+                     "profiled_step_ms": wall_us / 1e3 / steps,
+                     "ms_per_step": {c: v / 1e3 / steps for c, v in cats.items()},
+                     "top_ops_ms_per_step": [(n, v / 1e3 / steps) for n, v in _top_ops(events)]})
+    del llm
+    return rows
+
+
+def _print(rows: list[dict]) -> None:
+    cats = [c for c, _ in CATEGORIES] + ["other ops", PY]
+    short = {c: c.split(" (")[0][:11] for c in cats}
+    print(f"{'model':<8}{'mode':<10}{'conc':>5}{'step ms':>9}{'prof ms':>9}" + "".join(f"{short[c]:>12}" for c in cats))
+    for r in rows:
+        print(f"{r['name']:<8}{r['mode']:<10}{r['concurrency']:>5}{r['step_ms']:>9.2f}{r['profiled_step_ms']:>9.2f}"
+              + "".join(f"{r['ms_per_step'].get(c, 0.0):>12.2f}" for c in cats))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", help="NAME=DIR (required)")
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--json", default="benchmarks/results/decode_profile.json")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: NAME=DIR:mode, run in a child
+    args = p.parse_args(argv)
+
+    if args.one:  # one engine per process: vLLM's in-process engine does not shut down cleanly
+        name, rest = args.one.split("=", 1)
+        path, mode = rest.rsplit(":", 1)
+        rows = profile_model(path, mode == "eager", args.concurrency, args.steps, args.prompt_len)
+        for r in rows:
+            r["name"] = name
+        print("ROWS " + json.dumps(rows), flush=True)
+        return
+
+    if not args.models:
+        p.error("--models NAME=DIR [NAME=DIR ...] is required")
+    import subprocess
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serving import model_specs  # NAME=FOLDER, checked
+
+    models = model_specs(args.models, "decode_profile")
+    if models is None:
+        raise SystemExit(2)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    rows = []
+    for name, path in models:
+        for mode in args.modes:
+            cmd = [sys.executable, __file__, "--one", f"{name}={path}:{mode}", "--steps", str(args.steps),
+                   "--prompt-len", str(args.prompt_len), "--concurrency", *map(str, args.concurrency)]
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            got = [ln for ln in res.stdout.splitlines() if ln.startswith("ROWS ")]
+            if res.returncode != 0 or not got:
+                sys.stderr.write(res.stderr[-4000:])
+                raise SystemExit(f"decode_profile: {name} ({mode}) failed with exit {res.returncode}")
+            rows += json.loads(got[-1][5:])
+            _print(rows[-len(args.concurrency):])
+    print()
+    _print(rows)
+    out = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+           "rows": rows}
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(tmp, args.json)
+    print(f"wrote {args.json}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()

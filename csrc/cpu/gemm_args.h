@@ -1,0 +1,20 @@
+// What the dispatcher (gsq_cpu_gemm.cpp) hands a CPU GEMM kernel: plain data only, no member
+// functions, so no inline code is shared between files compiled for different ISAs.
+#pragma once
+
+#include <cstdint>
+
+struct GemmArgs {
+  const float* xs;       // [M, K] float32: x with quarter i of every group scaled by 4^-i
+  const float* xsum;     // [M, K/G] float32: sum of x over each group (unscaled)
+  const uint8_t* lo;     // [N, K/G, G/4] bits 0-1 of the offset codes (gsq_vllm/cpu_gemm.py)
+  const uint8_t* hi;     // [N, K/G, G/8] bit 2 (3-bit), else unused
+  const void* scales;    // [N, K/G] bfloat16 or float32 (scales_bf16)
+  void* y;               // [M, N] bfloat16 or float32 (y_bf16)
+  int64_t M, N, NG;
+  int G, bits;
+  bool scales_bf16, y_bf16;
+};
+
+// The signature every ISA's entry point has: output rows [n0, n1) for all M rows of x.
+using GemmRowsFn = void (*)(const GemmArgs&, int64_t n0, int64_t n1);

@@ -1,0 +1,51 @@
+// The SIMD GEMM (gemm_simd.h) for AVX2 + FMA: 8 float lanes, tiles of up to 4 activation rows
+// (2 x 4 accumulators + temporaries fit the 16 ymm registers). Compiled for AVX2 whatever the
+// build machine is; the dispatcher calls it only when cpuid reports AVX2 and FMA.
+#include <cstdint>
+#include <cstring>
+
+#include "gemm_args.h"  // outside the namespace below: one GemmArgs type for every file
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include <immintrin.h>
+
+namespace gsq_isa_avx2 {
+
+struct V {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int kLanes = 8;
+  static constexpr int kMaxTile = 4;
+  static inline F zero() { return _mm256_setzero_ps(); }
+  static inline F set1(float v) { return _mm256_set1_ps(v); }
+  static inline F load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static inline I load_u8(const uint8_t* p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  static inline I and_mask(I v, int mask) { return _mm256_and_si256(v, _mm256_set1_epi32(mask)); }
+  // Lane l gets bit (bit0 + l) of the hi plane at bit `to`; bit0 is a multiple of 8, so the
+  // 8 bits are one byte.
+  static inline I or_hi_bits(I u, const uint8_t* plane, int bit0, int to) {
+    const I lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    I b = _mm256_srlv_epi32(_mm256_set1_epi32(plane[bit0 / 8]), lane);
+    b = _mm256_and_si256(b, _mm256_set1_epi32(1));
+    return _mm256_or_si256(u, _mm256_sllv_epi32(b, _mm256_set1_epi32(to)));
+  }
+  static inline float hsum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+#include "gemm_simd.h"
+
+}  // namespace gsq_isa_avx2
+
+GemmRowsFn gsq_gemm_rows_avx2 = &gsq_isa_avx2::gemm_rows_entry;
+
+#pragma GCC pop_options

@@ -1,0 +1,96 @@
+"""The CPU GEMM's run-time ISA dispatch: every kernel this CPU can run gives the dequantized
+reference, and the choice can be forced (GSQ_CPU_ISA) or refused with one clear error.
+
+Each kernel (generic, AVX2+FMA, AVX-512, ...) is compiled into the same library whatever the
+build machine; here each one that cpuid allows is switched in with set_isa and checked, so an
+AVX-512 machine also checks the AVX2 kernel that an AVX2-only machine would run.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gsq_vllm import cpu_gemm as C
+from gsq_vllm import format as F
+
+pytestmark = pytest.mark.skipif(not C.cpp_kernel_available(), reason="gsq_vllm._C_cpu not built")
+
+ISAS = C._cpp.supported_isas() if C.cpp_kernel_available() else []
+
+
+@pytest.fixture
+def isa(request):
+    before = C._cpp.set_isa(request.param)
+    yield request.param
+    C._cpp.set_isa(before)
+
+
+def _case(n, k, bits, g, seed):
+    gen = torch.Generator().manual_seed(seed)
+    qmin, qmax = F.grid_range(bits)
+    q = torch.randint(qmin, qmax + 1, (n, k), dtype=torch.int8, generator=gen)
+    s = (torch.rand(n, k // g, generator=gen) * 0.1 + 0.01).to(torch.bfloat16)
+    lo, hi = C.repack_for_cpu(F.pack_codes(q, bits), bits, g)
+    return q, s, lo, hi
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("bits", [2, 3, 1.58])
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_every_isa_matches_reference(isa, bits, g):
+    n, k = 37, 3 * g  # N not a multiple of any tile or task size
+    q, s, lo, hi = _case(n, k, bits, g, seed=g + int(bits * 10))
+    sb = F.storage_bits(bits)
+    w = F.dequantize(q, s, g).double()  # exact: small integer codes times bf16 scales
+    gen = torch.Generator().manual_seed(3)
+    for m in (1, 2, 5, 8, 9, 19):  # every tail-tile size of the 4- and 8-row tiles
+        x = torch.randn(m, k, generator=gen)
+        ref = x.double() @ w.t()
+        tol = 1e-5 * ref.abs().max().item()
+        y = C._cpp.gemm(x, lo, hi, s.float(), sb, g)  # float32 in and out
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), ref, rtol=0, atol=tol)
+        y = C._cpp.gemm(x, lo, hi, s, sb, g)  # bf16 scales read directly
+        torch.testing.assert_close(y.double(), ref, rtol=0, atol=tol)
+        xb = x.bfloat16()  # bf16 in, bf16 out: the float32 result rounded once
+        yb = C._cpp.gemm(xb, lo, hi, s, sb, g)
+        assert yb.dtype == torch.bfloat16
+        refb = (xb.double() @ w.t()).float()
+        torch.testing.assert_close(yb.float(), refb.bfloat16().float(), rtol=1e-2, atol=1e-2 * refb.abs().max().item())
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_every_isa_through_the_custom_op(isa):
+    """torch.ops.gsq.cpu_gemm (what vLLM calls) on bf16 activations, decode and prefill sizes."""
+    n, k, g = 64, 512, 64
+    q, s, lo, hi = _case(n, k, 2, g, seed=7)
+    w = F.dequantize(q, s, g, torch.float32)
+    for m in (1, 8, C.cpp_max_rows() + 3):
+        x = torch.randn(m, k).bfloat16()
+        y = torch.ops.gsq.cpu_gemm(x, lo, hi, s, 2, g)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        torch.testing.assert_close(y.float(), x.float() @ w.t(), rtol=2e-2, atol=2e-2)
+
+
+def test_best_isa_is_chosen_and_names_are_checked():
+    # cpuid decides: the widest kernel this CPU has is the one in use (unless forced)
+    if not os.environ.get("GSQ_CPU_ISA"):
+        assert C.cpu_isa() == ISAS[-1]
+    with pytest.raises(RuntimeError, match="generic, avx2 or avx512"):
+        C._cpp.set_isa("sse9")
+
+
+def _python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, **env), timeout=120)
+
+
+def test_gsq_cpu_isa_forces_a_kernel():
+    r = _python("from gsq_vllm import cpu_gemm as C; print(C.cpu_isa())", GSQ_CPU_ISA="generic")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "generic"
+    r = _python("from gsq_vllm import cpu_gemm as C; print(C.cpu_isa())", GSQ_CPU_ISA="avx3000")
+    assert r.returncode != 0 and "must be generic, avx2 or avx512" in r.stderr
