@@ -31,15 +31,7 @@ import torch
 
 from gsq_vllm.format import code_offset, storage_bits, unpack_codes
 
-MAX_BLOCK_K = 1024
-# Up to this many activation rows the fused C++ kernel (no dequantized block at all) wins; above
-# it, dequantizing a K-block once and calling the bf16 BLAS GEMM amortizes better. Crossover
-# measured by benchmarks/bench_cpu_gemm.py on SmolLM2 shapes (2-core AVX-512 machine): between
-# M=8 (fused 0.8-1.2x the blocked time) and M=16 (fused 1.4-2.2x slower).
-CPP_MAX_ROWS = 8
-# The same crossover for the AVX2 / AVX-512 kernels, which unpack each group once per tile of
-# 4 / 8 rows (measured by the same benchmark; see the README's CPU section).
-SIMD_MAX_ROWS = 64
+MAX_BLOCK_K = 1024  # the C++ op's choose_block_k uses the same bound
 
 
 # Layout of lo/hi that this file writes; the C++ module reports the one it was built for.
@@ -78,8 +70,9 @@ def cpu_isa() -> str | None:
 
 
 def cpp_max_rows() -> int:
-    """Up to this many rows of x the fused C++ kernel runs; more go to the blocked BLAS path."""
-    return CPP_MAX_ROWS if cpu_isa() == "generic" else SIMD_MAX_ROWS
+    """Up to this many rows of x the fused C++ kernel runs; more go to the blocked BLAS path
+    (the crossover depends on the kernel in use; csrc/cpu/gsq_cpu_gemm.cpp says where it comes from)."""
+    return _cpp.max_fused_rows() if _cpp is not None else 0
 
 
 def choose_block_k(k: int, group_size: int) -> int:
@@ -153,7 +146,6 @@ def _blocked_gemm(x, lo, hi, scales, bits, group_size, use_cpp: bool = True):
     return y
 
 
-@torch.library.custom_op("gsq::cpu_gemm", mutates_args=())
 def cpu_gemm(
     x: torch.Tensor,
     lo: torch.Tensor,
@@ -165,18 +157,25 @@ def cpu_gemm(
     """``x`` [M, K] (any float dtype) -> ``y`` [M, N] in x's dtype, ``y = x @ W.T``.
 
     ``lo``/``hi``/``scales`` as produced by :func:`repack_for_cpu` (bits 2 or 3;
-    ternary is passed as 2, its codes share the 2-bit storage). Few rows
-    (decode) go to the fused C++ kernel when built; more rows to a K-blocked
-    dequantize + BLAS GEMM.
+    ternary is passed as 2, its codes share the 2-bit storage). This is
+    ``torch.ops.gsq.cpu_gemm``: registered by the C++ extension when it is built
+    (few rows go to the fused kernel, more to a K-blocked dequantize + oneDNN
+    GEMM, all without Python), else by :func:`_torch_cpu_gemm` below.
     """
-    if _cpp is not None and x.device.type == "cpu" and x.shape[0] <= cpp_max_rows():
-        # bf16 / float32 activations and scales go in as they are (the kernel converts them).
-        xc = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
-        sc = scales if scales.dtype in (torch.float32, torch.bfloat16) else scales.float()
-        return _cpp.gemm(xc.contiguous(), lo, hi, sc.contiguous(), bits, group_size).to(x.dtype)
-    return _blocked_gemm(x, lo, hi, scales, bits, group_size)
+    return torch.ops.gsq.cpu_gemm(x, lo, hi, scales, bits, group_size)
 
 
-@cpu_gemm.register_fake
-def _(x, lo, hi, scales, bits, group_size):
+def _fake_cpu_gemm(x, lo, hi, scales, bits, group_size):
     return x.new_empty(x.shape[0], lo.shape[0])
+
+
+if _cpp is not None:  # the op is defined by the extension; torch.compile needs its shape rule
+    torch.library.register_fake("gsq::cpu_gemm")(_fake_cpu_gemm)
+else:
+
+    @torch.library.custom_op("gsq::cpu_gemm", mutates_args=())
+    def _torch_cpu_gemm(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scales: torch.Tensor, bits: int,
+                        group_size: int) -> torch.Tensor:
+        return _blocked_gemm(x, lo, hi, scales, bits, group_size)
+
+    _torch_cpu_gemm.register_fake(_fake_cpu_gemm)

@@ -293,13 +293,57 @@ torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const to
   return out;
 }
 
+// Up to this many rows of x the fused kernel runs; above, the blocked path (dequantize a K-block
+// once, then oneDNN's GEMM) amortizes better. Crossovers from benchmarks/bench_cpu_gemm.py on
+// SmolLM2's shapes (2-core AMD EPYC); the generic kernel's from an earlier machine.
+int64_t max_fused_rows() { return g_isa == Isa::kGeneric ? 8 : 16; }
+
+// Largest multiple of G dividing K, at most 1024 (>= G): one transient [N, block] weight per call.
+int64_t choose_block_k(int64_t K, int64_t G) {
+  int64_t best = G;
+  for (int64_t bk = G; bk <= std::min<int64_t>(K, 1024); bk += G)
+    if (K % bk == 0) best = bk;
+  return best;
+}
+
+// torch.ops.gsq.cpu_gemm: the op vLLM calls (registered here so a call costs no Python).
+torch::Tensor cpu_gemm_op(const torch::Tensor& x, const torch::Tensor& lo, const torch::Tensor& hi,
+                          const torch::Tensor& scales, int64_t bits, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x: CPU [M, K]");
+  const bool native = x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16;
+  const torch::Tensor xc = (native ? x : x.to(torch::kFloat32)).contiguous();
+  const torch::Tensor sc = (scales.dtype() == torch::kFloat32 || scales.dtype() == torch::kBFloat16
+                                ? scales : scales.to(torch::kFloat32)).contiguous();
+  if (x.size(0) <= max_fused_rows()) return gemm(xc, lo, hi, sc, bits, group_size).to(x.scalar_type());
+  check_planes(lo, hi, sc, bits, group_size);
+  const int64_t NG = lo.size(1), K = NG * group_size, bk = choose_block_k(K, group_size), gpb = bk / group_size;
+  TORCH_CHECK(xc.size(1) == K, "x has ", xc.size(1), " columns, the weight ", K);
+  // Products of small integer codes and scales are exact in float32, so the dequantized block in
+  // x's dtype is the weight rounded once, as a dense layer in that dtype would hold it.
+  const auto wdtype = xc.scalar_type();
+  const torch::Tensor sf = sc.to(torch::kFloat32).contiguous();
+  torch::Tensor y;
+  for (int64_t b = 0; b < K / bk; ++b) {
+    const torch::Tensor w = dequant(lo, hi, sf, bits, group_size, b * gpb, (b + 1) * gpb, wdtype);
+    const torch::Tensor part = at::matmul(xc.narrow(1, b * bk, bk), w.t());
+    y = b == 0 ? part : y.add_(part);
+  }
+  return y.to(x.scalar_type());
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(gsq, m) {
+  m.def("cpu_gemm(Tensor x, Tensor lo, Tensor hi, Tensor scales, int bits, int group_size) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(gsq, CPU, m) { m.impl("cpu_gemm", &cpu_gemm_op); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Bumped whenever the plane layout changes; gsq_vllm/cpu_gemm.py refuses a stale build.
   m.attr("LAYOUT_VERSION") = 2;
   g_isa = best_isa();
   m.def("gemm", &gemm, "GSQ fused dequant+GEMM: x f32/bf16 [M,K], scales f32/bf16 [N,K/G] -> y [M,N] in x's dtype");
+  m.def("max_fused_rows", &max_fused_rows, "rows of x up to which gsq::cpu_gemm runs the fused kernel");
   m.def("isa", &get_isa, "the kernel in use: generic, avx2 or avx512");
   m.def("set_isa", &set_isa, "use this kernel from now on (must be supported here); returns the previous one");
   m.def("supported_isas", &supported_isas, "the kernels this CPU can run");
