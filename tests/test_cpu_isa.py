@@ -1,7 +1,7 @@
 """The CPU GEMM's run-time ISA dispatch: every kernel this CPU can run gives the dequantized
 reference, and the choice can be forced (GSQ_CPU_ISA) or refused with one clear error.
 
-Each kernel (generic, AVX2+FMA, AVX-512, ...) is compiled into the same library whatever the
+Each kernel (generic, AVX2+FMA, AVX-512 fp32, AVX-512 BF16 dot products) is compiled into the same library whatever the
 build machine; here each one that cpuid allows is switched in with set_isa and checked, so an
 AVX-512 machine also checks the AVX2 kernel that an AVX2-only machine would run.
 """
@@ -79,7 +79,7 @@ def test_best_isa_is_chosen_and_names_are_checked():
     # cpuid decides: the widest kernel this CPU has is the one in use (unless forced)
     if not os.environ.get("GSQ_CPU_ISA"):
         assert C.cpu_isa() == ISAS[-1]
-    with pytest.raises(RuntimeError, match="generic, avx2 or avx512"):
+    with pytest.raises(RuntimeError, match="generic, avx2, avx512 or avx512bf16"):
         C._cpp.set_isa("sse9")
 
 
@@ -93,4 +93,4 @@ def test_gsq_cpu_isa_forces_a_kernel():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "generic"
     r = _python("from gsq_vllm import cpu_gemm as C; print(C.cpu_isa())", GSQ_CPU_ISA="avx3000")
-    assert r.returncode != 0 and "must be generic, avx2 or avx512" in r.stderr
+    assert r.returncode != 0 and "must be generic, avx2, avx512 or avx512bf16" in r.stderr

@@ -34,6 +34,7 @@
 
 extern GemmRowsFn gsq_gemm_rows_avx2;    // isa_avx2.cpp
 extern GemmRowsFn gsq_gemm_rows_avx512;  // isa_avx512.cpp
+extern GemmRowsFn gsq_gemm_rows_avx512bf16;  // isa_avx512bf16.cpp
 
 namespace {
 
@@ -141,14 +142,16 @@ torch::Tensor gemm_generic(const torch::Tensor& x, const torch::Tensor& lo, cons
   return y;
 }
 
-enum class Isa { kGeneric, kAvx2, kAvx512 };
+enum class Isa { kGeneric, kAvx2, kAvx512, kAvx512Bf16 };
+constexpr Isa kAllIsas[] = {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16};
 
 const char* isa_name(Isa isa) {
-  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic";
+  return isa == Isa::kAvx512Bf16 ? "avx512bf16" : isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic";
 }
 
 bool cpu_has(Isa isa) {
   __builtin_cpu_init();
+  if (isa == Isa::kAvx512Bf16) return __builtin_cpu_supports("avx512bf16") && cpu_has(Isa::kAvx512);
   if (isa == Isa::kAvx512)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && cpu_has(Isa::kAvx2);
@@ -157,22 +160,25 @@ bool cpu_has(Isa isa) {
 }
 
 Isa parse_isa(const std::string& name) {
+  if (name == "avx512bf16") return Isa::kAvx512Bf16;
   if (name == "avx512") return Isa::kAvx512;
   if (name == "avx2") return Isa::kAvx2;
-  TORCH_CHECK(name == "generic", "GSQ CPU kernel ISA must be generic, avx2 or avx512, got '", name, "'");
+  TORCH_CHECK(name == "generic", "GSQ CPU kernel ISA must be generic, avx2, avx512 or avx512bf16, got '", name, "'");
   return Isa::kGeneric;
 }
 
 Isa best_isa() {
   if (const char* forced = std::getenv("GSQ_CPU_ISA"); forced && *forced) {
     const std::string name = forced;
-    TORCH_CHECK(name == "generic" || name == "avx2" || name == "avx512", "GSQ_CPU_ISA=", name,
-                ": must be generic, avx2 or avx512");
+    TORCH_CHECK(name == "generic" || name == "avx2" || name == "avx512" || name == "avx512bf16", "GSQ_CPU_ISA=",
+                name, ": must be generic, avx2, avx512 or avx512bf16");
     const Isa isa = parse_isa(name);
     TORCH_CHECK(cpu_has(isa), "GSQ_CPU_ISA=", forced, " but this CPU does not support it");
     return isa;
   }
-  return cpu_has(Isa::kAvx512) ? Isa::kAvx512 : cpu_has(Isa::kAvx2) ? Isa::kAvx2 : Isa::kGeneric;
+  for (Isa isa : {Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2})
+    if (cpu_has(isa)) return isa;
+  return Isa::kGeneric;
 }
 
 Isa g_isa = Isa::kGeneric;  // set when the module loads (an error there is an ImportError)
@@ -189,7 +195,7 @@ std::string set_isa(const std::string& name) {
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
-  for (Isa isa : {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512})
+  for (Isa isa : kAllIsas)
     if (cpu_has(isa)) out.push_back(isa_name(isa));
   return out;
 }
@@ -210,8 +216,14 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
   const int64_t M = x.size(0), N = lo.size(0), NG = lo.size(1), G = group_size, K = NG * G;
   TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
   if (M == 0) return torch::empty({0, N}, x.options());
-  GemmRowsFn rows = g_isa == Isa::kAvx512 ? (G == 32 ? gsq_gemm_rows_avx2 : gsq_gemm_rows_avx512)
-                    : g_isa == Isa::kAvx2 ? gsq_gemm_rows_avx2 : nullptr;
+  const bool xbf = x.dtype() == torch::kBFloat16;
+  // The bf16-dot kernel takes bf16 activations only (float32 ones would be rounded): float32 x
+  // goes to the fp32 AVX-512 kernel. Group size 32 is half an AVX-512 vector per quarter: AVX2.
+  const Isa isa = g_isa == Isa::kAvx512Bf16 && !xbf ? Isa::kAvx512 : g_isa;
+  GemmRowsFn rows = isa == Isa::kAvx512Bf16 ? gsq_gemm_rows_avx512bf16
+                    : isa == Isa::kAvx512   ? (G == 32 ? gsq_gemm_rows_avx2 : gsq_gemm_rows_avx512)
+                    : isa == Isa::kAvx2     ? gsq_gemm_rows_avx2
+                                            : nullptr;
   if (rows == nullptr) {  // generic: float32 in, kMaxRows rows at a time
     auto xf = x.to(torch::kFloat32), sf = scales.to(torch::kFloat32).contiguous();
     std::vector<torch::Tensor> parts;
@@ -219,32 +231,51 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
       parts.push_back(gemm_generic(xf.narrow(0, m0, std::min<int64_t>(kMaxRows, M - m0)).contiguous(), lo, hi, sf, bits, G));
     return (parts.size() == 1 ? parts[0] : torch::cat(parts)).to(x.scalar_type());
   }
-  // xs: quarter i of every group times 4^-i (exact: a power of two), xsum: each group's sum.
-  auto xs = torch::empty({M, K}, x.options().dtype(torch::kFloat32));
-  auto xsum = torch::empty({M, NG}, x.options().dtype(torch::kFloat32));
-  const bool xbf = x.dtype() == torch::kBFloat16;
-  const void* xp = x.data_ptr();
-  float* xsp = xs.data_ptr<float>();
-  float* xsump = xsum.data_ptr<float>();
+  // Activation buffers, reused across calls (one set per calling thread): no allocation per call.
+  static thread_local std::vector<float> xs_buf, xsum_buf;
+  static thread_local std::vector<uint16_t> xp_buf;
+  const void* xraw = x.data_ptr();
   const int64_t Q = G / 4;
-  at::parallel_for(0, M * NG, 64, [&](int64_t b, int64_t e) {
-    for (int64_t mg = b; mg < e; ++mg) {
+  if (isa == Isa::kAvx512Bf16) {
+    // xp[m][block b][quarter i][h * Q + j] = x[m, (b * V + h) * G + i * Q + j], 0 past the last group.
+    const int64_t V = 32 / Q, NB = (NG + V - 1) / V;
+    xp_buf.resize(M * NB * 128);
+    const uint16_t* xb = static_cast<const uint16_t*>(xraw);
+    uint16_t* xp = xp_buf.data();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < NB; ++b)
+        for (int64_t i = 0; i < 4; ++i)
+          for (int64_t h = 0; h < V; ++h) {
+            uint16_t* dst = xp + ((m * NB + b) * 4 + i) * 32 + h * Q;
+            const int64_t g = b * V + h;
+            if (g < NG)
+              std::memcpy(dst, xb + m * K + g * G + i * Q, Q * sizeof(uint16_t));
+            else
+              std::memset(dst, 0, Q * sizeof(uint16_t));
+          }
+  } else {
+    // xs: quarter i of every group times 4^-i (exact: a power of two), xsum: each group's sum.
+    xs_buf.resize(M * K);
+    xsum_buf.resize(M * NG);
+    float* xsp = xs_buf.data();
+    float* xsump = xsum_buf.data();
+    for (int64_t mg = 0; mg < M * NG; ++mg) {
       float sum = 0.f;
       for (int i = 0; i < 4; ++i) {
         const float f = 1.f / static_cast<float>(1 << (2 * i));
         for (int64_t j = 0; j < Q; ++j) {
-          const float v = load_as_float(xp, xbf, mg * G + i * Q + j);
+          const float v = load_as_float(xraw, xbf, mg * G + i * Q + j);
           sum += v;
           xsp[mg * G + i * Q + j] = v * f;
         }
       }
       xsump[mg] = sum;
     }
-  });
+  }
   auto y = torch::empty({M, N}, x.options());
-  GemmArgs a{xsp, xsump, lo.data_ptr<uint8_t>(), bits == 3 ? hi.data_ptr<uint8_t>() : nullptr, scales.data_ptr(),
-             y.data_ptr(), M, N, NG, static_cast<int>(G), static_cast<int>(bits),
-             scales.dtype() == torch::kBFloat16, x.dtype() == torch::kBFloat16};
+  GemmArgs a{xs_buf.data(), xsum_buf.data(), xp_buf.data(), lo.data_ptr<uint8_t>(),
+             bits == 3 ? hi.data_ptr<uint8_t>() : nullptr, scales.data_ptr(), y.data_ptr(), M, N, NG,
+             static_cast<int>(G), static_cast<int>(bits), scales.dtype() == torch::kBFloat16, xbf};
   at::parallel_for(0, N, kRowsPerTask, [&](int64_t n0, int64_t n1) { rows(a, n0, n1); });
   return y;
 }
@@ -295,8 +326,12 @@ torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const to
 
 // Up to this many rows of x the fused kernel runs; above, the blocked path (dequantize a K-block
 // once, then oneDNN's GEMM) amortizes better. Crossovers from benchmarks/bench_cpu_gemm.py on
-// SmolLM2's shapes (2-core AMD EPYC); the generic kernel's from an earlier machine.
-int64_t max_fused_rows() { return g_isa == Isa::kGeneric ? 8 : 16; }
+// SmolLM2's shapes (2-core AMD EPYC, 2026-11-25): the fp32 SIMD kernels tie the blocked path at
+// M = 16, the bf16-dot kernel is 0.6x its time at 16 and 0.9-1.5x at 32; the generic kernel's
+// crossover (8) is from an earlier machine.
+int64_t max_fused_rows() {
+  return g_isa == Isa::kGeneric ? 8 : g_isa == Isa::kAvx512Bf16 ? 24 : 16;
+}
 
 // Largest multiple of G dividing K, at most 1024 (>= G): one transient [N, block] weight per call.
 int64_t choose_block_k(int64_t K, int64_t G) {

@@ -1,0 +1,162 @@
+// The GSQ GEMM for AVX-512 with BF16 dot products (vdpbf16ps: 32 multiply-adds per instruction,
+// twice an fp32 FMA's), for bf16 activations, which is what vLLM hands a linear on CPU.
+//
+// Every value it multiplies is exact in bf16: the activations are bf16 already and a weight code
+// minus its offset is a small integer (-4..3), so the products are the fp32 kernel's; only the
+// order of the fp32 sums differs. Per 32 codes:
+//   32 lo bytes -> 32 words (vpmovzxbw), shifted and masked to the 2-bit code of quarter i,
+//   (3-bit: +4 where the hi plane's bit is set, the plane's 32 bits used as the lane mask),
+//   vpermw through a 32-entry bf16 table of (u - offset)  -> 32 bf16 weights, no int->float,
+//   then one vdpbf16ps per activation row.
+// 32 lo bytes are 32/Q groups (Q = G/4 bytes per group), a "block" of 128 codes. The weights'
+// word order inside a block is (group h, byte j) for quarter i, i.e. code i*Q + j of group h;
+// the dispatcher packs x in that same order (xp[m][block][i][h*Q + j], zero past the last
+// group), so a vector of x is one load. fp32 lane l of a dot product sums words 2l, 2l+1, so
+// it belongs to group h = 2l / Q of the block: the block's scale vector has s[h] in those lanes.
+#include <cstdint>
+#include <cstring>
+
+#include "gemm_args.h"  // outside the namespace below: one GemmArgs type for every file
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
+#include <immintrin.h>
+
+namespace gsq_isa_avx512bf16 {
+
+static inline float bf16_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+static inline float scale_at(const GemmArgs& a, int64_t i) {
+  return a.scales_bf16 ? bf16_to_float(static_cast<const uint16_t*>(a.scales)[i])
+                       : static_cast<const float*>(a.scales)[i];
+}
+
+// The lane masks of a block's four quarters: mask i holds bits [i*Q, i*Q + Q) of the hi plane of
+// each of the block's groups, group h's at bits h*Q. The block's planes are 16 contiguous bytes
+// (32/Q groups of G/8 bytes), so one 16-byte load and one byte shuffle give all four masks.
+template <int G>
+struct HiShuffle {
+  alignas(16) int8_t ctl[16];
+  constexpr HiShuffle() : ctl() {
+    constexpr int Q = G / 4, E = G / 8, QB = Q / 8;  // QB: bytes of one quarter of one plane
+    for (int i = 0; i < 4; ++i)
+      for (int t = 0; t < 4; ++t) ctl[i * 4 + t] = static_cast<int8_t>((t / QB) * E + i * QB + t % QB);
+  }
+};
+
+template <int G>
+static inline void hi_masks(const uint8_t* planes, int64_t groups, uint32_t masks[4]) {
+  static constexpr HiShuffle<G> kShuffle;
+  constexpr int V = 128 / G, E = G / 8;
+  const __m128i raw = groups == V ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes))
+                                  : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (groups * E)) - 1), planes);
+  const __m128i ctl = _mm_load_si128(reinterpret_cast<const __m128i*>(kShuffle.ctl));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(masks), _mm_shuffle_epi8(raw, ctl));
+}
+
+template <int G, bool Three, int R>
+static inline void dot_rows(const GemmArgs& a, const __m512i lut, int64_t n, int64_t m0, float out[R]) {
+  constexpr int Q = G / 4, V = 32 / Q;  // groups per block
+  const int64_t NB = (a.NG + V - 1) / V;
+  const uint8_t* lo_row = a.lo + n * a.NG * Q;
+  const uint8_t* hi_row = Three ? a.hi + n * a.NG * (G / 8) : nullptr;
+  const __m512i three = _mm512_set1_epi16(3), four = _mm512_set1_epi16(4);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < NB; ++b) {
+    const int64_t g0 = b * V, groups = a.NG - g0 < V ? a.NG - g0 : V;
+    const __m256i raw = groups == V
+        ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo_row + g0 * Q))
+        : _mm256_maskz_loadu_epi8(static_cast<__mmask32>((1ull << (groups * Q)) - 1), lo_row + g0 * Q);
+    const __m512i words = _mm512_cvtepu8_epi16(raw);
+    uint32_t hm[4];
+    if constexpr (Three) hi_masks<G>(hi_row + g0 * (G / 8), groups, hm);
+    __m512 part[R];
+    for (int r = 0; r < R; ++r) part[r] = _mm512_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      __m512i u = _mm512_and_si512(_mm512_srli_epi16(words, 2 * i), three);
+      if constexpr (Three) u = _mm512_mask_add_epi16(u, static_cast<__mmask32>(hm[i]), u, four);
+      const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(u, lut);
+      const uint16_t* xq = a.xp + ((m0 * NB + b) * 4 + i) * 32;
+      for (int r = 0; r < R; ++r)
+        part[r] = _mm512_dpbf16_ps(part[r], w, (__m512bh)_mm512_loadu_si512(xq + r * NB * 128));
+    }
+    float sv[V];
+    for (int h = 0; h < V; ++h) sv[h] = h < groups ? scale_at(a, n * a.NG + g0 + h) : 0.f;
+    __m512 s;
+    if constexpr (V == 1) {
+      s = _mm512_set1_ps(sv[0]);
+    } else if constexpr (V == 2) {
+      s = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sv[0]), _mm512_set1_ps(sv[1]));
+    } else {  // V == 4: lanes 4h..4h+3
+      s = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                _mm512_castps128_ps512(_mm_loadu_ps(sv)));
+    }
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(s, part[r], acc[r]);
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+template <int G, bool Three, int R>
+static inline void tile_rows(const GemmArgs& a, const __m512i lut, int64_t m0, int64_t n0, int64_t n1) {
+  float out[R];
+  for (int64_t n = n0; n < n1; ++n) {
+    dot_rows<G, Three, R>(a, lut, n, m0, out);
+    for (int r = 0; r < R; ++r) {
+      if (a.y_bf16)
+        static_cast<uint16_t*>(a.y)[(m0 + r) * a.N + n] = float_to_bf16(out[r]);
+      else
+        static_cast<float*>(a.y)[(m0 + r) * a.N + n] = out[r];
+    }
+  }
+}
+
+template <int G, bool Three>
+static void gemm_rows(const GemmArgs& a, int64_t n0, int64_t n1) {
+  constexpr int T = 8;
+  alignas(64) uint16_t table[32] = {0};
+  const int offset = Three ? 4 : 2;
+  for (int u = 0; u < (Three ? 8 : 4); ++u) table[u] = float_to_bf16(static_cast<float>(u - offset));
+  const __m512i lut = _mm512_load_si512(table);
+  int64_t m0 = 0;
+  for (; m0 + T <= a.M; m0 += T) tile_rows<G, Three, T>(a, lut, m0, n0, n1);
+  switch (a.M - m0) {
+    case 0: break;
+    case 1: tile_rows<G, Three, 1>(a, lut, m0, n0, n1); break;
+    case 2: tile_rows<G, Three, 2>(a, lut, m0, n0, n1); break;
+    case 3: tile_rows<G, Three, 3>(a, lut, m0, n0, n1); break;
+    case 4: tile_rows<G, Three, 4>(a, lut, m0, n0, n1); break;
+    case 5: tile_rows<G, Three, 5>(a, lut, m0, n0, n1); break;
+    case 6: tile_rows<G, Three, 6>(a, lut, m0, n0, n1); break;
+    case 7: tile_rows<G, Three, 7>(a, lut, m0, n0, n1); break;
+  }
+}
+
+static void gemm_rows_entry(const GemmArgs& a, int64_t n0, int64_t n1) {
+  const bool three = a.bits == 3;
+  if (a.G == 32)
+    three ? gemm_rows<32, true>(a, n0, n1) : gemm_rows<32, false>(a, n0, n1);
+  else if (a.G == 64)
+    three ? gemm_rows<64, true>(a, n0, n1) : gemm_rows<64, false>(a, n0, n1);
+  else
+    three ? gemm_rows<128, true>(a, n0, n1) : gemm_rows<128, false>(a, n0, n1);
+}
+
+}  // namespace gsq_isa_avx512bf16
+
+GemmRowsFn gsq_gemm_rows_avx512bf16 = &gsq_isa_avx512bf16::gemm_rows_entry;
+
+#pragma GCC pop_options
