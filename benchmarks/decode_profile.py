@@ -41,7 +41,10 @@ CATEGORIES = [
     ("rotary", ("rotary",)),
     ("sampling / logits", ("sample", "sampler", "argmax", "topk", "top_k", "softmax", "logits", "gather_logprobs")),
     ("embedding", ("embedding",)),
-    ("compiled region (inductor kernels)", ("Torch-Compiled Region", "CompiledFunction", "inductor", "cpp_fused")),
+    # torch.compile: the inductor graph's own time (its fused pointwise kernels: norms, residual
+    # adds, activation, casts) and the guard / bytecode glue around it.
+    ("compiled graph (inductor kernels)", ("CompiledFxGraph", "CompiledFunction", "inductor", "cpp_fused")),
+    ("torch.compile glue", ("Torch-Compiled Region", "Pregraph bytecode", "Postgraph bytecode", "Guard")),
 ]
 PY = "Python / scheduler (no op)"
 
@@ -135,6 +138,9 @@ def profile_model(path: str, eager: bool, concurrencies: list[int], steps: int, 
                      "steps": steps, "threads": threads, "step_ms": step_ms,
                      "profiled_step_ms": wall_us / 1e3 / steps,
                      "ms_per_step": {c: v / 1e3 / steps for c, v in cats.items()},
+                     # compiled graph pieces run per step: more for gsq than for bf16 would mean our op
+                     # breaks vLLM's graph (vLLM itself splits it at every attention layer)
+                     "graph_calls_per_step": sum("CompiledFxGraph" in e.name for e in events) / steps,
                      "top_ops_ms_per_step": [(n, v / 1e3 / steps) for n, v in _top_ops(events)]})
     del llm
     return rows

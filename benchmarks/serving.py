@@ -143,6 +143,16 @@ async def run_level(base: str, concurrency: int, requests: int, max_tokens: int)
     }
 
 
+def _cpu_kernel() -> str | None:
+    """The gsq CPU kernel the servers use here (run-time ISA dispatch), None if not built."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from gsq_vllm.cpu_gemm import cpu_isa
+    except ImportError:
+        return None
+    return cpu_isa()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", required=True, help="NAME=FOLDER pairs")
@@ -174,7 +184,9 @@ def main() -> int:
         print(f"{r['model']:<8} {r['concurrency']:>4} {r['output_tok_s']:>9.1f} {r['decode_tok_s']:>12.1f} "
               f"{r['ttft_ms_p50']:>7.0f}/{r['ttft_ms_p90']:.0f}/{r['ttft_ms_p99']:.0f} "
               f"{r['itl_ms_p50']:>8.1f}/{r['itl_ms_p90']:.1f}/{r['itl_ms_p99']:.1f}")
-    meta = {"machine": f"{os.cpu_count()} CPUs", "max_tokens": args.max_tokens, "server_args": args.server_args}
+    meta = {"machine": f"{os.cpu_count()} CPUs", "cpu_kernel": _cpu_kernel(), "max_tokens": args.max_tokens,
+            "server_args": args.server_args,
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_CPU", "GSQ_"))}}
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     return 0
 

@@ -63,6 +63,20 @@ def test_every_isa_matches_reference(isa, bits, g):
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_every_isa_dequantizes_exactly(isa, bits, g):
+    """The blocked path's dequantized block is the format's dequantize bit for bit, in float32
+    and in bf16 (one round-to-nearest-even of the exact float32 product)."""
+    n, k = 21, 5 * g
+    q, s, lo, hi = _case(n, k, bits, g, seed=g + bits)
+    for dtype in (torch.float32, torch.bfloat16):
+        for g0, g1 in ((0, 5), (1, 4)):
+            w = C._cpp.dequant(lo, hi, s.float(), bits, g, g0, g1, dtype)
+            assert torch.equal(w, F.dequantize(q, s, g, dtype)[:, g0 * g:g1 * g])
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_every_isa_through_the_custom_op(isa):
     """torch.ops.gsq.cpu_gemm (what vLLM calls) on bf16 activations, decode and prefill sizes."""
     n, k, g = 64, 512, 64

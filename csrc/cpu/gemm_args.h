@@ -19,3 +19,17 @@ struct GemmArgs {
 
 // The signature every ISA's entry point has: output rows [n0, n1) for all M rows of x.
 using GemmRowsFn = void (*)(const GemmArgs&, int64_t n0, int64_t n1);
+
+// The blocked path's dequantization of groups [g0, g1) of every row into a dense block:
+// out[n, (g - g0) * G + k] = s[n, g] * (u - offset), float32 or bfloat16 (round to nearest even).
+struct DequantArgs {
+  const uint8_t* lo;
+  const uint8_t* hi;
+  const float* scales;  // [N, K/G] float32
+  void* out;            // [N, (g1 - g0) * G]
+  int64_t NG, g0, g1;
+  int G, bits;
+  bool out_bf16;
+};
+
+using DequantRowsFn = void (*)(const DequantArgs&, int64_t n0, int64_t n1);

@@ -123,3 +123,45 @@ static void gemm_rows_entry(const GemmArgs& a, int64_t n0, int64_t n1) {
     three ? gemm_rows<32, true>(a, n0, n1) : gemm_rows<32, false>(a, n0, n1);
   }
 }
+
+// Dequantization (the many-rows path): the same unpacking, each vector of codes turned into
+// s * (u - offset) with one FMA: u << 2i times s * 4^-i minus s * offset, exact in float32 (a bf16
+// scale times a 3-bit integer), then stored as float32 or rounded once to bf16.
+template <int G, bool Three>
+static void dequant_rows(const DequantArgs& d, int64_t n0, int64_t n1) {
+  using F = typename V::F;
+  constexpr int L = V::kLanes, Q = G / 4;
+  const float offset = Three ? 4.f : 2.f;
+  const int64_t width = (d.g1 - d.g0) * G;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t g = d.g0; g < d.g1; ++g) {
+      const uint8_t* lo = d.lo + (n * d.NG + g) * Q;
+      const uint8_t* hi = Three ? d.hi + (n * d.NG + g) * (G / 8) : nullptr;
+      const float s = d.scales[n * d.NG + g];
+      const F minus = V::set1(-s * offset);
+      const int64_t o = n * width + (g - d.g0) * G;
+      for (int j0 = 0; j0 < Q; j0 += L) {
+        const auto bytes = V::load_u8(lo + j0);
+        for (int i = 0; i < 4; ++i) {
+          auto u = V::and_mask(bytes, 3 << (2 * i));
+          if constexpr (Three) u = V::or_hi_bits(u, hi, i * Q + j0, 2 * i + 2);
+          const F w = V::fma(V::to_float(u), V::set1(s / static_cast<float>(1 << (2 * i))), minus);
+          if (d.out_bf16)
+            V::store_bf16(static_cast<uint16_t*>(d.out) + o + i * Q + j0, w);
+          else
+            V::store(static_cast<float*>(d.out) + o + i * Q + j0, w);
+        }
+      }
+    }
+}
+
+static void dequant_rows_entry(const DequantArgs& d, int64_t n0, int64_t n1) {
+  const bool three = d.bits == 3;
+  if (d.G == 64) {
+    three ? dequant_rows<64, true>(d, n0, n1) : dequant_rows<64, false>(d, n0, n1);
+  } else if (d.G == 128) {
+    three ? dequant_rows<128, true>(d, n0, n1) : dequant_rows<128, false>(d, n0, n1);
+  } else if constexpr (V::kLanes <= 8) {
+    three ? dequant_rows<32, true>(d, n0, n1) : dequant_rows<32, false>(d, n0, n1);
+  }
+}

@@ -35,6 +35,8 @@
 extern GemmRowsFn gsq_gemm_rows_avx2;    // isa_avx2.cpp
 extern GemmRowsFn gsq_gemm_rows_avx512;  // isa_avx512.cpp
 extern GemmRowsFn gsq_gemm_rows_avx512bf16;  // isa_avx512bf16.cpp
+extern DequantRowsFn gsq_dequant_rows_avx2;
+extern DequantRowsFn gsq_dequant_rows_avx512;
 
 namespace {
 
@@ -309,6 +311,14 @@ torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const to
   const uint8_t* lop = lo.data_ptr<uint8_t>();
   const uint8_t* hip = bits == 3 ? hi.data_ptr<uint8_t>() : nullptr;
   const float* sp = scales.data_ptr<float>();
+  DequantRowsFn simd = g_isa == Isa::kGeneric ? nullptr
+                       : (g_isa == Isa::kAvx2 || group_size == 32) ? gsq_dequant_rows_avx2 : gsq_dequant_rows_avx512;
+  if (simd != nullptr) {
+    DequantArgs d{lop, hip, sp, out.data_ptr(), NG, g0, g1, static_cast<int>(group_size), static_cast<int>(bits),
+                  dtype == torch::kBFloat16};
+    at::parallel_for(0, N, kRowsPerTask, [&](int64_t n0, int64_t n1) { simd(d, n0, n1); });
+    return out;
+  }
   auto run = [&](auto* op) {
     using T = std::remove_pointer_t<decltype(op)>;
     with_layout(group_size, bits, [&](auto g, auto three) {
@@ -330,7 +340,7 @@ torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const to
 // M = 16, the bf16-dot kernel is 0.6x its time at 16 and 0.9-1.5x at 32; the generic kernel's
 // crossover (8) is from an earlier machine.
 int64_t max_fused_rows() {
-  return g_isa == Isa::kGeneric ? 8 : g_isa == Isa::kAvx512Bf16 ? 24 : 16;
+  return g_isa == Isa::kGeneric ? 8 : g_isa == Isa::kAvx512Bf16 ? 12 : 8;
 }
 
 // Largest multiple of G dividing K, at most 1024 (>= G): one transient [N, block] weight per call.

@@ -34,6 +34,15 @@ struct V {
     b = _mm256_and_si256(b, _mm256_set1_epi32(1));
     return _mm256_or_si256(u, _mm256_sllv_epi32(b, _mm256_set1_epi32(to)));
   }
+  static inline void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  // float32 -> bf16, round to nearest even (finite inputs: dequantized weights)
+  static inline void store_bf16(uint16_t* p, F v) {
+    const I b = _mm256_castps_si256(v);
+    const I odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    const I r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), odd), 16);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  }
   static inline float hsum(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -47,5 +56,6 @@ struct V {
 }  // namespace gsq_isa_avx2
 
 GemmRowsFn gsq_gemm_rows_avx2 = &gsq_isa_avx2::gemm_rows_entry;
+DequantRowsFn gsq_dequant_rows_avx2 = &gsq_isa_avx2::dequant_rows_entry;
 
 #pragma GCC pop_options

@@ -34,6 +34,14 @@ struct V {
     std::memcpy(&bits, plane + bit0 / 8, 2);
     return _mm512_mask_or_epi32(u, static_cast<__mmask16>(bits), u, _mm512_set1_epi32(1 << to));
   }
+  static inline void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  // float32 -> bf16, round to nearest even (finite inputs: dequantized weights)
+  static inline void store_bf16(uint16_t* p, F v) {
+    const I b = _mm512_castps_si512(v);
+    const I odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    const I r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), odd), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
   static inline float hsum(F v) { return _mm512_reduce_add_ps(v); }
 };
 
@@ -42,5 +50,6 @@ struct V {
 }  // namespace gsq_isa_avx512
 
 GemmRowsFn gsq_gemm_rows_avx512 = &gsq_isa_avx512::gemm_rows_entry;
+DequantRowsFn gsq_dequant_rows_avx512 = &gsq_isa_avx512::dequant_rows_entry;
 
 #pragma GCC pop_options
