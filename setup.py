@@ -58,11 +58,11 @@ def _cpu_extensions():
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
     if not sources:
         return []
-    # -ffast-math lets the compiler vectorize the float reductions (sum order changes only).
-    # The build is portable: the AVX2 and AVX-512 kernels carry their own target pragmas and are
+    # No -ffast-math: the kernels vectorize with intrinsics or explicit lane accumulators, and the
+    # int8 activation rounding must be the IEEE one the tests reproduce. The build is portable: the AVX2 and AVX-512 kernels carry their own target pragmas and are
     # picked at load from cpuid, so a wheel or a build cache moved to another machine still runs.
     # GSQ_CPU_NATIVE=1 adds -march=native (only the generic kernel gains from it).
-    flags = ["-O3", "-std=c++17", "-ffast-math"]
+    flags = ["-O3", "-std=c++17"]
     if os.environ.get("GSQ_CPU_NATIVE", "0") == "1":
         flags.append("-march=native")
     # The quantizer's own op (GSQ noise): no -march=native and no FMA contraction, so every

@@ -6,8 +6,11 @@
 
 struct GemmArgs {
   const float* xs;       // [M, K] float32: x with quarter i of every group scaled by 4^-i
-  const float* xsum;     // [M, K/G] float32: sum of x over each group (unscaled)
+  const float* xsum;     // [M, K/G, 16] float32: offset * sum of x over the group in lane 0, zeros
   const uint16_t* xp;    // bf16 x in the avx512bf16 kernel's block order (isa_avx512bf16.cpp)
+  const int8_t* xq;      // int8 x in the avx512vnni kernel's block order (isa_avx512vnni.cpp)
+  const float* xa;       //   its scales a[m, g] per fp32 lane of a block: [M, blocks, 16]
+  const int32_t* xc;     //   offset * sum of q over group g, in the group's first lane: [M, blocks, 16]
   const uint8_t* lo;     // [N, K/G, G/4] bits 0-1 of the offset codes (gsq_vllm/cpu_gemm.py)
   const uint8_t* hi;     // [N, K/G, G/8] bit 2 (3-bit), else unused
   const void* scales;    // [N, K/G] bfloat16 or float32 (scales_bf16)

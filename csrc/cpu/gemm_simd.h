@@ -7,13 +7,13 @@
 // the copy the linker keeps for the whole library.
 //
 // Per output row n and group g (module doc of gsq_vllm/cpu_gemm.py for the planes):
-//   y[m, n] = sum_g s[n, g] * ( sum_k xs[m, k] * (u_k << 2i) - offset * xsum[m, g] )
+//   y[m, n] = sum_g s[n, g] * ( sum_k xs[m, k] * (u_k << 2i) - offset * sum_k x[m, k] )
 // where code k = i*Q + j sits in bits 2i..2i+1 of lo byte j (Q = G/4). Masking the byte with
 // 3 << 2i instead of shifting it down saves one instruction per vector; the dispatcher hands us
 // xs = x * 4^-i on quarter i, so the product is exact and the sum is the same dot product.
 // Bit 2 of a 3-bit code (the hi plane, bit k of the group's plane = code k) is OR-ed in at
 // bit 2i + 2 before the one int->float conversion. The offset is taken out once per group with
-// the activations' group sums (xsum) instead of per weight.
+// the activations' group sums (one vector subtraction per group and row) instead of per weight.
 //
 // Rows of x are processed R at a time (R accumulators per output row in registers), so each
 // group's codes are unpacked once for R rows.
@@ -78,15 +78,11 @@ static inline void dot_rows(const GemmArgs& a, int64_t n, int64_t m0, float out[
       }
     }
     const F s = V::set1(load_scale(a, n * a.NG + g));
-    for (int r = 0; r < R; ++r) acc[r] = V::fma(s, part[r], acc[r]);
+    // The code offset: xsum holds offset * sum_k x[m, k] of the group in its first lane.
+    for (int r = 0; r < R; ++r)
+      acc[r] = V::fma(s, V::sub(part[r], V::load(a.xsum + ((m0 + r) * a.NG + g) * 16)), acc[r]);
   }
-  const float offset = Three ? 4.f : 2.f;
-  for (int r = 0; r < R; ++r) {
-    float corr = 0.f;  // offset * sum_g s[n, g] * xsum[m, g]
-    const float* xsum = a.xsum + (m0 + r) * a.NG;
-    for (int64_t g = 0; g < a.NG; ++g) corr += load_scale(a, n * a.NG + g) * xsum[g];
-    out[r] = V::hsum(acc[r]) - offset * corr;
-  }
+  for (int r = 0; r < R; ++r) out[r] = V::hsum(acc[r]);
 }
 
 template <int G, bool Three, int R>

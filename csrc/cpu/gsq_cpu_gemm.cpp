@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -35,6 +36,7 @@
 extern GemmRowsFn gsq_gemm_rows_avx2;    // isa_avx2.cpp
 extern GemmRowsFn gsq_gemm_rows_avx512;  // isa_avx512.cpp
 extern GemmRowsFn gsq_gemm_rows_avx512bf16;  // isa_avx512bf16.cpp
+extern GemmRowsFn gsq_gemm_rows_avx512vnni;  // isa_avx512vnni.cpp
 extern DequantRowsFn gsq_dequant_rows_avx2;
 extern DequantRowsFn gsq_dequant_rows_avx512;
 
@@ -144,15 +146,19 @@ torch::Tensor gemm_generic(const torch::Tensor& x, const torch::Tensor& lo, cons
   return y;
 }
 
-enum class Isa { kGeneric, kAvx2, kAvx512, kAvx512Bf16 };
-constexpr Isa kAllIsas[] = {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16};
+// kAvx512Vnni (int8 activations) changes the numbers, so it is never picked by itself: only
+// GSQ_CPU_ISA=avx512vnni or set_isa choose it.
+enum class Isa { kGeneric, kAvx2, kAvx512, kAvx512Bf16, kAvx512Vnni };
+constexpr Isa kAllIsas[] = {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16, Isa::kAvx512Vnni};
 
 const char* isa_name(Isa isa) {
-  return isa == Isa::kAvx512Bf16 ? "avx512bf16" : isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic";
+  return isa == Isa::kAvx512Vnni ? "avx512vnni" : isa == Isa::kAvx512Bf16 ? "avx512bf16" : isa == Isa::kAvx512 ? "avx512"
+         : isa == Isa::kAvx2 ? "avx2" : "generic";
 }
 
 bool cpu_has(Isa isa) {
   __builtin_cpu_init();
+  if (isa == Isa::kAvx512Vnni) return __builtin_cpu_supports("avx512vnni") && cpu_has(Isa::kAvx512);
   if (isa == Isa::kAvx512Bf16) return __builtin_cpu_supports("avx512bf16") && cpu_has(Isa::kAvx512);
   if (isa == Isa::kAvx512)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -162,23 +168,24 @@ bool cpu_has(Isa isa) {
 }
 
 Isa parse_isa(const std::string& name) {
+  if (name == "avx512vnni") return Isa::kAvx512Vnni;
   if (name == "avx512bf16") return Isa::kAvx512Bf16;
   if (name == "avx512") return Isa::kAvx512;
   if (name == "avx2") return Isa::kAvx2;
-  TORCH_CHECK(name == "generic", "GSQ CPU kernel ISA must be generic, avx2, avx512 or avx512bf16, got '", name, "'");
+  TORCH_CHECK(name == "generic", "GSQ CPU kernel ISA must be generic, avx2, avx512, avx512bf16 or avx512vnni, got '", name, "'");
   return Isa::kGeneric;
 }
 
 Isa best_isa() {
   if (const char* forced = std::getenv("GSQ_CPU_ISA"); forced && *forced) {
     const std::string name = forced;
-    TORCH_CHECK(name == "generic" || name == "avx2" || name == "avx512" || name == "avx512bf16", "GSQ_CPU_ISA=",
-                name, ": must be generic, avx2, avx512 or avx512bf16");
+    TORCH_CHECK(name == "generic" || name == "avx2" || name == "avx512" || name == "avx512bf16" || name == "avx512vnni",
+                "GSQ_CPU_ISA=", name, ": must be generic, avx2, avx512, avx512bf16 or avx512vnni");
     const Isa isa = parse_isa(name);
     TORCH_CHECK(cpu_has(isa), "GSQ_CPU_ISA=", forced, " but this CPU does not support it");
     return isa;
   }
-  for (Isa isa : {Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2})
+  for (Isa isa : {Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2})  // never kAvx512Vnni by itself
     if (cpu_has(isa)) return isa;
   return Isa::kGeneric;
 }
@@ -222,7 +229,8 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
   // The bf16-dot kernel takes bf16 activations only (float32 ones would be rounded): float32 x
   // goes to the fp32 AVX-512 kernel. Group size 32 is half an AVX-512 vector per quarter: AVX2.
   const Isa isa = g_isa == Isa::kAvx512Bf16 && !xbf ? Isa::kAvx512 : g_isa;
-  GemmRowsFn rows = isa == Isa::kAvx512Bf16 ? gsq_gemm_rows_avx512bf16
+  GemmRowsFn rows = isa == Isa::kAvx512Vnni ? gsq_gemm_rows_avx512vnni
+                    : isa == Isa::kAvx512Bf16 ? gsq_gemm_rows_avx512bf16
                     : isa == Isa::kAvx512   ? (G == 32 ? gsq_gemm_rows_avx2 : gsq_gemm_rows_avx512)
                     : isa == Isa::kAvx2     ? gsq_gemm_rows_avx2
                                             : nullptr;
@@ -236,9 +244,41 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
   // Activation buffers, reused across calls (one set per calling thread): no allocation per call.
   static thread_local std::vector<float> xs_buf, xsum_buf;
   static thread_local std::vector<uint16_t> xp_buf;
+  static thread_local std::vector<int8_t> xq_buf;
+  static thread_local std::vector<float> xa_buf;
+  static thread_local std::vector<int32_t> xc_buf;
   const void* xraw = x.data_ptr();
   const int64_t Q = G / 4;
-  if (isa == Isa::kAvx512Bf16) {
+  if (isa == Isa::kAvx512Vnni) {
+    // int8 per (row, group): a = max|x| / 127, q = round(x * 127 / max|x|); packed as
+    // xq[m][block b][quarter i][h * Q + j] = q[m, (b * V + h) * G + i * Q + j], V = 64 / Q groups.
+    const int64_t V = 64 / Q, NB = (NG + V - 1) / V;
+    const int32_t offset = bits == 3 ? 4 : 2;
+    xq_buf.assign(M * NB * 256, 0);
+    xa_buf.assign(M * NB * 16, 0.f);
+    xc_buf.assign(M * NB * 16, 0);
+    std::vector<float> xg(G);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < NG; ++g) {
+        float amax = 0.f;
+        for (int64_t k = 0; k < G; ++k) {
+          xg[k] = load_as_float(xraw, xbf, m * K + g * G + k);
+          amax = std::max(amax, std::fabs(xg[k]));
+        }
+        // q = round(x * (127 / amax)) in IEEE float32 (no -ffast-math: tests reproduce the formula)
+        const float a = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        const int64_t b = g / V, h = g % V;
+        int32_t qsum = 0;
+        for (int64_t i = 0; i < 4; ++i)
+          for (int64_t j = 0; j < Q; ++j) {
+            const int32_t q = static_cast<int32_t>(std::nearbyint(xg[i * Q + j] * inv));
+            qsum += q;
+            xq_buf[((m * NB + b) * 4 + i) * 64 + h * Q + j] = static_cast<int8_t>(q);
+          }
+        for (int64_t l = h * Q / 4; l < (h + 1) * Q / 4; ++l) xa_buf[(m * NB + b) * 16 + l] = a;
+        xc_buf[(m * NB + b) * 16 + h * Q / 4] = offset * qsum;
+      }
+  } else if (isa == Isa::kAvx512Bf16) {
     // xp[m][block b][quarter i][h * Q + j] = x[m, (b * V + h) * G + i * Q + j], 0 past the last group.
     const int64_t V = 32 / Q, NB = (NG + V - 1) / V;
     xp_buf.resize(M * NB * 128);
@@ -256,9 +296,11 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
               std::memset(dst, 0, Q * sizeof(uint16_t));
           }
   } else {
-    // xs: quarter i of every group times 4^-i (exact: a power of two), xsum: each group's sum.
+    // xs: quarter i of every group times 4^-i (exact: a power of two); xsum: offset times each
+    // group's sum, in the first of 16 lanes (the kernels subtract it as one vector).
+    const float offset = bits == 3 ? 4.f : 2.f;
     xs_buf.resize(M * K);
-    xsum_buf.resize(M * NG);
+    xsum_buf.assign(M * NG * 16, 0.f);
     float* xsp = xs_buf.data();
     float* xsump = xsum_buf.data();
     for (int64_t mg = 0; mg < M * NG; ++mg) {
@@ -271,11 +313,11 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
           xsp[mg * G + i * Q + j] = v * f;
         }
       }
-      xsump[mg] = sum;
+      xsump[mg * 16] = offset * sum;
     }
   }
   auto y = torch::empty({M, N}, x.options());
-  GemmArgs a{xs_buf.data(), xsum_buf.data(), xp_buf.data(), lo.data_ptr<uint8_t>(),
+  GemmArgs a{xs_buf.data(), xsum_buf.data(), xp_buf.data(), xq_buf.data(), xa_buf.data(), xc_buf.data(), lo.data_ptr<uint8_t>(),
              bits == 3 ? hi.data_ptr<uint8_t>() : nullptr, scales.data_ptr(), y.data_ptr(), M, N, NG,
              static_cast<int>(G), static_cast<int>(bits), scales.dtype() == torch::kBFloat16, xbf};
   at::parallel_for(0, N, kRowsPerTask, [&](int64_t n0, int64_t n1) { rows(a, n0, n1); });
@@ -340,7 +382,7 @@ torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const to
 // M = 16, the bf16-dot kernel is 0.6x its time at 16 and 0.9-1.5x at 32; the generic kernel's
 // crossover (8) is from an earlier machine.
 int64_t max_fused_rows() {
-  return g_isa == Isa::kGeneric ? 8 : g_isa == Isa::kAvx512Bf16 ? 12 : 8;
+  return g_isa == Isa::kGeneric ? 8 : (g_isa == Isa::kAvx512Bf16 || g_isa == Isa::kAvx512Vnni) ? 12 : 8;
 }
 
 // Largest multiple of G dividing K, at most 1024 (>= G): one transient [N, block] weight per call.

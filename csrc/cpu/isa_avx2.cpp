@@ -20,6 +20,7 @@ struct V {
   static inline F zero() { return _mm256_setzero_ps(); }
   static inline F set1(float v) { return _mm256_set1_ps(v); }
   static inline F load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static inline F to_float(I v) { return _mm256_cvtepi32_ps(v); }
   static inline I load_u8(const uint8_t* p) {
