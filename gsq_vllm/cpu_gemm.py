@@ -42,8 +42,9 @@ def _load_cpp():
     try:
         from gsq_vllm import _C_cpu  # built by setup.py when torch is importable
     except ImportError as e:
-        if "GSQ_CPU_ISA" in str(e):  # a bad or unsupported forced kernel: say so, don't fall back
-            msg = next(line for line in str(e).splitlines() if "GSQ_CPU_ISA" in line)
+        # a bad forced kernel or row limit: say so, don't fall back to the slow path
+        if "GSQ_CPU_ISA" in str(e) or "GSQ_CPU_FUSED_MAX_ROWS" in str(e):
+            msg = next(line for line in str(e).splitlines() if "GSQ_CPU_" in line)
             raise ImportError(msg.strip()) from None
         return None
     if getattr(_C_cpu, "LAYOUT_VERSION", None) != LAYOUT_VERSION:

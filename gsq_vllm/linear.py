@@ -47,6 +47,18 @@ from gsq_vllm import cpu_gemm
 from gsq_vllm.format import FormatError, check_group_size, dequantize_packed, storage_bits
 
 logger = logging.getLogger(__name__)
+_cpu_kernel_logged = False
+
+
+def _log_cpu_kernel_once() -> None:
+    """Say once per process which CPU kernel serves (cpuid's choice or GSQ_CPU_ISA)."""
+    global _cpu_kernel_logged
+    if not _cpu_kernel_logged:
+        _cpu_kernel_logged = True
+        isa = cpu_gemm.cpu_isa()
+        # under vLLM's logger, so the line shows where vLLM's own INFO lines do
+        logging.getLogger("vllm.gsq").info("gsq: CPU GEMM kernel %s (fused up to %d rows; GSQ_CPU_ISA forces one)",
+                    isa or "torch (C++ extension not built)", cpu_gemm.cpp_max_rows())
 KERNEL_CHOICES = ("auto", "cuda", "cuda-emu", "cpu")
 SELFCHECK_CHOICES = ("on", "fallback", "off")
 SELFCHECK_MS = (1, 33)  # one partial 16-row block, one partial 64-row block
@@ -200,6 +212,7 @@ class GSQLinearMethod(LinearMethodBase):
             layer.gsq_b = torch.nn.Parameter(b, requires_grad=False)
             layer.gsq_s = torch.nn.Parameter(s, requires_grad=False)
         else:
+            _log_cpu_kernel_once()
             lo, hi = cpu_gemm.repack_for_cpu(qweight.cpu(), bits, g)
             layer.gsq_kernel = "cpu"
             layer.gsq_lo = torch.nn.Parameter(lo.to(qweight.device), requires_grad=False)

@@ -151,3 +151,11 @@ def test_gsq_cpu_isa_forces_a_kernel():
     assert r.stdout.strip() == "generic"
     r = _python("from gsq_vllm import cpu_gemm as C; print(C.cpu_isa())", GSQ_CPU_ISA="avx3000")
     assert r.returncode != 0 and "must be generic, avx2, avx512, avx512bf16 or avx512vnni" in r.stderr
+
+
+def test_fused_row_limit_can_be_set_and_is_checked():
+    code = "from gsq_vllm import cpu_gemm as C; print(C.cpp_max_rows())"
+    r = _python(code, GSQ_CPU_FUSED_MAX_ROWS="512")
+    assert r.returncode == 0 and r.stdout.strip() == "512", r.stderr
+    r = _python(code, GSQ_CPU_FUSED_MAX_ROWS="-3")
+    assert r.returncode != 0 and "GSQ_CPU_FUSED_MAX_ROWS=-3: must be a whole number >= 0" in r.stderr

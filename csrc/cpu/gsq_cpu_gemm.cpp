@@ -381,8 +381,22 @@ torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const to
 // SmolLM2's shapes (2-core AMD EPYC, 2026-11-25): the fp32 SIMD kernels tie the blocked path at
 // M = 16, the bf16-dot kernel is 0.6x its time at 16 and 0.9-1.5x at 32; the generic kernel's
 // crossover (8) is from an earlier machine.
+// GSQ_CPU_FUSED_MAX_ROWS overrides it (e.g. to send a whole prefill through the int8 kernel
+// when measuring its perplexity); -1 = unset.
+int64_t g_fused_rows_override = -1;
+
 int64_t max_fused_rows() {
+  if (g_fused_rows_override >= 0) return g_fused_rows_override;
   return g_isa == Isa::kGeneric ? 8 : (g_isa == Isa::kAvx512Bf16 || g_isa == Isa::kAvx512Vnni) ? 12 : 8;
+}
+
+int64_t fused_rows_from_env() {
+  const char* v = std::getenv("GSQ_CPU_FUSED_MAX_ROWS");
+  if (v == nullptr || *v == 0) return -1;
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end != nullptr && *end == 0 && n >= 0, "GSQ_CPU_FUSED_MAX_ROWS=", v, ": must be a whole number >= 0");
+  return n;
 }
 
 // Largest multiple of G dividing K, at most 1024 (>= G): one transient [N, block] weight per call.
@@ -429,6 +443,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Bumped whenever the plane layout changes; gsq_vllm/cpu_gemm.py refuses a stale build.
   m.attr("LAYOUT_VERSION") = 2;
   g_isa = best_isa();
+  g_fused_rows_override = fused_rows_from_env();
   m.def("gemm", &gemm, "GSQ fused dequant+GEMM: x f32/bf16 [M,K], scales f32/bf16 [N,K/G] -> y [M,N] in x's dtype");
   m.def("max_fused_rows", &max_fused_rows, "rows of x up to which gsq::cpu_gemm runs the fused kernel");
   m.def("isa", &get_isa, "the kernel in use: generic, avx2 or avx512");
