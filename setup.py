@@ -59,8 +59,9 @@ def _cpu_extensions():
     if not sources:
         return []
     # No -ffast-math: the kernels vectorize with intrinsics or explicit lane accumulators, and the
-    # int8 activation rounding must be the IEEE one the tests reproduce. The build is portable: the AVX2 and AVX-512 kernels carry their own target pragmas and are
-    # picked at load from cpuid, so a wheel or a build cache moved to another machine still runs.
+    # int8 activation rounding must be the IEEE one the tests reproduce. The build is portable:
+    # the AVX2 and AVX-512 kernels carry their own target pragmas and are picked at load from
+    # cpuid, so a wheel or a build cache moved to another machine still runs.
     # GSQ_CPU_NATIVE=1 adds -march=native (only the generic kernel gains from it).
     flags = ["-O3", "-std=c++17"]
     if os.environ.get("GSQ_CPU_NATIVE", "0") == "1":

@@ -55,10 +55,12 @@ def _log_cpu_kernel_once() -> None:
     global _cpu_kernel_logged
     if not _cpu_kernel_logged:
         _cpu_kernel_logged = True
-        isa = cpu_gemm.cpu_isa()
+        isa = cpu_gemm.cpu_isa() or "torch (C++ extension not built)"
         # under vLLM's logger, so the line shows where vLLM's own INFO lines do
-        logging.getLogger("vllm.gsq").info("gsq: CPU GEMM kernel %s (fused up to %d rows; GSQ_CPU_ISA forces one)",
-                    isa or "torch (C++ extension not built)", cpu_gemm.cpp_max_rows())
+        logging.getLogger("vllm.gsq").info(
+            "gsq: CPU GEMM kernel %s (fused up to %d rows; GSQ_CPU_ISA forces one)", isa, cpu_gemm.cpp_max_rows())
+
+
 KERNEL_CHOICES = ("auto", "cuda", "cuda-emu", "cpu")
 SELFCHECK_CHOICES = ("on", "fallback", "off")
 SELFCHECK_MS = (1, 33)  # one partial 16-row block, one partial 64-row block
