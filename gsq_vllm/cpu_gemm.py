@@ -71,10 +71,11 @@ def cpu_isa() -> str | None:
     return _cpp.isa() if _cpp is not None else None
 
 
-def cpp_max_rows() -> int:
-    """Up to this many rows of x the fused C++ kernel runs; more go to the blocked BLAS path
-    (the crossover depends on the kernel in use; csrc/cpu/gsq_cpu_gemm.cpp says where it comes from)."""
-    return _cpp.max_fused_rows() if _cpp is not None else 0
+def cpp_max_rows(n: int = 0, k: int = 0) -> int:
+    """Up to this many rows of x the fused C++ kernel runs for an ``n`` x ``k`` weight (default: a
+    small one); more go to the blocked BLAS path. The crossover depends on the kernel in use and on
+    the layer's size; csrc/cpu/gsq_cpu_gemm.cpp says where the numbers come from."""
+    return _cpp.max_fused_rows(n, k) if _cpp is not None else 0
 
 
 def choose_block_k(k: int, group_size: int) -> int:

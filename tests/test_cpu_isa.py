@@ -159,3 +159,14 @@ def test_fused_row_limit_can_be_set_and_is_checked():
     assert r.returncode == 0 and r.stdout.strip() == "512", r.stderr
     r = _python(code, GSQ_CPU_FUSED_MAX_ROWS="-3")
     assert r.returncode != 0 and "GSQ_CPU_FUSED_MAX_ROWS=-3: must be a whole number >= 0" in r.stderr
+
+
+def test_large_layers_keep_the_fused_kernel_for_more_rows():
+    """A layer of 8M+ weights runs the fused kernel past the small-layer crossover (its dequantized
+    block would not stay in cache): the op's result is then the fused kernel's, bit for bit."""
+    n, k, g = 2048, 4096, 64
+    q, s, lo, hi = _case(n, k, 2, g, seed=11)
+    m = C.cpp_max_rows() + 4
+    assert C.cpp_max_rows(n, k) >= m
+    x = torch.randn(m, k).bfloat16()
+    assert torch.equal(torch.ops.gsq.cpu_gemm(x, lo, hi, s, 2, g), C._cpp.gemm(x, lo, hi, s, 2, g))

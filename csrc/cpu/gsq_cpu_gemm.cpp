@@ -377,17 +377,23 @@ torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const to
 }
 
 // Up to this many rows of x the fused kernel runs; above, the blocked path (dequantize a K-block
-// once, then oneDNN's GEMM) amortizes better. Crossovers from benchmarks/bench_cpu_gemm.py on
-// SmolLM2's shapes (2-core AMD EPYC, 2026-11-25): the fp32 SIMD kernels tie the blocked path at
-// M = 16, the bf16-dot kernel is 0.6x its time at 16 and 0.9-1.5x at 32; the generic kernel's
-// crossover (8) is from an earlier machine.
-// GSQ_CPU_FUSED_MAX_ROWS overrides it (e.g. to send a whole prefill through the int8 kernel
-// when measuring its perplexity); -1 = unset.
+// once, then oneDNN's GEMM) amortizes better. Crossovers from benchmarks/bench_cpu_gemm.py
+// (2-core AMD EPYC, 2026-11-25; the generic kernel's 8 from an earlier machine):
+// * SmolLM2-sized layers (<= 3072 x 1536): the fp32 SIMD kernels tie the blocked path near M = 8,
+//   the bf16-dot kernel near M = 12;
+// * layers of 8M+ weights (Llama-8B/70B sizes), whose dequantized block no longer stays in cache:
+//   the bf16-dot kernel is 2-2.5x faster than the blocked path at M = 16 and ties it near M = 32
+//   (e.g. 28672 x 4096: 19 vs 41 ms at 16, 39 vs 48 ms at 32, 77 vs 59 ms at 64).
+// GSQ_CPU_FUSED_MAX_ROWS overrides it for every shape (e.g. to send a whole prefill through the
+// int8 kernel when measuring its perplexity); -1 = unset.
 int64_t g_fused_rows_override = -1;
 
-int64_t max_fused_rows() {
+int64_t max_fused_rows(int64_t N, int64_t K) {
   if (g_fused_rows_override >= 0) return g_fused_rows_override;
-  return g_isa == Isa::kGeneric ? 8 : (g_isa == Isa::kAvx512Bf16 || g_isa == Isa::kAvx512Vnni) ? 12 : 8;
+  if (g_isa == Isa::kGeneric) return 8;
+  const bool large = N * K >= (int64_t{8} << 20);
+  if (g_isa == Isa::kAvx512Bf16 || g_isa == Isa::kAvx512Vnni) return large ? 32 : 12;
+  return large ? 16 : 8;
 }
 
 int64_t fused_rows_from_env() {
@@ -415,7 +421,8 @@ torch::Tensor cpu_gemm_op(const torch::Tensor& x, const torch::Tensor& lo, const
   const torch::Tensor xc = (native ? x : x.to(torch::kFloat32)).contiguous();
   const torch::Tensor sc = (scales.dtype() == torch::kFloat32 || scales.dtype() == torch::kBFloat16
                                 ? scales : scales.to(torch::kFloat32)).contiguous();
-  if (x.size(0) <= max_fused_rows()) return gemm(xc, lo, hi, sc, bits, group_size).to(x.scalar_type());
+  if (x.size(0) <= max_fused_rows(lo.size(0), lo.size(1) * group_size))
+    return gemm(xc, lo, hi, sc, bits, group_size).to(x.scalar_type());
   check_planes(lo, hi, sc, bits, group_size);
   const int64_t NG = lo.size(1), K = NG * group_size, bk = choose_block_k(K, group_size), gpb = bk / group_size;
   TORCH_CHECK(xc.size(1) == K, "x has ", xc.size(1), " columns, the weight ", K);
@@ -460,7 +467,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   g_isa = best_isa();
   g_fused_rows_override = fused_rows_from_env();
   m.def("gemm", &gemm, "GSQ fused dequant+GEMM: x f32/bf16 [M,K], scales f32/bf16 [N,K/G] -> y [M,N] in x's dtype");
-  m.def("max_fused_rows", &max_fused_rows, "rows of x up to which gsq::cpu_gemm runs the fused kernel");
+  m.def("max_fused_rows", &max_fused_rows, "rows of x up to which gsq::cpu_gemm runs the fused kernel for an N x K weight",
+        py::arg("n") = 0, py::arg("k") = 0);
   m.def("isa", &get_isa, "the kernel in use: generic, avx2 or avx512");
   m.def("set_isa", &set_isa, "use this kernel from now on (must be supported here); returns the previous one");
   m.def("supported_isas", &supported_isas, "the kernels this CPU can run");
