@@ -23,33 +23,7 @@
 #include <cstring>
 
 #include "gemm_args.h"
-
-static inline float bf16_to_float(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does (NaN kept NaN)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-static inline float load_scale(const GemmArgs& a, int64_t i) {
-  return a.scales_bf16 ? bf16_to_float(static_cast<const uint16_t*>(a.scales)[i])
-                       : static_cast<const float*>(a.scales)[i];
-}
-
-static inline void store_y(const GemmArgs& a, int64_t m, int64_t n, float v) {
-  if (a.y_bf16)
-    static_cast<uint16_t*>(a.y)[m * a.N + n] = float_to_bf16(v);
-  else
-    static_cast<float*>(a.y)[m * a.N + n] = v;
-}
+#include "kernel_common.h"
 
 template <int G, bool Three, int R>
 static inline void dot_rows(const GemmArgs& a, int64_t n, int64_t m0, float out[R]) {
@@ -85,39 +59,18 @@ static inline void dot_rows(const GemmArgs& a, int64_t n, int64_t m0, float out[
   for (int r = 0; r < R; ++r) out[r] = V::hsum(acc[r]);
 }
 
-template <int G, bool Three, int R>
-static inline void tile_rows(const GemmArgs& a, int64_t m0, int64_t n0, int64_t n1) {
-  float out[R];
-  for (int64_t n = n0; n < n1; ++n) {
-    dot_rows<G, Three, R>(a, n, m0, out);
-    for (int r = 0; r < R; ++r) store_y(a, m0 + r, n, out[r]);
-  }
-}
-
-// All rows of x against output rows [n0, n1): full tiles of kMaxTile rows, then one tail tile.
-template <int G, bool Three>
-static void gemm_rows(const GemmArgs& a, int64_t n0, int64_t n1) {
-  constexpr int T = V::kMaxTile;
-  int64_t m0 = 0;
-  for (; m0 + T <= a.M; m0 += T) tile_rows<G, Three, T>(a, m0, n0, n1);
-  switch (a.M - m0) {
-    case 0: break;
-#define GSQ_TAIL(r) case r: if constexpr (r < T) tile_rows<G, Three, (r < T ? r : 1)>(a, m0, n0, n1); break;
-    GSQ_TAIL(1) GSQ_TAIL(2) GSQ_TAIL(3) GSQ_TAIL(4) GSQ_TAIL(5) GSQ_TAIL(6) GSQ_TAIL(7)
-#undef GSQ_TAIL
-  }
-}
-
-// The entry point each ISA file exports (as isa_name::gemm_rows_entry).
+// The entry point each ISA file exports (as isa_name::gemm_rows_entry): all rows of x against
+// output rows [n0, n1). A quarter group must hold whole vectors (AVX-512 sends G = 32 to AVX2).
 static void gemm_rows_entry(const GemmArgs& a, int64_t n0, int64_t n1) {
-  const bool three = a.bits == 3;
-  if (a.G == 64) {
-    three ? gemm_rows<64, true>(a, n0, n1) : gemm_rows<64, false>(a, n0, n1);
-  } else if (a.G == 128) {
-    three ? gemm_rows<128, true>(a, n0, n1) : gemm_rows<128, false>(a, n0, n1);
-  } else if constexpr (V::kLanes <= 8) {  // G = 32: a quarter group is 8 codes
-    three ? gemm_rows<32, true>(a, n0, n1) : gemm_rows<32, false>(a, n0, n1);
-  }
+  with_layout(a.G, a.bits, [&](auto g, auto three) {
+    constexpr int G = decltype(g)::value;
+    constexpr bool Three = decltype(three)::value;
+    if constexpr ((G / 4) % V::kLanes == 0)
+      over_row_tiles<V::kMaxTile>(a.M, [&](auto r, int64_t m0) {
+        constexpr int R = decltype(r)::value;
+        store_tile<R>(a, m0, n0, n1, [&](int64_t n, float* out) { dot_rows<G, Three, R>(a, n, m0, out); });
+      });
+  });
 }
 
 // Dequantization (the many-rows path): the same unpacking, each vector of codes turned into
@@ -152,12 +105,8 @@ static void dequant_rows(const DequantArgs& d, int64_t n0, int64_t n1) {
 }
 
 static void dequant_rows_entry(const DequantArgs& d, int64_t n0, int64_t n1) {
-  const bool three = d.bits == 3;
-  if (d.G == 64) {
-    three ? dequant_rows<64, true>(d, n0, n1) : dequant_rows<64, false>(d, n0, n1);
-  } else if (d.G == 128) {
-    three ? dequant_rows<128, true>(d, n0, n1) : dequant_rows<128, false>(d, n0, n1);
-  } else if constexpr (V::kLanes <= 8) {
-    three ? dequant_rows<32, true>(d, n0, n1) : dequant_rows<32, false>(d, n0, n1);
-  }
+  with_layout(d.G, d.bits, [&](auto g, auto three) {
+    if constexpr ((decltype(g)::value / 4) % V::kLanes == 0)
+      dequant_rows<decltype(g)::value, decltype(three)::value>(d, n0, n1);
+  });
 }

@@ -42,6 +42,8 @@ extern DequantRowsFn gsq_dequant_rows_avx512;
 
 namespace {
 
+#include "kernel_common.h"  // with_layout (its bf16 helpers are for the ISA files)
+
 constexpr int kMaxRows = 64;
 constexpr int kLanes = 16;  // one AVX-512 register of float32 (two AVX2 registers)
 
@@ -105,24 +107,6 @@ void check_planes(const torch::Tensor& lo, const torch::Tensor& hi, const torch:
   if (bits == 3) {
     TORCH_CHECK(hi.dtype() == torch::kUInt8 && hi.is_contiguous() && hi.numel() == N * NG * (G / 8), "hi: uint8 [N, K/G, G/8]");
   }
-}
-
-// Calls f(std::integral_constant<int, G>, std::bool_constant<3-bit>) for the runtime layout, so
-// the kernels below get compile-time loop bounds.
-template <typename F>
-void with_layout(int64_t G, int64_t bits, F&& f) {
-  auto with_g = [&](auto three) {
-    if (G == 32)
-      f(std::integral_constant<int, 32>{}, three);
-    else if (G == 64)
-      f(std::integral_constant<int, 64>{}, three);
-    else
-      f(std::integral_constant<int, 128>{}, three);
-  };
-  if (bits == 3)
-    with_g(std::true_type{});
-  else
-    with_g(std::false_type{});
 }
 
 // ~16 output rows per task: enough work to amortize a task, enough tasks to balance cores.

@@ -3,6 +3,7 @@
 // build machine is; the dispatcher calls it only when cpuid reports AVX2 and FMA.
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "gemm_args.h"  // outside the namespace below: one GemmArgs type for every file
 

@@ -5,6 +5,7 @@
 // vector) goes to the AVX2 kernel instead.
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "gemm_args.h"  // outside the namespace below: one GemmArgs type for every file
 

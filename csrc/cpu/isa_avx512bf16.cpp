@@ -15,6 +15,7 @@
 // it belongs to group h = 2l / Q of the block: the block's scale vector has s[h] in those lanes.
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "gemm_args.h"  // outside the namespace below: one GemmArgs type for every file
 
@@ -24,25 +25,7 @@
 
 namespace gsq_isa_avx512bf16 {
 
-static inline float bf16_to_float(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-static inline float scale_at(const GemmArgs& a, int64_t i) {
-  return a.scales_bf16 ? bf16_to_float(static_cast<const uint16_t*>(a.scales)[i])
-                       : static_cast<const float*>(a.scales)[i];
-}
+#include "kernel_common.h"
 
 // The lane masks of a block's four quarters: mask i holds bits [i*Q, i*Q + Q) of the hi plane of
 // each of the block's groups, group h's at bits h*Q. The block's planes are 16 contiguous bytes
@@ -95,7 +78,7 @@ static inline void dot_rows(const GemmArgs& a, const __m512i lut, int64_t n, int
         part[r] = _mm512_dpbf16_ps(part[r], w, (__m512bh)_mm512_loadu_si512(xq + r * NB * 128));
     }
     float sv[V];
-    for (int h = 0; h < V; ++h) sv[h] = h < groups ? scale_at(a, n * a.NG + g0 + h) : 0.f;
+    for (int h = 0; h < V; ++h) sv[h] = h < groups ? load_scale(a, n * a.NG + g0 + h) : 0.f;
     __m512 s;
     if constexpr (V == 1) {
       s = _mm512_set1_ps(sv[0]);
@@ -110,49 +93,20 @@ static inline void dot_rows(const GemmArgs& a, const __m512i lut, int64_t n, int
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-template <int G, bool Three, int R>
-static inline void tile_rows(const GemmArgs& a, const __m512i lut, int64_t m0, int64_t n0, int64_t n1) {
-  float out[R];
-  for (int64_t n = n0; n < n1; ++n) {
-    dot_rows<G, Three, R>(a, lut, n, m0, out);
-    for (int r = 0; r < R; ++r) {
-      if (a.y_bf16)
-        static_cast<uint16_t*>(a.y)[(m0 + r) * a.N + n] = float_to_bf16(out[r]);
-      else
-        static_cast<float*>(a.y)[(m0 + r) * a.N + n] = out[r];
-    }
-  }
-}
-
-template <int G, bool Three>
-static void gemm_rows(const GemmArgs& a, int64_t n0, int64_t n1) {
-  constexpr int T = 8;
-  alignas(64) uint16_t table[32] = {0};
-  const int offset = Three ? 4 : 2;
-  for (int u = 0; u < (Three ? 8 : 4); ++u) table[u] = float_to_bf16(static_cast<float>(u - offset));
-  const __m512i lut = _mm512_load_si512(table);
-  int64_t m0 = 0;
-  for (; m0 + T <= a.M; m0 += T) tile_rows<G, Three, T>(a, lut, m0, n0, n1);
-  switch (a.M - m0) {
-    case 0: break;
-    case 1: tile_rows<G, Three, 1>(a, lut, m0, n0, n1); break;
-    case 2: tile_rows<G, Three, 2>(a, lut, m0, n0, n1); break;
-    case 3: tile_rows<G, Three, 3>(a, lut, m0, n0, n1); break;
-    case 4: tile_rows<G, Three, 4>(a, lut, m0, n0, n1); break;
-    case 5: tile_rows<G, Three, 5>(a, lut, m0, n0, n1); break;
-    case 6: tile_rows<G, Three, 6>(a, lut, m0, n0, n1); break;
-    case 7: tile_rows<G, Three, 7>(a, lut, m0, n0, n1); break;
-  }
-}
-
+// Output rows [n0, n1) for all rows of x, in tiles of up to 8 rows.
 static void gemm_rows_entry(const GemmArgs& a, int64_t n0, int64_t n1) {
-  const bool three = a.bits == 3;
-  if (a.G == 32)
-    three ? gemm_rows<32, true>(a, n0, n1) : gemm_rows<32, false>(a, n0, n1);
-  else if (a.G == 64)
-    three ? gemm_rows<64, true>(a, n0, n1) : gemm_rows<64, false>(a, n0, n1);
-  else
-    three ? gemm_rows<128, true>(a, n0, n1) : gemm_rows<128, false>(a, n0, n1);
+  with_layout(a.G, a.bits, [&](auto g, auto three) {
+    constexpr int G = decltype(g)::value;
+    constexpr bool Three = decltype(three)::value;
+    alignas(64) uint16_t table[32] = {0};  // bf16(u - offset) for every code u
+    const int offset = Three ? 4 : 2;
+    for (int u = 0; u < (Three ? 8 : 4); ++u) table[u] = float_to_bf16(static_cast<float>(u - offset));
+    const __m512i lut = _mm512_load_si512(table);
+    over_row_tiles<8>(a.M, [&](auto r, int64_t m0) {
+      constexpr int R = decltype(r)::value;
+      store_tile<R>(a, m0, n0, n1, [&](int64_t n, float* out) { dot_rows<G, Three, R>(a, lut, n, m0, out); });
+    });
+  });
 }
 
 }  // namespace gsq_isa_avx512bf16

@@ -12,6 +12,7 @@
 // integers into float once and scales them by s[n, g] * a[m, g] per lane.
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "gemm_args.h"  // outside the namespace below: one GemmArgs type for every file
 
@@ -21,13 +22,7 @@
 
 namespace gsq_isa_avx512vnni {
 
-static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+#include "kernel_common.h"
 
 // Lane l of the result holds the scale of group 4l / Q of the block (0 past the last group):
 // loaded straight from the scale array (masked), no round trip through the stack.
@@ -99,45 +94,16 @@ static inline void dot_rows(const GemmArgs& a, int64_t n, int64_t m0, float out[
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-template <int G, bool Three, int R>
-static inline void tile_rows(const GemmArgs& a, int64_t m0, int64_t n0, int64_t n1) {
-  float out[R];
-  for (int64_t n = n0; n < n1; ++n) {
-    dot_rows<G, Three, R>(a, n, m0, out);
-    for (int r = 0; r < R; ++r) {
-      if (a.y_bf16)
-        static_cast<uint16_t*>(a.y)[(m0 + r) * a.N + n] = float_to_bf16(out[r]);
-      else
-        static_cast<float*>(a.y)[(m0 + r) * a.N + n] = out[r];
-    }
-  }
-}
-
-template <int G, bool Three>
-static void gemm_rows(const GemmArgs& a, int64_t n0, int64_t n1) {
-  constexpr int T = 8;
-  int64_t m0 = 0;
-  for (; m0 + T <= a.M; m0 += T) tile_rows<G, Three, T>(a, m0, n0, n1);
-  switch (a.M - m0) {
-    case 0: break;
-    case 1: tile_rows<G, Three, 1>(a, m0, n0, n1); break;
-    case 2: tile_rows<G, Three, 2>(a, m0, n0, n1); break;
-    case 3: tile_rows<G, Three, 3>(a, m0, n0, n1); break;
-    case 4: tile_rows<G, Three, 4>(a, m0, n0, n1); break;
-    case 5: tile_rows<G, Three, 5>(a, m0, n0, n1); break;
-    case 6: tile_rows<G, Three, 6>(a, m0, n0, n1); break;
-    case 7: tile_rows<G, Three, 7>(a, m0, n0, n1); break;
-  }
-}
-
+// Output rows [n0, n1) for all rows of x, in tiles of up to 8 rows.
 static void gemm_rows_entry(const GemmArgs& a, int64_t n0, int64_t n1) {
-  const bool three = a.bits == 3;
-  if (a.G == 32)
-    three ? gemm_rows<32, true>(a, n0, n1) : gemm_rows<32, false>(a, n0, n1);
-  else if (a.G == 64)
-    three ? gemm_rows<64, true>(a, n0, n1) : gemm_rows<64, false>(a, n0, n1);
-  else
-    three ? gemm_rows<128, true>(a, n0, n1) : gemm_rows<128, false>(a, n0, n1);
+  with_layout(a.G, a.bits, [&](auto g, auto three) {
+    over_row_tiles<8>(a.M, [&](auto r, int64_t m0) {
+      constexpr int R = decltype(r)::value;
+      store_tile<R>(a, m0, n0, n1, [&](int64_t n, float* out) {
+        dot_rows<decltype(g)::value, decltype(three)::value, R>(a, n, m0, out);
+      });
+    });
+  });
 }
 
 }  // namespace gsq_isa_avx512vnni
