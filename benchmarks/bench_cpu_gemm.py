@@ -19,16 +19,19 @@ M = 1 kernel streams its packed weight + scales at, against the machine's memory
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from gsq_vllm import cpu_gemm as cg
-from gsq_vllm.format import grid_range, pack_codes
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import machine_info, write_json  # noqa: E402
+
+from gsq_vllm import cpu_gemm as cg  # noqa: E402
+from gsq_vllm.format import grid_range, pack_codes  # noqa: E402
 
 # (layer, N, K): SmolLM2-135M (hidden 576, intermediate 1536, 9 + 3 + 3 heads of 64), then a layer
 # larger than a 32 MiB L3 at 2 bits.
@@ -114,25 +117,8 @@ def main(argv=None) -> None:
         if r["M"] == 1 and (r["layer"], r["N"], r["K"]) in BIG:
             print(f"{r['layer']} M=1: gsq 2-bit streams {r['op_w2_gbs']:.1f} GB/s = {r['op_w2_gbs'] / bw:.0%} of "
                   f"the copy bandwidth ({bw:.1f} GB/s); bf16 matmul {r['bf16_gbs']:.1f} GB/s")
-    out = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "isas": isas, "isa_in_use": default_isa,
-                       "memory_bandwidth_gbs": bw, "python": platform.python_version(), "torch": torch.__version__},
-           "max_fused_rows": cg.cpp_max_rows(), "rows": rows}
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, args.json)
-    print(f"wrote {args.json}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    machine = machine_info(isas=isas, isa_in_use=default_isa, memory_bandwidth_gbs=bw, torch=torch.__version__)
+    write_json({"machine": machine, "max_fused_rows": cg.cpp_max_rows(), "rows": rows}, args.json)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -180,6 +179,7 @@ def main(argv=None) -> None:
     import subprocess
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    from results_io import machine_info, write_json
     from serving import model_specs  # NAME=FOLDER, checked
 
     models = model_specs(args.models, "decode_profile")
@@ -201,24 +201,7 @@ def main(argv=None) -> None:
             _print(rows[-len(args.concurrency):])
     print()
     _print(rows)
-    out = {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
-           "rows": rows}
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, args.json)
-    print(f"wrote {args.json}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    write_json({"machine": machine_info(), "rows": rows}, args.json)
 
 
 if __name__ == "__main__":

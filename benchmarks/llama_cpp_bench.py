@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -68,6 +67,9 @@ def main(argv=None) -> None:
     p.add_argument("--json", default="benchmarks/results/llama_cpp.json")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from results_io import machine_info, write_json
+
     from quantize.models import find_default_gguf
 
     work = Path(args.work).resolve()
@@ -89,13 +91,7 @@ def main(argv=None) -> None:
                      "threads": args.threads, "n_gen": args.n, "model_bytes": model.stat().st_size,
                      "build": res.get("build_commit"), "cpu": res.get("cpu_info")})
         print(f"llama.cpp {qtype:<6} {res['avg_ts']:7.1f} tok/s (+- {res['stddev_ts']:.1f})", flush=True)
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"machine": {"cores": os.cpu_count(), "python": platform.python_version()}, "sdist": SDIST,
-                   "source_gguf": source.name, "rows": rows}, f, indent=2)
-    os.replace(tmp, args.json)
-    print(f"wrote {args.json}")
+    write_json({"machine": machine_info(), "sdist": SDIST, "source_gguf": source.name, "rows": rows}, args.json)
 
 
 if __name__ == "__main__":
