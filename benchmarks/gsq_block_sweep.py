@@ -82,7 +82,8 @@ def main(argv=None) -> None:
     from quantize.gsq import refine_block
     from quantize.models import WeightReader, build_skeleton, prepare_default_model
     from quantize.activations import Activations
-    from quantize.pipeline import _call_block, _run_block, block_linears, run_block_with_hessians
+    from quantize.block_forward import call_block, run_block, run_block_with_hessians
+    from quantize.pipeline import block_linears
 
     bits = normalize_bits(args.bits)
     model_dir = prepare_default_model()
@@ -103,8 +104,8 @@ def main(argv=None) -> None:
         names = block_linears(block, excluded, f"model.layers.{i}")
         orig = {n: block.get_submodule(n).weight.detach().clone() for n in names}
         targets, hess, _ = run_block_with_hessians(block, names, _acts(x), pos_emb, 4, Activations(x.shape, "cpu"))
-        targets, targets_h = targets.data, _run_block(block, _acts(xh), pos_emb, 4, Activations(xh.shape, "cpu")).data
-        call = lambda inp: _call_block(block, inp, pos_emb)  # noqa: E731
+        targets, targets_h = targets.data, run_block(block, _acts(xh), pos_emb, 4, Activations(xh.shape, "cpu")).data
+        call = lambda inp: call_block(block, inp, pos_emb)  # noqa: E731
         gptq = {n: gptq_quantize(orig[n], hess[n], bits, args.group_size) for n in names}
         base_c = hard_mse(block, names, gptq, call, x, targets)
         base_h = hard_mse(block, names, gptq, call, xh, targets_h)
@@ -125,7 +126,7 @@ def main(argv=None) -> None:
         with torch.no_grad():
             for n in names:
                 block.get_submodule(n).weight.copy_(gptq[n].dequantize())
-        x, xh = (_run_block(block, _acts(t), pos_emb, 4, Activations(t.shape, "cpu")).data for t in (x, xh))
+        x, xh = (run_block(block, _acts(t), pos_emb, 4, Activations(t.shape, "cpu")).data for t in (x, xh))
         model.model.layers[i].to("meta")
         rows.append(row)
 

@@ -27,7 +27,8 @@ def measure(bits: str, scope: str, steps: int) -> dict:
 
     from quantize.gsq import GSQOptions, _CPU_EXT, refine_block
     from quantize.models import WeightReader, build_skeleton, prepare_default_model
-    from quantize.pipeline import _call_block, block_linears
+    from quantize.block_forward import call_block
+    from quantize.pipeline import block_linears
     from quantize.rtn import rtn_quantize
 
     torch.set_num_threads(1)
@@ -43,10 +44,10 @@ def measure(bits: str, scope: str, steps: int) -> dict:
         rotary = type(model.model.rotary_emb)(config=model.config)
     pos_emb = rotary(x[:1], torch.arange(256).unsqueeze(0))
     with torch.no_grad():
-        y = _call_block(block, x, pos_emb)
+        y = call_block(block, x, pos_emb)
     opts = GSQOptions(epochs=1, batch_size=1, micro_batch_size=1, lr_logits=3e-4, keep_best=False)
     t0 = time.perf_counter()
-    _, log = refine_block(block, lambda inp: _call_block(block, inp, pos_emb), names, init, x, y, opts, seed=0)
+    _, log = refine_block(block, lambda inp: call_block(block, inp, pos_emb), names, init, x, y, opts, seed=0)
     dt = time.perf_counter() - t0
     return {"steps": log["total_steps"], "seconds": dt, "steps_per_s": log["total_steps"] / dt,
             "fused": _CPU_EXT is not None}

@@ -22,7 +22,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     try:
         logs = json.loads(Path(args.logs).read_text())
-        items = sorted(logs.items(), key=lambda kv: int(kv[0].rsplit(".", 1)[-1]))
+        # A sparse (MoE) block's experts are trained one by one: {"experts": ..., "attention": ...}, not drawn.
+        items = sorted(((k, v) for k, v in logs.items() if "experts" not in v),
+                       key=lambda kv: int(kv[0].rsplit(".", 1)[-1]))
         for _, log in items:
             log["steps"], log["hard_mse"], log["total_steps"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -222,6 +222,10 @@ class GSQLinearMethod(LinearMethodBase):
             layer.gsq_s = torch.nn.Parameter(scales.contiguous(), requires_grad=False)
         del layer.qweight
         del layer.scales
+        # A plain attribute, not a parameter: vLLM code that needs a layer's float weight (MLA's
+        # kv_b_proj, absorbed into attention at load) finds the device through `qweight` and then
+        # calls `apply` on an identity matrix, which gives exactly the dequantized weight.
+        layer.qweight = layer.gsq_b.data if kernel != "cpu" else layer.gsq_lo.data
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None

@@ -90,16 +90,17 @@ class Activations:
 
 
 class ActivationSpace:
-    """Makes the pipeline's activation tensors: in device memory while three of them fit in
-    ``budget_bytes``, else as files in ``folder`` (see the module docstring)."""
+    """Makes the pipeline's activation tensors: in device memory while ``held`` of them (three;
+    four for a model with sparse blocks, quantize/moe_block.py) fit in ``budget_bytes``, else as
+    files in ``folder`` (see the module docstring)."""
 
     def __init__(self, shape: tuple[int, int, int], device: torch.device, folder: Path,
-                 budget_bytes: int | None):
+                 budget_bytes: int | None, held: int = 3):
         self.shape = tuple(shape)
         self.device = torch.device(device)
         self.folder = Path(folder)
         self.bytes_each = 4 * int(np.prod(self.shape))
-        self.on_disk = budget_bytes is not None and 3 * self.bytes_each > budget_bytes
+        self.on_disk = budget_bytes is not None and held * self.bytes_each > budget_bytes
 
     def new(self, name: str) -> Activations:
         """An uninitialised tensor; on disk as ``<folder>/.<name>.tmp``."""

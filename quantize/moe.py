@@ -10,8 +10,18 @@ name, hooks it for a Hessian of exactly the tokens the (float) router sends to
 that expert, quantizes it, and writes it under its checkpoint name.
 
 Supported: Qwen3-MoE (``mlp.experts.{e}.gate_proj/up_proj/down_proj``, router
-``mlp.gate``) and Mixtral (on disk ``block_sparse_moe.experts.{e}.w1/w3/w2``,
-router ``block_sparse_moe.gate``; transformers calls the block ``mlp``).
+``mlp.gate``), Qwen2-MoE (the same names, plus a shared expert ``mlp.shared_expert.*``
+behind a sigmoid gate ``mlp.shared_expert_gate``), DeepSeek-V3 (the same expert names,
+shared experts ``mlp.shared_experts.*``, a sigmoid router with a bias
+``mlp.gate.e_score_correction_bias`` and grouped top-k; MLA attention) and Mixtral (on disk
+``block_sparse_moe.experts.{e}.w1/w3/w2``, router ``block_sparse_moe.gate``;
+transformers calls the block ``mlp``).
+
+Streaming (quantize/moe_block.py): an :class:`ExpertList` whose ``capture`` is set
+does not run its experts; it hands the sparse block's input rows and the router's
+choice to ``capture`` and returns zeros, so one pass of the block gives everything
+but the routed experts' sum, and the experts can then be loaded, used and freed one
+at a time.
 """
 
 from __future__ import annotations
@@ -33,8 +43,13 @@ class MoESpec:
 
 MOE_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": MoESpec("mlp", "gate_proj", "up_proj", "down_proj", "num_experts"),
+    "Qwen2MoeForCausalLM": MoESpec("mlp", "gate_proj", "up_proj", "down_proj", "num_experts"),
     "MixtralForCausalLM": MoESpec("block_sparse_moe", "w1", "w3", "w2", "num_local_experts"),
+    "DeepseekV3ForCausalLM": MoESpec("mlp", "gate_proj", "up_proj", "down_proj", "n_routed_experts"),
 }
+# A sparse block's shared (always-on) experts, where the architecture has them (Qwen2-MoE: one behind
+# a sigmoid gate; DeepSeek-V3: an ungated MLP): kept float unless asked.
+SHARED_EXPERTS = ("mlp.shared_expert", "mlp.shared_experts")
 
 
 class ExpertMLP(nn.Module):
@@ -55,10 +70,18 @@ class ExpertMLP(nn.Module):
 
 class ExpertList(nn.ModuleList):
     """Drop-in for transformers' fused experts: ``forward(hidden [T, H], top_k_index [T, k],
-    top_k_weights [T, k]) -> [T, H]``, the same sum over each token's chosen experts."""
+    top_k_weights [T, k]) -> [T, H]``, the same sum over each token's chosen experts.
+
+    With ``capture`` set (a callable), the experts are not run (they may be on the meta device):
+    ``capture(hidden_states, top_k_index, top_k_weights)`` is called and zeros are returned."""
+
+    capture = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.capture is not None:
+            self.capture(hidden_states, top_k_index, top_k_weights)
+            return torch.zeros_like(hidden_states)
         out = torch.zeros_like(hidden_states)
         for e in top_k_index.unique().tolist():
             tok, slot = torch.where(top_k_index == e)
@@ -90,6 +113,12 @@ def unfuse_experts(model: nn.Module, arch: str) -> int:
 
 def is_sparse_block_mlp(block: nn.Module) -> bool:
     return isinstance(getattr(getattr(block, "mlp", None), "experts", None), ExpertList)
+
+
+def sparse_experts(block: nn.Module) -> ExpertList | None:
+    """The block's :class:`ExpertList`, or None for a dense block."""
+    experts = getattr(getattr(block, "mlp", None), "experts", None)
+    return experts if isinstance(experts, ExpertList) else None
 
 
 def disk_name(name: str, arch: str | None) -> str:

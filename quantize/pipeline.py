@@ -17,11 +17,13 @@ Resume: after each block the work folder gets ``block-XXXXX.safetensors``
 temporary file and renamed. A rerun with the same settings continues at the
 next block; the run is deterministic, so the checkpoint is byte-identical.
 
-MoE blocks (Qwen3-MoE, Mixtral; quantize/moe.py) are the same flow with one
-linear per expert weight: each expert's Hessian is over the tokens the float
+MoE blocks (Qwen3-MoE, Qwen2-MoE, DeepSeek-V3, Mixtral; quantize/moe.py) hold one linear
+per expert weight and stream their routed experts from disk one at a time
+(quantize/moe_block.py): each expert's Hessian is over the tokens the float
 router sends it, an expert routed fewer than ``moe_min_tokens`` is RTN-quantized
-(and named in the log and ``moe_rtn_experts.json``), and GSQ's loss is the
-whole MoE block's output under the float router's routing.
+(and named in the log and ``moe_rtn_experts.json``), GSQ trains each expert on
+its router-weighted output, and its codes go to
+``block-XXXXX.expert-XXXXX.safetensors`` at once.
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ from gsq_vllm.format import (
     is_excluded,
     read_model_config,
 )
-from quantize.activations import Activations, ActivationSpace, default_budget
+from quantize.activations import ActivationSpace, default_budget
+from quantize.block_forward import call_attention, call_block, run_block, run_block_with_hessians
 from quantize.gptq import gptq_quantize
 from quantize.models import WeightReader, build_skeleton, check_architecture
-from quantize.moe import disk_name, expert_of, is_sparse_block_mlp, moe_spec
+from quantize.moe import SHARED_EXPERTS, disk_name, expert_of, is_sparse_block_mlp, moe_spec, sparse_experts
+from quantize.moe_block import ACTIVATIONS_HELD, expert_file, quantize_moe_block
 from quantize.qtypes import QuantizedWeight
 from quantize.report import layer_error
 from quantize.rtn import rtn_quantize
@@ -59,9 +63,10 @@ ATTENTION_MODES = ("joint", "reference")
 QK = ("self_attn.q_proj", "self_attn.k_proj")
 VO = ("self_attn.v_proj", "self_attn.o_proj")
 # Changes when the work folder's files change meaning, so an older work folder is not resumed.
-WORK_FORMAT = "work-3: inputs-<block>.f32, counter-based CPU noise"
-# Never quantized, whatever the user asks: MoE routers (a "gate" linear, not gate_proj).
-ALWAYS_EXCLUDED = ("mlp.gate", "router")
+WORK_FORMAT = "work-4: inputs-<block>.f32, counter-based CPU noise, streamed experts in block-<b>.expert-<e>"
+# Never quantized, whatever the user asks: MoE routers (a "gate" linear, not gate_proj) and
+# Qwen2-MoE's one-output shared-expert gate.
+ALWAYS_EXCLUDED = ("mlp.gate", "router", "shared_expert_gate")
 MOE_RTN_FILE = "moe_rtn_experts.json"  # in the work folder and the checkpoint
 REPORT_BLOCKS_FILE = "report_blocks.json"  # per-block errors for report.html (work folder)
 
@@ -86,6 +91,7 @@ class QuantizeSettings:
                                    # or "reference" (the GSQ reference's: see _quantize_attention_first)
     moe_min_tokens: int = 64  # MoE: an expert routed fewer calibration tokens is RTN-quantized, not GPTQ/GSQ
     moe_quantize_dense: bool = False  # MoE models: also quantize dense-MLP blocks (kept float by default)
+    moe_quantize_shared: bool = False  # MoE models: also quantize shared experts (kept float by default)
 
 
 def block_linears(block: torch.nn.Module, excluded: list[str], block_prefix: str) -> list[str]:
@@ -129,18 +135,6 @@ def _atomic_json(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _call_block(block, x: torch.Tensor, pos_emb) -> torch.Tensor:
-    """One differentiable block call: f32 ``[b,S,H]`` -> ``[b,S,H]`` (causal attention via sdpa, no mask)."""
-    out = block(x, attention_mask=None, position_embeddings=pos_emb)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _call_attention(block, x: torch.Tensor, pos_emb) -> torch.Tensor:
-    """The block's attention output before the residual add: ``self_attn(input_layernorm(x))``."""
-    out = block.self_attn(hidden_states=block.input_layernorm(x), attention_mask=None, position_embeddings=pos_emb)
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _cholesky_rows(hess: torch.Tensor, damp: float, pieces: int) -> torch.Tensor:
     """``L^T`` of the damped Hessian ``H + damp*mean(diag)*I = L L^T``, cut into ``pieces`` chunks of
     rows, f32 ``[pieces, K/pieces, K]``: a layer's output error on these rows, summed, is
@@ -152,36 +146,6 @@ def _cholesky_rows(hess: torch.Tensor, damp: float, pieces: int) -> torch.Tensor
     while k % pieces:
         pieces -= 1
     return lt.view(pieces, k // pieces, k)
-
-
-def _run_block(block, x: Activations, pos_emb, batch_size: int, out: Activations) -> Activations:
-    """Block outputs f32 ``[n,S,H]`` into ``out`` for inputs f32 ``[n,S,H]``, in batches, without gradients."""
-    with torch.no_grad():
-        for sl, xb in x.batches(batch_size):
-            out[sl] = _call_block(block, xb, pos_emb)
-    return out
-
-
-def run_block_with_hessians(block, names: list[str], x: Activations, pos_emb, batch_size: int, out: Activations):
-    """(block outputs f32 ``[n,S,H]`` in ``out``, {name: sum of x x^T f32 ``[K,K]`` over the inputs of linear
-    ``name``}, {name: how many rows (tokens) it saw}). An MoE expert's linears see only the tokens the
-    router sends them, so theirs are the routed tokens' Hessians and counts."""
-    hess = {n: torch.zeros(block.get_submodule(n).in_features, block.get_submodule(n).in_features, device=x.device)
-            for n in names}
-    counts = dict.fromkeys(names, 0)
-
-    def accumulate(n, inp):
-        a = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
-        hess[n].addmm_(a.t(), a)  # returns nothing: a hook's return value would replace the output
-        counts[n] += a.shape[0]
-
-    hooks = [block.get_submodule(n).register_forward_hook(lambda mod, inp, out, n=n: accumulate(n, inp))
-             for n in names]
-    try:
-        return _run_block(block, x, pos_emb, batch_size, out), hess, counts
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 class BlockPipeline:
@@ -220,6 +184,8 @@ class BlockPipeline:
         if moe_spec(self.arch) is not None and not s.moe_quantize_dense:
             # As the GSQ reference does: only the experts (and attention, unless skipped) are quantized.
             kept |= {f"model.layers.{i}.mlp" for i, b in enumerate(self.layers) if not is_sparse_block_mlp(b)}
+            if not s.moe_quantize_shared:
+                kept |= {e for e in SHARED_EXPERTS if any(n.endswith(e) for n, _ in self.model.named_modules())}
         self.qcfg = GSQQuantConfig(
             bits=s.bits,
             group_size=s.group_size,
@@ -302,9 +268,11 @@ class BlockPipeline:
             rotary = type(self.model.model.rotary_emb)(config=cfg_obj)
         pos = torch.arange(ids.shape[1], device=dev).unsqueeze(0)
         budget = self.activation_budget if self.activation_budget is not None else default_budget(dev)
-        space = ActivationSpace((ids.shape[0], ids.shape[1], self.cfg["hidden_size"]), dev, self.work_dir, budget)
+        held = ACTIVATIONS_HELD if any(sparse_experts(b) is not None for b in self.layers) else 3
+        space = ActivationSpace((ids.shape[0], ids.shape[1], self.cfg["hidden_size"]), dev, self.work_dir, budget,
+                                held=held)
         if space.on_disk:
-            self.log(f"[gsq-quantize] activations ({3 * space.bytes_each / 2**30:.2f} GiB for three) exceed the "
+            self.log(f"[gsq-quantize] activations ({held * space.bytes_each / 2**30:.2f} GiB for {held}) exceed the "
                      f"budget of {budget / 2**30:.2f} GiB: kept in files in {self.work_dir}")
         if start == 0:
             emb = self.reader.get("model.embed_tokens.weight").to(dev, torch.float32)
@@ -335,73 +303,27 @@ class BlockPipeline:
         for i in range(start, len(self.layers)):
             torch.manual_seed(s.seed * 1_000_003 + i)
             prefix = f"model.layers.{i}"
-            block = self.reader.load_into(self.layers[i], prefix, device=dev, arch=self.arch).eval()
             names = self.names[i]
-            attention_first = (refine is not None and s.attention_mode == "reference"
-                               and any(n in QK + VO for n in names))
+            streamed = sparse_experts(self.layers[i]) is not None and any(expert_of(n) for n in names)
+            # A sparse block's routed experts are loaded one at a time later (quantize/moe_block.py).
+            block = self.reader.load_into(self.layers[i], prefix, device=dev, arch=self.arch,
+                                          skip=("mlp.experts",) if streamed else ()).eval()
             result: dict[str, QuantizedWeight] = {}
-            attention_logs = {}
-            if attention_first:
-                # quantizes q/k/v/o (and leaves them in the block); names left: the rest
-                attention_logs, float_targets = self._quantize_attention_first(block, names, x, pos_emb, space,
-                                                                               result, refine, i, init)
-            later = [n for n in names if n not in result]
-            # RTN, and GSQ from an --init checkpoint, need no Hessians
-            targets, hess, counts = run_block_with_hessians(
-                block, later if s.method != "rtn" and self.init is None else [], x, pos_emb, s.batch_size,
-                space.new("targets"))
-            if attention_first:
-                # These outputs went through the quantized attention; GSQ's targets are the float block's.
-                space.discard(targets)
-                targets = float_targets
-            # MoE experts the router sent too few calibration tokens: their Hessians say little, so RTN.
-            few = {}
-            for n, c in counts.items():
-                ex = expert_of(n)
-                if ex is not None and c < s.moe_min_tokens:
-                    few[ex] = min(c, few.get(ex, c))
-            if few:
-                log(f"[gsq-quantize] block {i + 1}: RTN for {len(few)} expert(s) routed fewer than "
-                    f"{s.moe_min_tokens} calibration tokens: "
-                    + ", ".join(f"{disk_name(f'{prefix}.{e}', self.arch)} ({c})" for e, c in few.items()))
-                rtn_experts.update({disk_name(f"{prefix}.{e}", self.arch): c for e, c in few.items()})
-            for n in later:
-                w = block.get_submodule(n).weight.data
-                if self.init is not None:
-                    result[n] = init[disk_name(f"{prefix}.{n}", self.arch)]
-                elif s.method == "rtn" or expert_of(n) in few:
-                    result[n] = rtn_quantize(w, s.bits, s.group_size, search=s.scale_search)
-                else:
-                    result[n] = gptq_quantize(w, hess[n], s.bits, s.group_size, damp=s.damp, act_order=s.act_order,
-                                              scale_search=s.scale_search)
-            # diag(H) only (K floats per linear) for the report's per-layer errors
             layer_errors = {}
-            for n in later:
-                if n in hess:
-                    hdiag = hess[n].diagonal().clone()
-                    layer_errors[n] = {"final": layer_error(block.get_submodule(n).weight.data, result[n], hdiag),
-                                       "hdiag": hdiag}
-            hess = None  # K^2 floats per linear: free them before GSQ's logits arrive
-            if refine is not None and any(expert_of(n) not in few for n in later):
-                # GSQ backpropagates through this call, so it keeps gradients and takes any batch.
-                forward = lambda inp: _call_block(block, inp, pos_emb)  # noqa: E731
-                k = s.gsq_nsamples or len(x)
-                trained = [n for n in later if expert_of(n) not in few]
-                refined, blog = refine(block, forward, trained, {n: result[n] for n in trained}, x.first(k),
-                                       targets.first(k), self.gsq_options, s.seed * 1_000_003 + i)
-                for n in trained:
-                    if n in layer_errors:  # GSQ ran: keep the GPTQ init's error beside the result's
-                        layer_errors[n]["init"] = layer_errors[n]["final"]
-                        layer_errors[n]["final"] = layer_error(block.get_submodule(n).weight.data, refined[n],
-                                                               layer_errors[n]["hdiag"])
-                result.update(refined)
-                if attention_logs:
-                    blog["attention"] = attention_logs  # q/k weight-space and v/o attention-output runs
-                gsq_logs[prefix] = blog
-            with torch.no_grad():
-                for n in names:
-                    block.get_submodule(n).weight.copy_(result[n].dequantize())
-            x_next = _run_block(block, x, pos_emb, s.batch_size, space.new("next-inputs"))
+            if streamed:
+                targets, x_next, outcome, attention_logs = quantize_moe_block(
+                    self, i, block, names, x, pos_emb, space, refine, init, result, log)
+                layer_errors = outcome.layer_errors
+                if outcome.rtn_experts:
+                    log(f"[gsq-quantize] block {i + 1}: RTN for {len(outcome.rtn_experts)} expert(s) routed fewer "
+                        f"than {s.moe_min_tokens} calibration tokens: "
+                        + ", ".join(f"{e} ({c})" for e, c in outcome.rtn_experts.items()))
+                    rtn_experts.update(outcome.rtn_experts)
+                if outcome.gsq_logs or attention_logs:
+                    gsq_logs[prefix] = {"experts": outcome.gsq_logs, "attention": attention_logs}
+            else:
+                targets, x_next = self._quantize_block(block, i, names, x, pos_emb, space, refine, init, result,
+                                                       layer_errors, gsq_logs)
             space.discard(x)
             x = x_next
             num = den = 0.0
@@ -413,8 +335,8 @@ class BlockPipeline:
             err = num / max(den, 1e-12)
             log(f"[gsq-quantize] block {i + 1}/{len(self.layers)}: {len(names)} linears, rel. output MSE {err:.3e}")
             record = {"index": i, "rel_output_mse": err,
-                      "layers": {n: {k: v for k, v in e.items() if k != "hdiag"} for n, e in layer_errors.items()}}
-            if prefix in gsq_logs:
+                      "layers": layer_errors}
+            if "hard_mse" in gsq_logs.get(prefix, {}):  # a sparse block's experts have one log each
                 record["gsq_init_mse"] = gsq_logs[prefix]["hard_mse"][0]
                 record["gsq_final_mse"] = gsq_logs[prefix]["hard_mse"][-1]
             self.report_blocks.append(record)
@@ -432,7 +354,7 @@ class BlockPipeline:
             _atomic_json({"fingerprint": fp, "next_block": i + 1}, state_path)
             space.inputs_path(i).unlink(missing_ok=True)  # only now: the state no longer names it
             self.layers[i].to("meta")
-            del block, targets, hess
+            del block, targets
             release_host_memory()
             bar.update(1)
         bar.close()
@@ -446,20 +368,86 @@ class BlockPipeline:
         shutil.rmtree(self.work_dir, ignore_errors=True)
         return out
 
+    def _quantize_block(self, block, i, names, x, pos_emb, space, refine, init, result, layer_errors, gsq_logs):
+        """A block held whole (every block but a sparse one with experts to quantize): fills
+        ``result`` and ``layer_errors``; returns (the float block's outputs, the next block's inputs)."""
+        s = self.s
+        prefix = f"model.layers.{i}"
+        attention_first = (refine is not None and s.attention_mode == "reference"
+                           and any(n in QK + VO for n in names))
+        attention_logs = {}
+        if attention_first:
+            # quantizes q/k/v/o (and leaves them in the block); names left: the rest
+            attention_logs, float_targets = self._quantize_attention_first(block, names, x, pos_emb, space,
+                                                                           result, refine, i, init)
+        later = [n for n in names if n not in result]
+        # RTN, and GSQ from an --init checkpoint, need no Hessians
+        targets, hess, _ = run_block_with_hessians(
+            block, later if s.method != "rtn" and self.init is None else [], x, pos_emb, s.batch_size,
+            space.new("targets"))
+        if attention_first:
+            # These outputs went through the quantized attention; GSQ's targets are the float block's.
+            space.discard(targets)
+            targets = float_targets
+        for n in later:
+            w = block.get_submodule(n).weight.data
+            if self.init is not None:
+                result[n] = init[disk_name(f"{prefix}.{n}", self.arch)]
+            elif s.method == "rtn":
+                result[n] = rtn_quantize(w, s.bits, s.group_size, search=s.scale_search)
+            else:
+                result[n] = gptq_quantize(w, hess[n], s.bits, s.group_size, damp=s.damp, act_order=s.act_order,
+                                          scale_search=s.scale_search)
+        # diag(H) only (K floats per linear) for the report's per-layer errors
+        for n in later:
+            if n in hess:
+                hdiag = hess[n].diagonal().clone()
+                layer_errors[n] = {"final": layer_error(block.get_submodule(n).weight.data, result[n], hdiag),
+                                   "hdiag": hdiag}
+        hess = None  # K^2 floats per linear: free them before GSQ's logits arrive
+        if refine is not None and later:
+            # GSQ backpropagates through this call, so it keeps gradients and takes any batch.
+            forward = lambda inp: call_block(block, inp, pos_emb)  # noqa: E731
+            k = s.gsq_nsamples or len(x)
+            refined, blog = refine(block, forward, later, {n: result[n] for n in later}, x.first(k),
+                                   targets.first(k), self.gsq_options, s.seed * 1_000_003 + i)
+            for n in later:
+                if n in layer_errors:  # GSQ ran: keep the GPTQ init's error beside the result's
+                    layer_errors[n]["init"] = layer_errors[n]["final"]
+                    layer_errors[n]["final"] = layer_error(block.get_submodule(n).weight.data, refined[n],
+                                                           layer_errors[n]["hdiag"])
+            result.update(refined)
+            if attention_logs:
+                blog["attention"] = attention_logs  # q/k weight-space and v/o attention-output runs
+            gsq_logs[prefix] = blog
+        for e in layer_errors.values():
+            e.pop("hdiag", None)
+        with torch.no_grad():
+            for n in names:
+                block.get_submodule(n).weight.copy_(result[n].dequantize())
+        return targets, run_block(block, x, pos_emb, s.batch_size, space.new("next-inputs"))
+
     def _quantize_attention_first(self, block, names, x, pos_emb, space, result, refine, i, init):
-        """The GSQ reference's attention (``attention_mode="reference"``): q/k by GPTQ (or ``init``),
-        then GSQ on the Hessian-weighted weight error (no forward pass); v/o likewise, then GSQ on
-        the attention output (float targets, q/k already quantized). The quantized attention is left
-        in ``block``, so the later Hessians (MLP) see it, as the reference takes them. Fills
+        """The GSQ reference's attention (``attention_mode="reference"``): one float pass for the
+        attention Hessians and the float block's outputs, then :meth:`_gsq_attention`. Fills
         ``result`` for the attention linears; returns (GSQ logs, the float block's outputs)."""
+        attn = [n for n in names if n in QK + VO]
+        float_targets, hess, _ = run_block_with_hessians(block, attn, x, pos_emb, self.s.batch_size,
+                                                         space.new("targets"))
+        return self._gsq_attention(block, attn, hess, x, pos_emb, space, result, refine, i, init), float_targets
+
+    def _gsq_attention(self, block, attn, hess, x, pos_emb, space, result, refine, i, init) -> dict:
+        """q/k by GPTQ (or ``init``), then GSQ on the Hessian-weighted weight error (no forward
+        pass); v/o likewise, then GSQ on the attention output (float targets, q/k already
+        quantized). ``block``'s attention must still be float; the quantized attention is left in
+        it, so later Hessians (the MLP's) see it, as the reference takes them. Fills ``result``
+        for ``attn``; returns the GSQ logs."""
         s = self.s
         seed = s.seed * 1_000_003 + i
-        attn = [n for n in names if n in QK + VO]
-        float_targets, hess, _ = run_block_with_hessians(block, attn, x, pos_emb, s.batch_size, space.new("targets"))
         attn_targets = space.new("attention-targets")
         with torch.no_grad():
             for sl, xb in x.batches(s.batch_size):
-                attn_targets[sl] = _call_attention(block, xb, pos_emb)
+                attn_targets[sl] = call_attention(block, xb, pos_emb)
         for n in attn:
             if self.init is not None:
                 result[n] = init[disk_name(f"model.layers.{i}.{n}", self.arch)]
@@ -477,10 +465,9 @@ class BlockPipeline:
             result.update(refined)
             with torch.no_grad():
                 lin.weight.copy_(result[n].dequantize())
-        hess = None
         vo = [n for n in VO if n in attn]
         if vo:
-            forward = lambda inp: _call_attention(block, inp, pos_emb)  # noqa: E731
+            forward = lambda inp: call_attention(block, inp, pos_emb)  # noqa: E731
             k = s.gsq_nsamples or len(x)
             refined, logs["v_o"] = refine(block, forward, vo, {n: result[n] for n in vo}, x.first(k),
                                           attn_targets.first(k), self.gsq_options, seed + 1)
@@ -489,22 +476,25 @@ class BlockPipeline:
         with torch.no_grad():
             for n in attn:
                 block.get_submodule(n).weight.copy_(result[n].dequantize())
-        return logs, float_targets
+        return logs
 
     def write_checkpoint(self) -> Path:
         """Assemble the final folder from the work folder's blocks and the original non-quantized tensors."""
         from safetensors.torch import load_file
 
-        # prefix -> (block index, name in the block); one block's codes in memory at a time (the
-        # whole model's int8 codes would be a byte per weight: 70 GB for a 70B model).
+        # prefix -> (block index, name in the block); one block's (or one expert's) codes in memory at a
+        # time (the whole model's int8 codes would be a byte per weight: 70 GB for a 70B model).
         where = {disk_name(f"model.layers.{i}.{n}", self.arch): (i, n)
                  for i, names in enumerate(self.names) for n in names}
         loaded: dict = {"index": None, "tensors": None}
 
         def codes_and_scales(prefix):
             i, n = where[prefix]
-            if loaded["index"] != i:
-                loaded["index"], loaded["tensors"] = i, load_file(str(self.work_dir / f"block-{i:05d}.safetensors"))
+            ex = expert_of(n)
+            f = (expert_file(self.work_dir, i, int(ex.rsplit(".", 1)[1])) if ex is not None and
+                 sparse_experts(self.layers[i]) is not None else self.work_dir / f"block-{i:05d}.safetensors")
+            if loaded["index"] != f:
+                loaded["index"], loaded["tensors"] = f, load_file(str(f))
             return loaded["tensors"][f"{n}.codes"], loaded["tensors"][f"{n}.scales"]
 
         base = dict(self.cfg)

@@ -82,7 +82,8 @@ def _plots(data: dict) -> list[tuple[str, str]]:
         fig.tight_layout()
         out.append(("Per-layer error", _png(fig)))
         plt.close(fig)
-    logs = data.get("gsq_logs", {})
+    # Blocks trained as a whole (a sparse block's experts are trained one by one and not drawn).
+    logs = {k: v for k, v in data.get("gsq_logs", {}).items() if "steps" in v}
     if logs:
         fig, ax = plt.subplots(figsize=(8, 4))
         items = sorted(logs.items(), key=lambda kv: int(kv[0].rsplit(".", 1)[-1]))

