@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-quantize-dense", action="store_true",
                    help="MoE models: also quantize the dense-MLP blocks (kept in float by default, as the GSQ "
                         "reference does); routers are never quantized")
+    p.add_argument("--moe-quantize-shared", action="store_true",
+                   help="MoE models with a shared expert (Qwen2-MoE): quantize it too, by GPTQ (kept in float by "
+                        "default, as the GSQ reference does)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib", default="wikipedia", help="corpus name (wikipedia, owt) or a .jsonl/.txt file")
     p.add_argument("--calib-chat", action="store_true",
@@ -122,7 +125,8 @@ def _print_plan(args, bits, excluded, gsq_options) -> int:
                       seqlen=args.seqlen, batch_size=args.batch_size, excluded=excluded, device=device,
                       gsq_micro_batch=min(opts.micro_batch_size, opts.batch_size) if opts else 1,
                       logits_bytes=2 if opts and opts.logits_dtype == "bfloat16" else 4,
-                      activation_budget=budget)
+                      activation_budget=budget, moe_quantize_dense=args.moe_quantize_dense,
+                      moe_quantize_shared=args.moe_quantize_shared)
     plan = make_plan(cfg, ps)
     title = (f"gsq-quantize --plan: {args.model} ({(cfg.get('architectures') or ['?'])[0]}), {args.method} "
              f"{bits}-bit G{args.group_size}, {args.nsamples} x {args.seqlen} calibration tokens, on {device}"
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             seqlen=args.seqlen, seed=args.seed, modules_to_not_convert=excluded, damp=args.damp,
             act_order=args.act_order, batch_size=args.batch_size, init=args.init, scale_search=args.scale_search,
             gsq_nsamples=args.gsq_nsamples, moe_min_tokens=args.moe_min_tokens, attention_mode=args.attention_mode,
-            moe_quantize_dense=args.moe_quantize_dense,
+            moe_quantize_dense=args.moe_quantize_dense, moe_quantize_shared=args.moe_quantize_shared,
         )
         if args.plan:
             return _print_plan(args, bits, excluded, gsq_options)

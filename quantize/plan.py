@@ -6,10 +6,11 @@ phase. Host numbers include the Python/torch/transformers process itself (RUNTIM
 to CPU runs); device numbers include a CUDA context estimate (CUDA_CONTEXT, not measured: no GPU
 was available). ``benchmarks/plan_check.py`` compares the host peak with measured runs.
 
-Works for the dense architectures the pipeline runs (Llama, Mistral, Qwen2/3) and, as a plan
-only, for DeepSeek-V3-style MoE configs (MLA attention, routed + shared experts): the pipeline
-does not quantize MoE models yet, and the plan then assumes GSQ refines a block's experts one at
-a time (all experts of a Kimi-K2 block jointly would need hundreds of GiB of logits).
+Works for the architectures the pipeline runs (Llama, Mistral, Qwen2/3, and the MoE ones:
+Qwen3-MoE, Qwen2-MoE, Mixtral, DeepSeek-V3 with MLA attention). A sparse block is planned
+as the pipeline runs it (quantize/moe_block.py): its routed experts streamed one at a time, so
+only the non-expert weights, one expert's weights, Hessians and GSQ state, that expert's routed
+rows and four activation tensors are held at once.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ RUNTIME_HOST = int(0.62 * GiB)
 # A CUDA context with cuBLAS/cuDNN handles; an estimate, not measured here.
 CUDA_CONTEXT = int(0.6 * GiB)
 # Router linears are never quantized (quantize/pipeline.py ALWAYS_EXCLUDED).
-ALWAYS_EXCLUDED = ("mlp.gate", "router")
+ALWAYS_EXCLUDED = ("mlp.gate", "router", "shared_expert_gate")
+# Rows routed to the busiest expert, as a multiple of an even share (T * top_k / experts): a
+# planning assumption (routers are uneven), not a measurement.
+HOT_EXPERT_FACTOR = 4
 
 
 @dataclass
@@ -46,6 +50,7 @@ class BlockShape:
     linears: list[LinearShape]
     act_floats_per_token: int   # floats a block keeps per token for backward (GSQ)
     other_params: int = 0       # norms etc.
+    top_k: int = 0              # experts per token (sparse blocks)
 
     @property
     def params(self) -> int:
@@ -55,6 +60,14 @@ class BlockShape:
 def _dense_mlp(prefix: str, h: int, inter: int) -> list[LinearShape]:
     return [LinearShape(f"{prefix}.gate_proj", inter, h), LinearShape(f"{prefix}.up_proj", inter, h),
             LinearShape(f"{prefix}.down_proj", h, inter)]
+
+
+def _experts(prefix: str, experts: int, h: int, inter: int) -> list[LinearShape]:
+    out = []
+    for e in range(experts):
+        out += [LinearShape(f"{prefix}.{e}.{p}", inter, h, e) for p in ("gate_proj", "up_proj")]
+        out.append(LinearShape(f"{prefix}.{e}.down_proj", h, inter, e))
+    return out
 
 
 def block_shapes(cfg: dict) -> list[BlockShape]:
@@ -82,21 +95,33 @@ def block_shapes(cfg: dict) -> list[BlockShape]:
             if i < first_dense or not experts:
                 mlp, mlp_floats = _dense_mlp("mlp", h, inter), 4 * inter
             else:
-                mlp = [LinearShape("mlp.gate", experts, h)]
-                for e in range(experts):
-                    mlp += [LinearShape(f"mlp.experts.{e}.{p}", moe_i, h, e) for p in ("gate_proj", "up_proj")]
-                    mlp.append(LinearShape(f"mlp.experts.{e}.down_proj", h, moe_i, e))
+                mlp = [LinearShape("mlp.gate", experts, h)] + _experts("mlp.experts", experts, h, moe_i)
                 if shared:
                     mlp += _dense_mlp("mlp.shared_experts", h, shared * moe_i)
                 mlp_floats = 4 * moe_i * (topk + shared) + experts
-            blocks.append(BlockShape(attn + mlp, attn_floats + mlp_floats, 2 * h))
+            blocks.append(BlockShape(attn + mlp, attn_floats + mlp_floats, 2 * h, topk if experts else 0))
         return blocks
     attn = [LinearShape("self_attn.q_proj", heads * hd, h), LinearShape("self_attn.k_proj", kv * hd, h),
             LinearShape("self_attn.v_proj", kv * hd, h), LinearShape("self_attn.o_proj", h, heads * hd)]
     # Kept for backward per token: norms' in/out (4h), q/k/v and their rotated copies, the
     # attention output and o_proj's input, the MLP's gate, up, activation and product.
-    floats = 4 * h + 2 * (heads + 2 * kv) * hd + 2 * heads * hd + 4 * inter
-    return [BlockShape(attn + _dense_mlp("mlp", h, inter), floats, 2 * h) for _ in range(layers)]
+    floats = 4 * h + 2 * (heads + 2 * kv) * hd + 2 * heads * hd
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0   # Qwen2/3-MoE, Mixtral
+    if not experts:
+        return [BlockShape(attn + _dense_mlp("mlp", h, inter), floats + 4 * inter, 2 * h) for _ in range(layers)]
+    moe_i = cfg.get("moe_intermediate_size") or inter        # Mixtral: intermediate_size is the expert's
+    topk = cfg.get("num_experts_per_tok", 2)
+    shared_i = cfg.get("shared_expert_intermediate_size") or 0
+    dense_layers, step = set(cfg.get("mlp_only_layers") or []), cfg.get("decoder_sparse_step") or 1
+    for i in range(layers):
+        if i in dense_layers or (i + 1) % step:
+            blocks.append(BlockShape(attn + _dense_mlp("mlp", h, inter), floats + 4 * inter, 2 * h))
+            continue
+        mlp = [LinearShape("mlp.gate", experts, h)] + _experts("mlp.experts", experts, h, moe_i)
+        if shared_i:
+            mlp += _dense_mlp("mlp.shared_expert", h, shared_i) + [LinearShape("mlp.shared_expert_gate", 1, h)]
+        blocks.append(BlockShape(attn + mlp, floats + 4 * moe_i * topk + 4 * shared_i + experts, 2 * h, topk))
+    return blocks
 
 
 @dataclass
@@ -112,6 +137,8 @@ class PlanSettings:
     gsq_micro_batch: int = 1
     logits_bytes: int = 4
     activation_budget: int | None = None  # bytes; None: never spill
+    moe_quantize_dense: bool = False    # as quantize/pipeline.py QuantizeSettings
+    moe_quantize_shared: bool = False
 
 
 @dataclass
@@ -144,62 +171,99 @@ def make_plan(cfg: dict, s: PlanSettings) -> Plan:
     on_gpu = s.device == "cuda"
     n, seq = s.nsamples, s.seqlen
     act = 4 * n * seq * h                                  # one [n, S, H] float32 tensor
-    spilled = s.activation_budget is not None and 3 * act > s.activation_budget
+    moe = any(li.expert is not None for b in blocks for li in b.linears)
+    held = 4 if moe else 3                                  # activation tensors a block holds at once
+    spilled = s.activation_budget is not None and held * act > s.activation_budget
     v = {1.58: 2, 2: 4, 3: 5}[bits]                         # logits per weight
     notes = []
-    moe = any(li.expert is not None for b in blocks for li in b.linears)
+    if moe:   # as the pipeline: dense MLPs of an MoE model and shared experts stay float by default
+        sparse = [any(li.expert is not None for li in b.linears) for b in blocks]
+        if not s.moe_quantize_dense:
+            excluded += [f"model.layers.{i}.mlp" for i, sp in enumerate(sparse) if not sp]
+        if not s.moe_quantize_shared:
+            excluded += ["mlp.shared_expert", "mlp.shared_experts"]
 
     def quantized(b: BlockShape, i: int) -> list[LinearShape]:
         return [li for li in b.linears
                 if not is_excluded(f"model.layers.{i}.{li.name}", excluded)
                 and not is_excluded(f"model.layers.{i}.{li.name}", ALWAYS_EXCLUDED)]
 
+    def weight_count(ls) -> int:
+        return sum(li.n * li.k for li in ls)
+
+    def gsq_parts(unit: list[LinearShape], backward_floats_per_token: int) -> dict[str, int]:
+        w, big, m = weight_count(unit), max(li.n * li.k for li in unit), s.gsq_micro_batch
+        parts = {"GSQ logits, gradients, Lion state": 3 * v * w * s.logits_bytes}
+        if bits == 3:   # local-shift levels (float32) and mask (bool), [5, N, K] each
+            parts["GSQ 3-bit levels and mask"] = 25 * w
+        parts["GSQ soft weights kept for backward"] = 4 * w
+        parts["GSQ noise/softmax of the largest linear"] = 6 * 4 * v * big
+        parts["GSQ activations for backward"] = 4 * m * seq * backward_floats_per_token + 2 * 4 * m * seq * h
+        return parts
+
     worst: dict[str, int] = {}
     worst_stage = ""
     worst_total = -1
     q_weights = 0
+    acts = (lambda k: 0) if spilled else (lambda k: k * act)
+    disk_batches = held * 4 * s.batch_size * seq * h if spilled else 0
     for i, b in enumerate(blocks):
         ql = quantized(b, i)
-        q_weights += sum(li.n * li.k for li in ql)
-        # A block's life: load it (its float32 parameters and the state dict's copies) with the
-        # inputs alive; run it for the targets and Hessians; GPTQ, linear by linear, with all
-        # Hessians alive; free them; GSQ; run it again into the next inputs.
-        acts = (lambda k: 0) if spilled else (lambda k: k * act)
-        disk_batches = 3 * 4 * s.batch_size * seq * h if spilled else 0
+        q_weights += weight_count(ql)
         fwd = 4 * s.batch_size * seq * b.act_floats_per_token + disk_batches
-        hess = sum(4 * li.k * li.k for li in ql) if s.method in ("gptq", "gsq") else 0
-        stages = {
-            "load": {"activations": acts(1), "block weights": 2 * 4 * b.params},
-            "forward + Hessians": {"activations": acts(2), "block weights": 4 * b.params, "Hessians": hess,
-                                   "forward batch": fwd},
-            "next inputs": {"activations": acts(3), "block weights": 4 * b.params, "forward batch": fwd},
-        }
-        big = max(ql, key=lambda li: li.n * li.k, default=None)
-        if hess and big is not None:   # W, W permuted, Q; H's copies and the H^-1 chain
-            stages["GPTQ"] = {"activations": acts(2), "block weights": 4 * b.params, "Hessians": hess,
-                              "GPTQ of the largest linear": 3 * 4 * big.n * big.k + 5 * 4 * big.k * big.k}
-        if s.method == "gsq" and ql:
-            parts = stages["GSQ"] = {"activations": acts(2), "block weights": 4 * b.params}
-            # One refinement unit: the whole block, or (MoE) the non-expert linears and one expert.
-            if moe:
-                by_expert: dict = {}
-                for li in ql:
-                    by_expert.setdefault(li.expert, []).append(li)
-                shared = by_expert.pop(None, [])
-                unit = shared + (max(by_expert.values(), key=lambda ls: sum(x.n * x.k for x in ls)) if by_expert else [])
-            else:
-                unit = ql
-            w = sum(li.n * li.k for li in unit)
-            big = max(li.n * li.k for li in unit)
-            m = s.gsq_micro_batch
-            parts["GSQ logits, gradients, Lion state"] = 3 * v * w * s.logits_bytes
-            if bits == 3:   # local-shift levels (float32) and mask (bool), [5, N, K] each
-                parts["GSQ 3-bit levels and mask"] = 25 * w
-            parts["GSQ soft weights kept for backward"] = 4 * w
-            parts["GSQ noise/softmax of the largest linear"] = 6 * 4 * v * big
-            parts["GSQ block activations for backward"] = 4 * m * seq * b.act_floats_per_token + 2 * 4 * m * seq * h
-            if moe:   # GSQ on the block's outputs, so the unit trained sits in the block's forward
-                parts["GSQ block activations for backward"] += 4 * m * seq * b.act_floats_per_token
+        gptq = s.method in ("gptq", "gsq")
+        by_expert: dict = {}
+        for li in b.linears:
+            if li.expert is not None:
+                by_expert.setdefault(li.expert, []).append(li)
+        if by_expert:
+            # A sparse block, streamed: everything but the routed experts, plus one expert at a time.
+            routed = [li for li in ql if li.expert is not None]
+            rest = [li for li in ql if li.expert is None]
+            one = max(by_expert.values(), key=weight_count)
+            resident = 4 * (b.params - sum(weight_count(ls) for ls in by_expert.values()))
+            tokens = n * seq
+            rows = min(tokens, HOT_EXPERT_FACTOR * tokens * b.top_k // len(by_expert))
+            routing = 12 * tokens * b.top_k                  # int64 ids + float32 weights
+            hess_rest = sum(4 * li.k * li.k for li in rest) if gptq else 0
+            one_w = 4 * weight_count(one)
+            row_floats = 4 * rows * (3 * h + 3 * one[0].n)   # rows, targets, output; gate, up, act
+            stages = {
+                "load": {"activations": acts(1), "block weights (no routed experts)": 2 * resident},
+                "float pass + Hessians": {"activations": acts(3), "block weights (no routed experts)": resident,
+                                          "Hessians": hess_rest, "forward batch": fwd, "routing": routing},
+                "expert stream": {"activations": acts(4), "block weights (no routed experts)": resident,
+                                  "one expert's weights": one_w, "its routed rows": row_floats, "routing": routing},
+            }
+            if gptq and routed:
+                big = max(one, key=lambda li: li.n * li.k)
+                stages["expert stream"]["its Hessians"] = sum(4 * li.k * li.k for li in one)
+                stages["expert stream"]["GPTQ of its largest linear"] = 3 * 4 * big.n * big.k + 5 * 4 * big.k * big.k
+            if s.method == "gsq" and routed:
+                stages["expert GSQ"] = {"activations": acts(4), "block weights (no routed experts)": resident,
+                                        "one expert's weights": one_w, "its routed rows": row_floats,
+                                        "routing": routing, **gsq_parts(one, 4 * one[0].n)}
+            if s.method == "gsq" and rest:
+                stages["attention GSQ"] = {"activations": acts(3), "block weights (no routed experts)": resident,
+                                           **gsq_parts(rest, b.act_floats_per_token)}
+        else:
+            # A block's life: load it (its float32 parameters and the state dict's copies) with the
+            # inputs alive; run it for the targets and Hessians; GPTQ, linear by linear, with all
+            # Hessians alive; free them; GSQ; run it again into the next inputs.
+            hess = sum(4 * li.k * li.k for li in ql) if gptq else 0
+            stages = {
+                "load": {"activations": acts(1), "block weights": 2 * 4 * b.params},
+                "forward + Hessians": {"activations": acts(2), "block weights": 4 * b.params, "Hessians": hess,
+                                       "forward batch": fwd},
+                "next inputs": {"activations": acts(3), "block weights": 4 * b.params, "forward batch": fwd},
+            }
+            big = max(ql, key=lambda li: li.n * li.k, default=None)
+            if hess and big is not None:   # W, W permuted, Q; H's copies and the H^-1 chain
+                stages["GPTQ"] = {"activations": acts(2), "block weights": 4 * b.params, "Hessians": hess,
+                                  "GPTQ of the largest linear": 3 * 4 * big.n * big.k + 5 * 4 * big.k * big.k}
+            if s.method == "gsq" and ql:
+                stages["GSQ"] = {"activations": acts(2), "block weights": 4 * b.params,
+                                 **gsq_parts(ql, b.act_floats_per_token)}
         for stage, parts in stages.items():
             total = sum(parts.values())
             if total > worst_total:
@@ -229,15 +293,15 @@ def make_plan(cfg: dict, s: PlanSettings) -> Plan:
     phases["write checkpoint"] = {"device": 0,
                                   "host": RUNTIME_HOST + qmax_block * (1 + 4 / s.group_size) + shard + largest_other}
     if spilled:
-        notes.append(f"activations ({3 * act / GiB:.1f} GiB for three) exceed the budget: they live in "
+        notes.append(f"activations ({held * act / GiB:.1f} GiB for {held}) exceed the budget: they live in "
                      f"files in the work folder; the page cache holds what fits (reclaimable)")
     if moe:
-        notes.append("MoE: the pipeline cannot quantize MoE models yet (issue 13); this plan assumes GSQ "
-                     "refines a block's experts one at a time")
+        notes.append(f"MoE: routed experts are streamed one at a time; the busiest expert is assumed to get "
+                     f"{HOT_EXPERT_FACTOR}x an even share of the routed rows")
     # Disk: the work folder keeps every block's codes (int8) and scales (float32) until the end
     # and the current block's inputs (the resume state); spilled, also the targets and the next
     # inputs. The checkpoint is written beside it.
-    work = q_weights * (1 + 4 / s.group_size) + (3 * act if spilled else act)
+    work = q_weights * (1 + 4 / s.group_size) + (held * act if spilled else act)
     disk = {"work folder": int(work), "checkpoint": int(ckpt), "checkpoint: quantized linears": int(ckpt_quantized)}
     return Plan(device_peak=max(p["device"] for p in phases.values()),
                 host_peak=max(p["host"] for p in phases.values()),
