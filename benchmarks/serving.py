@@ -186,7 +186,7 @@ def main() -> int:
               f"{r['itl_ms_p50']:>8.1f}/{r['itl_ms_p90']:.1f}/{r['itl_ms_p99']:.1f}")
     meta = {"machine": f"{os.cpu_count()} CPUs", "cpu_kernel": _cpu_kernel(), "max_tokens": args.max_tokens,
             "server_args": args.server_args,
-            "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_CPU", "GSQ_"))}}
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_CPU", "GSQ_", "ONEDNN_", "ATEN_CPU", "DNNL_"))}}
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     return 0
 
