@@ -102,11 +102,13 @@ class ActivationSpace:
         self.bytes_each = 4 * int(np.prod(self.shape))
         self.on_disk = budget_bytes is not None and held * self.bytes_each > budget_bytes
 
-    def new(self, name: str) -> Activations:
-        """An uninitialised tensor; on disk as ``<folder>/.<name>.tmp``."""
+    def new(self, name: str, shape: tuple[int, int, int] | None = None) -> Activations:
+        """An uninitialised tensor (the calibration shape unless ``shape`` is given: an MoE expert's
+        routed rows); on disk as ``<folder>/.<name>.tmp``."""
+        shape = tuple(shape) if shape is not None else self.shape
         if not self.on_disk:
-            return Activations(self.shape, self.device)
-        return Activations(self.shape, self.device, self.folder / f".{name}.tmp")
+            return Activations(shape, self.device)
+        return Activations(shape, self.device, self.folder / f".{name}.tmp")
 
     def inputs_path(self, block: int) -> Path:
         return self.folder / f"inputs-{block:05d}.f32"

@@ -22,8 +22,9 @@ block), so the pipeline never holds them together. Per block:
    error restricted to this expert); its codes go to the work folder at once, its quantized
    output is added to ``next``, and its weights go back to the meta device.
 
-Memory: one expert's weights, its routed rows, and four ``[n,S,H]`` activations (inputs,
-targets, next, moe_in; ``quantize/activations.py`` spills them to files above the budget).
+Memory: one expert's weights and Hessians, a chunk of its routed rows (``CHUNK_ROWS``), GSQ's
+copy of its rows, and four ``[n,S,H]`` activations (inputs, targets, next, moe_in);
+``quantize/activations.py`` spills the activations and GSQ's rows to files above the budget.
 The router is float throughout, and the routing the experts are trained and propagated
 with is the float router's on the quantized path's inputs.
 """
@@ -44,6 +45,10 @@ from quantize.report import layer_error
 from quantize.rtn import rtn_quantize
 
 ACTIVATIONS_HELD = 4  # inputs, targets, next inputs, the sparse block's inputs
+# Routed rows an expert's Hessians and outputs are computed over at once: bounds the [rows, I]
+# intermediates whatever the calibration size (GSQ's copies of the rows follow the activations'
+# budget: in memory or in files, quantize/activations.py).
+CHUNK_ROWS = 16384
 
 
 def expert_file(work_dir: Path, block: int, expert: int) -> Path:
@@ -126,8 +131,8 @@ class ExpertOutcome:
 class ExpertStream:
     """Loads, uses, quantizes and frees the routed experts of block ``index`` one at a time."""
 
-    def __init__(self, pipe, block, index: int, names: list[str], refine, init, seqlen: int):
-        self.pipe, self.s, self.seqlen = pipe, pipe.s, seqlen
+    def __init__(self, pipe, block, index: int, names: list[str], refine, init, seqlen: int, space):
+        self.pipe, self.s, self.seqlen, self.space = pipe, pipe.s, seqlen, space
         self.block, self.index = block, index
         self.prefix = f"model.layers.{index}"
         self.experts = sparse_experts(block)
@@ -142,42 +147,50 @@ class ExpertStream:
         for e, expert in enumerate(self.experts):
             self.pipe.reader.load_into(expert, f"{self.prefix}.mlp.experts.{e}", device=self.pipe.device,
                                        arch=self.pipe.arch)
-            y_float = None
             if float_in is not None:
-                tok, w = float_in[1].tokens_of(e)
-                with torch.no_grad():
-                    y_float = expert(_rows(float_in[0], tok)) if len(tok) else None
-                if y_float is not None:
-                    _add_rows(targets, tok, y_float * w[:, None])
+                self._accumulate(expert, float_in[0], *float_in[1].tokens_of(e), targets)
             if quant_in is not None:
                 tok, w = quant_in[1].tokens_of(e)
-                rows = _rows(quant_in[0], tok)
-                if y_float is None or quant_in is not float_in:
-                    with torch.no_grad():
-                        y_float = expert(rows)
                 if self.names[e]:
-                    self._quantize(e, expert, tok, rows, w, y_float)
-                if len(tok):
-                    with torch.no_grad():
-                        _add_rows(nxt, tok, expert(rows) * w[:, None])
+                    self._quantize(e, expert, quant_in[0], tok, w)
+                self._accumulate(expert, quant_in[0], tok, w, nxt)
             expert.to("meta")
         return self.outcome
 
-    def _quantize(self, e: int, expert, tok: torch.Tensor, rows: torch.Tensor, w: torch.Tensor,
-                  y_float: torch.Tensor) -> None:
+    @staticmethod
+    def _chunks(tok: torch.Tensor, w: torch.Tensor):
+        for i in range(0, len(tok), CHUNK_ROWS):
+            yield tok[i:i + CHUNK_ROWS], w[i:i + CHUNK_ROWS]
+
+    def _accumulate(self, expert, moe_in: Activations, tok, w, out: Activations) -> None:
+        """``out`` rows ``tok`` += the expert's output on them, times their router weights."""
+        with torch.no_grad():
+            for tc, wc in self._chunks(tok, w):
+                _add_rows(out, tc, expert(_rows(moe_in, tc)) * wc[:, None])
+
+    def _quantize(self, e: int, expert, moe_in: Activations, tok: torch.Tensor, w: torch.Tensor) -> None:
         s, pipe = self.s, self.pipe
         local = {n.rsplit(".", 1)[1]: n for n in self.names[e]}  # "gate_proj" -> "mlp.experts.3.gate_proj"
         name = disk_name(f"{self.prefix}.mlp.experts.{e}", pipe.arch)
         few = len(tok) == 0 or len(tok) < s.moe_min_tokens
         if few:
             self.outcome.rtn_experts[name] = len(tok)
+        gate_name, up_name, down_name = expert.names
         gate, up, down = (getattr(expert, n) for n in expert.names)
         hess = {}
         if not few and s.method != "rtn":
+            h_in = torch.zeros(gate.in_features, gate.in_features, device=pipe.device)
+            h_act = torch.zeros(down.in_features, down.in_features, device=pipe.device)
             with torch.no_grad():
-                act = expert.act(gate(rows)) * up(rows)
-            for mod_name, a in ((expert.names[0], rows), (expert.names[1], rows), (expert.names[2], act)):
-                hess[mod_name] = a.t() @ a
+                for tc, _ in self._chunks(tok, w):
+                    rows = _rows(moe_in, tc)
+                    act = expert.act(gate(rows)) * up(rows)
+                    h_in.addmm_(rows.t(), rows)
+                    h_act.addmm_(act.t(), act)
+            hess = {gate_name: h_in, up_name: h_in, down_name: h_act}  # GPTQ copies what it changes
+        inputs = want = None
+        if self.refine is not None and not few:  # before GPTQ: the float expert's outputs are GSQ's targets
+            inputs, want = self._gsq_batches(e, expert, moe_in, tok, w)
         result = {}
         for ln in local:
             weight = getattr(expert, ln).weight.data
@@ -193,9 +206,8 @@ class ExpertStream:
                 self.outcome.layer_errors[local[ln]] = {"final": layer_error(weight, result[ln], hdiag),
                                                         "hdiag": hdiag}
         hess = None
-        if self.refine is not None and not few:
-            inputs, want = self._gsq_batches(tok, rows, w, y_float)
-            h = rows.shape[1]
+        if inputs is not None:
+            h = gate.in_features
             forward = lambda a: expert(a[..., :h]) * a[..., h:]  # noqa: E731  router weight in the last column
             refined, log = self.refine(expert, forward, list(result), result, inputs, want, pipe.gsq_options,
                                        s.seed * 1_000_003 + self.index * 4099 + e)
@@ -206,6 +218,8 @@ class ExpertStream:
                     err["final"] = layer_error(getattr(expert, ln).weight.data, q, err["hdiag"])
             result.update(refined)
             self.outcome.gsq_logs[name] = log
+            for a in (inputs, want):
+                self.space.discard(a)
         for ln in local:
             self.outcome.layer_errors.get(local[ln], {}).pop("hdiag", None)
         with torch.no_grad():
@@ -219,24 +233,33 @@ class ExpertStream:
             tensors[f"{local[ln]}.scales"] = q.scales.float().cpu()
         _atomic_save(tensors, expert_file(pipe.work_dir, self.index, e))
 
-    def _gsq_batches(self, tok, rows, w, y_float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gsq_batches(self, e: int, expert, moe_in: Activations, tok: torch.Tensor, w: torch.Tensor):
         """The expert's routed rows from GSQ's training sequences as ``[c, r, H+1]`` inputs (router
         weight appended) and ``[c, r, H]`` weighted float targets, ``c`` = as many pseudo-sequences
         as a dense block trains on (so the step count per epoch matches), zero-padded (a zero
-        weight contributes nothing to the loss)."""
-        seq = self.seqlen
+        weight contributes nothing to the loss). Activations like the block's (in files when those
+        are), filled a chunk of rows at a time."""
         k = self.s.gsq_nsamples or self.s.nsamples
-        keep = tok < k * seq
-        rows, w, y = rows[keep], w[keep], y_float[keep]
-        t, h = rows.shape
+        keep = tok < k * self.seqlen
+        tok, w = tok[keep], w[keep]
+        t, h = len(tok), moe_in.shape[-1]
         c = max(1, min(k, t))
         r = -(-t // c)
-        inputs = rows.new_zeros(c * r, h + 1)
-        want = rows.new_zeros(c * r, y.shape[1])
-        inputs[:t, :h] = rows
-        inputs[:t, h] = w
-        want[:t] = y * w[:, None]
-        return inputs.view(c, r, h + 1), want.view(c, r, -1)
+        inputs = self.space.new(f"expert-{e}-inputs", (c, r, h + 1))
+        want = self.space.new(f"expert-{e}-targets", (c, r, h))
+        flat_in, flat_want = inputs.data.view(c * r, h + 1), want.data.view(c * r, h)
+        flat_in[t:] = 0  # the padding
+        flat_want[t:] = 0
+        done = 0
+        with torch.no_grad():
+            for tc, wc in self._chunks(tok, w):
+                rows = _rows(moe_in, tc)
+                n = len(tc)
+                flat_in[done:done + n, :h] = rows.to(flat_in.device)
+                flat_in[done:done + n, h] = wc.to(flat_in.device)
+                flat_want[done:done + n] = (expert(rows) * wc[:, None]).to(flat_want.device)
+                done += n
+        return inputs, want
 
 
 def quantize_moe_block(pipe, index: int, block, names: list[str], x: Activations, pos_emb, space, refine, init,
@@ -246,7 +269,7 @@ def quantize_moe_block(pipe, index: int, block, names: list[str], x: Activations
     logs of the non-expert linears)."""
     s = pipe.s
     dense = [n for n in names if expert_of(n) is None]
-    stream = ExpertStream(pipe, block, index, names, refine, init, x.shape[1])
+    stream = ExpertStream(pipe, block, index, names, refine, init, x.shape[1], space)
     hess_names = dense if s.method != "rtn" else []
     moe_in = space.new("moe-inputs")
     targets, routing, hess, _ = capture_pass(block, hess_names, x, pos_emb, s.batch_size, space.new("targets"),

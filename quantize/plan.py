@@ -35,6 +35,7 @@ ALWAYS_EXCLUDED = ("mlp.gate", "router", "shared_expert_gate")
 # Rows routed to the busiest expert, as a multiple of an even share (T * top_k / experts): a
 # planning assumption (routers are uneven), not a measurement.
 HOT_EXPERT_FACTOR = 4
+CHUNK_ROWS = 16384  # as quantize/moe_block.py (not imported: the plan needs no torch)
 
 
 @dataclass
@@ -204,6 +205,7 @@ def make_plan(cfg: dict, s: PlanSettings) -> Plan:
     worst: dict[str, int] = {}
     worst_stage = ""
     worst_total = -1
+    worst_gsq_rows = 0
     q_weights = 0
     acts = (lambda k: 0) if spilled else (lambda k: k * act)
     disk_batches = held * 4 * s.batch_size * seq * h if spilled else 0
@@ -227,13 +229,19 @@ def make_plan(cfg: dict, s: PlanSettings) -> Plan:
             routing = 12 * tokens * b.top_k                  # int64 ids + float32 weights
             hess_rest = sum(4 * li.k * li.k for li in rest) if gptq else 0
             one_w = 4 * weight_count(one)
-            row_floats = 4 * rows * (3 * h + 3 * one[0].n)   # rows, targets, output; gate, up, act
+            # Hessians and outputs go a chunk of rows at a time: rows, output; gate, up, act.
+            chunk = 4 * min(rows, CHUNK_ROWS) * (2 * h + 3 * one[0].n)
+            # GSQ's copy of the rows (router weight appended) and their weighted float outputs:
+            # in memory, or in files beside the activations when those spill.
+            gsq_rows = 4 * rows * (2 * h + 1)
+            worst_gsq_rows = max(worst_gsq_rows, gsq_rows if s.method == "gsq" else 0)
             stages = {
                 "load": {"activations": acts(1), "block weights (no routed experts)": 2 * resident},
                 "float pass + Hessians": {"activations": acts(3), "block weights (no routed experts)": resident,
                                           "Hessians": hess_rest, "forward batch": fwd, "routing": routing},
                 "expert stream": {"activations": acts(4), "block weights (no routed experts)": resident,
-                                  "one expert's weights": one_w, "its routed rows": row_floats, "routing": routing},
+                                  "one expert's weights": one_w, "a chunk of its routed rows": chunk,
+                                  "routing": routing},
             }
             if gptq and routed:
                 big = max(one, key=lambda li: li.n * li.k)
@@ -241,7 +249,8 @@ def make_plan(cfg: dict, s: PlanSettings) -> Plan:
                 stages["expert stream"]["GPTQ of its largest linear"] = 3 * 4 * big.n * big.k + 5 * 4 * big.k * big.k
             if s.method == "gsq" and routed:
                 stages["expert GSQ"] = {"activations": acts(4), "block weights (no routed experts)": resident,
-                                        "one expert's weights": one_w, "its routed rows": row_floats,
+                                        "one expert's weights": one_w, "a chunk of its routed rows": chunk,
+                                        "its routed rows for GSQ": 0 if spilled else gsq_rows,
                                         "routing": routing, **gsq_parts(one, 4 * one[0].n)}
             if s.method == "gsq" and rest:
                 stages["attention GSQ"] = {"activations": acts(3), "block weights (no routed experts)": resident,
@@ -301,7 +310,7 @@ def make_plan(cfg: dict, s: PlanSettings) -> Plan:
     # Disk: the work folder keeps every block's codes (int8) and scales (float32) until the end
     # and the current block's inputs (the resume state); spilled, also the targets and the next
     # inputs. The checkpoint is written beside it.
-    work = q_weights * (1 + 4 / s.group_size) + (held * act if spilled else act)
+    work = q_weights * (1 + 4 / s.group_size) + (held * act + worst_gsq_rows if spilled else act)
     disk = {"work folder": int(work), "checkpoint": int(ckpt), "checkpoint: quantized linears": int(ckpt_quantized)}
     return Plan(device_peak=max(p["device"] for p in phases.values()),
                 host_peak=max(p["host"] for p in phases.values()),

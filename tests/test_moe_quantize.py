@@ -50,14 +50,20 @@ def _block_and_inputs(folder, arch, layer=1, n=4, seq=16):
     return model, reader, model.model.layers[layer], x, pos_emb
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"])
-def test_streamed_experts_give_the_whole_blocks_output(tmp_path, arch):
+@pytest.mark.parametrize("arch,chunk", [("qwen3_moe", None), ("qwen2_moe", None), ("mixtral", 5),
+                                        ("deepseek_v3", None)])
+def test_streamed_experts_give_the_whole_blocks_output(tmp_path, monkeypatch, arch, chunk):
     """The capture pass plus one expert at a time, summed back, is the block run with every expert
-    loaded (routing, router weights, the gather/scatter of rows, a shared expert if any)."""
+    loaded (routing, router weights, the gather/scatter of rows, a shared expert if any; with
+    ``chunk``, an expert's rows are taken a few at a time)."""
     from types import SimpleNamespace
 
+    import quantize.moe_block
     from quantize.block_forward import run_block
     from quantize.moe_block import ExpertStream, capture_pass
+
+    if chunk:
+        monkeypatch.setattr(quantize.moe_block, "CHUNK_ROWS", chunk)
     from quantize.models import check_architecture
     from gsq_vllm.format import read_model_config
 
@@ -69,7 +75,7 @@ def test_streamed_experts_give_the_whole_blocks_output(tmp_path, arch):
     moe_in, out = Activations(x.shape, x.device), Activations(x.shape, x.device)
     targets, routing, _, _ = capture_pass(block, [], x, pos_emb, 3, out, moe_in)
     pipe = SimpleNamespace(s=None, reader=reader, device=torch.device("cpu"), arch=arch_name)
-    ExpertStream(pipe, block, 1, [], None, None, x.shape[1]).run((moe_in, routing), targets, None, None)
+    ExpertStream(pipe, block, 1, [], None, None, x.shape[1], None).run((moe_in, routing), targets, None, None)
     assert all(p.is_meta for p in block.mlp.experts.parameters())  # each expert freed after use
     reader.load_into(block, "model.layers.1", arch=arch_name)  # now whole
     whole = run_block(block, x, pos_emb, 3, Activations(x.shape, x.device))
@@ -112,6 +118,26 @@ def test_expert_gptq_is_over_exactly_its_routed_tokens(qwen, tmp_path):
             want = gptq_quantize(getattr(expert, name).weight.data, a.t() @ a, 2, 32, damp=0.01)
             got = unpack_codes(t[f"model.layers.1.mlp.experts.{e}.{name}.qweight"], 2)
             assert torch.equal(got, want.codes), (e, name)
+
+
+def test_moe_gsq_rows_in_files_or_in_chunks_give_the_same_run(qwen, tmp_path, monkeypatch):
+    """Activations and each expert's GSQ rows in files (budget 0): the same bytes and the same GSQ
+    runs as in memory. Rows taken 100 at a time: the same GSQ runs up to float rounding."""
+    import quantize.moe_block
+
+    args = ["--method", "gsq", "--preset", "fast", "--gsq-epochs", "1", "--skip-attention"]
+    _quantize(qwen, tmp_path / "memory", *args)
+    _quantize(qwen, tmp_path / "files", *args, "--activation-budget", "0")
+    monkeypatch.setattr(quantize.moe_block, "CHUNK_ROWS", 100)
+    _quantize(qwen, tmp_path / "chunks", *args)
+    assert (tmp_path / "memory" / "model.safetensors").read_bytes() == (tmp_path / "files" / "model.safetensors").read_bytes()
+    # The GSQ runs themselves (which may end by keeping their GPTQ init) saw the same rows.
+    logs = {run: [(v["hard_mse"], [st["soft_mse"] for st in v["steps"]]) for v in json.loads(
+        (tmp_path / run / "gsq_logs.json").read_text())["model.layers.1"]["experts"].values()]
+        for run in ("memory", "files", "chunks")}
+    assert len(logs["memory"]) == 4 and logs["memory"] == logs["files"]
+    for (hard, soft), (hard_c, soft_c) in zip(logs["memory"], logs["chunks"]):
+        assert hard_c == pytest.approx(hard, rel=1e-4) and soft_c == pytest.approx(soft, rel=1e-3)
 
 
 def test_only_one_expert_is_in_memory_at_a_time(tmp_path, monkeypatch):
