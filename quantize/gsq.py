@@ -61,16 +61,25 @@ class GSQOptions:
     kappa_start: float = 100.0
     kappa_end: float = 500.0
     init_std: float = 0.01
-    alpha: float | None = None    # None -> 6 for 2/3-bit, 3 for ternary
+    alpha: float | None = None    # None -> 6 (3 for ternary_style "ours")
     store_noise: bool = False     # True: keep the Gumbel noise for backward (more memory)
     log_every: int = 1            # log the soft MSE every n steps
     keep_best: bool = True        # return the init if the hardened block is worse (see refine_block)
     logits_dtype: str = "float32"  # or "bfloat16": half the logits' memory (and Lion's state)
+    ternary_style: str = "reference"  # the GSQ reference's ternary logits, or "ours" (GumbelGridLinear)
 
     def strength(self, bits) -> float:
         if self.alpha is not None:
             return self.alpha
-        return 3.0 if normalize_bits(bits) == 1.58 else 6.0
+        return 3.0 if normalize_bits(bits) == 1.58 and self.ternary_style == "ours" else 6.0
+
+    def logit_group(self, bits) -> tuple[float, float]:
+        """(lr, weight decay) of the logits. The reference's ternary logits enter its sigmoids as
+        2*kappa*l where ours enter as kappa*p: with p = 2l, its Lion steps on l are ours at twice
+        the lr and half the weight decay (p*(1 - lr'*wd') = 2l*(1 - lr*wd))."""
+        if normalize_bits(bits) == 1.58 and self.ternary_style == "reference":
+            return 2.0 * self.lr_logits, 0.5 * self.wd_logits
+        return self.lr_logits, self.wd_logits
 
 
 # The `paper` preset is the reference's: one Lion step per 64 sequences (micro-batches of 16
@@ -109,7 +118,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gsq-tau", type=float, nargs=2, default=None, metavar=("START", "END"))
     g.add_argument("--gsq-kappa", type=float, nargs=2, default=None, metavar=("START", "END"))
     g.add_argument("--gsq-alpha", type=float, default=None,
-                   help="logit init strength (default 6 for 2/3-bit, 3 for ternary)")
+                   help="logit init strength (default 6; 3 for --gsq-ternary-style ours)")
+    g.add_argument("--gsq-ternary-style", choices=["ours", "reference"], default=None,
+                   help="--bits 1.58: reference (default: the GSQ reference's sign/mask logits, prior +-6 on "
+                        "both, 2*kappa*logit; SmolLM2 ternary MLP 294 vs 364) or ours (the 2-class quadratic "
+                        "prior, strength 3)")
     g.add_argument("--logits-dtype", choices=["float32", "bfloat16", "bf16"], default=None,
                    help="dtype of the GSQ logits and their optimizer state (default float32; bf16 halves "
                         "the largest memory of a GPU run, as the reference does, at coarser Lion steps)")
@@ -133,6 +146,8 @@ def options_from_args(args) -> GSQOptions:
         kw["logits_dtype"] = "bfloat16" if args.logits_dtype == "bf16" else args.logits_dtype
     if getattr(args, "gsq_store_noise", False):
         kw["store_noise"] = True
+    if getattr(args, "gsq_ternary_style", None) is not None:
+        kw["ternary_style"] = args.gsq_ternary_style
     opts = GSQOptions(**kw)
     if opts.epochs < 1 or opts.batch_size < 1 or opts.micro_batch_size < 1:
         raise ValueError("--gsq-epochs, --gsq-batch-size and --gsq-micro-batch-size must be >= 1")
@@ -311,7 +326,8 @@ class GumbelGridLinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, init: QuantizedWeight, std: float, alpha: float,
-                 generator: torch.Generator, logits_dtype: torch.dtype = torch.float32):
+                 generator: torch.Generator, logits_dtype: torch.dtype = torch.float32,
+                 ternary_style: str = "reference"):
         super().__init__()
         self.bits = normalize_bits(init.bits)
         self.group_size = init.group_size
@@ -333,7 +349,13 @@ class GumbelGridLinear(nn.Module):
             self.mask = (self.levels < qmin) | (self.levels > qmax)
         else:
             self.levels = None
-        if self.kind == "ternary":
+        if self.kind == "ternary" and ternary_style == "reference":
+            # The reference's sign and mask logits l = std * (noise + alpha * [sign q, 2|q| - 1]),
+            # which its sigmoids take as 2*kappa*l; ours take kappa*p, so p = 2l (refine_block
+            # doubles the lr and halves the weight decay to match).
+            prior = torch.stack([torch.sign(q), 2.0 * q.abs() - 1.0])
+            std = 2.0 * std
+        elif self.kind == "ternary":
             # Binary split of {-1,0,1}: logit difference of the 2-class version of the same
             # quadratic prior. sign: -(q-1)^2/2 + (q+1)^2/2 = 2q; nonzero vs zero: |q| - 1/2.
             # Centring (mean_v) is implicit in a logit difference.
@@ -446,7 +468,7 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
             lin = block.get_submodule(name)
             alpha = options.strength(init[name].bits)
             layers[name] = GumbelGridLinear(lin, init[name], options.init_std, alpha, gen,
-                                            getattr(torch, options.logits_dtype))
+                                            getattr(torch, options.logits_dtype), options.ternary_style)
             layers[name].store_noise = options.store_noise
             originals[name] = _swap(block, name, layers[name])
         params_logits = [m.logits for m in layers.values()]
@@ -457,7 +479,8 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
         for p in params_logits + params_scales:
             p.requires_grad_(True)
         from lion_pytorch import Lion
-        opt = Lion([{"params": params_logits, "lr": options.lr_logits, "weight_decay": options.wd_logits},
+        lr_logits, wd_logits = options.logit_group(next(iter(init.values())).bits)  # one bit width per run
+        opt = Lion([{"params": params_logits, "lr": lr_logits, "weight_decay": wd_logits},
                     {"params": params_scales, "lr": options.lr_scales, "weight_decay": 0.0}],
                    betas=tuple(options.lion_betas))
         sched = torch.optim.lr_scheduler.LambdaLR(

@@ -325,3 +325,42 @@ def test_cpu_noise_is_gumbel_or_logistic_and_a_function_of_its_key(logistic):
     # neighbouring elements are independent
     flat = a.flatten()
     assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1]) < 5e-3
+
+
+def test_reference_ternary_style_is_the_references_logits_in_our_units():
+    """--gsq-ternary-style reference: the reference's sign/mask logits l = std * (noise + 6 * [sign q,
+    2|q| - 1]) entering its sigmoids as 2*kappa*l. Ours hold p = 2l and take kappa*p: the same soft
+    weight, and one Lion step at (2 lr, wd / 2) on p is the reference's step at (lr, wd) on l."""
+    from lion_pytorch import Lion
+
+    from quantize.gsq import NoiseSource, soft_codes
+
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    init = rtn(weight, 1.58, 32)
+    lin = nn.Linear(64, 16, bias=False)
+    opts = GSQOptions(ternary_style="reference")
+    layer = GumbelGridLinear(lin, init, opts.init_std, opts.strength(1.58), torch.Generator().manual_seed(7),
+                             ternary_style="reference")
+    q = init.codes.float()
+    noise0 = torch.randn((2, 16, 64), generator=torch.Generator().manual_seed(7))
+    ref_logits = opts.init_std * (noise0 + 6.0 * torch.stack([torch.sign(q), 2 * q.abs() - 1]))
+    torch.testing.assert_close(layer.logits.detach(), 2 * ref_logits)
+    assert torch.equal(layer.hard_codes(), init.codes)  # the prior dominates the init noise
+
+    kappa, tau = 250.0, 0.7
+    noise = NoiseSource("ternary", (2, 16, 64), torch.Generator().manual_seed(0)).draw()
+    ref_mask = torch.sigmoid((2 * kappa * ref_logits[1] + noise[1]) / tau)
+    ref_sign = 2 * torch.sigmoid((2 * kappa * ref_logits[0] + noise[0]) / tau) - 1
+    ours = soft_codes("ternary", layer.logits.detach(), None, None, noise, kappa, tau)
+    torch.testing.assert_close(ours, ref_mask * ref_sign, rtol=1e-5, atol=1e-6)
+
+    lr, wd = opts.logit_group(1.58)
+    grad = torch.randn(2, 16, 64)
+    p = nn.Parameter(layer.logits.detach().clone())
+    ell = nn.Parameter(ref_logits.clone())
+    p.grad, ell.grad = grad / 2, grad  # d/dp = (d/dl) / 2: the same signs for Lion
+    Lion([p], lr=lr, weight_decay=wd).step()
+    Lion([ell], lr=opts.lr_logits, weight_decay=opts.wd_logits).step()
+    torch.testing.assert_close(p.detach(), 2 * ell.detach())
+    ours_default = GSQOptions(ternary_style="ours")
+    assert ours_default.logit_group(1.58) == (ours_default.lr_logits, ours_default.wd_logits)
