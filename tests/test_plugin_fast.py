@@ -185,10 +185,17 @@ def test_fused_qkv_loads_and_matches_reference(vllm_dist, bits):
                               quant_config=cfg, prefix="model.layers.0.self_attn.qkv_proj")
     parts = [_random_quantized(n, hidden, bits, g, seed=i) for i, n in enumerate((nq * head, nkv * head, nkv * head))]
     _load(layer, [(F.pack_codes(q, bits), s) for q, s in parts], ["q", "k", "v"])
-    assert layer.gsq_kernel == "cpu" and not hasattr(layer, "qweight")
+    # The checkpoint-layout codes are freed: no parameter left but the kernel's (`qweight` is only a
+    # reference to the repacked codes, for vLLM code that looks a layer's device up through it).
+    assert layer.gsq_kernel == "cpu" and "qweight" not in dict(layer.named_parameters())
+    assert layer.qweight.data_ptr() == layer.gsq_lo.data_ptr()
     w = torch.cat([F.dequantize(q, s, g) for q, s in parts])
     x = torch.randn(4, hidden)
     torch.testing.assert_close(layer(x)[0], x @ w.t(), rtol=1e-5, atol=1e-5)
+    # What vLLM's MLA does with kv_b_proj at load: the layer's float weight, through apply(eye).
+    from vllm.model_executor.layers.quantization.utils.quant_utils import get_and_maybe_dequant_weights
+
+    torch.testing.assert_close(get_and_maybe_dequant_weights(layer), w, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits", [2, 3])
