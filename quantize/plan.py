@@ -245,7 +245,9 @@ def make_plan(cfg: dict, s: PlanSettings) -> Plan:
             }
             if gptq and routed:
                 big = max(one, key=lambda li: li.n * li.k)
-                stages["expert stream"]["its Hessians"] = sum(4 * li.k * li.k for li in one)
+                # gate and up share one Hessian (their common input); down has its own
+                stages["expert stream"]["its Hessians"] = 4 * one[0].k ** 2 + sum(
+                    4 * li.k ** 2 for li in one if li.name.endswith("down_proj"))
                 stages["expert stream"]["GPTQ of its largest linear"] = 3 * 4 * big.n * big.k + 5 * 4 * big.k * big.k
             if s.method == "gsq" and routed:
                 stages["expert GSQ"] = {"activations": acts(4), "block weights (no routed experts)": resident,
