@@ -38,11 +38,9 @@ import torch
 
 from quantize.activations import Activations
 from quantize.block_forward import run_block_with_hessians
-from quantize.gptq import gptq_quantize
 from quantize.moe import disk_name, expert_of, sparse_experts
 from quantize.qtypes import QuantizedWeight
 from quantize.report import layer_error
-from quantize.rtn import rtn_quantize
 
 ACTIVATIONS_HELD = 4  # inputs, targets, next inputs, the sparse block's inputs
 # Routed rows an expert's Hessians and outputs are computed over at once: bounds the [rows, I]
@@ -175,39 +173,20 @@ class ExpertStream:
         few = len(tok) == 0 or len(tok) < s.moe_min_tokens
         if few:
             self.outcome.rtn_experts[name] = len(tok)
-        gate_name, up_name, down_name = expert.names
-        gate, up, down = (getattr(expert, n) for n in expert.names)
-        hess = {}
-        if not few and s.method != "rtn":
-            h_in = torch.zeros(gate.in_features, gate.in_features, device=pipe.device)
-            h_act = torch.zeros(down.in_features, down.in_features, device=pipe.device)
-            with torch.no_grad():
-                for tc, _ in self._chunks(tok, w):
-                    rows = _rows(moe_in, tc)
-                    act = expert.act(gate(rows)) * up(rows)
-                    h_in.addmm_(rows.t(), rows)
-                    h_act.addmm_(act.t(), act)
-            hess = {gate_name: h_in, up_name: h_in, down_name: h_act}  # GPTQ copies what it changes
-        inputs = want = None
-        if self.refine is not None and not few:  # before GPTQ: the float expert's outputs are GSQ's targets
-            inputs, want = self._gsq_batches(e, expert, moe_in, tok, w)
+        hess, inputs, want = self._scan_rows(e, expert, moe_in, tok, w, hessians=not few and s.method != "rtn",
+                                             gsq=self.refine is not None and not few)
         result = {}
         for ln in local:
             weight = getattr(expert, ln).weight.data
-            if pipe.init is not None:  # --init: that checkpoint's codes (self.init: on the run's device)
-                result[ln] = self.init[disk_name(f"{self.prefix}.{local[ln]}", pipe.arch)]
-            elif s.method == "rtn" or few:
-                result[ln] = rtn_quantize(weight, s.bits, s.group_size, search=s.scale_search)
-            else:
-                result[ln] = gptq_quantize(weight, hess[ln], s.bits, s.group_size, damp=s.damp,
-                                           act_order=s.act_order, scale_search=s.scale_search)
+            result[ln] = pipe._start_codes(weight, disk_name(f"{self.prefix}.{local[ln]}", pipe.arch), hess.get(ln),
+                                           self.init, rtn=few)
             if ln in hess:
                 hdiag = hess[ln].diagonal().clone()
                 self.outcome.layer_errors[local[ln]] = {"final": layer_error(weight, result[ln], hdiag),
                                                         "hdiag": hdiag}
         hess = None
         if inputs is not None:
-            h = gate.in_features
+            h = moe_in.shape[-1]
             forward = lambda a: expert(a[..., :h]) * a[..., h:]  # noqa: E731  router weight in the last column
             refined, log = self.refine(expert, forward, list(result), result, inputs, want, pipe.gsq_options,
                                        s.seed * 1_000_003 + self.index * 4099 + e)
@@ -233,33 +212,52 @@ class ExpertStream:
             tensors[f"{local[ln]}.scales"] = q.scales.float().cpu()
         _atomic_save(tensors, expert_file(pipe.work_dir, self.index, e))
 
-    def _gsq_batches(self, e: int, expert, moe_in: Activations, tok: torch.Tensor, w: torch.Tensor):
-        """The expert's routed rows from GSQ's training sequences as ``[c, r, H+1]`` inputs (router
-        weight appended) and ``[c, r, H]`` weighted float targets, ``c`` = as many pseudo-sequences
-        as a dense block trains on (so the step count per epoch matches), zero-padded (a zero
-        weight contributes nothing to the loss). Activations like the block's (in files when those
-        are), filled a chunk of rows at a time."""
-        k = self.s.gsq_nsamples or self.s.nsamples
-        keep = tok < k * self.seqlen
-        tok, w = tok[keep], w[keep]
-        t, h = len(tok), moe_in.shape[-1]
-        c = max(1, min(k, t))
-        r = -(-t // c)
-        inputs = self.space.new(f"expert-{e}-inputs", (c, r, h + 1))
-        want = self.space.new(f"expert-{e}-targets", (c, r, h))
-        flat_in, flat_want = inputs.data.view(c * r, h + 1), want.data.view(c * r, h)
-        flat_in[t:] = 0  # the padding
-        flat_want[t:] = 0
-        done = 0
+    def _scan_rows(self, e: int, expert, moe_in: Activations, tok: torch.Tensor, w: torch.Tensor,
+                   hessians: bool, gsq: bool):
+        """One pass over the expert's routed rows, a chunk at a time, before any of its weights
+        change: (``hessians``) the Hessians of its inputs (gate and up share one) and of down's
+        input ``act(gate) * up``; (``gsq``) GSQ's training data, the rows from GSQ's training
+        sequences as ``[c, r, H+1]`` inputs (router weight appended) and ``[c, r, H]`` weighted
+        float outputs, ``c`` = as many pseudo-sequences as a dense block trains on (so the step
+        count per epoch matches), zero-padded (a zero weight adds nothing to the loss), in
+        activations like the block's (files when those are). Returns (Hessians by linear name or
+        {}, inputs or None, targets or None)."""
+        gate, up, down = (getattr(expert, n) for n in expert.names)
+        h = moe_in.shape[-1]
+        hess, inputs, want = {}, None, None
+        if not (hessians or gsq):
+            return hess, inputs, want
+        if hessians:
+            h_in = torch.zeros(h, h, device=self.pipe.device)
+            h_act = torch.zeros(down.in_features, down.in_features, device=self.pipe.device)
+            hess = dict(zip(expert.names, (h_in, h_in, h_act)))  # GPTQ copies what it changes
+        if gsq:
+            k = self.s.gsq_nsamples or self.s.nsamples
+            limit = k * self.seqlen
+            t = int((tok < limit).sum())
+            c = max(1, min(k, t))
+            r = -(-t // c)
+            inputs = self.space.new(f"expert-{e}-inputs", (c, r, h + 1))
+            want = self.space.new(f"expert-{e}-targets", (c, r, h))
+            flat_in, flat_want = inputs.data.view(c * r, h + 1), want.data.view(c * r, h)
+            flat_in[t:] = 0  # the padding
+            flat_want[t:] = 0
+            done = 0
         with torch.no_grad():
             for tc, wc in self._chunks(tok, w):
                 rows = _rows(moe_in, tc)
-                n = len(tc)
-                flat_in[done:done + n, :h] = rows.to(flat_in.device)
-                flat_in[done:done + n, h] = wc.to(flat_in.device)
-                flat_want[done:done + n] = (expert(rows) * wc[:, None]).to(flat_want.device)
-                done += n
-        return inputs, want
+                act = expert.act(gate(rows)) * up(rows)
+                if hessians:
+                    h_in.addmm_(rows.t(), rows)
+                    h_act.addmm_(act.t(), act)
+                if gsq:
+                    keep = tc < limit
+                    n = int(keep.sum())
+                    flat_in[done:done + n, :h] = rows[keep].to(flat_in.device)
+                    flat_in[done:done + n, h] = wc[keep].to(flat_in.device)
+                    flat_want[done:done + n] = (down(act[keep]) * wc[keep, None]).to(flat_want.device)
+                    done += n
+        return hess, inputs, want
 
 
 def quantize_moe_block(pipe, index: int, block, names: list[str], x: Activations, pos_emb, space, refine, init,
@@ -291,16 +289,9 @@ def quantize_moe_block(pipe, index: int, block, names: list[str], x: Activations
     if refine is not None and attn:
         attention_logs = pipe._gsq_attention(block, attn, hess, x, pos_emb, space, result, refine, index, init)
     for n in dense:
-        if n in result:
-            continue
-        weight = block.get_submodule(n).weight.data
-        if pipe.init is not None:
-            result[n] = init[disk_name(f"model.layers.{index}.{n}", pipe.arch)]
-        elif s.method == "rtn":
-            result[n] = rtn_quantize(weight, s.bits, s.group_size, search=s.scale_search)
-        else:
-            result[n] = gptq_quantize(weight, hess[n], s.bits, s.group_size, damp=s.damp, act_order=s.act_order,
-                                      scale_search=s.scale_search)
+        if n not in result:
+            result[n] = pipe._start_codes(block.get_submodule(n).weight.data,
+                                          disk_name(f"model.layers.{index}.{n}", pipe.arch), hess.get(n), init)
     hess = None
     with torch.no_grad():
         for n in dense:

@@ -368,6 +368,18 @@ class BlockPipeline:
         shutil.rmtree(self.work_dir, ignore_errors=True)
         return out
 
+    def _start_codes(self, weight, disk_prefix: str, hess, init, rtn: bool = False) -> QuantizedWeight:
+        """One linear's codes before any GSQ: ``--init``'s (``init``: that checkpoint's codes by
+        checkpoint name, on the run's device), RTN (``--method rtn``, or ``rtn``), else GPTQ on
+        ``hess``."""
+        s = self.s
+        if self.init is not None:
+            return init[disk_prefix]
+        if s.method == "rtn" or rtn:
+            return rtn_quantize(weight, s.bits, s.group_size, search=s.scale_search)
+        return gptq_quantize(weight, hess, s.bits, s.group_size, damp=s.damp, act_order=s.act_order,
+                             scale_search=s.scale_search)
+
     def _quantize_block(self, block, i, names, x, pos_emb, space, refine, init, result, layer_errors, gsq_logs):
         """A block held whole (every block but a sparse one with experts to quantize): fills
         ``result`` and ``layer_errors``; returns (the float block's outputs, the next block's inputs)."""
@@ -390,14 +402,8 @@ class BlockPipeline:
             space.discard(targets)
             targets = float_targets
         for n in later:
-            w = block.get_submodule(n).weight.data
-            if self.init is not None:
-                result[n] = init[disk_name(f"{prefix}.{n}", self.arch)]
-            elif s.method == "rtn":
-                result[n] = rtn_quantize(w, s.bits, s.group_size, search=s.scale_search)
-            else:
-                result[n] = gptq_quantize(w, hess[n], s.bits, s.group_size, damp=s.damp, act_order=s.act_order,
-                                          scale_search=s.scale_search)
+            result[n] = self._start_codes(block.get_submodule(n).weight.data, disk_name(f"{prefix}.{n}", self.arch),
+                                          hess.get(n), init)
         # diag(H) only (K floats per linear) for the report's per-layer errors
         for n in later:
             if n in hess:
@@ -449,11 +455,8 @@ class BlockPipeline:
             for sl, xb in x.batches(s.batch_size):
                 attn_targets[sl] = call_attention(block, xb, pos_emb)
         for n in attn:
-            if self.init is not None:
-                result[n] = init[disk_name(f"model.layers.{i}.{n}", self.arch)]
-            else:
-                result[n] = gptq_quantize(block.get_submodule(n).weight.data, hess[n], s.bits, s.group_size,
-                                          damp=s.damp, act_order=s.act_order, scale_search=s.scale_search)
+            result[n] = self._start_codes(block.get_submodule(n).weight.data,
+                                          disk_name(f"model.layers.{i}.{n}", self.arch), hess.get(n), init)
         logs = {}
         for n in (q for q in QK if q in attn):
             lin = block.get_submodule(n)
