@@ -30,8 +30,8 @@ def run_block(block, x: Activations, pos_emb, batch_size: int, out: Activations)
 
 def run_block_with_hessians(block, names: list[str], x: Activations, pos_emb, batch_size: int, out: Activations):
     """(block outputs f32 ``[n,S,H]`` in ``out``, {name: sum of x x^T f32 ``[K,K]`` over the inputs of linear
-    ``name``}, {name: how many rows (tokens) it saw}). An MoE expert's linears see only the tokens the
-    router sends them, so theirs are the routed tokens' Hessians and counts."""
+    ``name``}, {name: how many rows (tokens) it saw}). Run on a whole MoE block, an expert's linears see
+    only the tokens the router sends them (the pipeline streams experts instead: quantize/moe_block.py)."""
     hess = {n: torch.zeros(block.get_submodule(n).in_features, block.get_submodule(n).in_features, device=x.device)
             for n in names}
     counts = dict.fromkeys(names, 0)

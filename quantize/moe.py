@@ -6,7 +6,7 @@ while checkpoints on disk (and vLLM) name every expert's gate, up and down
 separately. :func:`unfuse_experts` swaps each fused experts module for
 :class:`ExpertList`, whose children carry the checkpoint's own names, so the
 pipeline treats every expert weight as an ordinary linear: it loads it by
-name, hooks it for a Hessian of exactly the tokens the (float) router sends to
+name, takes its Hessian over exactly the tokens the (float) router sends to
 that expert, quantizes it, and writes it under its checkpoint name.
 
 Supported: Qwen3-MoE (``mlp.experts.{e}.gate_proj/up_proj/down_proj``, router
@@ -109,10 +109,6 @@ def unfuse_experts(model: nn.Module, arch: str) -> int:
             block.mlp.experts = ExpertList(ExpertMLP(spec, h, two_i // 2, experts.act_fn) for _ in range(e))
         count += 1
     return count
-
-
-def is_sparse_block_mlp(block: nn.Module) -> bool:
-    return isinstance(getattr(getattr(block, "mlp", None), "experts", None), ExpertList)
 
 
 def sparse_experts(block: nn.Module) -> ExpertList | None:

@@ -52,7 +52,7 @@ from quantize.activations import ActivationSpace, default_budget
 from quantize.block_forward import call_attention, call_block, run_block, run_block_with_hessians
 from quantize.gptq import gptq_quantize
 from quantize.models import WeightReader, build_skeleton, check_architecture
-from quantize.moe import SHARED_EXPERTS, disk_name, expert_of, is_sparse_block_mlp, moe_spec, sparse_experts
+from quantize.moe import SHARED_EXPERTS, disk_name, expert_of, moe_spec, sparse_experts
 from quantize.moe_block import ACTIVATIONS_HELD, expert_file, quantize_moe_block
 from quantize.qtypes import QuantizedWeight
 from quantize.report import layer_error
@@ -183,7 +183,7 @@ class BlockPipeline:
         kept = set(s.modules_to_not_convert) | {"lm_head"}
         if moe_spec(self.arch) is not None and not s.moe_quantize_dense:
             # As the GSQ reference does: only the experts (and attention, unless skipped) are quantized.
-            kept |= {f"model.layers.{i}.mlp" for i, b in enumerate(self.layers) if not is_sparse_block_mlp(b)}
+            kept |= {f"model.layers.{i}.mlp" for i, b in enumerate(self.layers) if sparse_experts(b) is None}
             if not s.moe_quantize_shared:
                 kept |= {e for e in SHARED_EXPERTS if any(n.endswith(e) for n, _ in self.model.named_modules())}
         self.qcfg = GSQQuantConfig(

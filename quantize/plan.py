@@ -173,7 +173,7 @@ def make_plan(cfg: dict, s: PlanSettings) -> Plan:
     n, seq = s.nsamples, s.seqlen
     act = 4 * n * seq * h                                  # one [n, S, H] float32 tensor
     moe = any(li.expert is not None for b in blocks for li in b.linears)
-    held = 4 if moe else 3                                  # activation tensors a block holds at once
+    held = 4 if moe else 3         # activation tensors a block holds at once (moe_block.ACTIVATIONS_HELD)
     spilled = s.activation_budget is not None and held * act > s.activation_budget
     v = {1.58: 2, 2: 4, 3: 5}[bits]                         # logits per weight
     notes = []
