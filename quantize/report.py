@@ -124,9 +124,16 @@ def render_html(data: dict) -> str:
     settings = [(k, json.dumps(v)) for k, v in sorted(s.items())]
     settings += [(f"gsq.{k}", json.dumps(v)) for k, v in sorted((data.get("gsq_options") or {}).items())]
     blocks = data.get("blocks", [])
+    def num(v):
+        return "" if v is None else f"{v:.3e}"
+
+    def kept(b):
+        return {None: "", 0: "init"}.get(b.get("gsq_kept"), f"epoch {b.get('gsq_kept')}")
+
     block_rows = "".join(
-        f"<tr><td>{b['index']}</td><td>{b['rel_output_mse']:.3e}</td><td>{b.get('gsq_init_mse', '')}</td>"
-        f"<td>{b.get('gsq_final_mse', '')}</td><td>{len(b.get('layers', {}))}</td></tr>" for b in blocks)
+        f"<tr><td>{b['index']}</td><td>{b['rel_output_mse']:.3e}</td><td>{num(b.get('gsq_init_mse'))}</td>"
+        f"<td>{num(b.get('gsq_final_mse'))}</td><td>{kept(b)}</td><td>{len(b.get('layers', {}))}</td></tr>"
+        for b in blocks)
     figures = "".join(f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='data:image/png;base64,{p}'>"
                       for t, p in _plots(data))
     return f"""<!doctype html>
@@ -138,8 +145,8 @@ th,td{{border:1px solid #ccc;padding:2px 8px;text-align:left;font-size:90%}} img
 {_table(summary)}
 {figures}
 <h2>Blocks</h2>
-<table><tr><th>block</th><th>rel. output MSE</th><th>GSQ hard MSE, init</th><th>GSQ hard MSE, final</th>
-<th>linears</th></tr>{block_rows}</table>
+<table><tr><th>block</th><th>rel. output MSE</th><th>GSQ hard MSE, init</th><th>GSQ hard MSE, kept</th>
+<th>GSQ kept</th><th>linears</th></tr>{block_rows}</table>
 <h2>Settings</h2>
 {_table(settings)}
 </body></html>

@@ -14,6 +14,21 @@ VLLM_VERSION=0.32.0
 # extensions by itself, so a pulled kernel change must re-run the install.
 STAMP="$VENV/.gsq-installed-$(cd "$ROOT" && find setup.py scripts/setup_env.sh csrc -type f | LC_ALL=C sort | xargs sha1sum | sha1sum | cut -c1-12)"
 
+# Headless Chromium renders report.html in tests/test_report.py. It is a system package, so it
+# is installed only where this script may do that (root with apt-get, as on CI); elsewhere that
+# one test is skipped.
+browser_ok() { command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1; }
+if ! browser_ok; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing chromium-headless-shell (apt) for the report's browser test" >&2
+    apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium-headless-shell >/dev/null; }
+    apt_install 2>/dev/null || { apt-get update -q >/dev/null 2>&1; apt_install; } ||
+      echo "[setup] could not install chromium-headless-shell; the report's browser test will be skipped" >&2
+  else
+    echo "[setup] no headless Chromium (apt-get install chromium-headless-shell); the report's browser test will be skipped" >&2
+  fi
+fi
+
 if [ -f "$STAMP" ]; then
   exit 0
 fi

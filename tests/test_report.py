@@ -1,13 +1,17 @@
 """report.html: written by gsq-quantize into the checkpoint, self-contained, updated by gsq-eval.
 
-No browser can be installed on this machine (Playwright's Chromium download host does not
-resolve), so the page is checked by parsing it: its summary rows, and every embedded PNG decodes
-to a real image.
+The page is checked by parsing it (its summary rows, every embedded PNG decodes to a real image)
+and by rendering it in headless Chromium (Debian's `chromium-headless-shell`, which
+scripts/setup_env.sh installs where it can): the browser must decode every plot and lay it out
+at its size, and its screenshot must not be blank.
 """
 
 import base64
 import io
 import json
+import os
+import shutil
+import subprocess
 from html.parser import HTMLParser
 
 import pytest
@@ -89,3 +93,62 @@ def test_rtn_report_has_no_hessian_errors(tiny, tmp_path):
     page = _Page()
     page.feed((out / "report.html").read_text())
     assert len(_images(page)) == 1  # the block error plot only
+
+
+def _browser() -> str | None:
+    for name in ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+# Appended to a copy of the page: after the load event, what the browser made of each image
+# (decoded size, laid-out size) and of the page, written where --dump-dom shows it.
+_PROBE = """<script>window.addEventListener('load', () => {
+  const p = document.createElement('pre'); p.id = 'probe';
+  p.textContent = JSON.stringify({
+    images: [...document.images].map(i => ({complete: i.complete, natural: [i.naturalWidth, i.naturalHeight],
+                                           shown: [i.clientWidth, i.clientHeight], alt: i.alt})),
+    height: document.documentElement.scrollHeight, title: document.title});
+  document.body.appendChild(p);
+});</script></body>"""
+
+
+def _render(browser: str, page, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--virtual-time-budget=5000", *args, page.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(page.parent)})
+
+
+@pytest.mark.skipif(_browser() is None, reason="no headless Chromium (scripts/setup_env.sh installs "
+                                               "chromium-headless-shell when run as root on Debian)")
+def test_report_renders_in_a_browser_with_its_plots(tiny, tmp_path):
+    import matplotlib.image as mpimg
+
+    out = tmp_path / "q"
+    assert quantize_main(["--model", str(tiny), "--out", str(out), "--method", "gsq", "--bits", "3",
+                          "--group-size", "32", "--nsamples", "4", "--seqlen", "64", "--preset", "fast",
+                          "--gsq-epochs", "1"]) == 0
+    assert eval_main([str(tiny), str(out), "--nsamples", "2", "--seqlen", "64", "--no-progress"]) == 0
+    html_text = (out / "report.html").read_text()
+    probe_page = tmp_path / "probe.html"
+    probe_page.write_text(html_text.replace("</body>", _PROBE, 1))
+    browser = _browser()
+    dom = _render(browser, probe_page, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    start = dom.stdout.index('<pre id="probe">') + len('<pre id="probe">')
+    seen = json.loads(dom.stdout[start:dom.stdout.index("</pre>", start)].replace("&quot;", '"'))
+    assert seen["title"] == "gsq-quantize report"
+    assert [im["alt"] for im in seen["images"]] == ["Block output error", "Per-layer error", "GSQ loss curves"]
+    for im in seen["images"]:  # decoded by the browser (a broken image has natural size 0) and shown
+        assert im["complete"] and min(im["natural"]) > 100 and min(im["shown"]) > 100, im
+
+    shot = tmp_path / "report.png"
+    run = _render(browser, out / "report.html", f"--screenshot={shot}", f"--window-size=1000,{seen['height']}")
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    pixels = mpimg.imread(shot)
+    assert pixels.shape[0] == seen["height"] and pixels.shape[1] == 1000
+    assert pixels[..., :3].std() > 0.05  # text, tables and plots, not a blank page
+    keep = os.environ.get("GSQ_REPORT_SCREENSHOT")
+    if keep:  # for a person to look at
+        shutil.copy(shot, keep)
