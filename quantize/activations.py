@@ -41,9 +41,14 @@ class Activations:
 
     def first(self, n: int) -> "Activations":
         """A view of the first ``n`` sequences (same storage; do not close or save it)."""
+        return self.rows(0, n)
+
+    def rows(self, start: int, stop: int) -> "Activations":
+        """A view of sequences ``start:stop`` (same storage; do not close or save it)."""
         view = object.__new__(Activations)
-        view.shape = torch.Size((min(n, len(self)), *self.shape[1:]))
-        view.device, view.path, view.data = self.device, self.path, self.data[:n]
+        view.data = self.data[start:stop]
+        view.shape = torch.Size((view.data.shape[0], *self.shape[1:]))
+        view.device, view.path = self.device, self.path
         return view
 
     @property

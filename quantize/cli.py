@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gsq-nsamples", type=int, default=None,
                    help="--method gsq: train GSQ on the first N calibration sequences only; GPTQ's Hessians use "
                         "all --nsamples (the reference takes its Hessians from a larger set than GSQ's tokens)")
+    p.add_argument("--gsq-held-out", type=int, default=0, metavar="N",
+                   help="--method gsq: score GSQ's init and each epoch's hardened codes on N calibration sequences "
+                        "after the --gsq-nsamples it trains on, and keep the best (0, default: no held-out set; "
+                        "the init is kept when the last epoch is worse on the training sequences)")
     p.add_argument("--attention-mode", choices=["joint", "reference"], default="joint",
                    help="--method gsq with attention quantized: joint (default: GSQ trains all linears on the "
                         "block output) or reference (the GSQ reference's: q/k GSQ on the Hessian-weighted weight "
@@ -156,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             raise FormatError("--nsamples must be >= 1 and --seqlen >= 2")
         if args.gsq_nsamples is not None and not 1 <= args.gsq_nsamples <= args.nsamples:
             raise FormatError(f"--gsq-nsamples must be between 1 and --nsamples ({args.nsamples})")
+        if args.gsq_held_out < 0 or (args.gsq_held_out and (args.gsq_nsamples or args.nsamples) + args.gsq_held_out
+                                     > args.nsamples):
+            raise FormatError(f"--gsq-held-out must be >= 0 and fit after --gsq-nsamples within --nsamples "
+                              f"({args.gsq_nsamples or args.nsamples} + {args.gsq_held_out} > {args.nsamples})")
         if args.activation_budget is not None and args.activation_budget < 0:
             raise FormatError("--activation-budget must be >= 0")
         if args.moe_min_tokens < 0:
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             method=args.method, bits=bits, group_size=args.group_size, nsamples=args.nsamples,
             seqlen=args.seqlen, seed=args.seed, modules_to_not_convert=excluded, damp=args.damp,
             act_order=args.act_order, batch_size=args.batch_size, init=args.init, scale_search=args.scale_search,
-            gsq_nsamples=args.gsq_nsamples, moe_min_tokens=args.moe_min_tokens, attention_mode=args.attention_mode,
+            gsq_nsamples=args.gsq_nsamples, gsq_held_out=args.gsq_held_out, moe_min_tokens=args.moe_min_tokens, attention_mode=args.attention_mode,
             moe_quantize_dense=args.moe_quantize_dense, moe_quantize_shared=args.moe_quantize_shared,
         )
         if args.plan:

@@ -422,12 +422,10 @@ def _swap(block: nn.Module, name: str, module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _hard_mse(forward, layers, inputs, targets, batch_size) -> float:
-    layers = list(layers)
-    cached = [m.fixed for m in layers]
-    for m in layers:
-        m.hard = True
-        m.fixed = m.fixed or m.hardened()   # one argmax per evaluation, not one per batch
+def _hard_mse(forward, layers: dict, weights: dict, inputs, targets, batch_size) -> float:
+    """Block-output MSE with each layer's weight fixed to ``weights[name]`` (a QuantizedWeight)."""
+    for name, m in layers.items():
+        m.hard, m.fixed = True, weights[name]
     total, count = 0.0, 0
     try:
         for i in range(0, inputs.shape[0], batch_size):
@@ -435,22 +433,26 @@ def _hard_mse(forward, layers, inputs, targets, batch_size) -> float:
             total += F.mse_loss(out, targets[i:i + batch_size], reduction="sum").item()
             count += out.numel()
     finally:
-        for m, fixed in zip(layers, cached):
-            m.hard = False
-            m.fixed = fixed
+        for m in layers.values():
+            m.hard, m.fixed = False, None
     return total / max(count, 1)
 
 
 def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
                  names: list[str], init: dict[str, QuantizedWeight], inputs: torch.Tensor,
-                 targets: torch.Tensor, options: GSQOptions, seed: int
-                 ) -> tuple[dict[str, QuantizedWeight], dict]:
+                 targets: torch.Tensor, options: GSQOptions, seed: int,
+                 held_out: tuple | None = None) -> tuple[dict[str, QuantizedWeight], dict]:
     """Refine the GPTQ init of the linears `names` of `block` by GSQ.
 
     inputs, targets: float32 ``[n, S, H]``; `forward` runs `block` as it currently is.
+    held_out: (inputs, targets) of sequences GSQ does not train on, or None. With it and
+    ``options.keep_best``, the result is whichever of the init and the hardened codes at each
+    epoch's end has the lowest block-output MSE on them; without it, the last epoch's codes unless
+    the init is better on the training inputs.
     Returns ({name: hardened QuantizedWeight}, log). The block's original linears are restored.
     Log: {"steps": [{step, epoch, soft_mse, tau, kappa, lr_logits}], "hard_mse": [per epoch,
-    index 0 = the init], ...}; JSON-serialisable.
+    index 0 = the init], "held_out_mse": [likewise, with held_out], "chosen": index into them,
+    "kept_init": chosen == 0, ...}; JSON-serialisable.
     """
     gen = torch.Generator(device=inputs.device).manual_seed(int(seed))
     frozen: list = []
@@ -485,13 +487,18 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
                    betas=tuple(options.lion_betas))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: cosine_lr_factor(s, total, options.min_lr_ratio))
-        # hard_mse[0] is the init's own error (the GPTQ codes, not the argmax of the noisy init
+        # Index 0 is the init's own error (the GPTQ codes, not the argmax of the noisy init
         # logits, which differs from them for a few % of the weights).
-        for name, m in layers.items():
-            m.fixed = init[name]
-        log["hard_mse"].append(_hard_mse(forward, layers.values(), inputs, targets, bs))
-        for m in layers.values():
-            m.fixed = None
+        start = {name: init[name] for name in names}
+
+        def score(weights):
+            log["hard_mse"].append(_hard_mse(forward, layers, weights, inputs, targets, bs))
+            if held_out is not None:
+                log.setdefault("held_out_mse", []).append(
+                    _hard_mse(forward, layers, weights, held_out[0], held_out[1], bs))
+
+        score(start)
+        best, best_weights = 0, start   # by the held-out MSE (only the best needs keeping)
         step = 0
         bar = tqdm(total=total, unit="step", desc="  GSQ", leave=False, dynamic_ncols=True,
                    disable=not sys.stderr.isatty())
@@ -523,14 +530,24 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
                 step += 1
                 bar.update(1)
                 bar.set_postfix(soft_mse=f"{loss_sum:.3e}", tau=f"{tau:.2f}", refresh=False)
-            log["hard_mse"].append(_hard_mse(forward, layers.values(), inputs, targets, bs))
+            last = {name: m.hardened() for name, m in layers.items()}
+            score(last)
+            if held_out is not None and log["held_out_mse"][-1] < log["held_out_mse"][best]:
+                best, best_weights = len(log["held_out_mse"]) - 1, last
         bar.close()
-        result = {name: m.hardened() for name, m in layers.items()}
-        # Not in the reference: if the hardened block is worse than its init on the calibration
-        # inputs (too few steps, e.g. a CPU preset), keep the init so GSQ never loses to GPTQ.
-        log["kept_init"] = bool(options.keep_best and log["hard_mse"][-1] > log["hard_mse"][0])
-        if log["kept_init"]:
-            result = {name: init[name] for name in names}
+        # Not in the reference, which returns the last epoch's codes: with few training tokens
+        # (a CPU preset) GSQ can fit them and lose to its init on other text. With held-out
+        # sequences the result is the best of the init and each epoch's codes on them; without,
+        # the init when the last epoch's codes are worse on the training inputs.
+        if not options.keep_best:
+            chosen, result = options.epochs, last
+        elif held_out is not None:
+            chosen, result = best, best_weights
+        else:
+            worse = log["hard_mse"][-1] > log["hard_mse"][0]
+            chosen, result = (0, start) if worse else (options.epochs, last)
+        log["chosen"] = int(chosen)
+        log["kept_init"] = chosen == 0
     finally:
         for name, old in originals.items():
             _swap(block, name, old)

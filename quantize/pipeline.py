@@ -87,6 +87,8 @@ class QuantizeSettings:
     scale_search: str = "gptq-ref"  # RTN / GPTQ group scales: gptq-ref or mse (quantize/rtn.py)
     gsq_nsamples: int | None = None  # GSQ trains on the first this many sequences (None: all);
                                      # Hessians and propagation always use all `nsamples`
+    gsq_held_out: int = 0  # GSQ picks its init or an epoch's codes by the block-output error on this
+                           # many of the sequences after the first `gsq_nsamples` (0: no held-out set)
     attention_mode: str = "joint"  # gsq with attention quantized: "joint" (all linears on the block output)
                                    # or "reference" (the GSQ reference's: see _quantize_attention_first)
     moe_min_tokens: int = 64  # MoE: an expert routed fewer calibration tokens is RTN-quantized, not GPTQ/GSQ
@@ -338,7 +340,8 @@ class BlockPipeline:
                       "layers": layer_errors}
             if "hard_mse" in gsq_logs.get(prefix, {}):  # a sparse block's experts have one log each
                 record["gsq_init_mse"] = gsq_logs[prefix]["hard_mse"][0]
-                record["gsq_final_mse"] = gsq_logs[prefix]["hard_mse"][-1]
+                record["gsq_final_mse"] = gsq_logs[prefix]["hard_mse"][gsq_logs[prefix].get("chosen", -1)]
+                record["gsq_kept"] = gsq_logs[prefix].get("chosen")  # 0: the init, e: epoch e's codes
             self.report_blocks.append(record)
             tensors = {}
             for n, q in result.items():
@@ -416,7 +419,8 @@ class BlockPipeline:
             forward = lambda inp: call_block(block, inp, pos_emb)  # noqa: E731
             k = s.gsq_nsamples or len(x)
             refined, blog = refine(block, forward, later, {n: result[n] for n in later}, x.first(k),
-                                   targets.first(k), self.gsq_options, s.seed * 1_000_003 + i)
+                                   targets.first(k), self.gsq_options, s.seed * 1_000_003 + i,
+                                   held_out=self._held_out(x, targets))
             for n in later:
                 if n in layer_errors:  # GSQ ran: keep the GPTQ init's error beside the result's
                     layer_errors[n]["init"] = layer_errors[n]["final"]
@@ -432,6 +436,12 @@ class BlockPipeline:
             for n in names:
                 block.get_submodule(n).weight.copy_(result[n].dequantize())
         return targets, run_block(block, x, pos_emb, s.batch_size, space.new("next-inputs"))
+
+    def _held_out(self, x, targets):
+        """GSQ's held-out (inputs, targets): the ``gsq_held_out`` sequences after those it trains on."""
+        k = self.s.gsq_nsamples or len(x)
+        return (x.rows(k, k + self.s.gsq_held_out), targets.rows(k, k + self.s.gsq_held_out)) \
+            if self.s.gsq_held_out else None
 
     def _quantize_attention_first(self, block, names, x, pos_emb, space, result, refine, i, init):
         """The GSQ reference's attention (``attention_mode="reference"``): one float pass for the
@@ -473,7 +483,8 @@ class BlockPipeline:
             forward = lambda inp: call_attention(block, inp, pos_emb)  # noqa: E731
             k = s.gsq_nsamples or len(x)
             refined, logs["v_o"] = refine(block, forward, vo, {n: result[n] for n in vo}, x.first(k),
-                                          attn_targets.first(k), self.gsq_options, seed + 1)
+                                          attn_targets.first(k), self.gsq_options, seed + 1,
+                                          held_out=self._held_out(x, attn_targets))
             result.update(refined)
         space.discard(attn_targets)
         with torch.no_grad():

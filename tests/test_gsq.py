@@ -134,6 +134,46 @@ def test_gsq_beats_its_init_on_least_squares_layer(bits):
     assert int(result["proj"].codes.min()) >= lo and int(result["proj"].codes.max()) <= hi
 
 
+def _out_mse(block, q, inputs, targets):
+    with torch.no_grad():
+        out = nn.functional.linear(inputs, q.dequantize(), block.proj.bias)
+    return nn.functional.mse_loss(out, targets).item()
+
+
+def test_held_out_set_picks_the_init_when_training_moves_away_from_it():
+    # Held-out targets that the init's own weight produces exactly: the init has zero held-out
+    # error, every trained epoch more, so the init must come back although training improved.
+    block, inputs, targets = ls_problem()
+    init = {"proj": rtn(block.proj.weight.detach(), 2, 32)}
+    held_inputs = inputs[:8] + 0.1
+    with torch.no_grad():
+        held_targets = nn.functional.linear(held_inputs, init["proj"].dequantize(), block.proj.bias)
+    opts = GSQOptions(epochs=6, batch_size=8, lr_logits=1e-3)
+    result, log = refine_block(block, block, ["proj"], init, inputs, targets, opts, seed=0,
+                               held_out=(held_inputs, held_targets))
+    assert log["hard_mse"][-1] < log["hard_mse"][0]           # training did improve
+    assert len(log["held_out_mse"]) == opts.epochs + 1 and log["held_out_mse"][0] == pytest.approx(0, abs=1e-12)
+    assert log["chosen"] == 0 and log["kept_init"]
+    assert torch.equal(result["proj"].codes, init["proj"].codes)
+
+
+def test_held_out_set_picks_the_best_epoch():
+    block, inputs, targets = ls_problem()
+    init = {"proj": rtn(block.proj.weight.detach(), 2, 32)}
+    held = (inputs[:16] * 1.1, targets[:16] * 1.1 - block.proj.bias * 0.1)  # same layer, other inputs
+    opts = GSQOptions(epochs=4, batch_size=8, lr_logits=1e-3)
+    result, log = refine_block(block, block, ["proj"], init, inputs, targets, opts, seed=0, held_out=held)
+    scores = log["held_out_mse"]
+    assert log["chosen"] == min(range(len(scores)), key=scores.__getitem__) and log["chosen"] > 0
+    assert _out_mse(block, result["proj"], *held) == pytest.approx(min(scores), rel=1e-4)
+    assert _out_mse(block, result["proj"], inputs, targets) == pytest.approx(log["hard_mse"][log["chosen"]], rel=1e-4)
+    # without keep_best the last epoch's codes come back whatever the held-out set says
+    last, log_last = refine_block(block, block, ["proj"], init, inputs, targets,
+                                  GSQOptions(epochs=4, batch_size=8, lr_logits=1e-3, keep_best=False), seed=0, held_out=held)
+    assert log_last["chosen"] == 4
+    assert _out_mse(block, last["proj"], *held) == pytest.approx(scores[-1], rel=1e-4)
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_hardened_codes_pack_round_trip(bits):
     block, inputs, targets = ls_problem(k=64, n=8, samples=4, seq=4)

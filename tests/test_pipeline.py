@@ -124,6 +124,24 @@ def test_gsq_trains_on_its_subset_while_hessians_use_all(tiny, tmp_path):
     assert quantize_main([*args, "--out", str(tmp_path / "bad"), "--gsq-nsamples", "7"]) == 2
 
 
+def test_gsq_held_out_sequences_are_scored_not_trained_on(tiny, tmp_path, capsys):
+    args = ["--model", str(tiny), "--method", "gsq", "--bits", "2", "--group-size", "32", "--nsamples", "6",
+            "--seqlen", "64", "--preset", "fast", "--gsq-epochs", "2", "--gsq-nsamples", "2"]
+    assert quantize_main([*args, "--out", str(tmp_path / "h"), "--gsq-held-out", "3"]) == 0
+    logs = json.loads((tmp_path / "h" / "gsq_logs.json").read_text())
+    for blk in logs.values():
+        assert blk["total_steps"] == 4 and len(blk["held_out_mse"]) == 3   # init + 2 epochs
+        assert blk["held_out_mse"][blk["chosen"]] == min(blk["held_out_mse"])
+    report = json.loads((tmp_path / "h" / "report.json").read_text())
+    for b in report["blocks"]:  # the report's "final" is the codes kept, not the last epoch's
+        blk = logs[f"model.layers.{b['index']}"]
+        assert b["gsq_final_mse"] == blk["hard_mse"][blk["chosen"]]
+    for bad in ("5", "-1"):  # 2 trained + 5 > 6 sequences; negative
+        assert quantize_main([*args, "--out", str(tmp_path / "bad"), "--gsq-held-out", bad]) == 2
+        assert "--gsq-held-out must be" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cholesky_rows_give_the_hessian_weighted_error():
     from quantize.pipeline import _cholesky_rows
 
