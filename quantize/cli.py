@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--method gsq: score GSQ's init and each epoch's hardened codes on N calibration sequences "
                         "after the --gsq-nsamples it trains on, and keep the best (0, default: no held-out set; "
                         "the init is kept when the last epoch is worse on the training sequences)")
+    p.add_argument("--gsq-ternary-init", choices=["gptq", "random"], default="gptq",
+                   help="--method gsq --bits 1.58: start GSQ from GPTQ's ternary codes (default), or as the reference's "
+                        "init_method random: GSQ from random logits on each linear's Hessian-weighted weight error "
+                        "first (--gsq-ternary-init-steps steps), then GSQ on the block output from there")
+    p.add_argument("--gsq-ternary-init-steps", type=int, default=2000, metavar="N",
+                   help="steps of the random-init weight-space stage (default 2000, the reference's; each step sees "
+                        "1/32 of the Hessian's rows)")
     p.add_argument("--attention-mode", choices=["joint", "reference"], default="joint",
                    help="--method gsq with attention quantized: joint (default: GSQ trains all linears on the "
                         "block output) or reference (the GSQ reference's: q/k GSQ on the Hessian-weighted weight "
@@ -164,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                                      > args.nsamples):
             raise FormatError(f"--gsq-held-out must be >= 0 and fit after --gsq-nsamples within --nsamples "
                               f"({args.gsq_nsamples or args.nsamples} + {args.gsq_held_out} > {args.nsamples})")
+        if args.gsq_ternary_init == "random" and (args.method != "gsq" or bits != 1.58 or args.init):
+            raise FormatError("--gsq-ternary-init random needs --method gsq --bits 1.58 and no --init")
+        if args.gsq_ternary_init_steps < 1:
+            raise FormatError("--gsq-ternary-init-steps must be >= 1")
         if args.activation_budget is not None and args.activation_budget < 0:
             raise FormatError("--activation-budget must be >= 0")
         if args.moe_min_tokens < 0:
@@ -178,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             method=args.method, bits=bits, group_size=args.group_size, nsamples=args.nsamples,
             seqlen=args.seqlen, seed=args.seed, modules_to_not_convert=excluded, damp=args.damp,
             act_order=args.act_order, batch_size=args.batch_size, init=args.init, scale_search=args.scale_search,
-            gsq_nsamples=args.gsq_nsamples, gsq_held_out=args.gsq_held_out, moe_min_tokens=args.moe_min_tokens, attention_mode=args.attention_mode,
+            gsq_nsamples=args.gsq_nsamples, gsq_held_out=args.gsq_held_out,
+            ternary_init=args.gsq_ternary_init, ternary_init_steps=args.gsq_ternary_init_steps, moe_min_tokens=args.moe_min_tokens, attention_mode=args.attention_mode,
             moe_quantize_dense=args.moe_quantize_dense, moe_quantize_shared=args.moe_quantize_shared,
         )
         if args.plan:

@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import sys
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from gsq_vllm.format import (
     check_group_size,
     grid_range,
     is_excluded,
+    normalize_bits,
     read_model_config,
 )
 from quantize.activations import ActivationSpace, default_budget
@@ -89,6 +91,9 @@ class QuantizeSettings:
                                      # Hessians and propagation always use all `nsamples`
     gsq_held_out: int = 0  # GSQ picks its init or an epoch's codes by the block-output error on this
                            # many of the sequences after the first `gsq_nsamples` (0: no held-out set)
+    ternary_init: str = "gptq"  # gsq --bits 1.58: "gptq", or "random" (the reference's init_method random:
+                                # GSQ from random logits on the Hessian-weighted weight error first)
+    ternary_init_steps: int = 2000  # steps of that weight-space stage (the reference's 2000)
     attention_mode: str = "joint"  # gsq with attention quantized: "joint" (all linears on the block output)
                                    # or "reference" (the GSQ reference's: see _quantize_attention_first)
     moe_min_tokens: int = 64  # MoE: an expert routed fewer calibration tokens is RTN-quantized, not GPTQ/GSQ
@@ -148,6 +153,42 @@ def _cholesky_rows(hess: torch.Tensor, damp: float, pieces: int) -> torch.Tensor
     while k % pieces:
         pieces -= 1
     return lt.view(pieces, k // pieces, k)
+
+
+# Mini-batches the rows of L^T are cut into for GSQ in weight space (q/k, the ternary pre-stage):
+# each step sees K/32 of them, so the step's cost is 1/32 of the full tr(dW H dW^T).
+WEIGHT_SPACE_PIECES = 32
+
+
+def refine_weight_space(weight: torch.Tensor, hess: torch.Tensor, start: QuantizedWeight, options, seed: int,
+                        damp: float, pieces: int = WEIGHT_SPACE_PIECES, name: str = "lin"
+                        ) -> tuple[QuantizedWeight, dict]:
+    """GSQ of one linear (weight f32 ``[N, K]``) on its Hessian-weighted weight error
+    ``tr(dW H dW^T)``, from the codes ``start``; no pass through the block. The float weight and
+    its soft copy both run on the rows of ``L^T`` (``_cholesky_rows``), so the bias, if any,
+    plays no part. Returns (hardened codes, GSQ log naming the linear ``name``)."""
+    from quantize.gsq import refine_block
+
+    holder = torch.nn.Module()
+    holder.lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    holder.lin.weight = torch.nn.Parameter(weight.float(), requires_grad=False)
+    rows = _cholesky_rows(hess, damp, pieces)
+    with torch.no_grad():
+        want = rows @ holder.lin.weight.t()  # [pieces, K/pieces, N]: the float layer on L^T
+    refined, log = refine_block(holder, lambda inp: holder.lin(inp), ["lin"], {"lin": start}, rows, want,
+                                options, seed)
+    log["names"] = [name]
+    return refined["lin"], log
+
+
+def ternary_random_options(options, steps: int, pieces: int = WEIGHT_SPACE_PIECES):
+    """The GSQ reference's ternary pre-stage from random logits: no prior (strength 0), its
+    temperature starting at twice the block stage's, about ``steps`` Lion steps of one
+    mini-batch of L^T rows each."""
+    from dataclasses import replace
+
+    return replace(options, epochs=max(1, -(-steps // pieces)), batch_size=1, micro_batch_size=1, alpha=0.0,
+                   tau_start=2.0 * options.tau_start)
 
 
 class BlockPipeline:
@@ -380,6 +421,15 @@ class BlockPipeline:
             return init[disk_prefix]
         if s.method == "rtn" or rtn:
             return rtn_quantize(weight, s.bits, s.group_size, search=s.scale_search)
+        if s.method == "gsq" and s.ternary_init == "random" and normalize_bits(s.bits) == 1.58:
+            # The reference starts its scales at zero (its group scales come from the GPTQ loop it
+            # skips for ternary); ours start at RTN's, whose codes the strength-0 logits ignore.
+            start = rtn_quantize(weight, s.bits, s.group_size, search=s.scale_search)
+            seed = s.seed * 1_000_003 + zlib.crc32(disk_prefix.encode())
+            q, _ = refine_weight_space(weight, hess, start, ternary_random_options(self.gsq_options,
+                                                                                    s.ternary_init_steps),
+                                       seed, s.damp)
+            return q
         return gptq_quantize(weight, hess, s.bits, s.group_size, damp=s.damp, act_order=s.act_order,
                              scale_search=s.scale_search)
 
@@ -470,12 +520,8 @@ class BlockPipeline:
         logs = {}
         for n in (q for q in QK if q in attn):
             lin = block.get_submodule(n)
-            rows = _cholesky_rows(hess[n], s.damp, self.gsq_options.batch_size * 32)
-            with torch.no_grad():
-                want = rows @ lin.weight.data.t()  # [pieces, K/pieces, N]: the float layer on L^T
-            forward = lambda inp, n=n: block.get_submodule(n)(inp)  # noqa: E731
-            refined, logs[n] = refine(block, forward, [n], {n: result[n]}, rows, want, self.gsq_options, seed)
-            result.update(refined)
+            result[n], logs[n] = refine_weight_space(lin.weight.data, hess[n], result[n], self.gsq_options, seed,
+                                                     s.damp, self.gsq_options.batch_size * WEIGHT_SPACE_PIECES, n)
             with torch.no_grad():
                 lin.weight.copy_(result[n].dequantize())
         vo = [n for n in VO if n in attn]

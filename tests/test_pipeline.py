@@ -156,6 +156,62 @@ def test_cholesky_rows_give_the_hessian_weighted_error():
     torch.testing.assert_close(got, torch.trace(dw @ damped @ dw.t()), rtol=1e-4, atol=1e-3)
 
 
+def _weight_space_problem(n=48, k=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(400, k, generator=g) @ (torch.eye(k) + torch.randn(k, k, generator=g) / k ** 0.5)
+    return torch.randn(n, k, generator=g) / k ** 0.5, x.t() @ x
+
+
+def _weighted_error(w, q, hess, damp):
+    dw = w - q.dequantize()
+    return torch.trace(dw @ (hess + damp * hess.diagonal().mean() * torch.eye(hess.shape[0])) @ dw.t()).item()
+
+
+def test_weight_space_refine_minimises_the_hessian_weighted_error():
+    from quantize.gsq import GSQOptions
+    from quantize.pipeline import refine_weight_space
+    from quantize.rtn import rtn_quantize
+
+    w, hess = _weight_space_problem()
+    start = rtn_quantize(w, 2, 32)
+    q, log = refine_weight_space(w, hess, start, GSQOptions(epochs=8, batch_size=1, micro_batch_size=1,
+                                                            lr_logits=1e-3), seed=0, damp=0.01, pieces=8)
+    # the loss GSQ saw is exactly tr(dW H dW^T) (no bias, no forward pass), per output element
+    assert log["hard_mse"][0] * w.numel() == pytest.approx(_weighted_error(w, start, hess, 0.01), rel=1e-4)
+    assert _weighted_error(w, q, hess, 0.01) < _weighted_error(w, start, hess, 0.01) and log["chosen"] > 0
+
+
+def test_ternary_random_init_starts_from_no_prior_and_beats_rtn():
+    from quantize.gsq import GSQOptions
+    from quantize.pipeline import refine_weight_space, ternary_random_options
+    from quantize.rtn import rtn_quantize
+
+    opts = ternary_random_options(GSQOptions(**{"epochs": 2, "batch_size": 1, "micro_batch_size": 1,
+                                                "lr_logits": 3e-4}), steps=400, pieces=8)
+    assert (opts.alpha, opts.tau_start, opts.epochs, opts.batch_size) == (0.0, 4.0, 50, 1)
+    w, hess = _weight_space_problem()
+    start = rtn_quantize(w, 1.58, 32)
+    q, log = refine_weight_space(w, hess, start, opts, seed=0, damp=0.01, pieces=8)
+    assert log["total_steps"] == 400 and log["chosen"] == opts.epochs
+    assert _weighted_error(w, q, hess, 0.01) < _weighted_error(w, start, hess, 0.01)
+    # strength 0: what it found is its own, not RTN's codes moved a little
+    assert (q.codes != start.codes).float().mean() > 0.1
+
+
+def test_ternary_random_init_in_the_pipeline(tiny, tmp_path, capsys):
+    args = ["--model", str(tiny), "--method", "gsq", "--bits", "1.58", "--group-size", "32", *ARGS,
+            "--preset", "fast", "--gsq-epochs", "1", "--gsq-ternary-init", "random", "--gsq-ternary-init-steps", "64"]
+    assert quantize_main([*args, "--out", str(tmp_path / "r")]) == 0
+    assert quantize_main([*args[:-4], "--out", str(tmp_path / "g")]) == 0
+    a, b = load_file(str(tmp_path / "r" / "model.safetensors")), load_file(str(tmp_path / "g" / "model.safetensors"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a if k.endswith("qweight"))
+    assert read_quant_config(tmp_path / "r").quantizer["ternary_init"] == "random"
+    for bad in (["--bits", "2"], ["--method", "gptq"]):
+        assert quantize_main([*args, *bad, "--out", str(tmp_path / "bad")]) == 2
+        assert "--gsq-ternary-init random needs" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_reference_attention_mode(tiny, tmp_path):
     """q/k by weight-space GSQ, v/o on the attention output, then the MLP with Hessians taken
     through the quantized attention: the attention left in the block is the quantized one."""
