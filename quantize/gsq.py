@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from quantize.qtypes import QuantizedWeight
-from gsq_vllm.format import grid_range, normalize_bits
+from gsq_vllm.format import FormatError, grid_range, normalize_bits
 
 _EPS = 1e-10
 LOCAL_SHIFTS = (-2, -1, 0, 1, 2)
@@ -67,6 +67,7 @@ class GSQOptions:
     keep_best: bool = True        # return the init if the hardened block is worse (see refine_block)
     logits_dtype: str = "float32"  # or "bfloat16": half the logits' memory (and Lion's state)
     ternary_style: str = "reference"  # the GSQ reference's ternary logits, or "ours" (GumbelGridLinear)
+    token_norm_cap: float | None = None  # None: plain MSE (the reference); C: see token_weights
 
     def strength(self, bits) -> float:
         if self.alpha is not None:
@@ -126,6 +127,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--logits-dtype", choices=["float32", "bfloat16", "bf16"], default=None,
                    help="dtype of the GSQ logits and their optimizer state (default float32; bf16 halves "
                         "the largest memory of a GPU run, as the reference does, at coarser Lion steps)")
+    g.add_argument("--gsq-token-norm-cap", type=float, default=None, metavar="C",
+                   help="weight a token whose float block output has more than C x the median squared norm by "
+                        "C*median/norm^2 in GSQ's loss (and its held-out choice), so attention-sink tokens do not "
+                        "make the whole loss (default: plain MSE, as the reference)")
     g.add_argument("--gsq-store-noise", action="store_true",
                    help="keep the Gumbel noise for backward instead of regenerating it")
 
@@ -148,9 +153,13 @@ def options_from_args(args) -> GSQOptions:
         kw["store_noise"] = True
     if getattr(args, "gsq_ternary_style", None) is not None:
         kw["ternary_style"] = args.gsq_ternary_style
+    if getattr(args, "gsq_token_norm_cap", None) is not None:
+        if args.gsq_token_norm_cap <= 0:
+            raise FormatError("--gsq-token-norm-cap must be > 0")
+        kw["token_norm_cap"] = args.gsq_token_norm_cap
     opts = GSQOptions(**kw)
     if opts.epochs < 1 or opts.batch_size < 1 or opts.micro_batch_size < 1:
-        raise ValueError("--gsq-epochs, --gsq-batch-size and --gsq-micro-batch-size must be >= 1")
+        raise FormatError("--gsq-epochs, --gsq-batch-size and --gsq-micro-batch-size must be >= 1")
     return opts
 
 
@@ -421,16 +430,44 @@ def _swap(block: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return old
 
 
+def token_weights(targets: torch.Tensor, cap: float | None, median: float) -> torch.Tensor | None:
+    """Per-token loss weights ``[n, S, 1]``, or None for plain MSE (``cap`` None).
+
+    Some tokens carry hidden states thousands of times larger than the rest (the attention sink
+    at position 0 holds 88-99 % of the squared norm of SmolLM2's blocks 10-27): under plain MSE
+    their error is the whole loss, and GSQ, and any choice made on that loss, serves them alone.
+    A token whose target ``||y||^2`` exceeds ``cap`` x ``median`` is weighted ``cap * median /
+    ||y||^2``, i.e. it counts with its relative error, as a token of ``cap`` x the median norm
+    would; every other token keeps weight 1."""
+    if cap is None:
+        return None
+    norm2 = targets.float().pow(2).sum(-1, keepdim=True)
+    return (cap * median / norm2.clamp_min(1e-30)).clamp(max=1.0)
+
+
+def _median_token_norm2(targets, batch_size: int) -> float:
+    norms = [targets[i:i + batch_size].float().pow(2).sum(-1).flatten() for i in range(0, targets.shape[0], batch_size)]
+    return float(torch.cat(norms).median())
+
+
+def _block_loss(out: torch.Tensor, target: torch.Tensor, cap: float | None, median: float) -> torch.Tensor:
+    """Sum of squared errors, each token weighted by `token_weights`."""
+    w = token_weights(target, cap, median)
+    if w is None:
+        return F.mse_loss(out, target, reduction="sum")
+    return (F.mse_loss(out, target, reduction="none") * w).sum()
+
+
 @torch.no_grad()
-def _hard_mse(forward, layers: dict, weights: dict, inputs, targets, batch_size) -> float:
-    """Block-output MSE with each layer's weight fixed to ``weights[name]`` (a QuantizedWeight)."""
+def _hard_mse(forward, layers: dict, weights: dict, inputs, targets, batch_size, cap=None, median=0.0) -> float:
+    """Block-output (token-weighted) MSE with each layer's weight fixed to ``weights[name]``."""
     for name, m in layers.items():
         m.hard, m.fixed = True, weights[name]
     total, count = 0.0, 0
     try:
         for i in range(0, inputs.shape[0], batch_size):
             out = forward(inputs[i:i + batch_size])
-            total += F.mse_loss(out, targets[i:i + batch_size], reduction="sum").item()
+            total += _block_loss(out, targets[i:i + batch_size], cap, median).item()
             count += out.numel()
     finally:
         for m in layers.values():
@@ -490,12 +527,16 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
         # Index 0 is the init's own error (the GPTQ codes, not the argmax of the noisy init
         # logits, which differs from them for a few % of the weights).
         start = {name: init[name] for name in names}
+        cap = options.token_norm_cap
+        median = _median_token_norm2(targets, bs) if cap is not None else 0.0  # of the training targets
+        if cap is not None:
+            log["median_token_norm2"] = median
 
         def score(weights):
-            log["hard_mse"].append(_hard_mse(forward, layers, weights, inputs, targets, bs))
+            log["hard_mse"].append(_hard_mse(forward, layers, weights, inputs, targets, bs, cap, median))
             if held_out is not None:
                 log.setdefault("held_out_mse", []).append(
-                    _hard_mse(forward, layers, weights, held_out[0], held_out[1], bs))
+                    _hard_mse(forward, layers, weights, held_out[0], held_out[1], bs, cap, median))
 
         score(start)
         best, best_weights = 0, start   # by the held-out MSE (only the best needs keeping)
@@ -515,7 +556,7 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
                 for j in range(0, len(idx), micro):
                     part = idx[j:j + micro]
                     # Mean over the whole step's elements, whatever the micro-batching.
-                    loss = F.mse_loss(forward(inputs[part]), targets[part], reduction="sum") / (
+                    loss = _block_loss(forward(inputs[part]), targets[part], cap, median) / (
                         len(idx) * targets[0].numel())
                     if not loss.requires_grad:
                         raise RuntimeError("refine_block: `forward` ran without autograd (torch.no_grad?)")

@@ -167,8 +167,11 @@ def refine_weight_space(weight: torch.Tensor, hess: torch.Tensor, start: Quantiz
     ``tr(dW H dW^T)``, from the codes ``start``; no pass through the block. The float weight and
     its soft copy both run on the rows of ``L^T`` (``_cholesky_rows``), so the bias, if any,
     plays no part. Returns (hardened codes, GSQ log naming the linear ``name``)."""
+    from dataclasses import replace
+
     from quantize.gsq import refine_block
 
+    options = replace(options, token_norm_cap=None)  # the rows of L^T are no tokens
     holder = torch.nn.Module()
     holder.lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     holder.lin.weight = torch.nn.Parameter(weight.float(), requires_grad=False)

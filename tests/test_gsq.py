@@ -174,6 +174,39 @@ def test_held_out_set_picks_the_best_epoch():
     assert _out_mse(block, last["proj"], *held) == pytest.approx(scores[-1], rel=1e-4)
 
 
+def test_token_weights_cap_only_the_outlier_tokens():
+    from quantize.gsq import token_weights
+
+    y = torch.ones(2, 5, 4)        # norm^2 4 each ...
+    y[0, 0] *= 100.0               # ... but an attention-sink-like token: norm^2 40000
+    y[1, 3] *= 2.0                 # 4x the median: under a cap of 10, untouched
+    assert token_weights(y, None, 4.0) is None
+    w = token_weights(y, 10.0, 4.0)
+    assert w.shape == (2, 5, 1)
+    assert w[0, 0, 0].item() == pytest.approx(10 * 4.0 / 40000.0)
+    assert (w.flatten()[1:] == 1.0).all()
+    assert (w[0, 0] * y[0, 0].pow(2).sum()).item() == pytest.approx(10 * 4.0)  # counts as 10 x the median
+
+
+def test_token_norm_cap_enters_the_loss_and_the_scores():
+    block, inputs, targets = ls_problem(samples=8)
+    inputs[:, 0] *= 300.0          # position 0 of every sequence: outputs ~300x, error ~1e5x the rest
+    with torch.no_grad():
+        targets = block(inputs)
+    init = {"proj": rtn(block.proj.weight.detach(), 2, 32)}
+    opts = GSQOptions(epochs=1, batch_size=8, token_norm_cap=10.0)
+    _, log = refine_block(block, block, ["proj"], init, inputs, targets, opts, seed=0)
+    norm2 = targets.pow(2).sum(-1, keepdim=True)
+    median = float(norm2.flatten().median())
+    assert log["median_token_norm2"] == pytest.approx(median, rel=1e-5)
+    w = (10.0 * median / norm2).clamp(max=1.0)
+    with torch.no_grad():
+        err = (nn.functional.linear(inputs, init["proj"].dequantize(), block.proj.bias) - targets).pow(2)
+    assert log["hard_mse"][0] == pytest.approx(float((err * w).sum() / err.numel()), rel=1e-4)
+    plain = float(err.mean())
+    assert plain > 100 * log["hard_mse"][0]  # the sink tokens were most of the plain MSE
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_hardened_codes_pack_round_trip(bits):
     block, inputs, targets = ls_problem(k=64, n=8, samples=4, seq=4)

@@ -127,10 +127,11 @@ def test_gsq_trains_on_its_subset_while_hessians_use_all(tiny, tmp_path):
 def test_gsq_held_out_sequences_are_scored_not_trained_on(tiny, tmp_path, capsys):
     args = ["--model", str(tiny), "--method", "gsq", "--bits", "2", "--group-size", "32", "--nsamples", "6",
             "--seqlen", "64", "--preset", "fast", "--gsq-epochs", "2", "--gsq-nsamples", "2"]
-    assert quantize_main([*args, "--out", str(tmp_path / "h"), "--gsq-held-out", "3"]) == 0
+    assert quantize_main([*args, "--out", str(tmp_path / "h"), "--gsq-held-out", "3", "--gsq-token-norm-cap", "10"]) == 0
     logs = json.loads((tmp_path / "h" / "gsq_logs.json").read_text())
     for blk in logs.values():
         assert blk["total_steps"] == 4 and len(blk["held_out_mse"]) == 3   # init + 2 epochs
+        assert blk["options"]["token_norm_cap"] == 10 and blk["median_token_norm2"] > 0
         assert blk["held_out_mse"][blk["chosen"]] == min(blk["held_out_mse"])
     report = json.loads((tmp_path / "h" / "report.json").read_text())
     for b in report["blocks"]:  # the report's "final" is the codes kept, not the last epoch's
@@ -139,6 +140,8 @@ def test_gsq_held_out_sequences_are_scored_not_trained_on(tiny, tmp_path, capsys
     for bad in ("5", "-1"):  # 2 trained + 5 > 6 sequences; negative
         assert quantize_main([*args, "--out", str(tmp_path / "bad"), "--gsq-held-out", bad]) == 2
         assert "--gsq-held-out must be" in capsys.readouterr().err
+    assert quantize_main([*args, "--out", str(tmp_path / "bad"), "--gsq-token-norm-cap", "0"]) == 2
+    assert "--gsq-token-norm-cap must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
