@@ -1,8 +1,8 @@
 """The CPU GEMM's run-time ISA dispatch: every kernel this CPU can run gives the dequantized
 reference, and the choice can be forced (GSQ_CPU_ISA) or refused with one clear error.
 
-Each kernel (generic, AVX2+FMA, AVX-512 fp32, AVX-512 BF16 dot products) is compiled into the same library whatever the
-build machine; here each one that cpuid allows is switched in with set_isa and checked, so an
+Each kernel (generic, AVX2+FMA, AVX-512 fp32, AVX-512 BF16 dot products, AMX bf16 tiles) is compiled into the same
+library whatever the build machine; here each one that cpuid allows is switched in with set_isa and checked, so an
 AVX-512 machine also checks the AVX2 kernel that an AVX2-only machine would run.
 """
 
@@ -48,7 +48,7 @@ def test_every_isa_matches_reference(isa, bits, g):
     sb = F.storage_bits(bits)
     w = F.dequantize(q, s, g).double()  # exact: small integer codes times bf16 scales
     gen = torch.Generator().manual_seed(3)
-    for m in (1, 2, 5, 8, 9, 19):  # every tail-tile size of the 4- and 8-row tiles
+    for m in (1, 2, 5, 8, 9, 19, 40, 70):  # tail tiles of the 4- and 8-row tiles; AMX: 1-4 token tiles, a second pass
         x = torch.randn(m, k, generator=gen)
         ref = x.double() @ w.t()
         tol = 1e-5 * ref.abs().max().item()
@@ -124,7 +124,7 @@ def test_every_isa_through_the_custom_op(isa):
     n, k, g = 64, 512, 64
     q, s, lo, hi = _case(n, k, 2, g, seed=7)
     w = F.dequantize(q, s, g, torch.float32)
-    for m in (1, 8, C.cpp_max_rows() + 3):
+    for m in (1, 8, min(C.cpp_max_rows() + 3, 300)):  # amx: fused at every M (300: five token passes)
         x = torch.randn(m, k).bfloat16()
         y = torch.ops.gsq.cpu_gemm(x, lo, hi, s, 2, g)
         assert y.dtype == torch.bfloat16 and y.shape == (m, n)
@@ -136,7 +136,7 @@ def test_best_isa_is_chosen_and_names_are_checked():
     # cpuid decides: the widest kernel this CPU has is the one in use (unless forced)
     if not os.environ.get("GSQ_CPU_ISA"):  # the int8 kernel is opt-in only
         assert C.cpu_isa() == EXACT[-1]
-    with pytest.raises(RuntimeError, match="generic, avx2, avx512, avx512bf16 or avx512vnni"):
+    with pytest.raises(RuntimeError, match="generic, avx2, avx512, avx512bf16, amx or avx512vnni"):
         C._cpp.set_isa("sse9")
 
 
@@ -150,7 +150,7 @@ def test_gsq_cpu_isa_forces_a_kernel():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "generic"
     r = _python("from gsq_vllm import cpu_gemm as C; print(C.cpu_isa())", GSQ_CPU_ISA="avx3000")
-    assert r.returncode != 0 and "must be generic, avx2, avx512, avx512bf16 or avx512vnni" in r.stderr
+    assert r.returncode != 0 and "must be generic, avx2, avx512, avx512bf16, amx or avx512vnni" in r.stderr
 
 
 def test_fused_row_limit_can_be_set_and_is_checked():
@@ -166,7 +166,30 @@ def test_large_layers_keep_the_fused_kernel_for_more_rows():
     block would not stay in cache): the op's result is then the fused kernel's, bit for bit."""
     n, k, g = 2048, 4096, 64
     q, s, lo, hi = _case(n, k, 2, g, seed=11)
-    m = C.cpp_max_rows() + 4
-    assert C.cpp_max_rows(n, k) >= m
-    x = torch.randn(m, k).bfloat16()
-    assert torch.equal(torch.ops.gsq.cpu_gemm(x, lo, hi, s, 2, g), C._cpp.gemm(x, lo, hi, s, 2, g))
+    finite = [i for i in EXACT if i != "amx"]  # amx stays fused at every M: no crossover to test
+    before = C._cpp.set_isa(finite[-1])
+    try:
+        m = C.cpp_max_rows() + 4
+        assert C.cpp_max_rows(n, k) >= m
+        x = torch.randn(m, k).bfloat16()
+        assert torch.equal(torch.ops.gsq.cpu_gemm(x, lo, hi, s, 2, g), C._cpp.gemm(x, lo, hi, s, 2, g))
+    finally:
+        C._cpp.set_isa(before)
+
+
+@pytest.mark.skipif("amx" not in ISAS, reason="this CPU (or its OS) gives no AMX tiles")
+def test_amx_is_fused_at_every_m_for_bf16_and_leaves_float32_to_avx512():
+    n, k, g = 96, 640, 128  # K = 5 groups: a partial 128-code block; N = 6 channel tiles
+    q, s, lo, hi = _case(n, k, 3, g, seed=13)
+    before = C._cpp.set_isa("amx")
+    try:
+        assert C.cpp_max_rows(n, k) > 10**9 and C._cpp.max_fused_rows(n, k, False) < 100
+        w = F.dequantize(q, s, g)
+        wb = w.bfloat16().double()  # the kernel rounds each weight to bf16 once (3-bit: codes +-3)
+        for m in (3, 16, 17, 64, 65, 129):
+            x = torch.randn(m, k).bfloat16()
+            y = torch.ops.gsq.cpu_gemm(x, lo, hi, s, 3, g)
+            ref = x.double() @ wb.t()  # exact products, float64 sums; y is that rounded to bf16
+            torch.testing.assert_close(y.double(), ref.float().bfloat16().double(), rtol=8e-3, atol=1e-6 * ref.abs().max().item())
+    finally:
+        C._cpp.set_isa(before)

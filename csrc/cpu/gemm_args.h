@@ -8,6 +8,7 @@ struct GemmArgs {
   const float* xs;       // [M, K] float32: x with quarter i of every group scaled by 4^-i
   const float* xsum;     // [M, K/G, 16] float32: offset * sum of x over the group in lane 0, zeros
   const uint16_t* xp;    // bf16 x in the avx512bf16 kernel's block order (isa_avx512bf16.cpp)
+  const uint32_t* xt;    // the same order as AMX B tiles (isa_amx.cpp): [M/16 tiles][K/32 steps][16 pairs][16 rows]
   const int8_t* xq;      // int8 x in the avx512vnni kernel's block order (isa_avx512vnni.cpp)
   const float* xa;       //   its scales a[m, g] per fp32 lane of a block: [M, blocks, 16]
   const int32_t* xc;     //   offset * sum of q over group g, in the group's first lane: [M, blocks, 16]

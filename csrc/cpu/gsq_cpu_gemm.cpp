@@ -2,10 +2,13 @@
 //
 // y[m, n] = sum_g s[n, g] * sum_{k in group g} x[m, k] * (u[n, k] - offset)
 //
-// Three kernels compute it, one picked when the library loads (cpuid) so one build runs well on
-// every x86-64 machine; GSQ_CPU_ISA=generic|avx2|avx512 forces one, set_isa() switches (tests
-// and benchmarks compare them on one machine):
-//   avx512, avx2: gemm_simd.h, compiled twice (isa_avx512.cpp, isa_avx2.cpp), the fast ones;
+// Several kernels compute it, one picked when the library loads (cpuid, and for AMX the
+// kernel's permission to use the tiles) so one build runs well on every x86-64 machine;
+// GSQ_CPU_ISA=NAME forces one, set_isa() switches (tests and benchmarks compare them on one machine):
+//   amx: AMX bf16 tiles (isa_amx.cpp), bf16 activations, from Sapphire Rapids on;
+//   avx512bf16: vdpbf16ps dot products (isa_avx512bf16.cpp), bf16 activations;
+//   avx512, avx2: gemm_simd.h, compiled twice (isa_avx512.cpp, isa_avx2.cpp);
+//   avx512vnni: int8 activations (isa_avx512vnni.cpp), opt-in only;
 //   generic: the portable loop below, compiled for the baseline ISA, kept as their reference.
 //
 // The generic kernel: per (row n, group g) the group's unsigned codes u are unpacked once into a small float buffer
@@ -27,12 +30,19 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "gemm_args.h"
 
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+extern GemmRowsFn gsq_gemm_rows_amx;     // isa_amx.cpp
 extern GemmRowsFn gsq_gemm_rows_avx2;    // isa_avx2.cpp
 extern GemmRowsFn gsq_gemm_rows_avx512;  // isa_avx512.cpp
 extern GemmRowsFn gsq_gemm_rows_avx512bf16;  // isa_avx512bf16.cpp
@@ -45,6 +55,7 @@ namespace {
 #include "kernel_common.h"  // with_layout (its bf16 helpers are for the ISA files)
 
 constexpr int kMaxRows = 64;
+constexpr int64_t kAmxMinRows = 3;  // fewer rows of x take the avx512bf16 kernel (see gemm)
 constexpr int kLanes = 16;  // one AVX-512 register of float32 (two AVX2 registers)
 
 template <int G, bool Three>
@@ -132,16 +143,31 @@ torch::Tensor gemm_generic(const torch::Tensor& x, const torch::Tensor& lo, cons
 
 // kAvx512Vnni (int8 activations) changes the numbers, so it is never picked by itself: only
 // GSQ_CPU_ISA=avx512vnni or set_isa choose it.
-enum class Isa { kGeneric, kAvx2, kAvx512, kAvx512Bf16, kAvx512Vnni };
-constexpr Isa kAllIsas[] = {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16, Isa::kAvx512Vnni};
+enum class Isa { kGeneric, kAvx2, kAvx512, kAvx512Bf16, kAmx, kAvx512Vnni };
+constexpr Isa kAllIsas[] = {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16, Isa::kAmx, Isa::kAvx512Vnni};
+constexpr const char* kIsaNames = "generic, avx2, avx512, avx512bf16, amx or avx512vnni";
 
 const char* isa_name(Isa isa) {
-  return isa == Isa::kAvx512Vnni ? "avx512vnni" : isa == Isa::kAvx512Bf16 ? "avx512bf16" : isa == Isa::kAvx512 ? "avx512"
-         : isa == Isa::kAvx2 ? "avx2" : "generic";
+  return isa == Isa::kAvx512Vnni ? "avx512vnni" : isa == Isa::kAmx ? "amx" : isa == Isa::kAvx512Bf16 ? "avx512bf16"
+         : isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic";
+}
+
+// Linux hands a process the AMX tile state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); asked once, for the whole process.
+bool amx_permitted() {
+#if defined(__linux__) && defined(__x86_64__)
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+#else
+  return false;
+#endif
 }
 
 bool cpu_has(Isa isa) {
   __builtin_cpu_init();
+  if (isa == Isa::kAmx)
+    return __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") && cpu_has(Isa::kAvx512Bf16) &&
+           amx_permitted();
   if (isa == Isa::kAvx512Vnni) return __builtin_cpu_supports("avx512vnni") && cpu_has(Isa::kAvx512);
   if (isa == Isa::kAvx512Bf16) return __builtin_cpu_supports("avx512bf16") && cpu_has(Isa::kAvx512);
   if (isa == Isa::kAvx512)
@@ -152,24 +178,26 @@ bool cpu_has(Isa isa) {
 }
 
 Isa parse_isa(const std::string& name) {
+  if (name == "amx") return Isa::kAmx;
   if (name == "avx512vnni") return Isa::kAvx512Vnni;
   if (name == "avx512bf16") return Isa::kAvx512Bf16;
   if (name == "avx512") return Isa::kAvx512;
   if (name == "avx2") return Isa::kAvx2;
-  TORCH_CHECK(name == "generic", "GSQ CPU kernel ISA must be generic, avx2, avx512, avx512bf16 or avx512vnni, got '", name, "'");
+  TORCH_CHECK(name == "generic", "GSQ CPU kernel ISA must be ", kIsaNames, ", got '", name, "'");
   return Isa::kGeneric;
 }
 
 Isa best_isa() {
   if (const char* forced = std::getenv("GSQ_CPU_ISA"); forced && *forced) {
     const std::string name = forced;
-    TORCH_CHECK(name == "generic" || name == "avx2" || name == "avx512" || name == "avx512bf16" || name == "avx512vnni",
-                "GSQ_CPU_ISA=", name, ": must be generic, avx2, avx512, avx512bf16 or avx512vnni");
+    bool known = false;
+    for (Isa isa : kAllIsas) known = known || name == isa_name(isa);
+    TORCH_CHECK(known, "GSQ_CPU_ISA=", name, ": must be ", kIsaNames);
     const Isa isa = parse_isa(name);
     TORCH_CHECK(cpu_has(isa), "GSQ_CPU_ISA=", forced, " but this CPU does not support it");
     return isa;
   }
-  for (Isa isa : {Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2})  // never kAvx512Vnni by itself
+  for (Isa isa : {Isa::kAmx, Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2})  // never kAvx512Vnni by itself
     if (cpu_has(isa)) return isa;
   return Isa::kGeneric;
 }
@@ -210,10 +238,14 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
   TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
   if (M == 0) return torch::empty({0, N}, x.options());
   const bool xbf = x.dtype() == torch::kBFloat16;
-  // The bf16-dot kernel takes bf16 activations only (float32 ones would be rounded): float32 x
-  // goes to the fp32 AVX-512 kernel. Group size 32 is half an AVX-512 vector per quarter: AVX2.
-  const Isa isa = g_isa == Isa::kAvx512Bf16 && !xbf ? Isa::kAvx512 : g_isa;
+  // The bf16-dot and AMX kernels take bf16 activations only (float32 ones would be rounded):
+  // float32 x goes to the fp32 AVX-512 kernel. Group size 32 is half an AVX-512 vector per quarter: AVX2.
+  Isa isa = (g_isa == Isa::kAvx512Bf16 || g_isa == Isa::kAmx) && !xbf ? Isa::kAvx512 : g_isa;
+  // One or two rows of x: filling A tiles costs more than the bf16-dot kernel's whole product
+  // (SmolLM2's gate_up at M = 1: 112 vs 90 us; at M = 4 AMX leads, 117 vs 213).
+  if (isa == Isa::kAmx && M < kAmxMinRows) isa = Isa::kAvx512Bf16;
   GemmRowsFn rows = isa == Isa::kAvx512Vnni ? gsq_gemm_rows_avx512vnni
+                    : isa == Isa::kAmx ? gsq_gemm_rows_amx
                     : isa == Isa::kAvx512Bf16 ? gsq_gemm_rows_avx512bf16
                     : isa == Isa::kAvx512   ? (G == 32 ? gsq_gemm_rows_avx2 : gsq_gemm_rows_avx512)
                     : isa == Isa::kAvx2     ? gsq_gemm_rows_avx2
@@ -228,6 +260,7 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
   // Activation buffers, reused across calls (one set per calling thread): no allocation per call.
   static thread_local std::vector<float> xs_buf, xsum_buf;
   static thread_local std::vector<uint16_t> xp_buf;
+  static thread_local std::vector<uint32_t> xt_buf;
   static thread_local std::vector<int8_t> xq_buf;
   static thread_local std::vector<float> xa_buf;
   static thread_local std::vector<int32_t> xc_buf;
@@ -262,6 +295,22 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
         for (int64_t l = h * Q / 4; l < (h + 1) * Q / 4; ++l) xa_buf[(m * NB + b) * 16 + l] = a;
         xc_buf[(m * NB + b) * 16 + h * Q / 4] = offset * qsum;
       }
+  } else if (isa == Isa::kAmx) {
+    // xt[((mt * NB + b) * 4 + i) * 256 + p * 16 + c] = the bf16 pair (words 2p, 2p + 1 of the
+    // avx512bf16 order above) of x row 16 mt + c: B tiles, zero past the last group and row M.
+    const int64_t V = 32 / Q, NB = (NG + V - 1) / V, MT = (M + 15) / 16;
+    xt_buf.assign(MT * NB * 4 * 256, 0u);
+    const uint16_t* xb = static_cast<const uint16_t*>(xraw);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < NB; ++b)
+        for (int64_t i = 0; i < 4; ++i)
+          for (int64_t p = 0; p < 16; ++p) {
+            const int64_t h = 2 * p / Q, j = 2 * p % Q, g = b * V + h;
+            if (g >= NG) continue;
+            uint32_t pair;
+            std::memcpy(&pair, xb + m * K + g * G + i * Q + j, 4);
+            xt_buf[(((m / 16) * NB + b) * 4 + i) * 256 + p * 16 + m % 16] = pair;
+          }
   } else if (isa == Isa::kAvx512Bf16) {
     // xp[m][block b][quarter i][h * Q + j] = x[m, (b * V + h) * G + i * Q + j], 0 past the last group.
     const int64_t V = 32 / Q, NB = (NG + V - 1) / V;
@@ -301,10 +350,13 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
     }
   }
   auto y = torch::empty({M, N}, x.options());
-  GemmArgs a{xs_buf.data(), xsum_buf.data(), xp_buf.data(), xq_buf.data(), xa_buf.data(), xc_buf.data(), lo.data_ptr<uint8_t>(),
+  GemmArgs a{xs_buf.data(), xsum_buf.data(), xp_buf.data(), xt_buf.data(), xq_buf.data(), xa_buf.data(), xc_buf.data(), lo.data_ptr<uint8_t>(),
              bits == 3 ? hi.data_ptr<uint8_t>() : nullptr, scales.data_ptr(), y.data_ptr(), M, N, NG,
              static_cast<int>(G), static_cast<int>(bits), scales.dtype() == torch::kBFloat16, xbf};
-  at::parallel_for(0, N, kRowsPerTask, [&](int64_t n0, int64_t n1) { rows(a, n0, n1); });
+  if (isa == Isa::kAmx)  // whole tiles of 16 output rows per task
+    at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t t0, int64_t t1) { rows(a, t0 * 16, std::min(N, t1 * 16)); });
+  else
+    at::parallel_for(0, N, kRowsPerTask, [&](int64_t n0, int64_t n1) { rows(a, n0, n1); });
   return y;
 }
 
@@ -372,11 +424,14 @@ torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const to
 // int8 kernel when measuring its perplexity); -1 = unset.
 int64_t g_fused_rows_override = -1;
 
-int64_t max_fused_rows(int64_t N, int64_t K) {
+// The AMX kernel dequantizes each tile of 16 output rows once for all rows of x and multiplies
+// on the same tiles as oneDNN, so it stays fused at every M (for bf16 x; float32 x runs avx512).
+int64_t max_fused_rows(int64_t N, int64_t K, bool bf16_x) {
   if (g_fused_rows_override >= 0) return g_fused_rows_override;
+  if (g_isa == Isa::kAmx && bf16_x) return std::numeric_limits<int64_t>::max();
   if (g_isa == Isa::kGeneric) return 8;
   const bool large = N * K >= (int64_t{8} << 20);
-  if (g_isa == Isa::kAvx512Bf16 || g_isa == Isa::kAvx512Vnni) return large ? 32 : 12;
+  if (g_isa == Isa::kAvx512Bf16 || g_isa == Isa::kAvx512Vnni || g_isa == Isa::kAmx) return large ? 32 : 12;
   return large ? 16 : 8;
 }
 
@@ -405,7 +460,7 @@ torch::Tensor cpu_gemm_op(const torch::Tensor& x, const torch::Tensor& lo, const
   const torch::Tensor xc = (native ? x : x.to(torch::kFloat32)).contiguous();
   const torch::Tensor sc = (scales.dtype() == torch::kFloat32 || scales.dtype() == torch::kBFloat16
                                 ? scales : scales.to(torch::kFloat32)).contiguous();
-  if (x.size(0) <= max_fused_rows(lo.size(0), lo.size(1) * group_size))
+  if (x.size(0) <= max_fused_rows(lo.size(0), lo.size(1) * group_size, xc.dtype() == torch::kBFloat16))
     return gemm(xc, lo, hi, sc, bits, group_size).to(x.scalar_type());
   check_planes(lo, hi, sc, bits, group_size);
   const int64_t NG = lo.size(1), K = NG * group_size, bk = choose_block_k(K, group_size), gpb = bk / group_size;
@@ -452,8 +507,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   g_fused_rows_override = fused_rows_from_env();
   m.def("gemm", &gemm, "GSQ fused dequant+GEMM: x f32/bf16 [M,K], scales f32/bf16 [N,K/G] -> y [M,N] in x's dtype");
   m.def("max_fused_rows", &max_fused_rows, "rows of x up to which gsq::cpu_gemm runs the fused kernel for an N x K weight",
-        py::arg("n") = 0, py::arg("k") = 0);
-  m.def("isa", &get_isa, "the kernel in use: generic, avx2 or avx512");
+        py::arg("n") = 0, py::arg("k") = 0, py::arg("bf16_x") = true);
+  m.def("isa", &get_isa, "the kernel in use (see supported_isas)");
   m.def("set_isa", &set_isa, "use this kernel from now on (must be supported here); returns the previous one");
   m.def("supported_isas", &supported_isas, "the kernels this CPU can run");
   m.def("dequant", &dequant, "GSQ planes of groups [g0, g1) -> dense weight [N, (g1-g0)*G] (float32 or bfloat16)");
