@@ -184,10 +184,13 @@ def main() -> int:
         print(f"{r['model']:<8} {r['concurrency']:>4} {r['output_tok_s']:>9.1f} {r['decode_tok_s']:>12.1f} "
               f"{r['ttft_ms_p50']:>7.0f}/{r['ttft_ms_p90']:.0f}/{r['ttft_ms_p99']:.0f} "
               f"{r['itl_ms_p50']:>8.1f}/{r['itl_ms_p90']:.1f}/{r['itl_ms_p99']:.1f}")
-    meta = {"machine": f"{os.cpu_count()} CPUs", "cpu_kernel": _cpu_kernel(), "max_tokens": args.max_tokens,
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from results_io import cpu_name, write_json
+
+    meta = {"machine": f"{cpu_name()}, {os.cpu_count()} CPUs", "cpu_kernel": _cpu_kernel(), "max_tokens": args.max_tokens,
             "server_args": args.server_args,
             "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_CPU", "GSQ_", "ONEDNN_", "ATEN_CPU", "DNNL_"))}}
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    write_json({"meta": meta, "results": results}, args.out)
     return 0
 
 

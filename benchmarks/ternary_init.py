@@ -6,7 +6,7 @@ A whole-model perplexity comparison needs the pre-stage on all 90 MLP linears: a
 (the reference's) that is 1-2 h on 2 CPU cores, so this measures the start each gives GSQ, on the
 loss the pre-stage minimises, block by block with the float model's inputs:
 
-    PYTHONPATH=. python benchmarks/ternary_init.py --blocks 3 --steps 400 2000
+    PYTHONPATH=. python benchmarks/ternary_init.py --blocks 1 --steps 400 2000 --pieces 32 1
 
 Prints a table (weighted error relative to GPTQ's: below 1 means the random pre-stage starts GSQ
 from a better point) and writes --json.
@@ -35,6 +35,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, default=3)
     p.add_argument("--steps", type=int, nargs="+", default=[400])
+    p.add_argument("--pieces", type=int, nargs="+", default=[32],
+                   help="mini-batches of L^T's rows per pass: 32 is gsq-quantize's, 1 the reference's full batch")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--group-size", type=int, default=64)
@@ -65,7 +67,8 @@ def main(argv=None) -> None:
     opts = GSQOptions(**{**PRESETS["fast"], "keep_best": False})  # the pre-stage itself, not the RTN safeguard
     names = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     rows = []
-    print(f"{'layer':<28}{'GPTQ':>12}" + "".join(f"{f'random {s}':>16}" for s in args.steps) + f"{'RTN':>10}")
+    runs = [(s, pc) for pc in args.pieces for s in args.steps]
+    print(f"{'layer':<28}{'GPTQ':>12}" + "".join(f"{f'random {s}/{pc}':>16}" for s, pc in runs) + f"{'RTN':>10}")
     for i in range(args.blocks):
         block = reader.load_into(model.model.layers[i], f"model.layers.{i}").eval()
         xa = Activations(tuple(x.shape), "cpu")
@@ -77,20 +80,23 @@ def main(argv=None) -> None:
             base = weighted_error(w, gptq, hess[n], args.damp)
             row = {"layer": f"model.layers.{i}.{n}", "gptq": base,
                    "rtn": weighted_error(w, rtn_quantize(w, 1.58, args.group_size), hess[n], args.damp) / base}
-            for steps in args.steps:
+            for steps, pieces in runs:
                 t0 = time.time()
                 start = rtn_quantize(w, 1.58, args.group_size)
-                q, _ = refine_weight_space(w, hess[n], start, ternary_random_options(opts, steps), 1000 + i, args.damp)
-                row[f"random_{steps}"] = weighted_error(w, q, hess[n], args.damp) / base  # RTN's codes are not its start
-                row[f"random_{steps}_s"] = time.time() - t0
+                q, _ = refine_weight_space(w, hess[n], start, ternary_random_options(opts, steps, pieces), 1000 + i,
+                                           args.damp, pieces)
+                key = f"random_{steps}_p{pieces}"
+                row[key] = weighted_error(w, q, hess[n], args.damp) / base  # RTN's codes are not its start
+                row[key + "_s"] = time.time() - t0
             rows.append(row)
             print(f"{row['layer']:<28}{base:>12.4g}" + "".join(
-                f"{row[f'random_{s}']:>10.3f}x {row[f'random_{s}_s']:>3.0f}s" for s in args.steps) + f"{row['rtn']:>9.3f}x",
-                flush=True)
+                f"{row[f'random_{s}_p{pc}']:>10.3f}x {row[f'random_{s}_p{pc}_s']:>3.0f}s" for s, pc in runs)
+                + f"{row['rtn']:>9.3f}x", flush=True)
         x = out.data.clone()  # the float block's outputs are the next block's inputs
         model.model.layers[i].to("meta")
-    gm = {s: float(torch.tensor([r[f"random_{s}"] for r in rows]).log().mean().exp()) for s in args.steps}
-    print("geometric mean, random / GPTQ: " + ", ".join(f"{s} steps {v:.3f}x" for s, v in gm.items()))
+    gm = {f"{s}_p{pc}": float(torch.tensor([r[f"random_{s}_p{pc}"] for r in rows]).log().mean().exp())
+          for s, pc in runs}
+    print("geometric mean, random / GPTQ (steps_p<pieces>): " + ", ".join(f"{k} {v:.3f}x" for k, v in gm.items()))
     write_json({"machine": machine_info(torch=torch.__version__), "args": vars(args), "rows": rows,
                 "geomean_random_over_gptq": gm}, args.json)
 
