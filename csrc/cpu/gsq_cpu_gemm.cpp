@@ -30,7 +30,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -424,11 +423,15 @@ torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const to
 // int8 kernel when measuring its perplexity); -1 = unset.
 int64_t g_fused_rows_override = -1;
 
-// The AMX kernel dequantizes each tile of 16 output rows once for all rows of x and multiplies
-// on the same tiles as oneDNN, so it stays fused at every M (for bf16 x; float32 x runs avx512).
+// The AMX kernel dequantizes each tile of 16 output rows once for all rows of x, so it stays
+// fused far longer: on SmolLM2's layers (1 thread, 2026-12-03) it beats dense bf16 up to 16-64
+// rows and the blocked path up to ~128; at 256 the blocked path (dequantize, then oneDNN's
+// better-blocked AMX GEMM) wins on every layer. float32 x runs the avx512 kernel's crossover.
+constexpr int64_t kAmxMaxFusedRows = 128;
+
 int64_t max_fused_rows(int64_t N, int64_t K, bool bf16_x) {
   if (g_fused_rows_override >= 0) return g_fused_rows_override;
-  if (g_isa == Isa::kAmx && bf16_x) return std::numeric_limits<int64_t>::max();
+  if (g_isa == Isa::kAmx && bf16_x) return kAmxMaxFusedRows;
   if (g_isa == Isa::kGeneric) return 8;
   const bool large = N * K >= (int64_t{8} << 20);
   if (g_isa == Isa::kAvx512Bf16 || g_isa == Isa::kAvx512Vnni || g_isa == Isa::kAmx) return large ? 32 : 12;

@@ -54,19 +54,7 @@ static void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-// The 3-bit hi-plane lane masks of a block, as isa_avx512bf16.cpp builds them (bit h*Q + j of
-// mask i: code i*Q + j of the block's group h).
-template <int G>
-static inline void hi_masks(const uint8_t* planes, int64_t groups, uint32_t masks[4]) {
-  constexpr int Q = G / 4, E = G / 8, QB = Q / 8, V = 128 / G;
-  alignas(16) int8_t ctl[16];
-  for (int i = 0; i < 4; ++i)
-    for (int t = 0; t < 4; ++t) ctl[i * 4 + t] = static_cast<int8_t>((t / QB) * E + i * QB + t % QB);
-  const __m128i raw = groups == V ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes))
-                                  : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (groups * E)) - 1), planes);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(masks),
-                   _mm_shuffle_epi8(raw, _mm_load_si128(reinterpret_cast<const __m128i*>(ctl))));
-}
+#include "hi_masks.h"  // the 3-bit planes' lane masks, as the avx512bf16 kernel reads them
 
 // The scales of groups [i, i + groups) of the flat scale array in lanes 0.. of a vector, zero in
 // the others (a missing group's weights are then zero): one masked vector load, no scalar stores
@@ -217,17 +205,35 @@ static inline void transpose16(__m512 r[16]) {
   }
 }
 
-// y rows of token tiles mt0 .. mt0+T-1, output rows nt .. n1 (at most 16), from C 4..7. A C
-// tile is channels x tokens and y is tokens x channels, so each 16 x 16 block (its split sums
-// added first) is transposed, and every token's 16 channels go out as one vector store.
-template <int T>
-static void write_y(const GemmArgs& a, float* cbuf, int64_t mt0, int64_t nt, int64_t n1) {
+// One 16 x 16 block of results, v[r] = channel nt + r over the 16 tokens of token tile mt, into
+// y (tokens x channels): transposed, then each token's channels nt .. n1 go out as one store.
+static void store_tokens(const GemmArgs& a, __m512 v[16], int64_t mt, int64_t nt, int64_t n1) {
+  const int64_t rows = n1 - nt < 16 ? n1 - nt : 16;
+  if (rows <= 0) return;
+  const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1);
+  transpose16(v);
+  for (int c = 0; c < 16; ++c) {
+    const int64_t m = mt * 16 + c;
+    if (m >= a.M) return;
+    if (a.y_bf16)
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.y) + m * a.N + nt, keep, (__m256i)_mm512_cvtneps_pbh(v[c]));
+    else
+      _mm512_mask_storeu_ps(static_cast<float*>(a.y) + m * a.N + nt, keep, v[c]);
+  }
+}
+
+static inline void store_c(float* cbuf) {
   _tile_stored(4, cbuf, 64);
   _tile_stored(5, cbuf + 256, 64);
   _tile_stored(6, cbuf + 512, 64);
   _tile_stored(7, cbuf + 768, 64);
-  const int64_t rows = n1 - nt < 16 ? n1 - nt : 16;
-  const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1);
+}
+
+// y rows of token tiles mt0 .. mt0+T-1, output rows nt .. n1 (at most 16), from C 4..7, the
+// split sums added first (see zero_c).
+template <int T>
+static void write_y(const GemmArgs& a, float* cbuf, int64_t mt0, int64_t nt, int64_t n1) {
+  store_c(cbuf);
   for (int t = 0; t < T; ++t) {
     __m512 v[16];
     for (int r = 0; r < 16; ++r) {
@@ -240,19 +246,12 @@ static void write_y(const GemmArgs& a, float* cbuf, int64_t mt0, int64_t nt, int
       else
         v[r] = _mm512_load_ps(c + t * 256);
     }
-    transpose16(v);
-    for (int c = 0; c < 16; ++c) {
-      const int64_t m = (mt0 + t) * 16 + c;
-      if (m >= a.M) return;
-      if (a.y_bf16)
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.y) + m * a.N + nt, keep, (__m256i)_mm512_cvtneps_pbh(v[c]));
-      else
-        _mm512_mask_storeu_ps(static_cast<float*>(a.y) + m * a.N + nt, keep, v[c]);
-    }
+    store_tokens(a, v, mt0 + t, nt, n1);
   }
 }
 
-// Token tiles [mt0, mt0 + T) over all of K from the A tiles already in abuf (M > 64 only).
+// Token tiles [mt0, mt0 + T) over all of K from the A tiles already in abuf: the extra passes
+// of M > 64 when the thread has an odd channel tile left.
 template <int T>
 static void multiply_again(const GemmArgs& a, const uint16_t* abuf, int64_t NB, int64_t mt0, int64_t nt,
                            int64_t n1, float* cbuf) {
@@ -261,36 +260,78 @@ static void multiply_again(const GemmArgs& a, const uint16_t* abuf, int64_t NB, 
   write_y<T>(a, cbuf, mt0, nt, n1);
 }
 
+// The extra passes of M > 64, two channel tiles (abuf0: nt, abuf1: nt + 16) by two token tiles
+// (mt, mt + 1; the second only while inside M): C 4/5 = channel tile 0 x token tiles 0/1, C 6/7
+// = channel tile 1. Every tile loaded feeds two products, so loads wait on products less than
+// in a pass over one channel tile, where every B tile is loaded for one product.
+static void multiply_pair(const GemmArgs& a, const uint16_t* abuf0, const uint16_t* abuf1, int64_t kt, int64_t mt,
+                          int64_t nt, int64_t n1, float* cbuf) {
+  const bool two = (mt + 1) * 16 < a.M;
+  const uint32_t* B = a.xt + mt * kt * 256;
+  const int64_t bt = kt * 256;
+  zero_c();
+  for (int64_t t = 0; t < kt; ++t) {
+    _tile_loadd(0, abuf0 + t * 512, 64);
+    _tile_loadd(2, B + t * 256, 64);
+    _tile_dpbf16ps(4, 0, 2);
+    _tile_loadd(1, abuf1 + t * 512, 64);
+    _tile_dpbf16ps(6, 1, 2);
+    if (two) {
+      _tile_loadd(3, B + bt + t * 256, 64);
+      _tile_dpbf16ps(5, 0, 3);
+      _tile_dpbf16ps(7, 1, 3);
+    }
+  }
+  store_c(cbuf);
+  for (int q = 0; q < (two ? 4 : 3); q += two ? 1 : 2) {  // (channel tile q / 2, token tile q % 2)
+    __m512 v[16];
+    for (int r = 0; r < 16; ++r) v[r] = _mm512_load_ps(cbuf + q * 256 + r * 16);
+    store_tokens(a, v, mt + q % 2, nt + 16 * (q / 2), n1);
+  }
+}
+
 // Output rows [n0, n1) for all rows of x; n0 is a multiple of 16 (the dispatcher splits by
 // tiles). T0 = the token tiles of the first pass (min(tiles of M, 4)): that pass dequantizes
 // block by block between the tile products, so the vector units and the tile unit work side by
-// side; further passes (M > 64) reuse the dequantized tiles.
+// side. M > 64 needs further passes over the dequantized tiles: then channel tiles go in pairs
+// and the further passes are 2 x 2 (multiply_pair).
 template <int G, bool Three, int T0>
 static void gemm_rows_tiles(const GemmArgs& a, int64_t n0, int64_t n1) {
   constexpr int V = 128 / G;
-  const int64_t NB = (a.NG + V - 1) / V, MT = (a.M + 15) / 16;
+  const int64_t NB = (a.NG + V - 1) / V, MT = (a.M + 15) / 16, kt = NB * 4;
+  const bool more = MT > T0;
   static thread_local std::vector<uint16_t> abuf_store;
-  abuf_store.resize(NB * 4 * 512 + 32);
-  uint16_t* abuf = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(abuf_store.data()) + 63) & ~uintptr_t{63});
+  abuf_store.resize((more ? 2 : 1) * kt * 512 + 32);
+  uint16_t* abuf0 = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(abuf_store.data()) + 63) & ~uintptr_t{63});
+  uint16_t* abuf1 = abuf0 + kt * 512;
   alignas(64) float cbuf[4 * 256];
   const BlockDequant<G, Three> dequant;
-  configure_tiles();
-  for (int64_t nt = n0; nt < n1; nt += 16) {
+  auto first_pass = [&](int64_t nt, uint16_t* abuf) {
     zero_c();
     // One block ahead: a tile load cannot take data still in the store buffer, so the tiles
     // multiplied are the ones written an iteration before.
     dequant(a, nt, 0, abuf);
     for (int64_t b = 0; b < NB; ++b) {
       if (b + 1 < NB) dequant(a, nt, b + 1, abuf);
-      block_products<T0>(abuf, a.xt, NB * 4, 0, b);
+      block_products<T0>(abuf, a.xt, kt, 0, b);
     }
     write_y<T0>(a, cbuf, 0, nt, n1);
+  };
+  configure_tiles();
+  for (int64_t nt = n0; nt < n1; nt += more ? 32 : 16) {
+    first_pass(nt, abuf0);
+    if (!more) continue;
+    if (nt + 16 < n1) {
+      first_pass(nt + 16, abuf1);
+      for (int64_t mt = T0; mt < MT; mt += 2) multiply_pair(a, abuf0, abuf1, kt, mt, nt, n1, cbuf);
+      continue;
+    }
     for (int64_t mt = T0; mt < MT; mt += 4) {
       switch (MT - mt < 4 ? MT - mt : 4) {
-        case 1: multiply_again<1>(a, abuf, NB, mt, nt, n1, cbuf); break;
-        case 2: multiply_again<2>(a, abuf, NB, mt, nt, n1, cbuf); break;
-        case 3: multiply_again<3>(a, abuf, NB, mt, nt, n1, cbuf); break;
-        default: multiply_again<4>(a, abuf, NB, mt, nt, n1, cbuf); break;
+        case 1: multiply_again<1>(a, abuf0, NB, mt, nt, n1, cbuf); break;
+        case 2: multiply_again<2>(a, abuf0, NB, mt, nt, n1, cbuf); break;
+        case 3: multiply_again<3>(a, abuf0, NB, mt, nt, n1, cbuf); break;
+        default: multiply_again<4>(a, abuf0, NB, mt, nt, n1, cbuf); break;
       }
     }
   }
