@@ -434,7 +434,8 @@ def token_weights(targets: torch.Tensor, cap: float | None, median: float) -> to
     """Per-token loss weights ``[n, S, 1]``, or None for plain MSE (``cap`` None).
 
     Some tokens carry hidden states thousands of times larger than the rest (the attention sink
-    at position 0 holds 88-99 % of the squared norm of SmolLM2's blocks 10-27): under plain MSE
+    at position 0 holds 84-99 % of the squared norm of SmolLM2's blocks 11-27's outputs,
+    benchmarks/massive_activations.py): under plain MSE
     their error is the whole loss, and GSQ, and any choice made on that loss, serves them alone.
     A token whose target ``||y||^2`` exceeds ``cap`` x ``median`` is weighted ``cap * median /
     ||y||^2``, i.e. it counts with its relative error, as a token of ``cap`` x the median norm
