@@ -124,7 +124,7 @@ def test_every_isa_through_the_custom_op(isa):
     n, k, g = 64, 512, 64
     q, s, lo, hi = _case(n, k, 2, g, seed=7)
     w = F.dequantize(q, s, g, torch.float32)
-    for m in (1, 8, C.cpp_max_rows() + 3):
+    for m in (1, 8, min(C.cpp_max_rows() + 3, 300)):  # amx: fused at every M
         x = torch.randn(m, k).bfloat16()
         y = torch.ops.gsq.cpu_gemm(x, lo, hi, s, 2, g)
         assert y.dtype == torch.bfloat16 and y.shape == (m, n)
@@ -178,15 +178,15 @@ def test_large_layers_keep_the_fused_kernel_for_more_rows():
 
 
 @pytest.mark.skipif("amx" not in ISAS, reason="this CPU (or its OS) gives no AMX tiles")
-def test_amx_kernel_at_prefill_sizes_matches_its_rounding():
+def test_amx_kernel_is_fused_at_prefill_sizes_and_matches_its_rounding():
     n, k, g = 96, 640, 128  # K = 5 groups: a partial 128-code block; N = 6 channel tiles
     q, s, lo, hi = _case(n, k, 3, g, seed=13)
     before = C._cpp.set_isa("amx")
     try:
-        assert C.cpp_max_rows(n, k) == 128 and C._cpp.max_fused_rows(n, k, False) < 100  # float32 x: avx512's
+        assert C.cpp_max_rows(n, k) > 10**9 and C._cpp.max_fused_rows(n, k, False) < 100  # float32 x: avx512's
         w = F.dequantize(q, s, g)
         wb = w.bfloat16().double()  # the kernel rounds each weight to bf16 once (3-bit: codes +-3)
-        for m in (3, 16, 17, 64, 65, 100, 128):  # 1-4 token tiles, then paired and single extra passes
+        for m in (3, 16, 17, 64, 65, 100, 257):  # 1-4 token tiles, then paired and single extra passes
             x = torch.randn(m, k).bfloat16()
             y = torch.ops.gsq.cpu_gemm(x, lo, hi, s, 3, g)
             assert torch.equal(y, C._cpp.gemm(x, lo, hi, s, 3, g))  # the op ran the fused kernel

@@ -24,6 +24,9 @@ struct GemmArgs {
 // The signature every ISA's entry point has: output rows [n0, n1) for all M rows of x.
 using GemmRowsFn = void (*)(const GemmArgs&, int64_t n0, int64_t n1);
 
+// The AMX kernel's packing of bf16 x [M, K] into B tiles (xt above), in isa_amx.cpp.
+using PackXFn = void (*)(const uint16_t* x, int64_t M, int64_t K, int64_t NG, int G, uint32_t* xt);
+
 // The blocked path's dequantization of groups [g0, g1) of every row into a dense block:
 // out[n, (g - g0) * G + k] = s[n, g] * (u - offset), float32 or bfloat16 (round to nearest even).
 struct DequantArgs {

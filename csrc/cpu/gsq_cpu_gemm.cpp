@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -42,6 +43,7 @@
 #endif
 
 extern GemmRowsFn gsq_gemm_rows_amx;     // isa_amx.cpp
+extern PackXFn gsq_pack_x_amx;
 extern GemmRowsFn gsq_gemm_rows_avx2;    // isa_avx2.cpp
 extern GemmRowsFn gsq_gemm_rows_avx512;  // isa_avx512.cpp
 extern GemmRowsFn gsq_gemm_rows_avx512bf16;  // isa_avx512bf16.cpp
@@ -296,20 +298,10 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
       }
   } else if (isa == Isa::kAmx) {
     // xt[((mt * NB + b) * 4 + i) * 256 + p * 16 + c] = the bf16 pair (words 2p, 2p + 1 of the
-    // avx512bf16 order above) of x row 16 mt + c: B tiles, zero past the last group and row M.
+    // avx512bf16 order below) of x row 16 mt + c: B tiles, written whole by the AMX file's packer.
     const int64_t V = 32 / Q, NB = (NG + V - 1) / V, MT = (M + 15) / 16;
-    xt_buf.assign(MT * NB * 4 * 256, 0u);
-    const uint16_t* xb = static_cast<const uint16_t*>(xraw);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t b = 0; b < NB; ++b)
-        for (int64_t i = 0; i < 4; ++i)
-          for (int64_t p = 0; p < 16; ++p) {
-            const int64_t h = 2 * p / Q, j = 2 * p % Q, g = b * V + h;
-            if (g >= NG) continue;
-            uint32_t pair;
-            std::memcpy(&pair, xb + m * K + g * G + i * Q + j, 4);
-            xt_buf[(((m / 16) * NB + b) * 4 + i) * 256 + p * 16 + m % 16] = pair;
-          }
+    xt_buf.resize(MT * NB * 4 * 256);
+    gsq_pack_x_amx(static_cast<const uint16_t*>(xraw), M, K, NG, static_cast<int>(G), xt_buf.data());
   } else if (isa == Isa::kAvx512Bf16) {
     // xp[m][block b][quarter i][h * Q + j] = x[m, (b * V + h) * G + i * Q + j], 0 past the last group.
     const int64_t V = 32 / Q, NB = (NG + V - 1) / V;
@@ -424,10 +416,10 @@ torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const to
 int64_t g_fused_rows_override = -1;
 
 // The AMX kernel dequantizes each tile of 16 output rows once for all rows of x, so it stays
-// fused far longer: on SmolLM2's layers (1 thread, 2026-12-03) it beats dense bf16 up to 16-64
-// rows and the blocked path up to ~128; at 256 the blocked path (dequantize, then oneDNN's
-// better-blocked AMX GEMM) wins on every layer. float32 x runs the avx512 kernel's crossover.
-constexpr int64_t kAmxMaxFusedRows = 128;
+// fused at every M: on SmolLM2's layers (1 thread, 2026-12-03) it beats the blocked path at
+// every M up to 256 (at 256: 268 vs 422 us on qkv, 384 vs 763 on down) and dense bf16 up to 64
+// rows (at 256: 0.9-1.1x). float32 x runs the avx512 kernel and its crossover.
+constexpr int64_t kAmxMaxFusedRows = std::numeric_limits<int64_t>::max();
 
 int64_t max_fused_rows(int64_t N, int64_t K, bool bf16_x) {
   if (g_fused_rows_override >= 0) return g_fused_rows_override;

@@ -352,8 +352,37 @@ static void gemm_rows_entry(const GemmArgs& a, int64_t n0, int64_t n1) {
   });
 }
 
+// x bf16 [M, K] -> xt (gemm_args.h): per (token tile mt, block b, quarter i) a B tile whose row
+// p holds, for each of the 16 tokens, the pair of words 2p, 2p + 1 of the avx512bf16 order
+// (word h*Q + j = x[m, (b*V + h)*G + i*Q + j]). Each token's 32 words come in as V masked
+// loads (nothing is read past a missing group), then the 16 x 16 pairs are transposed in
+// registers: the tile is one token per column. Zero past the last group and past row M.
+static void pack_x_entry(const uint16_t* x, int64_t M, int64_t K, int64_t NG, int G, uint32_t* xt) {
+  const int64_t Q = G / 4, V = 32 / Q, NB = (NG + V - 1) / V, MT = (M + 15) / 16;
+  for (int64_t mt = 0; mt < MT; ++mt)
+    for (int64_t b = 0; b < NB; ++b)
+      for (int64_t i = 0; i < 4; ++i) {
+        __m512 v[16];
+        for (int c = 0; c < 16; ++c) {
+          const int64_t m = mt * 16 + c;
+          __m512i words = _mm512_setzero_si512();
+          if (m < M)
+            for (int64_t h = 0; h < V && b * V + h < NG; ++h) {
+              const __mmask32 lanes = static_cast<__mmask32>(((1ull << Q) - 1) << (h * Q));
+              // lane h*Q + j <- x[m, (b*V + h)*G + i*Q + j]: the pointer is offset back by h*Q
+              words = _mm512_mask_loadu_epi16(words, lanes, x + m * K + (b * V + h) * G + i * Q - h * Q);
+            }
+          v[c] = _mm512_castsi512_ps(words);
+        }
+        transpose16(v);  // v[p] = pair p of the 16 tokens
+        uint32_t* tile = xt + ((mt * NB + b) * 4 + i) * 256;
+        for (int p = 0; p < 16; ++p) _mm512_storeu_ps(reinterpret_cast<float*>(tile + p * 16), v[p]);
+      }
+}
+
 }  // namespace gsq_isa_amx
 
 GemmRowsFn gsq_gemm_rows_amx = &gsq_isa_amx::gemm_rows_entry;
+PackXFn gsq_pack_x_amx = &gsq_isa_amx::pack_x_entry;
 
 #pragma GCC pop_options
