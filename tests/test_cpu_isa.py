@@ -190,6 +190,7 @@ def test_amx_kernel_is_fused_at_prefill_sizes_and_matches_its_rounding():
             x = torch.randn(m, k).bfloat16()
             y = torch.ops.gsq.cpu_gemm(x, lo, hi, s, 3, g)
             assert torch.equal(y, C._cpp.gemm(x, lo, hi, s, 3, g))  # the op ran the fused kernel
+            assert torch.equal(y, C._cpp.gemm(x, lo, hi, s.float(), 3, g))  # float32 scales: same table
             ref = x.double() @ wb.t()  # exact products, float64 sums; y is that rounded to bf16
             torch.testing.assert_close(y.double(), ref.float().bfloat16().double(), rtol=8e-3, atol=1e-6 * ref.abs().max().item())
     finally:

@@ -7,11 +7,12 @@
 // 16 x 32 multiply-adds.
 //
 // Per tile of 16 output channels, the whole K is dequantized once into a buffer of A tiles,
-// block by block between the tile products of the first (up to 4) 16-token tiles of x;
-// more tokens (prefill) are multiplied through the same buffer, so they reuse one dequantization. The k order inside a block of 128 codes is the
-// avx512bf16 kernel's (quarter i, then group h, then byte j: code i*Q + j of group h), so one
-// A-tile row is what one vpermw gives: the 32 words of (row n, block b, quarter i). The
-// dispatcher packs x in that k order, as B tiles (xt, gemm_args.h).
+// block by block between the tile products of the first (up to 4) 16-token tiles of x; more
+// tokens (prefill) are multiplied through the same buffer, so they reuse one dequantization.
+// The k order inside a block of 128 codes is the avx512bf16 kernel's (quarter i, then group h,
+// then byte j: code i*Q + j of group h), so one A-tile row is what one vpermw gives: the 32
+// words of (row n, block b, quarter i). x is packed in that k order as B tiles (xt, gemm_args.h)
+// by pack_x_entry below, which the dispatcher calls once per GEMM.
 //
 // The group scale cannot be applied to C afterwards (one A tile row spans the block's 32/Q
 // groups), so it is folded into the lookup table: entry h*8 + u holds bf16((u - offset) * s[n, h]),
@@ -120,13 +121,14 @@ struct BlockDequant {
 };
 
 // Tiles: A 0 and 1 (alternate k steps), B 2 and 3, C 4..7. AMX tiles are not renamed, so a tile
-// reloaded while the previous product still reads it waits; alternating two A and two B tiles
-// lets the next loads run under the current product. The C tiles split the sums so that
-// consecutive products do not wait on each other's result (tdpbf16ps takes several times
-// longer to finish than to issue): up to 16 tokens, C 4..7 hold k steps 0..3 mod 4 of one token
-// tile; up to 32, C 4/5 the even k steps of token tiles 0/1 and C 6/7 the odd ones; up to 64, C
-// 4..7 token tiles 0..3. The split sums are added in write_y. Tile numbers are immediates in
-// the intrinsics (they are pasted into the instruction text), hence the spelled-out cases.
+// reloaded while the previous product still reads it must wait; alternating two A and two B
+// tiles leaves the next loads free of the current product. The C tiles split the sums so that
+// consecutive products never depend on each other: up to 16 tokens, C 4..7 hold k steps 0..3
+// mod 4 of one token tile; up to 32, C 4/5 the even k steps of token tiles 0/1 and C 6/7 the odd
+// ones; up to 64, C 4..7 token tiles 0..3. The split sums are added in write_y. (On this
+// machine neither changed the timings measurably: dequantization, packing and the write-out
+// of y were what cost; a one-chain tdpbf16ps loop ran as fast as four chains.) Tile numbers are
+// immediates in the intrinsics (pasted into the instruction text), hence the spelled-out cases.
 static inline void zero_c() {
   _tile_zero(4);
   _tile_zero(5);
