@@ -53,6 +53,12 @@ def main(argv):
         cores = sorted(os.sched_getaffinity(0))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(cores[i % len(cores)]) for i in range(tp)))
         extra = {"tensor_parallel_size": tp, "distributed_executor_backend": "mp"}
+    if dtype == "float32" and json.loads((Path(ckpt) / "config.json").read_text()).get("kv_lora_rank"):
+        # MLA: on AMX CPUs vLLM-cpu 0.32 picks its AMX MLA backend, which takes bf16 weights only
+        # ("expect weight to be bfloat16, ..."); float32 comparisons need the reference CPU MLA one.
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        extra["attention_backend"] = AttentionBackendEnum.CPU_MLA
     llm = LLM(model=ckpt, dtype=dtype, enforce_eager=True, max_model_len=256, seed=0, **extra)
     params = SamplingParams(temperature=0, max_tokens=n_tokens, ignore_eos=True)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
