@@ -442,12 +442,16 @@ def token_weights(targets: torch.Tensor, cap: float | None, median: float) -> to
     would; every other token keeps weight 1."""
     if cap is None:
         return None
-    norm2 = targets.float().pow(2).sum(-1, keepdim=True)
-    return (cap * median / norm2.clamp_min(1e-30)).clamp(max=1.0)
+    return (cap * median / _token_norm2(targets).clamp_min(1e-30)).clamp(max=1.0)
+
+
+def _token_norm2(targets: torch.Tensor) -> torch.Tensor:
+    """Squared norm of each token's hidden state, ``[n, S, 1]``."""
+    return targets.float().pow(2).sum(-1, keepdim=True)
 
 
 def _median_token_norm2(targets, batch_size: int) -> float:
-    norms = [targets[i:i + batch_size].float().pow(2).sum(-1).flatten() for i in range(0, targets.shape[0], batch_size)]
+    norms = [_token_norm2(targets[i:i + batch_size]).flatten() for i in range(0, targets.shape[0], batch_size)]
     return float(torch.cat(norms).median())
 
 
