@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
 from gsq_vllm.format import QUANT_METHOD, FormatError, GSQQuantConfig, is_excluded
 
@@ -85,8 +86,14 @@ class GSQConfig(QuantizationConfig):
         if isinstance(layer, LinearBase):
             # Routers stay in the checkpoint's float dtype: the format never quantizes them.
             if is_excluded(prefix, self.fmt.modules_to_not_convert) or _is_router(layer, prefix):
-                return UnquantizedLinearMethod()
+                from gsq_vllm.dense import GSQDenseLinearMethod
+
+                return GSQDenseLinearMethod()
             from gsq_vllm.linear import GSQLinearMethod
 
             return GSQLinearMethod(self, prefix)
+        if isinstance(layer, VocabParallelEmbedding):  # embed_tokens and lm_head: never quantized
+            from gsq_vllm.dense import GSQDenseEmbeddingMethod
+
+            return GSQDenseEmbeddingMethod()
         return None

@@ -27,6 +27,8 @@ impl so torch.compile can trace through it.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from gsq_vllm.format import code_offset, storage_bits, unpack_codes
@@ -172,8 +174,28 @@ def _fake_cpu_gemm(x, lo, hi, scales, bits, group_size):
     return x.new_empty(x.shape[0], lo.shape[0])
 
 
-if _cpp is not None:  # the op is defined by the extension; torch.compile needs its shape rule
+def dense_kernel_wanted(weight: torch.Tensor) -> bool:
+    """Whether ``gsq::cpu_dense`` should serve this unquantized bf16 weight ``[N, K]``: a CPU
+    without a bf16 dot product (AVX2, AVX-512 before BF16), where vLLM cannot build its oneDNN
+    bf16 handle and falls back to torch's bf16 linear, whose time grows with every row of x.
+    ``GSQ_CPU_DENSE=0`` keeps vLLM's own path (to compare the two)."""
+    return (_cpp is not None and os.environ.get("GSQ_CPU_DENSE", "1") != "0" and weight.device.type == "cpu"
+            and weight.dtype == torch.bfloat16 and weight.dim() == 2 and not _cpp.bf16_gemm_is_native())
+
+
+def cpu_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` [..., K] (any float dtype) -> ``x @ weight.T + bias`` in x's dtype, for a bf16
+    ``weight`` [N, K] (``torch.ops.gsq.cpu_dense``; see :func:`dense_kernel_wanted`). Products and
+    sums in float32, the result rounded once."""
+    return torch.ops.gsq.cpu_dense(x, weight, bias)
+
+
+if _cpp is not None:  # the ops are defined by the extension; torch.compile needs their shape rules
     torch.library.register_fake("gsq::cpu_gemm")(_fake_cpu_gemm)
+
+    @torch.library.register_fake("gsq::cpu_dense")
+    def _fake_cpu_dense(x, weight, bias):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
 else:
 
     @torch.library.custom_op("gsq::cpu_gemm", mutates_args=())

@@ -195,3 +195,41 @@ def test_amx_kernel_is_fused_at_prefill_sizes_and_matches_its_rounding():
             torch.testing.assert_close(y.double(), ref.float().bfloat16().double(), rtol=8e-3, atol=1e-6 * ref.abs().max().item())
     finally:
         C._cpp.set_isa(before)
+
+
+@pytest.mark.parametrize("isa", EXACT, indirect=True)
+def test_dense_bf16_kernel_matches_reference(isa):
+    """gsq::cpu_dense (bf16 layers kept unquantized, on CPUs without a bf16 dot product): every
+    tile of rows (fused) and the float32-slice path above it, K not a multiple of the lanes, N not
+    a multiple of the tiles, a bias, leading dims; float32 sums of the exact bf16 products."""
+    gen = torch.Generator().manual_seed(21)
+    n, k = 45, 8 * 16 + 5
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    bias = torch.randn(n, generator=gen).bfloat16()
+    for m in (1, 2, 3, 4, 5, 7, 9, 16, 17, 40):
+        x = torch.randn(m, k, generator=gen)
+        ref = x.double() @ w.double().t() + bias.double()
+        y = C.cpu_dense(x, w, bias)
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        torch.testing.assert_close(y.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+        yb = C.cpu_dense(x.bfloat16(), w, None)  # bf16 in, bf16 out: rounded once
+        refb = x.bfloat16().double() @ w.double().t()
+        assert yb.dtype == torch.bfloat16
+        torch.testing.assert_close(yb.double(), refb.bfloat16().double(), rtol=8e-3, atol=1e-6 * refb.abs().max().item())
+    x3 = torch.randn(2, 3, k, generator=gen).bfloat16()
+    assert torch.equal(C.cpu_dense(x3, w, bias), C.cpu_dense(x3.reshape(6, k), w, bias).reshape(2, 3, n))
+    with pytest.raises(RuntimeError, match="columns"):
+        C.cpu_dense(torch.randn(1, k + 1), w, None)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        C.cpu_dense(torch.randn(1, k), w.float(), None)
+
+
+def test_dense_kernel_is_wanted_exactly_without_a_bf16_dot_product():
+    w = torch.zeros(8, 16, dtype=torch.bfloat16)
+    native = C._cpp.bf16_gemm_is_native()
+    assert native == ("avx512bf16" in ISAS or "amx" in ISAS)
+    assert C.dense_kernel_wanted(w) == (not native)
+    assert not C.dense_kernel_wanted(w.float())  # float32 layers keep vLLM's (fast) float32 GEMM
+    r = _python("import torch; from gsq_vllm import cpu_gemm as C; print(C.dense_kernel_wanted(torch.zeros(8, 16, dtype=torch.bfloat16)))",
+                GSQ_CPU_DENSE="0")
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

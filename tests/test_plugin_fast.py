@@ -235,6 +235,37 @@ def test_modules_to_not_convert_gives_unquantized_linear(vllm_dist):
     assert isinstance(quant.quant_method, GSQLinearMethod)
 
 
+def test_kept_linear_and_lm_head_use_the_dense_cpu_kernel_where_bf16_is_slow(vllm_dist):
+    """A linear the checkpoint keeps in bf16, and lm_head, are vLLM's unquantized methods; on a
+    CPU without a bf16 dot product their ``cpu_linear`` (what vLLM's CPU dispatch calls) is
+    gsq::cpu_dense, and the logits are x @ W.T either way."""
+    from vllm.model_executor.layers.linear import ReplicatedLinear, UnquantizedLinearMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
+
+    from gsq_vllm import cpu_gemm as C
+    from gsq_vllm.config import GSQConfig
+
+    cfg = GSQConfig.from_config(_quant_dict(modules_to_not_convert=["down_proj"]))
+    kept = ReplicatedLinear(128, 64, bias=False, quant_config=cfg, params_dtype=torch.bfloat16,
+                            prefix="model.layers.0.mlp.down_proj")
+    head = ParallelLMHead(256, 128, quant_config=cfg, params_dtype=torch.bfloat16, prefix="lm_head")
+    assert isinstance(kept.quant_method, UnquantizedLinearMethod)
+    assert isinstance(head.quant_method, UnquantizedEmbeddingMethod)
+    gen = torch.Generator().manual_seed(4)
+    for layer in (kept, head):
+        w = torch.randn(layer.weight.shape, generator=gen).bfloat16()
+        layer.weight.data.copy_(w)
+        ours = C.dense_kernel_wanted(layer.weight)
+        layer.quant_method.process_weights_after_loading(layer)  # vLLM's path may drop the weight
+        x = torch.randn(5, 128, generator=gen).bfloat16()
+        y = layer.quant_method.apply(layer, x)
+        ref = x.double() @ w.double().t()
+        torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+        if ours:
+            assert torch.equal(layer.weight.data, w)  # kept: tied embeddings read the same tensor
+            assert torch.equal(y, C.cpu_dense(x, w, None))
+
+
 def test_group_size_not_dividing_input_is_a_clear_error(vllm_dist):
     from vllm.model_executor.layers.linear import ReplicatedLinear
 

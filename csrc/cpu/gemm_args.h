@@ -40,3 +40,16 @@ struct DequantArgs {
 };
 
 using DequantRowsFn = void (*)(const DequantArgs&, int64_t n0, int64_t n1);
+
+// A dense bf16 weight (a layer the checkpoint keeps unquantized, or lm_head) on a CPU with no
+// bf16 dot product: y[m, n] = sum_k x[m, k] * w[n, k], each bf16 weight widened to float32 in
+// registers (gsq::cpu_dense in gsq_cpu_gemm.cpp).
+struct DenseArgs {
+  const float* x;      // [M, K] float32
+  const uint16_t* w;   // [N, K] bfloat16
+  void* y;             // [M, N] bfloat16 or float32 (y_bf16)
+  int64_t M, N, K;
+  bool y_bf16;
+};
+
+using DenseRowsFn = void (*)(const DenseArgs&, int64_t n0, int64_t n1);

@@ -17,6 +17,12 @@
 //
 // Rows of x are processed R at a time (R accumulators per output row in registers), so each
 // group's codes are unpacked once for R rows.
+//
+// With few rows of x one output row's work is a short chain of dependent FMAs per group, and
+// the core waits on FMA latency (5 cycles on Zen 1) instead of issuing: a 2-core Zen 1 EPYC ran
+// qkv at M = 1 at 2.4 weights per cycle. So a tile is T output rows x R rows of x (each x vector
+// loaded once for T rows), and each sum is split over C independent partial sums (quarters i
+// with i % C == c), with T * R * C <= V::kAccRegs accumulators in registers.
 #pragma once
 
 #include <cstdint>
@@ -25,50 +31,82 @@
 #include "gemm_args.h"
 #include "kernel_common.h"
 
-template <int G, bool Three, int R>
-static inline void dot_rows(const GemmArgs& a, int64_t n, int64_t m0, float out[R]) {
+// Output rows per tile for R rows of x, and partial sums per (output row, x row).
+template <int R>
+constexpr int out_rows() {
+  return R == 1 ? 4 : R == 2 ? 2 : 1;
+}
+template <int Acc>
+constexpr int chains() {
+  constexpr int c = V::kAccRegs / Acc;
+  return c >= 4 ? 4 : c >= 2 ? 2 : 1;
+}
+
+template <int G, bool Three, int R, int T>
+static inline void dot_rows(const GemmArgs& a, int64_t n, int64_t m0, float out[T][R]) {
   using F = typename V::F;
   using I = typename V::I;
   constexpr int L = V::kLanes;
   constexpr int Q = G / 4;
+  constexpr int C = chains<T * R>();
   static_assert(Q % L == 0, "a quarter group must hold whole vectors");
   const int64_t K = a.NG * G;
-  F acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = V::zero();
-  const uint8_t* lo_row = a.lo + n * a.NG * Q;
-  const uint8_t* hi_row = Three ? a.hi + n * a.NG * (G / 8) : nullptr;
+  F acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = V::zero();
   for (int64_t g = 0; g < a.NG; ++g) {
-    F part[R];
-    for (int r = 0; r < R; ++r) part[r] = V::zero();
-    const uint8_t* lo = lo_row + g * Q;
+    F part[T][C][R];
+    for (int t = 0; t < T; ++t)
+      for (int c = 0; c < C; ++c)
+        for (int r = 0; r < R; ++r) part[t][c][r] = V::zero();
     for (int j0 = 0; j0 < Q; j0 += L) {
-      const I bytes = V::load_u8(lo + j0);  // L bytes, zero-extended to int32 lanes
+      I bytes[T];
+      for (int t = 0; t < T; ++t) bytes[t] = V::load_u8(a.lo + ((n + t) * a.NG + g) * Q + j0);  // L bytes -> int32 lanes
       for (int i = 0; i < 4; ++i) {
-        I u = V::and_mask(bytes, 3 << (2 * i));
-        if constexpr (Three) u = V::or_hi_bits(u, hi_row + g * (G / 8), i * Q + j0, 2 * i + 2);
-        const F w = V::to_float(u);
         const int64_t k = g * G + i * Q + j0;
-        for (int r = 0; r < R; ++r) part[r] = V::fma(w, V::load(a.xs + (m0 + r) * K + k), part[r]);
+        F x[R];
+        for (int r = 0; r < R; ++r) x[r] = V::load(a.xs + (m0 + r) * K + k);
+        for (int t = 0; t < T; ++t) {
+          I u = V::and_mask(bytes[t], 3 << (2 * i));
+          if constexpr (Three) u = V::or_hi_bits(u, a.hi + ((n + t) * a.NG + g) * (G / 8), i * Q + j0, 2 * i + 2);
+          const F w = V::to_float(u);
+          for (int r = 0; r < R; ++r) part[t][i % C][r] = V::fma(w, x[r], part[t][i % C][r]);
+        }
       }
     }
-    const F s = V::set1(load_scale(a, n * a.NG + g));
-    // The code offset: xsum holds offset * sum_k x[m, k] of the group in its first lane.
-    for (int r = 0; r < R; ++r)
-      acc[r] = V::fma(s, V::sub(part[r], V::load(a.xsum + ((m0 + r) * a.NG + g) * 16)), acc[r]);
+    for (int t = 0; t < T; ++t) {
+      for (int c = 1; c < C; ++c)
+        for (int r = 0; r < R; ++r) part[t][0][r] = V::add(part[t][0][r], part[t][c][r]);
+      const F s = V::set1(load_scale(a, (n + t) * a.NG + g));
+      // The code offset: xsum holds offset * sum_k x[m, k] of the group in its first lane.
+      for (int r = 0; r < R; ++r)
+        acc[t][r] = V::fma(s, V::sub(part[t][0][r], V::load(a.xsum + ((m0 + r) * a.NG + g) * 16)), acc[t][r]);
+    }
   }
-  for (int r = 0; r < R; ++r) out[r] = V::hsum(acc[r]);
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) out[t][r] = V::hsum(acc[t][r]);
 }
 
 // The entry point each ISA file exports (as isa_name::gemm_rows_entry): all rows of x against
-// output rows [n0, n1). A quarter group must hold whole vectors (AVX-512 sends G = 32 to AVX2).
+// output rows [n0, n1), T output rows at a time, then one at a time. A quarter group must hold
+// whole vectors (AVX-512 sends G = 32 to AVX2).
 static void gemm_rows_entry(const GemmArgs& a, int64_t n0, int64_t n1) {
   with_layout(a.G, a.bits, [&](auto g, auto three) {
     constexpr int G = decltype(g)::value;
     constexpr bool Three = decltype(three)::value;
     if constexpr ((G / 4) % V::kLanes == 0)
       over_row_tiles<V::kMaxTile>(a.M, [&](auto r, int64_t m0) {
-        constexpr int R = decltype(r)::value;
-        store_tile<R>(a, m0, n0, n1, [&](int64_t n, float* out) { dot_rows<G, Three, R>(a, n, m0, out); });
+        constexpr int R = decltype(r)::value, T = out_rows<R>();
+        int64_t n = n0;
+        for (; n + T <= n1; n += T) {
+          float out[T][R];
+          dot_rows<G, Three, R, T>(a, n, m0, out);
+          for (int t = 0; t < T; ++t)
+            for (int rr = 0; rr < R; ++rr) store_y(a, m0 + rr, n + t, out[t][rr]);
+        }
+        store_tile<R>(a, m0, n, n1, [&](int64_t nn, float* o) {
+          dot_rows<G, Three, R, 1>(a, nn, m0, reinterpret_cast<float(*)[R]>(o));
+        });
       });
   });
 }
@@ -108,5 +146,42 @@ static void dequant_rows_entry(const DequantArgs& d, int64_t n0, int64_t n1) {
   with_layout(d.G, d.bits, [&](auto g, auto three) {
     if constexpr ((decltype(g)::value / 4) % V::kLanes == 0)
       dequant_rows<decltype(g)::value, decltype(three)::value>(d, n0, n1);
+  });
+}
+
+// Dense bf16 weights (DenseArgs): the same tile walk, each 8/16 bf16 weights widened to float32
+// once (a zero-extend and a 16-bit shift) for R rows of x. K need not be a multiple of the lanes.
+template <int R>
+static inline void dense_dot_rows(const DenseArgs& a, int64_t n, int64_t m0, float out[R]) {
+  using F = typename V::F;
+  constexpr int L = V::kLanes;
+  const int64_t K = a.K, Kv = K / L * L;
+  constexpr int C = chains<R>();
+  const uint16_t* w = a.w + n * K;
+  F acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = V::zero();
+  int64_t k = 0;
+  for (; k + C * L <= Kv; k += C * L)
+    for (int c = 0; c < C; ++c) {
+      const F wv = V::load_bf16(w + k + c * L);
+      for (int r = 0; r < R; ++r) acc[c][r] = V::fma(wv, V::load(a.x + (m0 + r) * K + k + c * L), acc[c][r]);
+    }
+  for (; k < Kv; k += L) {
+    const F wv = V::load_bf16(w + k);
+    for (int r = 0; r < R; ++r) acc[0][r] = V::fma(wv, V::load(a.x + (m0 + r) * K + k), acc[0][r]);
+  }
+  for (int c = 1; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[0][r] = V::add(acc[0][r], acc[c][r]);
+  for (int r = 0; r < R; ++r) {
+    out[r] = V::hsum(acc[0][r]);
+    for (int64_t k = Kv; k < K; ++k) out[r] += a.x[(m0 + r) * K + k] * bf16_to_float(w[k]);
+  }
+}
+
+static void dense_rows_entry(const DenseArgs& a, int64_t n0, int64_t n1) {
+  over_row_tiles<V::kMaxTile>(a.M, [&](auto r, int64_t m0) {
+    constexpr int R = decltype(r)::value;
+    store_tile<R>(a, m0, n0, n1, [&](int64_t n, float* out) { dense_dot_rows<R>(a, n, m0, out); });
   });
 }

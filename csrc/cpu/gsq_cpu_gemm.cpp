@@ -31,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -50,6 +51,8 @@ extern GemmRowsFn gsq_gemm_rows_avx512bf16;  // isa_avx512bf16.cpp
 extern GemmRowsFn gsq_gemm_rows_avx512vnni;  // isa_avx512vnni.cpp
 extern DequantRowsFn gsq_dequant_rows_avx2;
 extern DequantRowsFn gsq_dequant_rows_avx512;
+extern DenseRowsFn gsq_dense_rows_avx2;
+extern DenseRowsFn gsq_dense_rows_avx512;
 
 namespace {
 
@@ -403,6 +406,10 @@ torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const to
   return out;
 }
 
+// Whether this CPU multiplies bf16 natively (AVX-512-BF16 dot products or AMX tiles), so that
+// oneDNN's bf16 GEMM is fast; elsewhere a bf16 GEMM is far slower than a float32 one.
+bool bf16_gemm_is_native() { return cpu_has(Isa::kAvx512Bf16) || cpu_has(Isa::kAmx); }
+
 // Up to this many rows of x the fused kernel runs; above, the blocked path (dequantize a K-block
 // once, then oneDNN's GEMM) amortizes better. Crossovers from benchmarks/bench_cpu_gemm.py
 // (2-core AMD EPYC, 2026-11-25; the generic kernel's 8 from an earlier machine):
@@ -427,6 +434,11 @@ int64_t max_fused_rows(int64_t N, int64_t K, bool bf16_x) {
   if (g_isa == Isa::kGeneric) return 8;
   const bool large = N * K >= (int64_t{8} << 20);
   if (g_isa == Isa::kAvx512Bf16 || g_isa == Isa::kAvx512Vnni || g_isa == Isa::kAmx) return large ? 32 : 12;
+  // AVX2 (2-core AVX2-only EPYC, 1 thread, 2026-12-03; its blocked path is float32): at M = 16 the
+  // fused kernel beat it on gate_up (3.0 vs 4.4 ms) and tied on qkv / down; at 32 the blocked
+  // path won on qkv and down (1.6 vs 1.9, 2.4 vs 3.8 ms). Large layers: 32, as for the bf16-dot
+  // kernel (not measured on AVX2; a float32 block is twice a bf16 one, so no more cache-friendly).
+  if (g_isa == Isa::kAvx2) return large ? 32 : 16;
   return large ? 16 : 8;
 }
 
@@ -462,15 +474,21 @@ torch::Tensor cpu_gemm_op(const torch::Tensor& x, const torch::Tensor& lo, const
   TORCH_CHECK(xc.size(1) == K, "x has ", xc.size(1), " columns, the weight ", K);
   // Products of small integer codes and scales are exact in float32, so the dequantized block in
   // x's dtype is the weight rounded once, as a dense layer in that dtype would hold it.
-  const auto wdtype = xc.scalar_type();
+  // A CPU without a bf16 dot product (AVX2, AVX-512 before BF16) has no fast bf16 GEMM: oneDNN
+  // refuses the primitive and torch runs a loop whose time grows with every row of x (on a 2-core
+  // AVX2 EPYC, qkv at M = 256: 55 ms in bf16 against 9 ms in float32). There the block stays
+  // float32 (the exact weight) and so does x; y is rounded to bf16 once at the end.
+  const bool bf16_gemm = bf16_gemm_is_native();
+  const torch::Tensor xg = xc.scalar_type() == torch::kBFloat16 && !bf16_gemm ? xc.to(torch::kFloat32) : xc;
+  const auto wdtype = xg.scalar_type();
   const torch::Tensor sf = sc.to(torch::kFloat32).contiguous();
   // Output rows in chunks whose dequantized block stays near 8 MiB (one L3-sized slice): a
   // [28672, 1024] bf16 block of a 70B MLP would be 56 MiB and run ~5x slower than the same
   // work in 4096-row slices. SmolLM2-sized layers are one chunk.
   const int64_t N = lo.size(0);
-  const int64_t rows = std::max<int64_t>(64, (int64_t{8} << 20) / (bk * static_cast<int64_t>(xc.element_size())));
+  const int64_t rows = std::max<int64_t>(64, (int64_t{8} << 20) / (bk * static_cast<int64_t>(xg.element_size())));
   const bool hi_used = bits == 3;
-  torch::Tensor y = torch::empty({xc.size(0), N}, xc.options());
+  torch::Tensor y = torch::empty({xg.size(0), N}, xg.options());
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t nn = std::min(rows, N - n0);
     const torch::Tensor lo_n = lo.narrow(0, n0, nn), sf_n = sf.narrow(0, n0, nn);
@@ -478,7 +496,7 @@ torch::Tensor cpu_gemm_op(const torch::Tensor& x, const torch::Tensor& lo, const
     torch::Tensor y_n = y.narrow(1, n0, nn);
     for (int64_t b = 0; b < K / bk; ++b) {
       const torch::Tensor w = dequant(lo_n, hi_n, sf_n, bits, group_size, b * gpb, (b + 1) * gpb, wdtype);
-      const torch::Tensor xb = xc.narrow(1, b * bk, bk);
+      const torch::Tensor xb = xg.narrow(1, b * bk, bk);
       if (b == 0)
         y_n.copy_(at::matmul(xb, w.t()));
       else
@@ -488,12 +506,52 @@ torch::Tensor cpu_gemm_op(const torch::Tensor& x, const torch::Tensor& lo, const
   return y.to(x.scalar_type());
 }
 
+// gsq::cpu_dense: a bf16 layer the checkpoint keeps unquantized (lm_head, skipped attention),
+// for CPUs without a bf16 dot product, where vLLM's oneDNN handle cannot be made and torch's bf16
+// linear is a loop whose time grows with every row of x (2-core AVX2 EPYC, lm_head 49152 x 576:
+// 11.8 ms at M = 1, 88.6 ms at M = 8). Up to kDenseFusedRows rows the SIMD kernel widens each
+// bf16 weight in registers (weights read once per tile of rows, at bf16's 2 bytes); above, slices
+// of ~8 MiB of the weight go to float32 and oneDNN's float32 GEMM. Sums in float32, y rounded once.
+constexpr int64_t kDenseFusedRows = 16;
+
+torch::Tensor cpu_dense_op(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gsq::cpu_dense: CPU tensors only");
+  TORCH_CHECK(w.dtype() == torch::kBFloat16 && w.dim() == 2, "gsq::cpu_dense: w must be bfloat16 [N, K]");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "gsq::cpu_dense: x has ", x.size(-1), " columns, the weight ", K);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  const torch::Tensor xf = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
+  const torch::Tensor wc = w.contiguous();
+  const int64_t M = xf.size(0);
+  DenseRowsFn rows = g_isa == Isa::kGeneric ? nullptr : g_isa == Isa::kAvx2 ? gsq_dense_rows_avx2 : gsq_dense_rows_avx512;
+  torch::Tensor y;
+  if (rows != nullptr && M <= kDenseFusedRows) {
+    y = torch::empty({M, N}, xf.options());
+    DenseArgs a{xf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()), y.data_ptr(), M, N, K, false};
+    if (M > 0) at::parallel_for(0, N, kRowsPerTask, [&](int64_t n0, int64_t n1) { rows(a, n0, n1); });
+  } else {
+    y = torch::empty({M, N}, xf.options());
+    const int64_t slice = std::max<int64_t>(64, (int64_t{8} << 20) / (4 * std::max<int64_t>(K, 1)));
+    for (int64_t n0 = 0; n0 < N; n0 += slice) {
+      const int64_t nn = std::min(slice, N - n0);
+      y.narrow(1, n0, nn).copy_(at::matmul(xf, wc.narrow(0, n0, nn).to(torch::kFloat32).t()));
+    }
+  }
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(torch::kFloat32));
+  return y.to(x.scalar_type()).reshape(out_shape);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gsq, m) {
   m.def("cpu_gemm(Tensor x, Tensor lo, Tensor hi, Tensor scales, int bits, int group_size) -> Tensor");
+  m.def("cpu_dense(Tensor x, Tensor w, Tensor? bias) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(gsq, CPU, m) { m.impl("cpu_gemm", &cpu_gemm_op); }
+TORCH_LIBRARY_IMPL(gsq, CPU, m) {
+  m.impl("cpu_gemm", &cpu_gemm_op);
+  m.impl("cpu_dense", &cpu_dense_op);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Bumped whenever the plane layout changes; gsq_vllm/cpu_gemm.py refuses a stale build.
@@ -506,5 +564,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &get_isa, "the kernel in use (see supported_isas)");
   m.def("set_isa", &set_isa, "use this kernel from now on (must be supported here); returns the previous one");
   m.def("supported_isas", &supported_isas, "the kernels this CPU can run");
+  m.def("bf16_gemm_is_native", &bf16_gemm_is_native,
+        "whether this CPU multiplies bf16 natively (AVX-512-BF16 or AMX); elsewhere gsq::cpu_dense serves bf16 layers");
   m.def("dequant", &dequant, "GSQ planes of groups [g0, g1) -> dense weight [N, (g1-g0)*G] (float32 or bfloat16)");
 }

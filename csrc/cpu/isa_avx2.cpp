@@ -18,9 +18,11 @@ struct V {
   using I = __m256i;
   static constexpr int kLanes = 8;
   static constexpr int kMaxTile = 4;
+  static constexpr int kAccRegs = 8;  // accumulators kept in registers (dot_rows' chains)
   static inline F zero() { return _mm256_setzero_ps(); }
   static inline F set1(float v) { return _mm256_set1_ps(v); }
   static inline F load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
   static inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static inline F to_float(I v) { return _mm256_cvtepi32_ps(v); }
@@ -45,6 +47,9 @@ struct V {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                      _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
   }
+  static inline F load_bf16(const uint16_t* p) {  // 8 bf16 -> float32: the bits, 16 places up
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  }
   static inline float hsum(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -59,5 +64,6 @@ struct V {
 
 GemmRowsFn gsq_gemm_rows_avx2 = &gsq_isa_avx2::gemm_rows_entry;
 DequantRowsFn gsq_dequant_rows_avx2 = &gsq_isa_avx2::dequant_rows_entry;
+DenseRowsFn gsq_dense_rows_avx2 = &gsq_isa_avx2::dense_rows_entry;
 
 #pragma GCC pop_options

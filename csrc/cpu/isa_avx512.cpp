@@ -20,9 +20,11 @@ struct V {
   using I = __m512i;
   static constexpr int kLanes = 16;
   static constexpr int kMaxTile = 8;
+  static constexpr int kAccRegs = 16;  // accumulators kept in registers (dot_rows' chains)
   static inline F zero() { return _mm512_setzero_ps(); }
   static inline F set1(float v) { return _mm512_set1_ps(v); }
   static inline F load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
   static inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static inline F to_float(I v) { return _mm512_cvtepi32_ps(v); }
@@ -45,6 +47,9 @@ struct V {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
   }
   static inline float hsum(F v) { return _mm512_reduce_add_ps(v); }
+  static inline F load_bf16(const uint16_t* p) {  // 16 bf16 -> float32: the bits, 16 places up
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
 };
 
 #include "gemm_simd.h"
@@ -53,5 +58,6 @@ struct V {
 
 GemmRowsFn gsq_gemm_rows_avx512 = &gsq_isa_avx512::gemm_rows_entry;
 DequantRowsFn gsq_dequant_rows_avx512 = &gsq_isa_avx512::dequant_rows_entry;
+DenseRowsFn gsq_dense_rows_avx512 = &gsq_isa_avx512::dense_rows_entry;
 
 #pragma GCC pop_options

@@ -26,7 +26,8 @@ static inline float load_scale(const GemmArgs& a, int64_t i) {
                        : static_cast<const float*>(a.scales)[i];
 }
 
-static inline void store_y(const GemmArgs& a, int64_t m, int64_t n, float v) {
+template <typename Args>  // GemmArgs or DenseArgs: y [M, N], bf16 or float32
+static inline void store_y(const Args& a, int64_t m, int64_t n, float v) {
   if (a.y_bf16)
     static_cast<uint16_t*>(a.y)[m * a.N + n] = float_to_bf16(v);
   else
@@ -71,8 +72,8 @@ static inline void over_row_tiles(int64_t M, F&& f) {
 }
 
 // Output rows [n0, n1) for rows m0..m0+R-1 of x: dot(n, out) fills out[R], store_y writes it.
-template <int R, typename Dot>
-static inline void store_tile(const GemmArgs& a, int64_t m0, int64_t n0, int64_t n1, Dot&& dot) {
+template <int R, typename Args, typename Dot>
+static inline void store_tile(const Args& a, int64_t m0, int64_t n0, int64_t n1, Dot&& dot) {
   float out[R];
   for (int64_t n = n0; n < n1; ++n) {
     dot(n, out);
