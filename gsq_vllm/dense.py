@@ -11,11 +11,15 @@ and 88.6 ms at eight. These methods are vLLM's own unquantized ones, except that
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
 from gsq_vllm import cpu_gemm
+
+_logged = False
 
 
 def _take_cpu_linear(layer: torch.nn.Module) -> bool:
@@ -26,6 +30,12 @@ def _take_cpu_linear(layer: torch.nn.Module) -> bool:
     if not cpu_gemm.dense_kernel_wanted(weight):
         return False
     layer.cpu_linear = lambda x, w, bias: cpu_gemm.cpu_dense(x, w, bias)
+    global _logged
+    if not _logged:  # once per process, under vLLM's logger like the GEMM kernel's line
+        _logged = True
+        logging.getLogger("vllm.gsq").info(
+            "gsq: bf16 layers kept unquantized (lm_head, ...) run gsq::cpu_dense: this CPU has no bf16 dot "
+            "product (GSQ_CPU_DENSE=0 keeps vLLM's torch fallback)")
     return True
 
 
