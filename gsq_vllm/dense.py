@@ -29,7 +29,7 @@ def _take_cpu_linear(layer: torch.nn.Module) -> bool:
         return False
     if not cpu_gemm.dense_kernel_wanted(weight):
         return False
-    layer.cpu_linear = lambda x, w, bias: cpu_gemm.cpu_dense(x, w, bias)
+    layer.cpu_linear = cpu_gemm.cpu_dense  # called as (x, weight, bias)
     global _logged
     if not _logged:  # once per process, under vLLM's logger like the GEMM kernel's line
         _logged = True

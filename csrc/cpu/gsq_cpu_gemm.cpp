@@ -525,13 +525,11 @@ torch::Tensor cpu_dense_op(const torch::Tensor& x, const torch::Tensor& w, const
   const torch::Tensor wc = w.contiguous();
   const int64_t M = xf.size(0);
   DenseRowsFn rows = g_isa == Isa::kGeneric ? nullptr : g_isa == Isa::kAvx2 ? gsq_dense_rows_avx2 : gsq_dense_rows_avx512;
-  torch::Tensor y;
+  torch::Tensor y = torch::empty({M, N}, xf.options());
   if (rows != nullptr && M <= kDenseFusedRows) {
-    y = torch::empty({M, N}, xf.options());
     DenseArgs a{xf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()), y.data_ptr(), M, N, K, false};
     if (M > 0) at::parallel_for(0, N, kRowsPerTask, [&](int64_t n0, int64_t n1) { rows(a, n0, n1); });
   } else {
-    y = torch::empty({M, N}, xf.options());
     const int64_t slice = std::max<int64_t>(64, (int64_t{8} << 20) / (4 * std::max<int64_t>(K, 1)));
     for (int64_t n0 = 0; n0 < N; n0 += slice) {
       const int64_t nn = std::min(slice, N - n0);
