@@ -41,29 +41,53 @@ def _candidates(bits, search: str) -> list[float]:
     return out
 
 
+# Rows searched at once: the temporaries of a chunk (4096 x G float32, 1 MiB at G = 64) stay in
+# cache across the candidates; whole-matrix temporaries do not (measured 2.7x slower on a block).
+_SEARCH_ROWS = 4096
+
+
+def _abs_pow_(e: torch.Tensor, power: float) -> torch.Tensor:
+    """``e := |e| ** power`` in place; exp(power * log|e|) for a non-integer power, which torch
+    vectorizes (about 2x faster than ``pow`` here; equal to it within 4e-6 relative)."""
+    e.abs_()
+    if power == 2.0:
+        return e.square_()
+    return e.log_().mul_(power).exp_()
+
+
 def mse_scales(w: torch.Tensor, bits, weight: torch.Tensor | None = None, search: str = "mse") -> torch.Tensor:
     """Per-row scale of ``w`` [R, G] (float32) minimizing the group's rounding error.
 
     ``search``: ``mse`` -- squared error over 41 positive clip factors; ``gptq-ref`` -- |error|^2.4
     over 80 clip factors of two base scales, and negative scales at 2 bits (see _candidates).
     ``weight``: optional float32 ``[G]`` importance per column (e.g. Hessian diagonal).
-    Returns float32 ``[R, 1]``, never zero (rows of zeros get scale 1).
+    Returns float32 ``[R, 1]``, never zero (rows of zeros get scale 1). The first of equal errors
+    wins, in _candidates' order.
     """
     power = 2.0 if search == "mse" else 2.4
-    absmax = w.abs().amax(dim=1, keepdim=True)
-    absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    best_err = torch.full_like(absmax, float("inf"))
-    best = absmax / grid_range(bits)[1]
-    for c in _candidates(bits, search):
-        s = absmax * c
-        err = (w - s * round_to_grid(w, s, bits)).abs().pow(power)
-        if weight is not None:
-            err = err * weight
-        err = err.sum(dim=1, keepdim=True)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, s, best)
-    return best
+    qmin, qmax = grid_range(bits)
+    cands = _candidates(bits, search)
+    out = torch.empty(w.shape[0], 1, dtype=torch.float32, device=w.device)
+    for r0 in range(0, w.shape[0], _SEARCH_ROWS):
+        wc = w[r0 : r0 + _SEARCH_ROWS]
+        absmax = wc.abs().amax(dim=1, keepdim=True)
+        absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        best_err = torch.full_like(absmax, float("inf"))
+        best = absmax / qmax
+        q, e, err = torch.empty_like(wc), torch.empty_like(wc), torch.empty_like(absmax)
+        for c in cands:
+            s = absmax * c
+            torch.div(wc, s, out=q).round_().clamp_(qmin, qmax)  # round_to_grid, without allocating
+            torch.addcmul(wc, q, s, value=-1.0, out=e)
+            _abs_pow_(e, power)
+            if weight is not None:
+                e.mul_(weight)
+            torch.sum(e, dim=1, keepdim=True, out=err)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, s, best)
+        out[r0 : r0 + _SEARCH_ROWS] = best
+    return out
 
 
 def rtn_quantize(w: torch.Tensor, bits, group_size: int, search: str = "gptq-ref") -> QuantizedWeight:

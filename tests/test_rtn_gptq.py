@@ -74,3 +74,26 @@ def test_gptq_ref_scale_search_mirrors_2bit_grid_for_positive_outliers():
     assert (mse_scales(w, 3, search="gptq-ref") > 0).all()
     with pytest.raises(ValueError, match="scale search"):
         mse_scales(w, 2, search="minmax")
+
+
+@pytest.mark.parametrize("search", ["mse", "gptq-ref"])
+def test_scale_search_picks_each_rows_best_candidate_across_row_chunks(search):
+    # More rows than the search takes at once, so a chunk boundary falls inside; a plain
+    # per-row brute force over the same candidates (torch.pow, the whole matrix) must agree.
+    from quantize import rtn
+
+    g = torch.Generator().manual_seed(2)
+    rows = rtn._SEARCH_ROWS + 37
+    w = torch.randn(rows, 16, generator=g) * torch.rand(rows, 1, generator=g)
+    w[5] = 0.0
+    weight = torch.rand(16, generator=g) + 0.5
+    bits, power = 2, (2.0 if search == "mse" else 2.4)
+    absmax = w.abs().amax(1, keepdim=True)
+    absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    errs = torch.stack([((w - absmax * c * round_to_grid(w, absmax * c, bits)).abs().pow(power) * weight).sum(1)
+                        for c in rtn._candidates(bits, search)], 1)
+    got = mse_scales(w, bits, weight=weight, search=search)
+    got_err = ((w - got * round_to_grid(w, got, bits)).abs().pow(power) * weight).sum(1)
+    # exp(log) vs pow: the chosen candidate's error equals the best within float rounding
+    assert torch.allclose(got_err, errs.min(1).values, rtol=1e-5, atol=0)
+    assert got[5].item() != 0  # a row of zeros still gets a usable scale
