@@ -68,6 +68,9 @@ MUTANTS = {
 }
 
 TIME_LIMIT_S = 120
+# Mutants and the unmodified tree alike: -O1 without debug info compiles in half the time of the
+# default -O2 -g (13 s against 23 s a library on 2 cores) and runs the cases as fast (torch-bound).
+MUTANT_CXXFLAGS = [f for f in ce.CXXFLAGS if f not in ("-O2", "-g")] + ["-O1"]
 
 
 def _mutate(src: str, edits) -> str:
@@ -85,7 +88,7 @@ def _build(name: str, mutant, root: Path) -> Path:
         path, edits = mutant
         f = d / "csrc" / path
         f.write_text(_mutate(f.read_text(), edits))
-    return ce.build_library(out_dir=d, csrc=d / "csrc")
+    return ce.build_library(out_dir=d, csrc=d / "csrc", cxxflags=MUTANT_CXXFLAGS)
 
 
 @pytest.fixture(scope="module")
