@@ -8,6 +8,8 @@ each format's own dequantization: the compressed-tensors library's
 decompressor, and GPTQ's formula ``scale * (q - (zero + 1))``.
 """
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -158,6 +160,19 @@ def _gptq_dequant(folder: Path, prefix: str, bits: int, g: int, version: str) ->
 
 
 def _run(*argv):
+    """gsq-convert's main in this process, as a CompletedProcess: a subprocess would import the
+    compressed-tensors library again (8-10 s on 2 cores, most of each test). _run_process, the
+    real command, is kept for one refusal."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = convert.main([str(a) for a in argv])
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
+    return subprocess.CompletedProcess(["gsq-convert", *map(str, argv)], rc, out.getvalue(), err.getvalue())
+
+
+def _run_process(*argv):
     return subprocess.run([sys.executable, "-m", "gsq_vllm.convert", *map(str, argv)], capture_output=True,
                           text=True, timeout=300)
 
@@ -279,7 +294,7 @@ def _refused(r, out: Path, *needles):
 
 def test_asymmetric_compressed_tensors_is_refused(tmp_path):
     write_ct(tmp_path / "ct", 4, 64, 2, symmetric=False)
-    _refused(_run(tmp_path / "ct", tmp_path / "out"), tmp_path / "out", "not symmetric")
+    _refused(_run_process(tmp_path / "ct", tmp_path / "out"), tmp_path / "out", "not symmetric")
 
 
 def test_stray_zero_point_tensor_is_refused_by_name(tmp_path):
