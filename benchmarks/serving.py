@@ -11,6 +11,10 @@ each concurrency, stops the server, and reports per (model, concurrency):
 
     python benchmarks/serving.py --models bf16=DIR gsq2=DIR gsq3=DIR \
         --concurrency 1 8 --requests 8 --max-tokens 128 --out bench.json
+
+``--model-env NAME:KEY=VALUE`` sets an environment variable for one model's server only, so
+one run can compare kernels on the same checkpoint, e.g. ``--models gsq2=DIR gsq2-int8=DIR
+--model-env gsq2-int8:GSQ_CPU_ISA=avx2int8``.
 """
 
 from __future__ import annotations
@@ -47,8 +51,9 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def start_server(model: str, port: int, extra: list[str], log_path: Path) -> subprocess.Popen:
-    env = dict(os.environ)
+def start_server(model: str, port: int, extra: list[str], log_path: Path,
+                 extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = dict(os.environ, **(extra_env or {}))
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     cmd = [sys.executable, "-m", "gsq_vllm.serve", model, "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", "bench", *extra]
@@ -80,13 +85,14 @@ def wait_ready(proc: subprocess.Popen, base: str, timeout_s: float) -> float:
 
 
 @contextlib.contextmanager
-def running_server(model: str, extra: list[str], log_path: Path, timeout_s: float = 900):
+def running_server(model: str, extra: list[str], log_path: Path, timeout_s: float = 900,
+                   extra_env: dict[str, str] | None = None):
     """``with running_server(folder, args, log) as (base_url, startup_s):`` a ``gsq-serve`` of
     ``folder`` on a free port of 127.0.0.1 (served model name "bench"), up and answering;
-    stopped on exit, whatever happens inside."""
+    stopped on exit, whatever happens inside. ``extra_env`` is added to this server's environment."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start_server(model, port, extra, log_path)
+    proc = start_server(model, port, extra, log_path, extra_env)
     try:
         yield base, wait_ready(proc, base, timeout_s)
     finally:
@@ -103,6 +109,21 @@ def model_specs(specs: list[str], prog: str) -> list[tuple[str, str]] | None:
             return None
         pairs.append((name, folder))
     return pairs
+
+
+def model_envs(specs: list[str], names: list[str], prog: str) -> dict[str, dict[str, str]] | None:
+    """``NAME:KEY=VALUE`` arguments as {name: {key: value}}; None (after one error line) if one is
+    malformed or names a model that is not in --models."""
+    envs: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        name, _, assignment = spec.partition(":")
+        key, eq, value = assignment.partition("=")
+        if name not in names or not key or not eq:
+            print(f"{prog}: error: --model-env expects NAME:KEY=VALUE with NAME one of --models, got {spec!r}",
+                  file=sys.stderr)
+            return None
+        envs.setdefault(name, {})[key] = value
+    return envs
 
 
 async def one_request(client: httpx.AsyncClient, base: str, max_tokens: int) -> dict:
@@ -161,6 +182,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--server-args", default="--max-model-len 512 --dtype bfloat16",
                     help="extra api_server options (one string)")
+    ap.add_argument("--model-env", nargs="*", default=[], metavar="NAME:KEY=VALUE",
+                    help="an environment variable for one model's server only (e.g. gsq2-int8:GSQ_CPU_ISA=avx2int8)")
     ap.add_argument("--startup-timeout", type=float, default=600)
     ap.add_argument("--out", default="serving_bench.json")
     args = ap.parse_args()
@@ -168,20 +191,24 @@ def main() -> int:
     models = model_specs(args.models, "serving.py")
     if models is None:
         return 2
+    envs = model_envs(args.model_env, [name for name, _ in models], "serving.py")
+    if envs is None:
+        return 2
     results = []
     for name, folder in models:
         log = Path(args.out).with_suffix(f".{name}.log")
-        with running_server(folder, args.server_args.split(), log, args.startup_timeout) as (base, startup):
+        env = envs.get(name, {})
+        with running_server(folder, args.server_args.split(), log, args.startup_timeout, env) as (base, startup):
             for c in args.concurrency:
                 row = asyncio.run(run_level(base, c, max(args.requests, c), args.max_tokens))
-                row.update(model=name, folder=folder, startup_s=startup)
+                row.update(model=name, folder=folder, startup_s=startup, env=env)
                 results.append(row)
                 print(f"{name} c={c}: {row['output_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
 
-    hdr = f"{'model':<8} {'conc':>4} {'out tok/s':>9} {'decode tok/s':>12} {'TTFT p50/p90/p99 ms':>22} {'ITL p50/p90/p99 ms':>20}"
+    hdr = f"{'model':<10} {'conc':>4} {'out tok/s':>9} {'decode tok/s':>12} {'TTFT p50/p90/p99 ms':>22} {'ITL p50/p90/p99 ms':>20}"
     print(hdr)
     for r in results:
-        print(f"{r['model']:<8} {r['concurrency']:>4} {r['output_tok_s']:>9.1f} {r['decode_tok_s']:>12.1f} "
+        print(f"{r['model']:<10} {r['concurrency']:>4} {r['output_tok_s']:>9.1f} {r['decode_tok_s']:>12.1f} "
               f"{r['ttft_ms_p50']:>7.0f}/{r['ttft_ms_p90']:.0f}/{r['ttft_ms_p99']:.0f} "
               f"{r['itl_ms_p50']:>8.1f}/{r['itl_ms_p90']:.1f}/{r['itl_ms_p99']:.1f}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))

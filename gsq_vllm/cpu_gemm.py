@@ -68,8 +68,8 @@ def cpp_kernel_available() -> bool:
 
 def cpu_isa() -> str | None:
     """The C++ kernel in use: "amx", "avx512bf16", "avx512", "avx2" or "generic" (chosen from cpuid
-    at load; amx also needs the OS to grant the tile state), or "avx512vnni" (int8 activations, only when GSQ_CPU_ISA asks for it); None when the
-    extension is not built."""
+    at load; amx also needs the OS to grant the tile state), or "avx512vnni" / "avx2int8" (int8
+    activations, only when GSQ_CPU_ISA asks for one); None when the extension is not built."""
     return _cpp.isa() if _cpp is not None else None
 
 

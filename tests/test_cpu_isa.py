@@ -19,8 +19,9 @@ from gsq_vllm import format as F
 pytestmark = pytest.mark.skipif(not C.cpp_kernel_available(), reason="gsq_vllm._C_cpu not built")
 
 ISAS = C._cpp.supported_isas() if C.cpp_kernel_available() else []
-# The kernels that compute the exact products (the int8-activation one rounds x: tested apart).
-EXACT = [i for i in ISAS if i != "avx512vnni"]
+# The kernels that compute the exact products (the int8-activation ones round x: tested apart).
+INT8 = [i for i in ISAS if i in ("avx512vnni", "avx2int8")]
+EXACT = [i for i in ISAS if i not in INT8]
 
 
 @pytest.fixture
@@ -92,30 +93,30 @@ def _int8_reference(x, q, s, g, offset):
     return (dots * (a.double().squeeze(-1).unsqueeze(1) * s.double().unsqueeze(0))).sum(-1)
 
 
-@pytest.mark.skipif("avx512vnni" not in ISAS, reason="this CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("isa", INT8, indirect=True)
+@pytest.mark.parametrize("bits", [2, 3, 1.58])
 @pytest.mark.parametrize("g", [32, 64, 128])
-def test_int8_activation_kernel_matches_its_rounding(bits, g):
-    """GSQ_CPU_ISA=avx512vnni: the integer dot products are exact, so the result is the int8-rounded
-    activations times the weight up to float32 summation; and it stays near the bf16 result."""
-    n, k = 29, 5 * g
-    q, s, lo, hi = _case(n, k, bits, g, seed=g + 3 * bits)
+def test_int8_activation_kernel_matches_its_rounding(isa, bits, g):
+    """GSQ_CPU_ISA=avx512vnni / avx2int8: the integer dot products are exact, so the result is the
+    int8-rounded activations times the weight up to float32 summation; and it stays near the
+    bf16 result. K = 5 groups: a partial last block for G = 32 and 64 in both kernels."""
+    n, k = 29, 5 * g  # N: whole 4-row output tiles and a tail
+    q, s, lo, hi = _case(n, k, bits, g, seed=g + int(3 * bits))
+    bits = F.storage_bits(bits)
     offset = 2 ** (bits - 1)
-    before = C._cpp.set_isa("avx512vnni")
-    try:
-        gen = torch.Generator().manual_seed(5)
-        for m in (1, 3, 8, 11):
-            x = torch.randn(m, k, generator=gen).bfloat16()
-            ref = _int8_reference(x, q, s, g, offset)
-            y = C._cpp.gemm(x, lo, hi, s, bits, g)
-            assert y.dtype == torch.bfloat16
-            torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
-            yf = C._cpp.gemm(x.float(), lo, hi, s, bits, g)
-            torch.testing.assert_close(yf.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
-            exact = x.double() @ F.dequantize(q, s, g).double().t()
-            assert (yf.double() - exact).abs().max() < 0.02 * exact.abs().max()  # int8 rounding, not a bug
-    finally:
-        C._cpp.set_isa(before)
+    gen = torch.Generator().manual_seed(5)
+    for m in (1, 2, 3, 8, 11):  # 1, 2, 3 and 4 rows of x per tile
+        x = torch.randn(m, k, generator=gen).bfloat16()
+        ref = _int8_reference(x, q, s, g, offset)
+        y = C._cpp.gemm(x, lo, hi, s, bits, g)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+        yf = C._cpp.gemm(x.float(), lo, hi, s, bits, g)
+        torch.testing.assert_close(yf.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+        ys = C._cpp.gemm(x.float(), lo, hi, s.float(), bits, g)  # float32 scales
+        torch.testing.assert_close(ys.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+        exact = x.double() @ F.dequantize(q, s, g).double().t()
+        assert (yf.double() - exact).abs().max() < 0.02 * exact.abs().max()  # int8 rounding, not a bug
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
@@ -128,7 +129,7 @@ def test_every_isa_through_the_custom_op(isa):
         x = torch.randn(m, k).bfloat16()
         y = torch.ops.gsq.cpu_gemm(x, lo, hi, s, 2, g)
         assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-        tol = 5e-2 if isa == "avx512vnni" else 2e-2  # int8 activations
+        tol = 5e-2 if isa in INT8 else 2e-2  # int8 activations
         torch.testing.assert_close(y.float(), x.float() @ w.t(), rtol=tol, atol=tol)
 
 
@@ -136,7 +137,7 @@ def test_best_isa_is_chosen_and_names_are_checked():
     # cpuid decides: the widest kernel this CPU has is the one in use (unless forced)
     if not os.environ.get("GSQ_CPU_ISA"):  # the int8 kernel is opt-in only
         assert C.cpu_isa() == EXACT[-1]
-    with pytest.raises(RuntimeError, match="generic, avx2, avx512, avx512bf16, amx or avx512vnni"):
+    with pytest.raises(RuntimeError, match="generic, avx2, avx512, avx512bf16, amx, avx512vnni or avx2int8"):
         C._cpp.set_isa("sse9")
 
 
@@ -150,7 +151,7 @@ def test_gsq_cpu_isa_forces_a_kernel():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "generic"
     r = _python("from gsq_vllm import cpu_gemm as C; print(C.cpu_isa())", GSQ_CPU_ISA="avx3000")
-    assert r.returncode != 0 and "must be generic, avx2, avx512, avx512bf16, amx or avx512vnni" in r.stderr
+    assert r.returncode != 0 and "must be generic, avx2, avx512, avx512bf16, amx, avx512vnni or avx2int8" in r.stderr
 
 
 def test_fused_row_limit_can_be_set_and_is_checked():

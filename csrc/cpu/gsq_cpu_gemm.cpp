@@ -8,7 +8,7 @@
 //   amx: AMX bf16 tiles (isa_amx.cpp), bf16 activations, from Sapphire Rapids on;
 //   avx512bf16: vdpbf16ps dot products (isa_avx512bf16.cpp), bf16 activations;
 //   avx512, avx2: gemm_simd.h, compiled twice (isa_avx512.cpp, isa_avx2.cpp);
-//   avx512vnni: int8 activations (isa_avx512vnni.cpp), opt-in only;
+//   avx512vnni, avx2int8: int8 activations (isa_avx512vnni.cpp, isa_avx2int8.cpp), opt-in only;
 //   generic: the portable loop below, compiled for the baseline ISA, kept as their reference.
 //
 // The generic kernel: per (row n, group g) the group's unsigned codes u are unpacked once into a small float buffer
@@ -49,6 +49,7 @@ extern GemmRowsFn gsq_gemm_rows_avx2;    // isa_avx2.cpp
 extern GemmRowsFn gsq_gemm_rows_avx512;  // isa_avx512.cpp
 extern GemmRowsFn gsq_gemm_rows_avx512bf16;  // isa_avx512bf16.cpp
 extern GemmRowsFn gsq_gemm_rows_avx512vnni;  // isa_avx512vnni.cpp
+extern GemmRowsFn gsq_gemm_rows_avx2int8;    // isa_avx2int8.cpp
 extern DequantRowsFn gsq_dequant_rows_avx2;
 extern DequantRowsFn gsq_dequant_rows_avx512;
 extern DenseRowsFn gsq_dense_rows_avx2;
@@ -145,16 +146,23 @@ torch::Tensor gemm_generic(const torch::Tensor& x, const torch::Tensor& lo, cons
   return y;
 }
 
-// kAvx512Vnni (int8 activations) changes the numbers, so it is never picked by itself: only
-// GSQ_CPU_ISA=avx512vnni or set_isa choose it.
-enum class Isa { kGeneric, kAvx2, kAvx512, kAvx512Bf16, kAmx, kAvx512Vnni };
-constexpr Isa kAllIsas[] = {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16, Isa::kAmx, Isa::kAvx512Vnni};
-constexpr const char* kIsaNames = "generic, avx2, avx512, avx512bf16, amx or avx512vnni";
+// kAvx512Vnni and kAvx2Int8 (int8 activations) change the numbers, so they are never picked by
+// themselves: only GSQ_CPU_ISA or set_isa choose them.
+enum class Isa { kGeneric, kAvx2, kAvx512, kAvx512Bf16, kAmx, kAvx512Vnni, kAvx2Int8 };
+constexpr Isa kAllIsas[] = {Isa::kGeneric, Isa::kAvx2,       Isa::kAvx512,   Isa::kAvx512Bf16,
+                            Isa::kAmx,     Isa::kAvx512Vnni, Isa::kAvx2Int8};
+constexpr const char* kIsaNames = "generic, avx2, avx512, avx512bf16, amx, avx512vnni or avx2int8";
 
 const char* isa_name(Isa isa) {
-  return isa == Isa::kAvx512Vnni ? "avx512vnni" : isa == Isa::kAmx ? "amx" : isa == Isa::kAvx512Bf16 ? "avx512bf16"
-         : isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic";
+  return isa == Isa::kAvx2Int8 ? "avx2int8" : isa == Isa::kAvx512Vnni ? "avx512vnni" : isa == Isa::kAmx ? "amx"
+         : isa == Isa::kAvx512Bf16 ? "avx512bf16" : isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic";
 }
+
+bool is_int8(Isa isa) { return isa == Isa::kAvx512Vnni || isa == Isa::kAvx2Int8; }
+
+// The kernels that may run on an AVX2-only CPU: their dequantization and dense helpers must be
+// the AVX2 ones too (the AVX-512 ones would be illegal instructions there).
+bool avx2_only(Isa isa) { return isa == Isa::kAvx2 || isa == Isa::kAvx2Int8; }
 
 // Linux hands a process the AMX tile state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM for
 // XFEATURE_XTILEDATA); asked once, for the whole process.
@@ -173,6 +181,7 @@ bool cpu_has(Isa isa) {
     return __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") && cpu_has(Isa::kAvx512Bf16) &&
            amx_permitted();
   if (isa == Isa::kAvx512Vnni) return __builtin_cpu_supports("avx512vnni") && cpu_has(Isa::kAvx512);
+  if (isa == Isa::kAvx2Int8) return cpu_has(Isa::kAvx2);
   if (isa == Isa::kAvx512Bf16) return __builtin_cpu_supports("avx512bf16") && cpu_has(Isa::kAvx512);
   if (isa == Isa::kAvx512)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -184,6 +193,7 @@ bool cpu_has(Isa isa) {
 Isa parse_isa(const std::string& name) {
   if (name == "amx") return Isa::kAmx;
   if (name == "avx512vnni") return Isa::kAvx512Vnni;
+  if (name == "avx2int8") return Isa::kAvx2Int8;
   if (name == "avx512bf16") return Isa::kAvx512Bf16;
   if (name == "avx512") return Isa::kAvx512;
   if (name == "avx2") return Isa::kAvx2;
@@ -201,7 +211,7 @@ Isa best_isa() {
     TORCH_CHECK(cpu_has(isa), "GSQ_CPU_ISA=", forced, " but this CPU does not support it");
     return isa;
   }
-  for (Isa isa : {Isa::kAmx, Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2})  // never kAvx512Vnni by itself
+  for (Isa isa : {Isa::kAmx, Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2})  // never an int8 kernel by itself
     if (cpu_has(isa)) return isa;
   return Isa::kGeneric;
 }
@@ -249,6 +259,7 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
   // (SmolLM2's gate_up at M = 1: 112 vs 90 us; at M = 4 AMX leads, 117 vs 213).
   if (isa == Isa::kAmx && M < kAmxMinRows) isa = Isa::kAvx512Bf16;
   GemmRowsFn rows = isa == Isa::kAvx512Vnni ? gsq_gemm_rows_avx512vnni
+                    : isa == Isa::kAvx2Int8  ? gsq_gemm_rows_avx2int8
                     : isa == Isa::kAmx ? gsq_gemm_rows_amx
                     : isa == Isa::kAvx512Bf16 ? gsq_gemm_rows_avx512bf16
                     : isa == Isa::kAvx512   ? (G == 32 ? gsq_gemm_rows_avx2 : gsq_gemm_rows_avx512)
@@ -270,14 +281,17 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
   static thread_local std::vector<int32_t> xc_buf;
   const void* xraw = x.data_ptr();
   const int64_t Q = G / 4;
-  if (isa == Isa::kAvx512Vnni) {
+  if (is_int8(isa)) {
     // int8 per (row, group): a = max|x| / 127, q = round(x * 127 / max|x|); packed as
-    // xq[m][block b][quarter i][h * Q + j] = q[m, (b * V + h) * G + i * Q + j], V = 64 / Q groups.
-    const int64_t V = 64 / Q, NB = (NG + V - 1) / V;
+    // xq[m][block b][quarter i][h * Q + j] = q[m, (b * V + h) * G + i * Q + j], V = W / Q groups
+    // of W bytes per quarter (W = 64 for avx512vnni's 512-bit vectors, 32 for avx2int8's); xa and
+    // xc have one int32 / float32 lane per 4 bytes of a quarter, W / 4 per block.
+    const int64_t W = isa == Isa::kAvx512Vnni ? 64 : 32, L = W / 4;
+    const int64_t V = W / Q, NB = (NG + V - 1) / V;
     const int32_t offset = bits == 3 ? 4 : 2;
-    xq_buf.assign(M * NB * 256, 0);
-    xa_buf.assign(M * NB * 16, 0.f);
-    xc_buf.assign(M * NB * 16, 0);
+    xq_buf.assign(M * NB * 4 * W, 0);
+    xa_buf.assign(M * NB * L, 0.f);
+    xc_buf.assign(M * NB * L, 0);
     std::vector<float> xg(G);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t g = 0; g < NG; ++g) {
@@ -294,10 +308,10 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
           for (int64_t j = 0; j < Q; ++j) {
             const int32_t q = static_cast<int32_t>(std::nearbyint(xg[i * Q + j] * inv));
             qsum += q;
-            xq_buf[((m * NB + b) * 4 + i) * 64 + h * Q + j] = static_cast<int8_t>(q);
+            xq_buf[((m * NB + b) * 4 + i) * W + h * Q + j] = static_cast<int8_t>(q);
           }
-        for (int64_t l = h * Q / 4; l < (h + 1) * Q / 4; ++l) xa_buf[(m * NB + b) * 16 + l] = a;
-        xc_buf[(m * NB + b) * 16 + h * Q / 4] = offset * qsum;
+        for (int64_t l = h * Q / 4; l < (h + 1) * Q / 4; ++l) xa_buf[(m * NB + b) * L + l] = a;
+        xc_buf[(m * NB + b) * L + h * Q / 4] = offset * qsum;
       }
   } else if (isa == Isa::kAmx) {
     // xt[((mt * NB + b) * 4 + i) * 256 + p * 16 + c] = the bf16 pair (words 2p, 2p + 1 of the
@@ -384,7 +398,7 @@ torch::Tensor dequant(const torch::Tensor& lo, const torch::Tensor& hi, const to
   const uint8_t* hip = bits == 3 ? hi.data_ptr<uint8_t>() : nullptr;
   const float* sp = scales.data_ptr<float>();
   DequantRowsFn simd = g_isa == Isa::kGeneric ? nullptr
-                       : (g_isa == Isa::kAvx2 || group_size == 32) ? gsq_dequant_rows_avx2 : gsq_dequant_rows_avx512;
+                       : (avx2_only(g_isa) || group_size == 32) ? gsq_dequant_rows_avx2 : gsq_dequant_rows_avx512;
   if (simd != nullptr) {
     DequantArgs d{lop, hip, sp, out.data_ptr(), NG, g0, g1, static_cast<int>(group_size), static_cast<int>(bits),
                   dtype == torch::kBFloat16};
@@ -439,6 +453,10 @@ int64_t max_fused_rows(int64_t N, int64_t K, bool bf16_x) {
   // path won on qkv and down (1.6 vs 1.9, 2.4 vs 3.8 ms). Large layers: 32, as for the bf16-dot
   // kernel (not measured on AVX2; a float32 block is twice a bf16 one, so no more cache-friendly).
   if (g_isa == Isa::kAvx2) return large ? 32 : 16;
+  // avx2int8 (same machine, 1 thread, 2026-12-04), fused vs the op's blocked path: SmolLM2's
+  // layers tie near M = 48-64 (qkv 2-bit at 48: 1.76 vs 1.96 ms; 3-bit at 64: 2.95 vs 2.49 ms);
+  // an 8192 x 8192 2-bit layer: fused still wins at 96 rows (298 vs 461 ms), the most measured.
+  if (g_isa == Isa::kAvx2Int8) return large ? 96 : 48;
   return large ? 16 : 8;
 }
 
@@ -524,7 +542,7 @@ torch::Tensor cpu_dense_op(const torch::Tensor& x, const torch::Tensor& w, const
   const torch::Tensor xf = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
   const torch::Tensor wc = w.contiguous();
   const int64_t M = xf.size(0);
-  DenseRowsFn rows = g_isa == Isa::kGeneric ? nullptr : g_isa == Isa::kAvx2 ? gsq_dense_rows_avx2 : gsq_dense_rows_avx512;
+  DenseRowsFn rows = g_isa == Isa::kGeneric ? nullptr : avx2_only(g_isa) ? gsq_dense_rows_avx2 : gsq_dense_rows_avx512;
   torch::Tensor y = torch::empty({M, N}, xf.options());
   if (rows != nullptr && M <= kDenseFusedRows) {
     DenseArgs a{xf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>()), y.data_ptr(), M, N, K, false};
