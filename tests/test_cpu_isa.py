@@ -198,11 +198,12 @@ def test_amx_kernel_is_fused_at_prefill_sizes_and_matches_its_rounding():
         C._cpp.set_isa(before)
 
 
-@pytest.mark.parametrize("isa", EXACT, indirect=True)
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_dense_bf16_kernel_matches_reference(isa):
     """gsq::cpu_dense (bf16 layers kept unquantized, on CPUs without a bf16 dot product): every
     tile of rows (fused) and the float32-slice path above it, K not a multiple of the lanes, N not
-    a multiple of the tiles, a bias, leading dims; float32 sums of the exact bf16 products."""
+    a multiple of the tiles, a bias, leading dims; float32 sums of the exact bf16 products. Under
+    an int8 kernel too: dense layers keep exact products (and, under avx2int8, the AVX2 code)."""
     gen = torch.Generator().manual_seed(21)
     n, k = 45, 8 * 16 + 5
     w = torch.randn(n, k, generator=gen).bfloat16()
