@@ -63,14 +63,20 @@ def _cpu_extensions():
     # the AVX2 and AVX-512 kernels carry their own target pragmas and are picked at load from
     # cpuid, so a wheel or a build cache moved to another machine still runs.
     # GSQ_CPU_NATIVE=1 adds -march=native (only the generic kernel gains from it).
-    flags = ["-O3", "-std=c++17"]
+    # -fopenmp: torch's CPU build runs at::parallel_for through OpenMP, and that function is an
+    # inline template whose `#pragma omp parallel` is compiled into *our* library; without the
+    # flag the pragma is dropped and every kernel runs on one thread whatever torch's thread
+    # count (found 2026-12-04: until then every CPU kernel here was single-threaded;
+    # tests/test_cpu_threads.py). At run time the libgomp.so.1 torch has loaded serves both.
+    omp = ["-fopenmp"]
+    flags = ["-O3", "-std=c++17", *omp]
     if os.environ.get("GSQ_CPU_NATIVE", "0") == "1":
         flags.append("-march=native")
     # The quantizer's own op (GSQ noise): no -march=native and no FMA contraction, so every
     # machine draws bit-identical noise (its target_clones pick AVX-512/AVX2 at run time).
     noise = CppExtension("quantize._C", ["csrc/quantize/gsq_soft.cpp"],
-                         extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off"])
-    return [CppExtension("gsq_vllm._C_cpu", sources, extra_compile_args=flags), noise]
+                         extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off", *omp], extra_link_args=omp)
+    return [CppExtension("gsq_vllm._C_cpu", sources, extra_compile_args=flags, extra_link_args=omp), noise]
 
 
 ext_modules, cmdclass = _extensions()

@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -558,6 +559,15 @@ torch::Tensor cpu_dense_op(const torch::Tensor& x, const torch::Tensor& w, const
   return y.to(x.scalar_type()).reshape(out_shape);
 }
 
+// How many distinct threads at::parallel_for hands work to in this library. torch's CPU build
+// runs parallel_for through OpenMP inline in the caller's code, so a library built without
+// -fopenmp silently runs it on one thread (setup.py); tests check this against torch's count.
+int64_t parallel_threads() {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) { seen.fetch_or(uint64_t{1} << (at::get_thread_num() % 64)); });
+  return __builtin_popcountll(seen.load());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gsq, m) {
@@ -582,5 +592,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_isas", &supported_isas, "the kernels this CPU can run");
   m.def("bf16_gemm_is_native", &bf16_gemm_is_native,
         "whether this CPU multiplies bf16 natively (AVX-512-BF16 or AMX); elsewhere gsq::cpu_dense serves bf16 layers");
+  m.def("parallel_threads", &parallel_threads, "distinct threads at::parallel_for uses in this library (OpenMP build check)");
   m.def("dequant", &dequant, "GSQ planes of groups [g0, g1) -> dense weight [N, (g1-g0)*G] (float32 or bfloat16)");
 }

@@ -19,6 +19,7 @@
 // Plain float arithmetic, no FMA contraction (-ffp-contract=off in setup.py): the AVX-512, AVX2
 // and baseline clones (picked at run time) give bit-identical results on every machine.
 #include <ATen/Parallel.h>
+#include <atomic>
 #include <torch/extension.h>
 
 #include "fast_math.h"
@@ -219,7 +220,17 @@ torch::Tensor noise(std::vector<int64_t> shape, int64_t key, bool logistic) {
 
 }  // namespace
 
+// How many distinct threads at::parallel_for hands work to in this library. torch's CPU build
+// runs parallel_for through OpenMP inline in the caller's code, so a library built without
+// -fopenmp silently runs it on one thread (setup.py); tests check this against torch's count.
+int64_t parallel_threads() {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) { seen.fetch_or(uint64_t{1} << (at::get_thread_num() % 64)); });
+  return __builtin_popcountll(seen.load());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("parallel_threads", &parallel_threads, "distinct threads at::parallel_for uses in this library (OpenMP build check)");
   m.def("noise", &noise, "float32 Gumbel(0,1) or (logistic) Logistic(0,1) noise of `shape` for `key`",
         py::arg("shape"), py::arg("key"), py::arg("logistic"));
   m.def("soft_forward", &soft_forward, "GSQ soft weight: (W [N,K], c [N,K]) from logits [V,N,K]");
