@@ -32,11 +32,7 @@
 #include "gemm_args.h"
 #include "kernel_common.h"
 
-// Output rows per tile for R rows of x, and partial sums per (output row, x row).
-template <int R>
-constexpr int out_rows() {
-  return R == 1 ? 4 : R == 2 ? 2 : 1;
-}
+// Partial sums per (output row, x row); out_rows (output rows per tile) is in kernel_common.h.
 template <int Acc>
 constexpr int chains() {
   constexpr int c = V::kAccRegs / Acc;
@@ -97,16 +93,9 @@ static void gemm_rows_entry(const GemmArgs& a, int64_t n0, int64_t n1) {
     constexpr bool Three = decltype(three)::value;
     if constexpr ((G / 4) % V::kLanes == 0)
       over_row_tiles<V::kMaxTile>(a.M, [&](auto r, int64_t m0) {
-        constexpr int R = decltype(r)::value, T = out_rows<R>();
-        int64_t n = n0;
-        for (; n + T <= n1; n += T) {
-          float out[T][R];
-          dot_rows<G, Three, R, T>(a, n, m0, out);
-          for (int t = 0; t < T; ++t)
-            for (int rr = 0; rr < R; ++rr) store_y(a, m0 + rr, n + t, out[t][rr]);
-        }
-        store_tile<R>(a, m0, n, n1, [&](int64_t nn, float* o) {
-          dot_rows<G, Three, R, 1>(a, nn, m0, reinterpret_cast<float(*)[R]>(o));
+        constexpr int R = decltype(r)::value;
+        store_out_tiles<R, out_rows<R>()>(a, m0, n0, n1, [&](auto t, int64_t n, float(*out)[R]) {
+          dot_rows<G, Three, R, decltype(t)::value>(a, n, m0, out);
         });
       });
   });

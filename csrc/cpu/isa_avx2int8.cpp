@@ -129,29 +129,15 @@ static inline void dot_rows(const GemmArgs& a, int64_t n, int64_t m0, float out[
     }
 }
 
-// Output rows per tile for R rows of x (as gemm_simd.h: with few rows, several output rows share
-// each loaded x vector).
-template <int R>
-constexpr int out_rows() {
-  return R == 1 ? 4 : R == 2 ? 2 : 1;
-}
-
 // Output rows [n0, n1) for all rows of x, in tiles of up to 4 rows of x.
 static void gemm_rows_entry(const GemmArgs& a, int64_t n0, int64_t n1) {
   with_layout(a.G, a.bits, [&](auto g, auto three) {
     constexpr int G = decltype(g)::value;
     constexpr bool Three = decltype(three)::value;
     over_row_tiles<4>(a.M, [&](auto r, int64_t m0) {
-      constexpr int R = decltype(r)::value, T = out_rows<R>();
-      int64_t n = n0;
-      for (; n + T <= n1; n += T) {
-        float out[T][R];
-        dot_rows<G, Three, R, T>(a, n, m0, out);
-        for (int t = 0; t < T; ++t)
-          for (int rr = 0; rr < R; ++rr) store_y(a, m0 + rr, n + t, out[t][rr]);
-      }
-      store_tile<R>(a, m0, n, n1, [&](int64_t nn, float* o) {
-        dot_rows<G, Three, R, 1>(a, nn, m0, reinterpret_cast<float(*)[R]>(o));
+      constexpr int R = decltype(r)::value;
+      store_out_tiles<R, out_rows<R>()>(a, m0, n0, n1, [&](auto t, int64_t n, float(*out)[R]) {
+        dot_rows<G, Three, R, decltype(t)::value>(a, n, m0, out);
       });
     });
   });

@@ -80,3 +80,26 @@ static inline void store_tile(const Args& a, int64_t m0, int64_t n0, int64_t n1,
     for (int r = 0; r < R; ++r) store_y(a, m0 + r, n, out[r]);
   }
 }
+
+// Output rows per tile for R rows of x: with one or two rows, several output rows share each
+// loaded x vector (gemm_simd.h's and isa_avx2int8.cpp's dot_rows take T of them at once).
+template <int R>
+constexpr int out_rows() {
+  return R == 1 ? 4 : R == 2 ? 2 : 1;
+}
+
+// Output rows [n0, n1) for rows m0..m0+R-1 of x, T output rows at a time, then one at a time:
+// dot(std::integral_constant<int, T or 1>, n, out) fills float out[T or 1][R].
+template <int R, int T, typename Args, typename Dot>
+static inline void store_out_tiles(const Args& a, int64_t m0, int64_t n0, int64_t n1, Dot&& dot) {
+  int64_t n = n0;
+  for (; n + T <= n1; n += T) {
+    float out[T][R];
+    dot(std::integral_constant<int, T>{}, n, out);
+    for (int t = 0; t < T; ++t)
+      for (int r = 0; r < R; ++r) store_y(a, m0 + r, n + t, out[t][r]);
+  }
+  store_tile<R>(a, m0, n, n1, [&](int64_t nn, float* o) {
+    dot(std::integral_constant<int, 1>{}, nn, reinterpret_cast<float(*)[R]>(o));
+  });
+}
