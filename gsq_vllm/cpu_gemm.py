@@ -198,12 +198,58 @@ def cpu_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return torch.ops.gsq.cpu_dense(x, weight, bias)
 
 
+def dense_int8_wanted() -> bool:
+    """Whether ``GSQ_CPU_DENSE=int8`` asks for lm_head and the layers a checkpoint keeps in bf16 to
+    be served with int8 weights (per output row) and int8 activations (per block of 32), by
+    ``gsq::cpu_dense_int8``. Opt-in: it changes the logits a little (README, "int8 lm_head")."""
+    return _cpp is not None and os.environ.get("GSQ_CPU_DENSE", "1") == "int8"
+
+
+def quantize_dense_int8(weight: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense weight ``[N, K]`` (any float dtype) -> ``(wq, ws)`` for :func:`cpu_dense_int8`:
+    ``wq`` int8 ``[N, Kp]`` (``Kp`` = K rounded up to 32, zeros past K) with
+    ``wq[n] = round(w[n] * 127 / max|w[n]|)``, and ``ws`` float32 ``[N]`` = ``max|w[n]| / 127``
+    (0 for an all-zero row). Converted ``rows_per_chunk`` rows at a time, so a large vocabulary
+    never needs a float32 copy of the whole weight."""
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_dense_int8: weight must be 2-D [N, K], got {tuple(weight.shape)}")
+    n, k = weight.shape
+    kp = -(-k // 32) * 32
+    wq = torch.zeros(n, kp, dtype=torch.int8)
+    ws = torch.empty(n, dtype=torch.float32)
+    for n0 in range(0, n, rows_per_chunk):
+        w = weight[n0:n0 + rows_per_chunk].to(torch.float32)
+        amax = w.abs().amax(dim=1)
+        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        wq[n0:n0 + rows_per_chunk, :k] = torch.round(w * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+        ws[n0:n0 + rows_per_chunk] = amax / 127.0
+    return wq, ws
+
+
+def cpu_dense_int8(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None = None,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` [..., K] (any float dtype) -> ``x @ W.T + bias`` in x's dtype for W = ``ws[:, None] * wq``
+    from :func:`quantize_dense_int8` (``torch.ops.gsq.cpu_dense_int8``). x is rounded to int8 per
+    block of 32 columns (scale max|x| / 127); the block products are exact integers, summed in
+    float32 with the block scales, and the result rounded once.
+
+    With ``weight`` (the bf16 ``[N, K]`` that ``wq`` was made from), calls with more than 2 rows
+    of x run :func:`cpu_dense` on it instead: there the int8 kernel's extra instructions per
+    product cost more than the bytes it saves (csrc/cpu/gsq_cpu_gemm.cpp, kDenseInt8MaxRows). The
+    choice is made inside the op, so a compiled graph keeps it for every batch size."""
+    return torch.ops.gsq.cpu_dense_int8(x, wq, ws, weight, bias)
+
+
 if _cpp is not None:  # the ops are defined by the extension; torch.compile needs their shape rules
     torch.library.register_fake("gsq::cpu_gemm")(_fake_cpu_gemm)
 
     @torch.library.register_fake("gsq::cpu_dense")
     def _fake_cpu_dense(x, weight, bias):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    @torch.library.register_fake("gsq::cpu_dense_int8")
+    def _fake_cpu_dense_int8(x, wq, ws, weight, bias):
+        return x.new_empty(*x.shape[:-1], wq.shape[0])
 else:
 
     @torch.library.custom_op("gsq::cpu_gemm", mutates_args=())

@@ -7,6 +7,12 @@ every row of x: on a 2-core AVX2 EPYC SmolLM2's lm_head took 11.8 ms per token a
 and 88.6 ms at eight. These methods are vLLM's own unquantized ones, except that on such a CPU
 ``layer.cpu_linear`` (what vLLM's CPU GEMM dispatch calls) is ``gsq::cpu_dense``
 (:func:`gsq_vllm.cpu_gemm.cpu_dense`). On every other CPU and on GPUs they change nothing.
+
+``GSQ_CPU_DENSE=int8`` (opt-in, any CPU) serves lm_head and the kept linears with int8 weights
+instead: each weight is rounded to int8 per output row once, here, into two buffers on the layer
+(``gsq_dense_wq`` int8 ``[N, Kp]``, ``gsq_dense_ws`` float32 ``[N]``), and ``cpu_linear`` becomes
+``gsq::cpu_dense_int8``. The bf16 weight stays: a tied embedding reads it. The embedding lookup
+itself is never rounded.
 """
 
 from __future__ import annotations
@@ -15,27 +21,40 @@ import logging
 
 import torch
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 
 from gsq_vllm import cpu_gemm
 
-_logged = False
+_logged: set[str] = set()
 
 
-def _take_cpu_linear(layer: torch.nn.Module) -> bool:
-    """Point ``layer.cpu_linear`` at gsq::cpu_dense when it is wanted here; True if so."""
+def _log_once(kind: str, msg: str) -> None:
+    if kind not in _logged:  # once per process, under vLLM's logger like the GEMM kernel's line
+        _logged.add(kind)
+        logging.getLogger("vllm.gsq").info(msg)
+
+
+def _take_cpu_linear(layer: torch.nn.Module, int8_ok: bool) -> bool:
+    """Point ``layer.cpu_linear`` at gsq::cpu_dense_int8 (GSQ_CPU_DENSE=int8, when ``int8_ok``) or
+    gsq::cpu_dense when one is wanted here; True if so."""
     weight = getattr(layer, "weight", None)
     if weight is None or weight.is_meta or getattr(layer, "_cpu_skip_gemm_dispatch", False):
         return False
+    if int8_ok and cpu_gemm.dense_int8_wanted() and weight.device.type == "cpu" and weight.dim() == 2:
+        wq, ws = cpu_gemm.quantize_dense_int8(weight.data)
+        layer.register_buffer("gsq_dense_wq", wq, persistent=False)
+        layer.register_buffer("gsq_dense_ws", ws, persistent=False)
+        # weight: the bf16 one, which the op itself takes above 2 rows of x (faster there)
+        layer.cpu_linear = lambda x, weight, bias: cpu_gemm.cpu_dense_int8(x, layer.gsq_dense_wq, layer.gsq_dense_ws,
+                                                                           bias, weight)
+        _log_once("int8", "gsq: lm_head and the layers kept in bf16 run gsq::cpu_dense_int8 (GSQ_CPU_DENSE=int8: "
+                  "int8 weights per row, int8 activations per block of 32)")
+        return True
     if not cpu_gemm.dense_kernel_wanted(weight):
         return False
     layer.cpu_linear = cpu_gemm.cpu_dense  # called as (x, weight, bias)
-    global _logged
-    if not _logged:  # once per process, under vLLM's logger like the GEMM kernel's line
-        _logged = True
-        logging.getLogger("vllm.gsq").info(
-            "gsq: bf16 layers kept unquantized (lm_head, ...) run gsq::cpu_dense: this CPU has no bf16 dot "
-            "product (GSQ_CPU_DENSE=0 keeps vLLM's torch fallback)")
+    _log_once("bf16", "gsq: bf16 layers kept unquantized (lm_head, ...) run gsq::cpu_dense: this CPU has no bf16 dot "
+              "product (GSQ_CPU_DENSE=0 keeps vLLM's torch fallback)")
     return True
 
 
@@ -43,14 +62,15 @@ class GSQDenseLinearMethod(UnquantizedLinearMethod):
     """vLLM's unquantized linear, with gsq::cpu_dense where the CPU has no bf16 dot product."""
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        if not _take_cpu_linear(layer):
+        if not _take_cpu_linear(layer, int8_ok=True):
             super().process_weights_after_loading(layer)
 
 
 class GSQDenseEmbeddingMethod(UnquantizedEmbeddingMethod):
     """vLLM's unquantized embedding / lm_head, with gsq::cpu_dense for the logits where the CPU
-    has no bf16 dot product (the embedding lookup is unchanged)."""
+    has no bf16 dot product (the embedding lookup is unchanged). Under GSQ_CPU_DENSE=int8 only
+    lm_head gets the int8 copy: an embedding never computes logits."""
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        if not _take_cpu_linear(layer):
+        if not _take_cpu_linear(layer, int8_ok=isinstance(layer, ParallelLMHead)):
             super().process_weights_after_loading(layer)

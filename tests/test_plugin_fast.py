@@ -266,6 +266,42 @@ def test_kept_linear_and_lm_head_use_the_dense_cpu_kernel_where_bf16_is_slow(vll
             assert torch.equal(y, C.cpu_dense(x, w, None))
 
 
+def test_dense_int8_serves_lm_head_and_kept_linears_but_not_the_embedding(vllm_dist, monkeypatch):
+    """GSQ_CPU_DENSE=int8: lm_head and a kept linear compute with an int8 copy of their weight
+    (gsq::cpu_dense_int8) up to 2 rows of x and with the bf16 weight above; that weight stays
+    (a tied embedding reads it), and the embedding gets no int8 copy. Without the variable nothing changes (the test above)."""
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    from gsq_vllm import cpu_gemm as C
+    from gsq_vllm.config import GSQConfig
+
+    if not C.cpp_kernel_available():
+        pytest.skip("gsq_vllm._C_cpu not built")
+    monkeypatch.setenv("GSQ_CPU_DENSE", "int8")
+    cfg = GSQConfig.from_config(_quant_dict(modules_to_not_convert=["down_proj"]))
+    kept = ReplicatedLinear(128, 64, bias=False, quant_config=cfg, params_dtype=torch.bfloat16,
+                            prefix="model.layers.0.mlp.down_proj")
+    head = ParallelLMHead(256, 128, quant_config=cfg, params_dtype=torch.bfloat16, prefix="lm_head")
+    embed = VocabParallelEmbedding(256, 128, quant_config=cfg, params_dtype=torch.bfloat16, prefix="model.embed_tokens")
+    gen = torch.Generator().manual_seed(5)
+    for layer in (kept, head):
+        w = torch.randn(layer.weight.shape, generator=gen).bfloat16()
+        layer.weight.data.copy_(w)
+        layer.quant_method.process_weights_after_loading(layer)
+        assert torch.equal(layer.weight.data, w)
+        x = torch.randn(2, 128, generator=gen).bfloat16()  # decode-sized: the int8 kernel
+        y = layer.quant_method.apply(layer, x)
+        assert torch.equal(y, C.cpu_dense_int8(x, *C.quantize_dense_int8(w), None))
+        ref = x.double() @ w.double().t()
+        assert (y.double() - ref).norm() / ref.norm() < 0.02
+        x = torch.randn(5, 128, generator=gen).bfloat16()  # more rows: the bf16 weight, in the op
+        assert torch.equal(layer.quant_method.apply(layer, x), C.cpu_dense(x, w, None))
+    embed.weight.data.copy_(torch.randn(embed.weight.shape, generator=gen).bfloat16())
+    embed.quant_method.process_weights_after_loading(embed)
+    assert not hasattr(embed, "gsq_dense_wq")
+
+
 def test_group_size_not_dividing_input_is_a_clear_error(vllm_dist):
     from vllm.model_executor.layers.linear import ReplicatedLinear
 

@@ -53,3 +53,18 @@ struct DenseArgs {
 };
 
 using DenseRowsFn = void (*)(const DenseArgs&, int64_t n0, int64_t n1);
+
+// A dense layer served with int8 weights and int8 activations (GSQ_CPU_DENSE=int8, opt-in; in
+// dense_int8_avx2.cpp and, for CPUs without AVX2, gsq_cpu_gemm.cpp):
+// y[m, n] = ws[n] * sum_b xa[m, b] * sum_{k in block b} xq[m, k] * wq[n, k], blocks of 32.
+struct DenseInt8Args {
+  const int8_t* xq;    // [M, Kp] int8, round(x * 127 / max|x| of the block), 0 past K
+  const float* xa;     // [M, Kp / 32] float32: max|x| / 127 per block
+  const int8_t* wq;    // [N, Kp] int8 in [-127, 127], 0 past K
+  const float* ws;     // [N] float32: the row's max|w| / 127
+  void* y;             // [M, N] bfloat16 or float32 (y_bf16)
+  int64_t M, N, Kp;
+  bool y_bf16;
+};
+
+using DenseInt8RowsFn = void (*)(const DenseInt8Args&, int64_t n0, int64_t n1);
