@@ -43,3 +43,25 @@ def test_eval_table_bf16_vs_quantized(tiny, tmp_path, capsys):
     assert [r["kind"] for r in rows] == ["bf16", "gptq-3b-g32"]
     assert str(q) in out and all(math.isfinite(r["ppl"]) for r in rows)
     assert rows[0]["ppl"] != rows[1]["ppl"]
+
+
+def test_dense_int8_quality_benchmark_scores_both_heads(tiny, tmp_path):
+    """benchmarks/dense_int8_quality.py: the float-head perplexity is gsq-eval's, and the int8
+    head (gsq::cpu_dense_int8) moves it a little and keeps nearly every top-1 token."""
+    import sys
+    from pathlib import Path
+
+    from gsq_vllm import cpu_gemm
+
+    if not cpu_gemm.cpp_kernel_available():
+        pytest.skip("gsq_vllm._C_cpu not built")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from dense_int8_quality import main as quality_main
+
+    js, ev = tmp_path / "q.json", tmp_path / "ppl.json"
+    quality_main([str(tiny), "--nsamples", "2", "--seqlen", "64", "--threads", "1", "--json", str(js)])
+    assert eval_main([str(tiny), "--nsamples", "2", "--seqlen", "64", "--json", str(ev), "--no-progress"]) == 0
+    row = json.loads(js.read_text())["rows"][0]
+    assert math.isclose(row["ppl_float_head"], json.loads(ev.read_text())[0]["ppl"], rel_tol=1e-5)
+    assert row["ppl_int8_head"] != row["ppl_float_head"]  # the int8 head really ran
+    assert abs(row["ppl_change"]) < 0.02 and row["top1_agreement"] > 0.9, row
