@@ -29,11 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # (category, substrings of a profiler event name); first match wins, checked from the event
-# outwards, so a dense mm inside our op is still "gsq GEMM".
+# outwards, except that everything inside one of our ops (gsq::...) is charged to that op, so a
+# dense mm in our op's blocked path is still "gsq GEMM". Our dense ops (gsq::cpu_dense, and
+# gsq::cpu_dense_int8 under GSQ_CPU_DENSE=int8) serve lm_head and the kept bf16 linears.
 CATEGORIES = [
+    ("dense GEMM (lm_head, bf16 linears)", ("gsq::cpu_dense", "aten::linear", "aten::mm", "aten::addmm",
+                                            "aten::matmul", "mkldnn", "onednn", "_C::onednn", "brgemm")),
     ("gsq GEMM", ("gsq::",)),
-    ("dense GEMM (lm_head, bf16 linears)", ("aten::linear", "aten::mm", "aten::addmm", "aten::matmul",
-                                            "mkldnn", "onednn", "_C::onednn", "brgemm")),
     ("attention", ("attention", "attn", "paged", "reshape_and_cache", "flash", "sdpa")),
     ("norms", ("rms_norm", "layer_norm")),
     ("activation", ("silu", "act_and_mul", "gelu")),
@@ -72,7 +74,12 @@ def breakdown(events, wall_us: float) -> dict[str, float]:
     for e in events:
         if e.thread != main_thread:
             continue
-        cat, node = None, e
+        cat, node, ours = None, e, None
+        while node is not None:  # the outermost of our ops around this event, if any
+            if node.name.startswith("gsq::"):
+                ours = node
+            node = node.cpu_parent
+        node = ours or e
         while node is not None and cat is None:
             cat = _category(node.name)
             node = node.cpu_parent
