@@ -72,7 +72,8 @@ static inline void dot_rows(const DenseInt8Args& a, int64_t n, int64_t m0, float
     for (int r = 0; r < R; ++r) out[t][r] = hsum(acc[t][r]) * a.ws[n + t];
 }
 
-// Output rows [n0, n1) for all rows of x, in tiles of up to 2 rows of x (4 output rows at one).
+// Output rows [n0, n1) for all rows of x, in tiles of up to 2 rows of x (with one row of x, 4 output
+// rows per tile; with two, 2: out_rows).
 static void rows_entry(const DenseInt8Args& a, int64_t n0, int64_t n1) {
   over_row_tiles<2>(a.M, [&](auto r, int64_t m0) {
     constexpr int R = decltype(r)::value;
