@@ -62,9 +62,9 @@ struct DenseInt8Args {
   const float* xa;     // [M, Kp / 32] float32: max|x| / 127 per block
   const int8_t* wq;    // [N, Kp] int8 in [-127, 127], 0 past K
   const float* ws;     // [N] float32: the row's max|w| / 127
-  void* y;             // [M, N] bfloat16 or float32 (y_bf16)
+  void* y;             // [M, N] float32: the dispatcher adds a bias before its one rounding
   int64_t M, N, Kp;
-  bool y_bf16;
+  bool y_bf16;         // always false (kernel_common.h's store_y reads it)
 };
 
 using DenseInt8RowsFn = void (*)(const DenseInt8Args&, int64_t n0, int64_t n1);

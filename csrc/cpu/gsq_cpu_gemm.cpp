@@ -237,6 +237,14 @@ std::vector<std::string> supported_isas() {
   return out;
 }
 
+// The int8 activation rounding of both int8 paths (the GEMM's per group, cpu_dense_int8's per
+// block of 32): scale a = max|x| / 127, q = round(x * inv) with inv = 127 / max|x| (0 for an
+// all-zero block), in IEEE float32 (no -ffast-math: tests reproduce the formula).
+struct Int8Scale {
+  float a, inv;
+};
+Int8Scale int8_scale(float amax) { return {amax / 127.f, amax > 0.f ? 127.f / amax : 0.f}; }
+
 float load_as_float(const void* p, bool bf16, int64_t i) {
   if (bf16) return static_cast<float>(static_cast<const at::BFloat16*>(p)[i]);
   return static_cast<const float*>(p)[i];
@@ -302,8 +310,7 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
           xg[k] = load_as_float(xraw, xbf, m * K + g * G + k);
           amax = std::max(amax, std::fabs(xg[k]));
         }
-        // q = round(x * (127 / amax)) in IEEE float32 (no -ffast-math: tests reproduce the formula)
-        const float a = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        const auto [a, inv] = int8_scale(amax);
         const int64_t b = g / V, h = g % V;
         int32_t qsum = 0;
         for (int64_t i = 0; i < 4; ++i)
@@ -618,8 +625,8 @@ torch::Tensor cpu_dense_int8_op(const torch::Tensor& x, const torch::Tensor& wq,
       const int64_t k0 = b * kInt8Block, k1 = std::min(K, k0 + kInt8Block);
       float amax = 0.f;
       for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xp[m * K + k]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      xa[m * NB + b] = amax / 127.f;
+      const auto [a, inv] = int8_scale(amax);
+      xa[m * NB + b] = a;
       for (int64_t k = k0; k < k1; ++k) xq[m * Kp + k] = static_cast<int8_t>(std::nearbyint(xp[m * K + k] * inv));
     }
   torch::Tensor y = torch::empty({M, N}, xf.options());  // float32: the bias is added before the one rounding
