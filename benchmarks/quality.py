@@ -52,6 +52,7 @@ def quantize_config(name, model_dir, calib, out: Path, args) -> tuple[Path, dict
                                 nsamples=calib.shape[0], seqlen=calib.shape[1], seed=0,
                                 modules_to_not_convert=["self_attn"] if scope == "mlp" else [],
                                 batch_size=8, scale_search=search,  # gsq-quantize's defaults
+                                act_order=args.act_order, true_sequential=args.true_sequential,
                                 gsq_nsamples=args.gsq_nsamples if method == "gsq" else None)
     opts = GSQOptions(**PRESETS[args.preset]) if method == "gsq" else None
     ckpt = out / "ckpt" / name
@@ -73,6 +74,8 @@ def main(argv=None) -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=40)
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
+    p.add_argument("--true-sequential", action="store_true", help="GPTQ Hessians stage by stage")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: see gsq-quantize --threads)")
     args = p.parse_args(argv)
     bad = [c for c in args.configs if c not in ALL_CONFIGS]
@@ -94,7 +97,8 @@ def main(argv=None) -> None:
                 "gsq_nsamples": args.gsq_nsamples if name.startswith("gsq") else None,
                 "eval_tokens": int(evals.numel()), "group_size": args.group_size,
                 "preset": args.preset if name.startswith("gsq") else None,
-                "attention_quantized": name.endswith("-all")}
+                "attention_quantized": name.endswith("-all"),
+                "act_order": args.act_order, "true_sequential": args.true_sequential}
         folder = model_dir
         if name != "bf16":
             folder, extra = quantize_config(name, model_dir, calib, out, args)

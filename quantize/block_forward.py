@@ -20,15 +20,52 @@ def call_attention(block, x: torch.Tensor, pos_emb) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def run_block(block, x: Activations, pos_emb, batch_size: int, out: Activations) -> Activations:
-    """Block outputs f32 ``[n,S,H]`` into ``out`` for inputs f32 ``[n,S,H]``, in batches, without gradients."""
+def run_block(block, x: Activations, pos_emb, batch_size: int, out: Activations | None) -> Activations | None:
+    """Block outputs f32 ``[n,S,H]`` into ``out`` for inputs f32 ``[n,S,H]``, in batches, without gradients.
+    ``out=None``: run for the hooks only and keep no outputs."""
     with torch.no_grad():
         for sl, xb in x.batches(batch_size):
-            out[sl] = call_block(block, xb, pos_emb)
+            y = call_block(block, xb, pos_emb)
+            if out is not None:
+                out[sl] = y
     return out
 
 
-def run_block_with_hessians(block, names: list[str], x: Activations, pos_emb, batch_size: int, out: Activations):
+def linear_stages(block, names: list[str], x: torch.Tensor, pos_emb) -> list[list[str]]:
+    """``names`` grouped by the tensor they read, in the order the block calls them: e.g. Llama's
+    [[q, k, v], [o], [gate, up], [down]]. One call of the block on ``x`` (f32 ``[b,S,H]``, one
+    sequence is enough) with a hook per linear. GPTQ's true-sequential order: a stage's Hessians are
+    taken after every earlier stage is quantized."""
+    seen: list[tuple[int, str]] = []  # (input's data pointer, name), in call order
+    alive = []  # every input stays referenced, so a freed one's address cannot be reused by a later one
+
+    def record(n, inp):
+        alive.append(inp[0])
+        seen.append((inp[0].data_ptr(), n))
+
+    hooks = [block.get_submodule(n).register_forward_hook(lambda mod, inp, out, n=n: record(n, inp))
+             for n in names]
+    try:
+        with torch.no_grad():
+            call_block(block, x, pos_emb)
+    finally:
+        for h in hooks:
+            h.remove()
+    stages: list[list[str]] = []
+    stage_of_input: dict[int, list[str]] = {}
+    for ptr, n in seen:
+        if any(n in st for st in stages):
+            continue  # a linear called twice (not in these models) stays in its first stage
+        if ptr not in stage_of_input:
+            stage_of_input[ptr] = []
+            stages.append(stage_of_input[ptr])
+        stage_of_input[ptr].append(n)
+    missed = [n for n in names if not any(n in st for st in stages)]
+    return stages + ([missed] if missed else [])
+
+
+def run_block_with_hessians(block, names: list[str], x: Activations, pos_emb, batch_size: int,
+                            out: Activations | None):
     """(block outputs f32 ``[n,S,H]`` in ``out``, {name: sum of x x^T f32 ``[K,K]`` over the inputs of linear
     ``name``}, {name: how many rows (tokens) it saw}). Run on a whole MoE block, an expert's linears see
     only the tokens the router sends them (the pipeline streams experts instead: quantize/moe_block.py)."""

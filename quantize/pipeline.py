@@ -51,7 +51,7 @@ from gsq_vllm.format import (
     read_model_config,
 )
 from quantize.activations import ActivationSpace, default_budget
-from quantize.block_forward import call_attention, call_block, run_block, run_block_with_hessians
+from quantize.block_forward import call_attention, call_block, linear_stages, run_block, run_block_with_hessians
 from quantize.gptq import gptq_quantize
 from quantize.models import WeightReader, build_skeleton, check_architecture
 from quantize.moe import SHARED_EXPERTS, disk_name, expert_of, moe_spec, sparse_experts
@@ -84,6 +84,7 @@ class QuantizeSettings:
     modules_to_not_convert: list[str] = field(default_factory=list)
     damp: float = 0.01
     act_order: bool = False
+    true_sequential: bool = False  # GPTQ: a linear's Hessian after the linears it reads from are quantized
     batch_size: int = 8
     init: str | None = None  # gsq: start from this quantized checkpoint's codes and scales, not GPTQ
     scale_search: str = "gptq-ref"  # RTN / GPTQ group scales: gptq-ref or mse (quantize/rtn.py)
@@ -449,24 +450,38 @@ class BlockPipeline:
             attention_logs, float_targets = self._quantize_attention_first(block, names, x, pos_emb, space,
                                                                            result, refine, i, init)
         later = [n for n in names if n not in result]
-        # RTN, and GSQ from an --init checkpoint, need no Hessians
-        targets, hess, _ = run_block_with_hessians(
-            block, later if s.method != "rtn" and self.init is None else [], x, pos_emb, s.batch_size,
-            space.new("targets"))
+        needs_hessians = s.method != "rtn" and self.init is None  # RTN and GSQ from --init need none
+        # true-sequential: each stage's Hessians come from a pass through the block with the earlier
+        # stages already quantized; the first pass (float, as far as this block goes) gives the targets
+        stages = (linear_stages(block, later, x[0:1], pos_emb) if needs_hessians and s.true_sequential
+                  else [later])
+        float_weights = {}
+        for si, stage in enumerate(stages):
+            if si == 0:
+                targets, hess, _ = run_block_with_hessians(block, stage if needs_hessians else [], x, pos_emb,
+                                                           s.batch_size, space.new("targets"))
+            else:
+                _, hess, _ = run_block_with_hessians(block, stage, x, pos_emb, s.batch_size, None)
+            for n in stage:
+                weight = block.get_submodule(n).weight.data
+                result[n] = self._start_codes(weight, disk_name(f"{prefix}.{n}", self.arch), hess.get(n), init)
+                if n in hess:  # diag(H) only (K floats per linear) for the report's per-layer errors
+                    hdiag = hess[n].diagonal().clone()
+                    layer_errors[n] = {"final": layer_error(weight, result[n], hdiag), "hdiag": hdiag}
+            hess = None  # K^2 floats per linear: free them before the next stage's (or GSQ's logits)
+            if si + 1 < len(stages):
+                for n in stage:
+                    weight = block.get_submodule(n).weight.data
+                    float_weights[n] = weight.clone()
+                    weight.copy_(result[n].dequantize().to(weight.dtype))
+        with torch.no_grad():  # GSQ and the errors below start from the float weights
+            for n, w in float_weights.items():
+                block.get_submodule(n).weight.data.copy_(w)
+        float_weights = None
         if attention_first:
             # These outputs went through the quantized attention; GSQ's targets are the float block's.
             space.discard(targets)
             targets = float_targets
-        for n in later:
-            result[n] = self._start_codes(block.get_submodule(n).weight.data, disk_name(f"{prefix}.{n}", self.arch),
-                                          hess.get(n), init)
-        # diag(H) only (K floats per linear) for the report's per-layer errors
-        for n in later:
-            if n in hess:
-                hdiag = hess[n].diagonal().clone()
-                layer_errors[n] = {"final": layer_error(block.get_submodule(n).weight.data, result[n], hdiag),
-                                   "hdiag": hdiag}
-        hess = None  # K^2 floats per linear: free them before GSQ's logits arrive
         if refine is not None and later:
             # GSQ backpropagates through this call, so it keeps gradients and takes any batch.
             forward = lambda inp: call_block(block, inp, pos_emb)  # noqa: E731

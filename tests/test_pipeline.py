@@ -250,6 +250,54 @@ def test_reference_attention_mode(tiny, tmp_path):
     assert set(cli_logs["model.layers.1"]["attention"]) == {"self_attn.q_proj", "self_attn.k_proj", "v_o"}
 
 
+def _one_block(tiny, tmp_path, **settings):
+    """(pipeline, float block 0, its inputs, rotary embeddings, activation space) for a tiny GPTQ run."""
+    from quantize.activations import ActivationSpace
+    from quantize.pipeline import BlockPipeline, QuantizeSettings
+
+    s = QuantizeSettings(method="gptq", bits=2, group_size=32, nsamples=4, seqlen=64, **settings)
+    pipe = BlockPipeline(tiny, tmp_path / "q", s)
+    pipe.check()
+    block = pipe.reader.load_into(pipe.layers[0], "model.layers.0").eval().float()
+    space = ActivationSpace((4, 64, 64), torch.device("cpu"), tmp_path, 1 << 30)
+    x = space.new("inputs")
+    x[0:4] = torch.randn(4, 64, 64, generator=torch.Generator().manual_seed(0))
+    rotary = type(pipe.model.model.rotary_emb)(config=pipe.model.config)
+    return pipe, block, x, rotary(x[0:1], torch.arange(64).unsqueeze(0)), space
+
+
+def test_true_sequential_takes_each_stage_hessian_after_the_earlier_stages_are_quantized(tiny, tmp_path):
+    import copy
+
+    from quantize.block_forward import linear_stages, run_block, run_block_with_hessians
+    from quantize.gptq import gptq_quantize
+
+    pipe, block, x, pos_emb, space = _one_block(tiny, tmp_path, true_sequential=True)
+    float_block = copy.deepcopy(block)
+    names = pipe.names[0]
+    stages = linear_stages(block, names, x[0:1], pos_emb)
+    assert [sorted(st) for st in stages] == [sorted(f"self_attn.{p}_proj" for p in "qkv"), ["self_attn.o_proj"],
+                                              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    result, errors = {}, {}
+    targets, _ = pipe._quantize_block(block, 0, names, x, pos_emb, space, None, {}, result, errors, {})
+    # the targets are the float block's outputs, not those of the partly quantized block
+    assert torch.allclose(targets[0:4], run_block(float_block, x, pos_emb, 4, space.new("t"))[0:4], atol=1e-5)
+    # each stage's codes are GPTQ on the Hessian of a block whose earlier stages hold their codes
+    check = copy.deepcopy(float_block)
+    for stage in stages:
+        _, hess, _ = run_block_with_hessians(check, stage, x, pos_emb, 4, None)
+        for n in stage:
+            w = float_block.get_submodule(n).weight.data
+            assert torch.equal(result[n].codes, gptq_quantize(w, hess[n], 2, 32).codes), n
+        with torch.no_grad():
+            for n in stage:
+                check.get_submodule(n).weight.copy_(result[n].dequantize())
+    # and not the float block's Hessians, which the default takes for every linear
+    _, float_hess, _ = run_block_with_hessians(float_block, ["mlp.down_proj"], x, pos_emb, 4, None)
+    w = float_block.get_submodule("mlp.down_proj").weight.data
+    assert not torch.equal(result["mlp.down_proj"].codes, gptq_quantize(w, float_hess["mlp.down_proj"], 2, 32).codes)
+
+
 def test_progress_bars_on_a_terminal_only(tiny, tmp_path):
     """On a terminal: a per-block bar (with rate/ETA) and a per-step GSQ bar; piped: only log lines."""
     import os
