@@ -67,7 +67,50 @@ QUESTIONS = [
     ("What is the currency of Japan?", ["yen"]),
     ("At how many degrees Celsius does water boil?", ["100", "hundred"]),
     ("What is the largest mammal?", ["whale", "whales"]),
+    # The second 40 (added 2026-12-04): 40 questions have a standard error of about 8 points, too
+    # coarse to choose a default by. Scores on the first 40 stay comparable with earlier runs.
+    ("What is the capital of Canada?", ["ottawa"]),
+    ("What is the capital of Australia?", ["canberra"]),
+    ("What is the capital of Portugal?", ["lisbon"]),
+    ("What is the capital of Ireland?", ["dublin"]),
+    ("What is the capital of Norway?", ["oslo"]),
+    ("What is the capital of Austria?", ["vienna"]),
+    ("What is the capital of South Korea?", ["seoul"]),
+    ("What is the capital of Kenya?", ["nairobi"]),
+    ("What color is a ripe banana?", ["yellow"]),
+    ("What color do you get by mixing blue and yellow?", ["green"]),
+    ("What color is coal?", ["black"]),
+    ("How many sides does a triangle have?", ["three", "3"]),
+    ("How many months are in a year?", ["twelve", "12"]),
+    ("How many legs does a dog have?", ["four", "4"]),
+    ("How many minutes are in an hour?", ["sixty", "60"]),
+    ("What is 3 plus 4?", ["seven", "7"]),
+    ("What is 6 times 2?", ["twelve", "12"]),
+    ("What is 9 minus 4?", ["five", "5"]),
+    ("What is the closest planet to the Sun?", ["mercury"]),
+    ("Which planet is known as the Red Planet?", ["mars"]),
+    ("What is the natural satellite of the Earth called?", ["moon"]),
+    ("What gas do plants absorb from the air?", ["carbon", "co2"]),
+    ("What do fish live in?", ["water"]),
+    ("What animal is known as the king of the jungle?", ["lion", "lions"]),
+    ("Which animal has a long trunk?", ["elephant", "elephants"]),
+    ("Which bird is a symbol of peace?", ["dove", "doves"]),
+    ("What is the hardest natural substance?", ["diamond", "diamonds"]),
+    ("What is the opposite of day?", ["night"]),
+    ("What is the opposite of big?", ["small", "little", "tiny"]),
+    ("What is the opposite of wet?", ["dry"]),
+    ("Who painted the Mona Lisa?", ["leonardo", "vinci"]),
+    ("What language is spoken in France?", ["french"]),
+    ("What is the chemical symbol for water?", ["h2o"]),
+    ("What is the largest desert in Africa?", ["sahara"]),
+    ("What is the longest river in Africa?", ["nile"]),
+    ("In which country is the Eiffel Tower?", ["france"]),
+    ("What is the currency of the United States?", ["dollar", "dollars", "usd"]),
+    ("What season comes after winter?", ["spring"]),
+    ("What is the fastest land animal?", ["cheetah", "cheetahs"]),
+    ("What do caterpillars turn into?", ["butterfly", "butterflies", "moth", "moths"]),
 ]
+FIRST_SET = 40  # the original questions: their score is reported on its own, for older runs
 
 
 def machine() -> str:
@@ -106,7 +149,9 @@ def probe(model: str, log_dir: Path, timeout_s: float = 900) -> dict:
                                                messages=[{"role": "user", "content": f"{q} Answer with one word."}])
             a = r.choices[0].message.content or ""
             rows.append({"question": q, "answer": a, "correct": scores(a, accepted)})
-        return {"score": sum(r["correct"] for r in rows) / len(rows), "n": len(rows), "startup_s": startup,
+        first = rows[:FIRST_SET]
+        return {"score": sum(r["correct"] for r in rows) / len(rows), "n": len(rows),
+                "score_first_40": sum(r["correct"] for r in first) / len(first), "startup_s": startup,
                 "answers": rows}
 
 
@@ -125,7 +170,9 @@ def main(argv=None) -> int:
         res = probe(model, log_dir)
         res.update(model=str(model), machine=machine(), seconds=round(time.time() - t0))
         results[label] = res
-        print(f"{label:40} {res['score'] * 100:5.1f} %  ({sum(r['correct'] for r in res['answers'])}/{res['n']})")
+        hits = sum(r["correct"] for r in res["answers"])
+        print(f"{label:40} {res['score'] * 100:5.1f} %  ({hits}/{res['n']}; first {FIRST_SET}: "
+              f"{res['score_first_40'] * 100:.1f} %)")
         for r in res["answers"]:
             if not r["correct"]:
                 print(f"    miss: {r['question']!r} -> {r['answer'][:60]!r}")
