@@ -97,13 +97,15 @@ def _top_ops(events, k: int = 12) -> list[tuple[str, float]]:
     return sorted(tot.items(), key=lambda kv: -kv[1])[:k]
 
 
-def profile_model(path: str, eager: bool, concurrencies: list[int], steps: int, prompt_len: int) -> list[dict]:
+def profile_model(path: str, eager: bool, concurrencies: list[int], steps: int, prompt_len: int,
+                  inductor_config: dict | None = None) -> list[dict]:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    extra = {"compilation_config": {"inductor_compile_config": inductor_config}} if inductor_config else {}
     llm = LLM(model=path, dtype="bfloat16", max_model_len=1024, enforce_eager=eager, seed=0,
-              max_num_seqs=max(concurrencies))
+              max_num_seqs=max(concurrencies), **extra)
     engine = llm.llm_engine
     threads = torch.get_num_threads()
     rows = []
@@ -141,6 +143,7 @@ def profile_model(path: str, eager: bool, concurrencies: list[int], steps: int, 
         events = prof.events()
         cats = breakdown(events, wall_us)
         rows.append({"model": path, "mode": "eager" if eager else "compiled", "concurrency": conc,
+                     "inductor_config": inductor_config or {},
                      "steps": steps, "threads": threads, "step_ms": step_ms,
                      "profiled_step_ms": wall_us / 1e3 / steps,
                      "ms_per_step": {c: v / 1e3 / steps for c, v in cats.items()},
@@ -169,13 +172,17 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--json", default="benchmarks/results/decode_profile.json")
+    p.add_argument("--inductor-config", type=json.loads, default=None,
+                   help='compiled mode: extra inductor options as JSON, e.g. \'{"cpp_wrapper": true}\' (a C++ '
+                        'wrapper instead of the Python one that calls each fused kernel)')
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: NAME=DIR:mode, run in a child
     args = p.parse_args(argv)
 
     if args.one:  # one engine per process: vLLM's in-process engine does not shut down cleanly
         name, rest = args.one.split("=", 1)
         path, mode = rest.rsplit(":", 1)
-        rows = profile_model(path, mode == "eager", args.concurrency, args.steps, args.prompt_len)
+        rows = profile_model(path, mode == "eager", args.concurrency, args.steps, args.prompt_len,
+                             args.inductor_config)
         for r in rows:
             r["name"] = name
         print("ROWS " + json.dumps(rows), flush=True)
@@ -199,6 +206,8 @@ def main(argv=None) -> None:
         for mode in args.modes:
             cmd = [sys.executable, __file__, "--one", f"{name}={path}:{mode}", "--steps", str(args.steps),
                    "--prompt-len", str(args.prompt_len), "--concurrency", *map(str, args.concurrency)]
+            if args.inductor_config:
+                cmd += ["--inductor-config", json.dumps(args.inductor_config)]
             res = subprocess.run(cmd, env=env, capture_output=True, text=True)
             got = [ln for ln in res.stdout.splitlines() if ln.startswith("ROWS ")]
             if res.returncode != 0 or not got:
