@@ -54,7 +54,8 @@ def quantize_config(name, model_dir, calib, out: Path, args) -> tuple[Path, dict
                                 batch_size=8, scale_search=search,  # gsq-quantize's defaults
                                 act_order=args.act_order, true_sequential=args.true_sequential,
                                 gsq_nsamples=args.gsq_nsamples if method == "gsq" else None)
-    opts = GSQOptions(**PRESETS[args.preset]) if method == "gsq" else None
+    preset = dict(PRESETS[args.preset], **({"epochs": args.gsq_epochs} if args.gsq_epochs else {}))
+    opts = GSQOptions(**preset) if method == "gsq" else None
     ckpt = out / "ckpt" / name
     t0 = time.time()
     if not (ckpt / "config.json").is_file():
@@ -74,6 +75,7 @@ def main(argv=None) -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=40)
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--gsq-epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
     p.add_argument("--true-sequential", action="store_true", help="GPTQ Hessians stage by stage")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: see gsq-quantize --threads)")
@@ -97,6 +99,7 @@ def main(argv=None) -> None:
                 "gsq_nsamples": args.gsq_nsamples if name.startswith("gsq") else None,
                 "eval_tokens": int(evals.numel()), "group_size": args.group_size,
                 "preset": args.preset if name.startswith("gsq") else None,
+                "gsq_epochs": args.gsq_epochs if name.startswith("gsq") else None,
                 "attention_quantized": name.endswith("-all"),
                 "act_order": args.act_order, "true_sequential": args.true_sequential}
         folder = model_dir
