@@ -53,6 +53,7 @@ def quantize_config(name, model_dir, calib, out: Path, args) -> tuple[Path, dict
                                 modules_to_not_convert=["self_attn"] if scope == "mlp" else [],
                                 batch_size=8, scale_search=search,  # gsq-quantize's defaults
                                 act_order=args.act_order, true_sequential=args.true_sequential,
+                                refit_scales=args.refit_scales,
                                 gsq_nsamples=args.gsq_nsamples if method == "gsq" else None)
     preset = dict(PRESETS[args.preset], **({"epochs": args.gsq_epochs} if args.gsq_epochs else {}))
     opts = GSQOptions(**preset) if method == "gsq" else None
@@ -78,6 +79,7 @@ def main(argv=None) -> None:
     p.add_argument("--gsq-epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
     p.add_argument("--true-sequential", action="store_true", help="GPTQ Hessians stage by stage")
+    p.add_argument("--refit-scales", action="store_true", help="GPTQ scales refitted by least squares on H")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: see gsq-quantize --threads)")
     args = p.parse_args(argv)
     bad = [c for c in args.configs if c not in ALL_CONFIGS]
@@ -101,7 +103,8 @@ def main(argv=None) -> None:
                 "preset": args.preset if name.startswith("gsq") else None,
                 "gsq_epochs": args.gsq_epochs if name.startswith("gsq") else None,
                 "attention_quantized": name.endswith("-all"),
-                "act_order": args.act_order, "true_sequential": args.true_sequential}
+                "act_order": args.act_order, "true_sequential": args.true_sequential,
+                "refit_scales": args.refit_scales}
         folder = model_dir
         if name != "bf16":
             folder, extra = quantize_config(name, model_dir, calib, out, args)

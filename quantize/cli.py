@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modules-to-not-convert", default="", help="comma-separated module names kept unquantized")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping (fraction of mean diagonal)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order with static groups")
+    p.add_argument("--refit-scales", action="store_true",
+                   help="GPTQ: after rounding, re-choose each row's group scales for its codes by least "
+                        "squares on the layer's Hessian-weighted error")
     p.add_argument("--true-sequential", action="store_true",
                    help="GPTQ: take each linear's Hessian with the linears before it in the block already "
                         "quantized (q/k/v, then o, then gate/up, then down), not all from the float block")
@@ -191,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = QuantizeSettings(
             method=args.method, bits=bits, group_size=args.group_size, nsamples=args.nsamples,
             seqlen=args.seqlen, seed=args.seed, modules_to_not_convert=excluded, damp=args.damp,
-            act_order=args.act_order, true_sequential=args.true_sequential, batch_size=args.batch_size, init=args.init, scale_search=args.scale_search,
+            act_order=args.act_order, true_sequential=args.true_sequential,
+            refit_scales=args.refit_scales, batch_size=args.batch_size, init=args.init, scale_search=args.scale_search,
             gsq_nsamples=args.gsq_nsamples, gsq_held_out=args.gsq_held_out,
             ternary_init=args.gsq_ternary_init, ternary_init_steps=args.gsq_ternary_init_steps, moe_min_tokens=args.moe_min_tokens, attention_mode=args.attention_mode,
             moe_quantize_dense=args.moe_quantize_dense, moe_quantize_shared=args.moe_quantize_shared,

@@ -80,3 +80,44 @@ def gptq_quantize(
     codes = torch.empty_like(Q)
     codes[:, perm] = Q
     return QuantizedWeight(codes.to(torch.int8), scales, bits, group_size)
+
+
+def refit_scales(w: torch.Tensor, hessian: torch.Tensor, q: QuantizedWeight, damp: float = 0.01,
+                 rows_per_chunk: int = 256) -> QuantizedWeight:
+    """``q`` with each row's group scales re-chosen for its codes: the least-squares solution of
+    min_s (w_r - Q_r s)^T H (w_r - Q_r s), where ``Q_r`` ``[K, K/G]`` puts row r's codes of group g
+    in column g, and H is the damped Hessian GPTQ used. Codes stay as they are.
+
+    GPTQ picks a group's scale before its columns are rounded, from weights that later columns'
+    error updates have not reached, and scores it on the plain squared error; this picks all of a
+    row's scales jointly, on the error the layer's output sees. It can only lower that error
+    (the old scales are one candidate). A group whose codes are all zero keeps its scale.
+    Measured on a random problem: -1.5 % error at 2 and 3 bits; re-running GPTQ's rounding for the
+    refitted scales and refitting again (alternating) did not lower it further.
+    ``w`` f32 ``[N, K]``, ``hessian`` f32 ``[K, K]`` (sum of x x^T), same device."""
+    n, k = w.shape
+    gs = q.group_size
+    ngroups = k // gs
+    H = hessian.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    Hg = H.reshape(ngroups, gs, k)  # rows of H by group of the first index
+    scales = q.scales.clone()
+    for r0 in range(0, n, rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, n)
+        codes = q.codes[r0:r1].float()                   # [n', K]
+        cg = codes.reshape(r1 - r0, ngroups, gs)         # [n', G, gs]
+        t = torch.einsum("ngi,gik->ngk", cg, Hg)         # sum over group g of code_i * H[i, :]
+        # M[n, g, h] = sum_{j in h} t[n, g, j] * code[n, j]
+        m = (t.reshape(r1 - r0, ngroups, ngroups, gs) * cg.unsqueeze(1)).sum(-1)
+        # b[n, g] = sum_{i in g} code[n, i] * (H w_n)[i]
+        b = (cg * (w[r0:r1].float() @ H).reshape(r1 - r0, ngroups, gs)).sum(-1)
+        empty = (cg != 0).sum(-1) == 0                   # [n', G]
+        if empty.any():  # those groups' scales do not enter the error: pin them to their old value
+            eye = torch.eye(ngroups, device=w.device, dtype=torch.bool)
+            m = torch.where(empty.unsqueeze(2) | empty.unsqueeze(1), torch.zeros_like(m), m)
+            m = torch.where(eye & empty.unsqueeze(2), torch.ones_like(m), m)
+            b = torch.where(empty, scales[r0:r1], b)
+        scales[r0:r1] = torch.linalg.solve(m, b.unsqueeze(-1)).squeeze(-1)
+    return QuantizedWeight(q.codes, scales, q.bits, q.group_size)

@@ -52,7 +52,7 @@ from gsq_vllm.format import (
 )
 from quantize.activations import ActivationSpace, default_budget
 from quantize.block_forward import call_attention, call_block, linear_stages, run_block, run_block_with_hessians
-from quantize.gptq import gptq_quantize
+from quantize.gptq import gptq_quantize, refit_scales
 from quantize.models import WeightReader, build_skeleton, check_architecture
 from quantize.moe import SHARED_EXPERTS, disk_name, expert_of, moe_spec, sparse_experts
 from quantize.moe_block import ACTIVATIONS_HELD, expert_file, quantize_moe_block
@@ -84,6 +84,7 @@ class QuantizeSettings:
     modules_to_not_convert: list[str] = field(default_factory=list)
     damp: float = 0.01
     act_order: bool = False
+    refit_scales: bool = False  # GPTQ: re-choose each row's group scales for its codes (least squares on H)
     true_sequential: bool = False  # GPTQ: a linear's Hessian after the linears it reads from are quantized
     batch_size: int = 8
     init: str | None = None  # gsq: start from this quantized checkpoint's codes and scales, not GPTQ
@@ -434,8 +435,9 @@ class BlockPipeline:
                                                                                     s.ternary_init_steps),
                                        seed, s.damp)
             return q
-        return gptq_quantize(weight, hess, s.bits, s.group_size, damp=s.damp, act_order=s.act_order,
-                             scale_search=s.scale_search)
+        q = gptq_quantize(weight, hess, s.bits, s.group_size, damp=s.damp, act_order=s.act_order,
+                          scale_search=s.scale_search)
+        return refit_scales(weight, hess, q, damp=s.damp) if s.refit_scales else q
 
     def _quantize_block(self, block, i, names, x, pos_emb, space, refine, init, result, layer_errors, gsq_logs):
         """A block held whole (every block but a sparse one with experts to quantize): fills

@@ -72,7 +72,8 @@ def test_gptq_beats_rtn_on_tiny_block_outputs(tiny, tmp_path, capsys):
     assert errs["gptq"][0] < errs["rtn"][0]
 
 
-@pytest.mark.parametrize("method,extra", [("gptq", ["--act-order"]), ("gsq", ["--preset", "fast", "--gsq-epochs", "1"]),
+@pytest.mark.parametrize("method,extra", [("gptq", ["--act-order"]), ("gptq", ["--true-sequential", "--refit-scales"]),
+                                          ("gsq", ["--preset", "fast", "--gsq-epochs", "1"]),
                                           ("gsq", ["--bits", "3", "--preset", "fast", "--gsq-epochs", "1"])])
 def test_every_tensor_has_an_explicit_device(tiny, tmp_path, method, extra):
     # The GPU path (--device cuda) cannot run here. With torch's default device set to meta, any
@@ -296,6 +297,20 @@ def test_true_sequential_takes_each_stage_hessian_after_the_earlier_stages_are_q
     _, float_hess, _ = run_block_with_hessians(float_block, ["mlp.down_proj"], x, pos_emb, 4, None)
     w = float_block.get_submodule("mlp.down_proj").weight.data
     assert not torch.equal(result["mlp.down_proj"].codes, gptq_quantize(w, float_hess["mlp.down_proj"], 2, 32).codes)
+
+
+def test_refit_scales_keeps_gptq_codes_and_lowers_the_block_error(tiny, tmp_path, capsys):
+    args = ["--model", str(tiny), "--method", "gptq", "--bits", "2", "--group-size", "32", *ARGS]
+    errs, tensors = {}, {}
+    for tag, extra in (("plain", []), ("refit", ["--refit-scales"])):
+        assert quantize_main([*args, "--out", str(tmp_path / tag), *extra]) == 0
+        errs[tag] = [float(ln.rsplit(" ", 1)[1]) for ln in capsys.readouterr().err.splitlines()
+                     if "rel. output MSE" in ln]
+        tensors[tag] = load_file(str(tmp_path / tag / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj"  # block 0: same inputs, so the same GPTQ codes
+    assert torch.equal(tensors["plain"][f"{name}.qweight"], tensors["refit"][f"{name}.qweight"])
+    assert not torch.equal(tensors["plain"][f"{name}.scales"], tensors["refit"][f"{name}.scales"])
+    assert errs["refit"][0] < errs["plain"][0]
 
 
 def test_progress_bars_on_a_terminal_only(tiny, tmp_path):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gsq_vllm.format import FormatError, grid_range
-from quantize.gptq import gptq_quantize
+from quantize.gptq import gptq_quantize, refit_scales
 from quantize.rtn import mse_scales, round_to_grid, rtn_quantize
 
 
@@ -39,6 +39,34 @@ def test_gptq_output_error_below_rtn(bits, act_order):
     e_rtn = (x @ rtn.dequantize().t() - ref).pow(2).mean()
     e_gptq = (x @ gptq.dequantize().t() - ref).pow(2).mean()
     assert e_gptq < 0.9 * e_rtn
+
+
+@pytest.mark.parametrize("bits", [2, 3, 1.58])
+def test_refit_scales_is_each_rows_least_squares_on_the_damped_hessian(bits):
+    w, x = _data()
+    h = x.t() @ x
+    q = gptq_quantize(w, h, bits, 32)
+    codes = q.codes.clone()
+    codes[3, 32:64] = 0  # a group with no non-zero code keeps its scale
+    q = type(q)(codes, q.scales, bits, 32)
+    r = refit_scales(w, h, q, damp=0.01, rows_per_chunk=20)  # chunks that do not divide N
+    assert torch.equal(r.codes, q.codes)
+    assert r.scales[3, 1] == q.scales[3, 1]
+    hd = h.clone()
+    hd.diagonal().add_(0.01 * h.diagonal().mean())
+    chol = torch.linalg.cholesky(hd)
+    for row in (0, 3, 47):  # min_s |L^T (w - Q s)|^2, solved directly for one row
+        groups = [g for g in range(4) if codes[row, 32 * g:32 * (g + 1)].any()]
+        basis = torch.zeros(128, len(groups))
+        for j, g in enumerate(groups):
+            basis[32 * g:32 * (g + 1), j] = codes[row, 32 * g:32 * (g + 1)].float()
+        s = torch.linalg.lstsq(chol.t() @ basis, (chol.t() @ w[row]).unsqueeze(1)).solution.squeeze(1)
+        assert torch.allclose(r.scales[row, groups], s, rtol=1e-3, atol=1e-6)
+
+    def out_err(qw):
+        return (x @ (qw.dequantize() - w).t()).pow(2).sum()
+
+    assert out_err(r) < out_err(q)
 
 
 def test_gptq_handles_dead_input_columns():
