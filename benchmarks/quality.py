@@ -77,9 +77,11 @@ def main(argv=None) -> None:
     p.add_argument("--eval-samples", type=int, default=40)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--gsq-epochs", type=int, default=None, help="override the preset's epochs")
-    p.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ act-order, static groups (gsq-quantize's default)")
     p.add_argument("--true-sequential", action="store_true", help="GPTQ Hessians stage by stage")
-    p.add_argument("--refit-scales", action="store_true", help="GPTQ scales refitted by least squares on H")
+    p.add_argument("--refit-scales", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ scales refitted by least squares on H (gsq-quantize's default)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: see gsq-quantize --threads)")
     args = p.parse_args(argv)
     bad = [c for c in args.configs if c not in ALL_CONFIGS]

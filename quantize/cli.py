@@ -61,10 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-attention", action="store_true", help="keep attention linears unquantized")
     p.add_argument("--modules-to-not-convert", default="", help="comma-separated module names kept unquantized")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping (fraction of mean diagonal)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ act-order with static groups")
-    p.add_argument("--refit-scales", action="store_true",
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal, with each group's scale fixed "
+                        "up front (static groups: the checkpoint needs no permutation). Default on")
+    p.add_argument("--refit-scales", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: after rounding, re-choose each row's group scales for its codes by least "
-                        "squares on the layer's Hessian-weighted error")
+                        "squares on the layer's Hessian-weighted error. Default on")
     p.add_argument("--true-sequential", action="store_true",
                    help="GPTQ: take each linear's Hessian with the linears before it in the block already "
                         "quantized (q/k/v, then o, then gate/up, then down), not all from the float block")

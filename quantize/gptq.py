@@ -1,9 +1,10 @@
 """GPTQ (Frantar et al. 2022) with group-wise symmetric scales fixed per group.
 
-Columns are quantized left to right (act-order off by default, because the
-kernels need groups in column order); the error of each quantized column is
-spread onto the not-yet-quantized columns through the inverse Hessian's
-Cholesky factor, applied lazily in blocks of columns.
+Columns are quantized left to right, or by decreasing Hessian diagonal (act-order) with each
+group's scale fixed up front from the original weights (static groups), so groups stay in column
+order and the checkpoint needs no permutation; the error of each quantized column is spread onto
+the not-yet-quantized columns through the inverse Hessian's Cholesky factor, applied lazily in
+blocks of columns. :func:`refit_scales` then re-chooses the scales for the codes.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def gptq_quantize(
 
 
 def refit_scales(w: torch.Tensor, hessian: torch.Tensor, q: QuantizedWeight, damp: float = 0.01,
-                 rows_per_chunk: int = 256) -> QuantizedWeight:
+                 rows_per_chunk: int | None = None) -> QuantizedWeight:
     """``q`` with each row's group scales re-chosen for its codes: the least-squares solution of
     min_s (w_r - Q_r s)^T H (w_r - Q_r s), where ``Q_r`` ``[K, K/G]`` puts row r's codes of group g
     in column g, and H is the damped Hessian GPTQ used. Codes stay as they are.
@@ -94,7 +95,9 @@ def refit_scales(w: torch.Tensor, hessian: torch.Tensor, q: QuantizedWeight, dam
     (the old scales are one candidate). A group whose codes are all zero keeps its scale.
     Measured on a random problem: -1.5 % error at 2 and 3 bits; re-running GPTQ's rounding for the
     refitted scales and refitting again (alternating) did not lower it further.
-    ``w`` f32 ``[N, K]``, ``hessian`` f32 ``[K, K]`` (sum of x x^T), same device."""
+    ``w`` f32 ``[N, K]``, ``hessian`` f32 ``[K, K]`` (sum of x x^T), same device. It costs about
+    N K^2 multiply-adds, as GPTQ's own updates do; ``rows_per_chunk`` (default: what keeps the
+    ``[rows, K/G, K]`` temporary under 256 MiB) bounds its memory."""
     n, k = w.shape
     gs = q.group_size
     ngroups = k // gs
@@ -104,6 +107,7 @@ def refit_scales(w: torch.Tensor, hessian: torch.Tensor, q: QuantizedWeight, dam
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     Hg = H.reshape(ngroups, gs, k)  # rows of H by group of the first index
     scales = q.scales.clone()
+    rows_per_chunk = rows_per_chunk or max(1, (256 << 20) // (4 * ngroups * k))
     for r0 in range(0, n, rows_per_chunk):
         r1 = min(r0 + rows_per_chunk, n)
         codes = q.codes[r0:r1].float()                   # [n', K]

@@ -72,7 +72,7 @@ def test_gptq_beats_rtn_on_tiny_block_outputs(tiny, tmp_path, capsys):
     assert errs["gptq"][0] < errs["rtn"][0]
 
 
-@pytest.mark.parametrize("method,extra", [("gptq", ["--act-order"]), ("gptq", ["--true-sequential", "--refit-scales"]),
+@pytest.mark.parametrize("method,extra", [("gptq", ["--no-act-order", "--no-refit-scales"]), ("gptq", ["--true-sequential"]),
                                           ("gsq", ["--preset", "fast", "--gsq-epochs", "1"]),
                                           ("gsq", ["--bits", "3", "--preset", "fast", "--gsq-epochs", "1"])])
 def test_every_tensor_has_an_explicit_device(tiny, tmp_path, method, extra):
@@ -273,7 +273,8 @@ def test_true_sequential_takes_each_stage_hessian_after_the_earlier_stages_are_q
     from quantize.block_forward import linear_stages, run_block, run_block_with_hessians
     from quantize.gptq import gptq_quantize
 
-    pipe, block, x, pos_emb, space = _one_block(tiny, tmp_path, true_sequential=True)
+    pipe, block, x, pos_emb, space = _one_block(tiny, tmp_path, true_sequential=True, act_order=False,
+                                                refit_scales=False)
     float_block = copy.deepcopy(block)
     names = pipe.names[0]
     stages = linear_stages(block, names, x[0:1], pos_emb)
@@ -302,7 +303,7 @@ def test_true_sequential_takes_each_stage_hessian_after_the_earlier_stages_are_q
 def test_refit_scales_keeps_gptq_codes_and_lowers_the_block_error(tiny, tmp_path, capsys):
     args = ["--model", str(tiny), "--method", "gptq", "--bits", "2", "--group-size", "32", *ARGS]
     errs, tensors = {}, {}
-    for tag, extra in (("plain", []), ("refit", ["--refit-scales"])):
+    for tag, extra in (("plain", ["--no-refit-scales"]), ("refit", [])):
         assert quantize_main([*args, "--out", str(tmp_path / tag), *extra]) == 0
         errs[tag] = [float(ln.rsplit(" ", 1)[1]) for ln in capsys.readouterr().err.splitlines()
                      if "rel. output MSE" in ln]
