@@ -16,6 +16,17 @@ from quantize.qtypes import QuantizedWeight
 from quantize.rtn import mse_scales, round_to_grid
 
 
+def damped_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 copy of ``hessian`` ``[K, K]`` with 1 on the diagonal of dead inputs (never
+    nonzero in calibration) and ``damp`` x its mean diagonal added, bool ``[K]`` dead mask): the
+    matrix GPTQ and :func:`refit_scales` both work with."""
+    H = hessian.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    return H, dead
+
+
 def gptq_quantize(
     w: torch.Tensor,
     hessian: torch.Tensor,
@@ -37,9 +48,7 @@ def gptq_quantize(
     n, k = w.shape
     check_group_size(k, group_size)
     W = w.detach().float().clone()
-    H = hessian.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    H, dead = damped_hessian(hessian, damp)  # a symmetric permutation keeps the damped diagonal
     W[:, dead] = 0.0
     ngroups = k // group_size
     scales = torch.zeros(n, ngroups, device=W.device)
@@ -47,12 +56,12 @@ def gptq_quantize(
         for g in range(ngroups):
             cols = slice(g * group_size, (g + 1) * group_size)
             scales[:, g] = mse_scales(W[:, cols], bits, search=scale_search).squeeze(1)
-        perm = torch.argsort(torch.diag(H), descending=True)
+        # ordered by the undamped diagonal (dead inputs at 1)
+        perm = torch.argsort(torch.diag(hessian).float().masked_fill(dead, 1.0), descending=True)
     else:
         perm = torch.arange(k, device=W.device)
     W = W[:, perm]
     H = H[perm][:, perm]
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     Q = torch.zeros_like(W)
@@ -101,10 +110,7 @@ def refit_scales(w: torch.Tensor, hessian: torch.Tensor, q: QuantizedWeight, dam
     n, k = w.shape
     gs = q.group_size
     ngroups = k // gs
-    H = hessian.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    H, _ = damped_hessian(hessian, damp)
     Hg = H.reshape(ngroups, gs, k)  # rows of H by group of the first index
     scales = q.scales.clone()
     rows_per_chunk = rows_per_chunk or max(1, (256 << 20) // (4 * ngroups * k))
