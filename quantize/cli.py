@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-search", choices=["mse", "gptq-ref"], default="gptq-ref",
                    help="RTN/GPTQ group scales: gptq-ref (default; the GSQ reference's: 80 clip factors, "
                         "|error|^2.4, negative scales at 2 bits) or mse (41 positive clip factors, squared error)")
+    p.add_argument("--e2e-epochs", type=int, default=0,
+                   help="after every block is quantized, train all group scales together (codes fixed) on the "
+                        "KL divergence from the float model's logits, for this many passes over the calibration "
+                        "sequences (quantize/e2e.py; dense models; holds the float and the quantized model whole "
+                        "on the device). Default 0: off")
+    p.add_argument("--e2e-lr", type=float, default=1e-3, help="--e2e-epochs: Adam's learning rate (default 1e-3)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--init", default=None, metavar="FOLDER",
                    help="--method gsq: start from this quantized checkpoint's codes and scales instead of GPTQ "
@@ -201,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             gsq_nsamples=args.gsq_nsamples, gsq_held_out=args.gsq_held_out,
             ternary_init=args.gsq_ternary_init, ternary_init_steps=args.gsq_ternary_init_steps, moe_min_tokens=args.moe_min_tokens, attention_mode=args.attention_mode,
             moe_quantize_dense=args.moe_quantize_dense, moe_quantize_shared=args.moe_quantize_shared,
+            e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr,
         )
         if args.plan:
             return _print_plan(args, bits, excluded, gsq_options)

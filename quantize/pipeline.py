@@ -71,6 +71,7 @@ WORK_FORMAT = "work-4: inputs-<block>.f32, counter-based CPU noise, streamed exp
 ALWAYS_EXCLUDED = ("mlp.gate", "router", "shared_expert_gate")
 MOE_RTN_FILE = "moe_rtn_experts.json"  # in the work folder and the checkpoint
 REPORT_BLOCKS_FILE = "report_blocks.json"  # per-block errors for report.html (work folder)
+E2E_SCALES_FILE = "e2e_scales.safetensors"  # the end-to-end stage's scales, by checkpoint prefix (work folder)
 
 
 @dataclass
@@ -101,6 +102,9 @@ class QuantizeSettings:
     moe_min_tokens: int = 64  # MoE: an expert routed fewer calibration tokens is RTN-quantized, not GPTQ/GSQ
     moe_quantize_dense: bool = False  # MoE models: also quantize dense-MLP blocks (kept float by default)
     moe_quantize_shared: bool = False  # MoE models: also quantize shared experts (kept float by default)
+    e2e_epochs: int = 0  # after the blocks: train every group scale together on the float model's logits
+                         # (quantize/e2e.py) for this many passes over the calibration sequences
+    e2e_lr: float = 1e-3  # its Adam learning rate on the relative scale change
 
 
 def block_linears(block: torch.nn.Module, excluded: list[str], block_prefix: str) -> list[str]:
@@ -223,8 +227,12 @@ class BlockPipeline:
             raise FormatError(f"method must be one of {METHODS}, got {s.method!r}")
         if s.attention_mode not in ATTENTION_MODES:
             raise FormatError(f"attention mode must be one of {ATTENTION_MODES}, got {s.attention_mode!r}")
+        if s.e2e_epochs < 0 or not s.e2e_lr > 0:
+            raise FormatError(f"--e2e-epochs must be >= 0 and --e2e-lr > 0, got {s.e2e_epochs} and {s.e2e_lr}")
         self.cfg = read_model_config(self.model_dir)
         self.arch = check_architecture(self.cfg, self.model_dir)
+        if s.e2e_epochs and moe_spec(self.arch) is not None:
+            raise FormatError(f"--e2e-epochs: end-to-end scale tuning is for dense models; {self.arch} is a MoE")
         self.model = build_skeleton(self.model_dir)
         self.reader = WeightReader(self.model_dir)
         self.layers = self.model.model.layers
@@ -408,6 +416,8 @@ class BlockPipeline:
             bar.update(1)
         bar.close()
 
+        if s.e2e_epochs:
+            self._tune_end_to_end(ids)
         out = self.write_checkpoint()
         if gsq_logs:
             (out / "gsq_logs.json").write_text(json.dumps(gsq_logs, indent=2, sort_keys=True))
@@ -558,6 +568,54 @@ class BlockPipeline:
                 block.get_submodule(n).weight.copy_(result[n].dequantize())
         return logs
 
+    def _float_model(self) -> torch.nn.Module:
+        """The whole float model on the run's device (f32), read from the model folder."""
+        model = build_skeleton(self.model_dir)
+        dev = self.device
+        for i, block in enumerate(model.model.layers):
+            self.reader.load_into(block, f"model.layers.{i}", device=dev, arch=self.arch)
+        self.reader.load_into(model.model.embed_tokens, "model.embed_tokens", device=dev)
+        self.reader.load_into(model.model.norm, "model.norm", device=dev)
+        if "lm_head.weight" in self.reader.where:
+            self.reader.load_into(model.lm_head, "lm_head", device=dev)
+        else:  # tied to the embedding
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
+
+    def _tune_end_to_end(self, ids: torch.Tensor) -> None:
+        """quantize/e2e.py over the work folder's codes and scales; the new scales go to
+        E2E_SCALES_FILE, which write_checkpoint reads in place of the blocks'. A resumed run
+        that finds the file does not tune again."""
+        from safetensors.torch import load_file
+
+        from quantize.e2e import E2EOptions, GroupScaledLinear, tune_scales
+
+        path = self.work_dir / E2E_SCALES_FILE
+        if path.is_file():
+            return
+        dev = self.device
+        teacher, student = self._float_model(), self._float_model()
+        quantized = {}
+        for i, names in enumerate(self.names):
+            if not names:
+                continue
+            tensors = load_file(str(self.work_dir / f"block-{i:05d}.safetensors"))
+            block = student.model.layers[i]
+            for n in names:
+                lin = block.get_submodule(n)
+                m = GroupScaledLinear(tensors[f"{n}.codes"].to(dev), tensors[f"{n}.scales"].to(dev), lin.bias)
+                parent, _, child = n.rpartition(".")
+                setattr(block.get_submodule(parent) if parent else block, child, m)
+                quantized[f"model.layers.{i}.{n}"] = m
+        with torch.device(dev):
+            rotary = type(student.model.rotary_emb)(config=student.config)
+        tuned = tune_scales(teacher, student, rotary, quantized, ids.to(dev),
+                            E2EOptions(epochs=self.s.e2e_epochs, lr=self.s.e2e_lr, batch_size=4),
+                            seed=self.s.seed, log=self.log)
+        _atomic_save({disk_name(k, self.arch): v.cpu() for k, v in tuned.items()}, path)
+        del teacher, student, quantized
+        release_host_memory()
+
     def write_checkpoint(self) -> Path:
         """Assemble the final folder from the work folder's blocks and the original non-quantized tensors."""
         from safetensors.torch import load_file
@@ -567,6 +625,8 @@ class BlockPipeline:
         where = {disk_name(f"model.layers.{i}.{n}", self.arch): (i, n)
                  for i, names in enumerate(self.names) for n in names}
         loaded: dict = {"index": None, "tensors": None}
+        e2e = self.work_dir / E2E_SCALES_FILE
+        e2e_scales = load_file(str(e2e)) if e2e.is_file() else {}
 
         def codes_and_scales(prefix):
             i, n = where[prefix]
@@ -575,7 +635,7 @@ class BlockPipeline:
                  sparse_experts(self.layers[i]) is not None else self.work_dir / f"block-{i:05d}.safetensors")
             if loaded["index"] != f:
                 loaded["index"], loaded["tensors"] = f, load_file(str(f))
-            return loaded["tensors"][f"{n}.codes"], loaded["tensors"][f"{n}.scales"]
+            return loaded["tensors"][f"{n}.codes"], e2e_scales.get(prefix, loaded["tensors"][f"{n}.scales"])
 
         base = dict(self.cfg)
         base.pop("quantization_config", None)

@@ -73,6 +73,7 @@ def test_gptq_beats_rtn_on_tiny_block_outputs(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("method,extra", [("gptq", ["--no-act-order", "--no-refit-scales"]), ("gptq", ["--true-sequential"]),
+                                          ("gptq", ["--e2e-epochs", "1"]),
                                           ("gsq", ["--preset", "fast", "--gsq-epochs", "1"]),
                                           ("gsq", ["--bits", "3", "--preset", "fast", "--gsq-epochs", "1"])])
 def test_every_tensor_has_an_explicit_device(tiny, tmp_path, method, extra):

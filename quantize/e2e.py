@@ -1,0 +1,114 @@
+"""End-to-end scale tuning: after every block is quantized, train all group scales at once against the logits.
+
+GPTQ and GSQ each fit one block's output given quantized inputs; neither sees
+what a block's error costs at the model's output, and the errors of every
+block add up there. This stage keeps every code fixed and trains each
+linear's group scales (``scales * (1 + r)``, r from 0) together, by Adam on
+the KL divergence from the float model's next-token distribution to the
+quantized model's, over the calibration tokens, with a cosine learning rate
+over ``epochs`` passes. Only the scales move (1/G of the weights), so the
+grid, the codes and the checkpoint format are as before. It is the scale
+step of end-to-end methods such as EfficientQAT's E2E-QP, on the logits as
+the teacher (measured on SmolLM2 in the README, "End-to-end scale tuning").
+
+Memory: unlike the block loop, the whole float model and the whole
+quantized model (float32 non-quantized weights, int8 codes, one dequantized
+weight at a time per linear call and its gradient) live on the run's device,
+plus one batch's activations and logits. Dense models only: MoE checkpoints
+are refused before any work (their experts are unfused here and fused in
+transformers' forward).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from quantize.block_forward import call_block
+
+
+@dataclass
+class E2EOptions:
+    epochs: int = 0  # passes over the calibration sequences; 0: no end-to-end stage
+    lr: float = 1e-3  # Adam's peak learning rate on the relative scale change r
+    batch_size: int = 4  # sequences a step
+
+
+class GroupScaledLinear(torch.nn.Module):
+    """A quantized linear whose group scales train: ``y = x W^T`` with
+    ``W[n, g*G:(g+1)*G] = codes[n, g*G:(g+1)*G] * scales[n, g] * (1 + rel[n, g])``.
+
+    ``codes``: int8 ``[N, K]`` (fixed); ``scales``: f32 ``[N, K/G]`` (fixed start);
+    ``rel``: f32 ``[N, K/G]``, the trained parameter, zero at the start."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("start", scales.to(torch.float32))
+        self.rel = torch.nn.Parameter(torch.zeros_like(self.start))
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def scales(self) -> torch.Tensor:
+        return self.start * (1 + self.rel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.codes.shape
+        groups = self.start.shape[1]
+        w = (self.codes.to(torch.float32).view(n, groups, k // groups) * self.scales().unsqueeze(-1)).view(n, k)
+        return F.linear(x, w, self.bias)
+
+
+def logits(model, rotary, ids: torch.Tensor) -> torch.Tensor:
+    """f32 ``[b, S, vocab]`` for int64 ``ids [b, S]``: the embedding, every block through
+    :func:`call_block` (causal attention, no mask), the final norm and the LM head."""
+    pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    x = model.model.embed_tokens(ids)
+    pos_emb = rotary(x, pos)
+    for block in model.model.layers:
+        x = call_block(block, x, pos_emb)
+    return model.lm_head(model.model.norm(x)).float()
+
+
+def kl_from_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), both f32 ``[b, S, vocab]``."""
+    t = torch.log_softmax(teacher_logits, dim=-1)
+    s = torch.log_softmax(student_logits, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def tune_scales(teacher, student, rotary, quantized: dict[str, GroupScaledLinear], ids: torch.Tensor,
+                options: E2EOptions, seed: int, log=print) -> dict[str, torch.Tensor]:
+    """Train the scales of ``quantized`` (module name in ``student`` -> its GroupScaledLinear,
+    already in place there) so ``student``'s logits match ``teacher``'s on ``ids`` (int64
+    ``[n, S]`` on the run's device); return each linear's new scales, f32 ``[N, K/G]``.
+    Deterministic for a given ``seed``."""
+    for p in student.parameters():
+        p.requires_grad_(False)
+    params = [m.rel for m in quantized.values()]
+    for p in params:
+        p.requires_grad_(True)
+    bs = min(options.batch_size, ids.shape[0])
+    per_epoch = ids.shape[0] // bs
+    total = options.epochs * per_epoch
+    opt = torch.optim.Adam(params, lr=options.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for epoch in range(options.epochs):
+        order = torch.randperm(ids.shape[0], generator=gen, device="cpu")
+        kl_sum = 0.0
+        for b in range(per_epoch):
+            batch = ids[order[b * bs:(b + 1) * bs].to(ids.device)]
+            with torch.no_grad():
+                target = logits(teacher, rotary, batch)
+            loss = kl_from_teacher(logits(student, rotary, batch), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            kl_sum += loss.item()
+        log(f"[gsq-quantize] end-to-end scales, epoch {epoch + 1}/{options.epochs}: "
+            f"mean KL from the float model {kl_sum / per_epoch:.4f} over {per_epoch} steps")
+    return {name: m.scales().detach() for name, m in quantized.items()}
