@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "KL divergence from the float model's logits, for this many passes over the calibration "
                         "sequences (quantize/e2e.py; dense models; holds the float and the quantized model whole "
                         "on the device). Default 0: off")
-    p.add_argument("--e2e-lr", type=float, default=1e-3, help="--e2e-epochs: Adam's learning rate (default 1e-3)")
+    p.add_argument("--e2e-lr", type=float, default=2e-3, help="--e2e-epochs: Adam's learning rate (default 2e-3)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--init", default=None, metavar="FOLDER",
                    help="--method gsq: start from this quantized checkpoint's codes and scales instead of GPTQ "
@@ -151,7 +151,7 @@ def _print_plan(args, bits, excluded, gsq_options) -> int:
                       gsq_micro_batch=min(opts.micro_batch_size, opts.batch_size) if opts else 1,
                       logits_bytes=2 if opts and opts.logits_dtype == "bfloat16" else 4,
                       activation_budget=budget, moe_quantize_dense=args.moe_quantize_dense,
-                      moe_quantize_shared=args.moe_quantize_shared)
+                      moe_quantize_shared=args.moe_quantize_shared, e2e_epochs=args.e2e_epochs)
     plan = make_plan(cfg, ps)
     title = (f"gsq-quantize --plan: {args.model} ({(cfg.get('architectures') or ['?'])[0]}), {args.method} "
              f"{bits}-bit G{args.group_size}, {args.nsamples} x {args.seqlen} calibration tokens, on {device}"

@@ -33,7 +33,7 @@ from quantize.block_forward import call_block
 @dataclass
 class E2EOptions:
     epochs: int = 0  # passes over the calibration sequences; 0: no end-to-end stage
-    lr: float = 1e-3  # Adam's peak learning rate on the relative scale change r
+    lr: float = 2e-3  # Adam's peak learning rate on the relative scale change r
     batch_size: int = 4  # sequences a step
 
 

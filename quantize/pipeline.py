@@ -104,7 +104,7 @@ class QuantizeSettings:
     moe_quantize_shared: bool = False  # MoE models: also quantize shared experts (kept float by default)
     e2e_epochs: int = 0  # after the blocks: train every group scale together on the float model's logits
                          # (quantize/e2e.py) for this many passes over the calibration sequences
-    e2e_lr: float = 1e-3  # its Adam learning rate on the relative scale change
+    e2e_lr: float = 2e-3  # its Adam learning rate on the relative scale change
 
 
 def block_linears(block: torch.nn.Module, excluded: list[str], block_prefix: str) -> list[str]:

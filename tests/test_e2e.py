@@ -70,3 +70,11 @@ def test_e2e_is_refused_for_moe_before_any_work(tmp_path, capsys):
     assert rc == 2
     assert "end-to-end scale tuning is for dense models" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_bad_e2e_settings_are_refused_before_any_work(tmp_path, capsys):
+    tiny = build_tiny_llama(tmp_path / "model", layers=1)
+    for bad in (["--e2e-epochs", "-1"], ["--e2e-epochs", "1", "--e2e-lr", "0"]):
+        assert quantize_main(["--model", str(tiny), "--out", str(tmp_path / "q"), *ARGS, *bad]) == 2
+        assert "--e2e-epochs must be >= 0 and --e2e-lr > 0" in capsys.readouterr().err
+        assert not (tmp_path / "q").exists()
