@@ -1,5 +1,6 @@
 """End-to-end scale tuning (quantize/e2e.py, gsq-quantize --e2e-epochs)."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
@@ -78,3 +79,36 @@ def test_bad_e2e_settings_are_refused_before_any_work(tmp_path, capsys):
         assert quantize_main(["--model", str(tiny), "--out", str(tmp_path / "q"), *ARGS, *bad]) == 2
         assert "--e2e-epochs must be >= 0 and --e2e-lr > 0" in capsys.readouterr().err
         assert not (tmp_path / "q").exists()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_run_killed_in_the_e2e_stage_resumes_to_the_same_checkpoint(tmp_path):
+    from quantize.pipeline import BlockPipeline, QuantizeSettings
+
+    model = build_tiny_llama(tmp_path / "model", layers=2)
+    ids = tokenize_sequences(load_split("wikipedia", "calib"), AutoTokenizer.from_pretrained(str(model)), 64, 8)
+    settings = QuantizeSettings(method="gptq", bits=2, group_size=32, nsamples=8, seqlen=64, e2e_epochs=2)
+    ref = BlockPipeline(model, tmp_path / "ref", settings, log=lambda m: None)
+    ref.check()
+    ref.run(ids)
+
+    def kill_after_epoch_1(msg):
+        if "end-to-end scales, epoch 1/" in msg:
+            raise Killed
+
+    work = tmp_path / "work"
+    first = BlockPipeline(model, tmp_path / "out", settings, work_dir=work, log=kill_after_epoch_1)
+    first.check()
+    with pytest.raises(Killed):
+        first.run(ids)
+    assert not (tmp_path / "out").exists() and not (work / "e2e_scales.safetensors").exists()
+    msgs = []
+    second = BlockPipeline(model, tmp_path / "out", settings, work_dir=work, log=msgs.append)
+    second.check()
+    second.run(ids)
+    assert any("resuming at block 2" in m for m in msgs)  # no block quantized again, the stage run again
+    assert sum("end-to-end scales, epoch" in m for m in msgs) == 2
+    assert (tmp_path / "ref" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
