@@ -306,16 +306,15 @@ def make_plan(cfg: dict, s: PlanSettings) -> Plan:
     if s.e2e_epochs:
         # quantize/e2e.py: the float model and the quantized one whole (its non-quantized weights in
         # float32, int8 codes, per group a start scale, the trained change, its gradient and Adam's two
-        # moments), each linear's dequantized weight kept for backward, every block's activations for
-        # backward, and the teacher's and student's logits with their log-softmaxes and gradient.
+        # moments); kept for backward, each linear's float codes (for the scales' gradient) and its
+        # dequantized weight, and every block's activations; the KL's logit-sized tensors (teacher and
+        # student logits, log-softmaxes, the teacher's probabilities, the product, their gradients).
         tokens = s.e2e_batch * seq
         e2e = (4 * (all_params + embed * (1 if tied else 2)) + 4 * unquantized + q_weights
-               + 20 * q_weights // s.group_size + 4 * q_weights
-               + 4 * tokens * sum(b.act_floats_per_token for b in blocks) + 6 * 4 * tokens * vocab)
+               + 20 * q_weights // s.group_size + 2 * 4 * q_weights
+               + 4 * tokens * sum(b.act_floats_per_token for b in blocks) + 10 * 4 * tokens * vocab)
         phases["end-to-end scales"] = ({"device": runtime_dev + e2e, "host": RUNTIME_HOST + stage_block} if on_gpu
                                        else {"device": 0, "host": RUNTIME_HOST + e2e})
-        notes.append("end-to-end scales: an estimate from the stage's tensors, not yet checked against a "
-                     "measured peak")
     phases["write checkpoint"] = {"device": 0,
                                   "host": RUNTIME_HOST + qmax_block * (1 + 4 / s.group_size) + shard + largest_other}
     if spilled:

@@ -5,9 +5,10 @@
 #
 #   METHOD (gsq) BITS (3) GROUP_SIZE (64) OUT (runs/smollm2-$METHOD-${BITS}b-g$GROUP_SIZE)
 #   NSAMPLES (128 calibration sequences of 256 tokens for GPTQ's Hessians) EVAL_NSAMPLES (20) EVAL_SEQLEN (512)
-#   QUANTIZE_ARGS ("--skip-attention --preset fast --calib-chat --gsq-nsamples 32"): attention stays
-#     bf16, as in the GSQ reference's released checkpoints (3-bit attention breaks SmolLM2-135M's
-#     chat answers); calibration text in the chat template, GSQ trained on the first 32 sequences.
+#   QUANTIZE_ARGS ("--skip-attention --preset fast --calib-chat --gsq-nsamples 32 --e2e-epochs 2"):
+#     attention stays bf16, as in the GSQ reference's released checkpoints (3-bit attention breaks
+#     SmolLM2-135M's chat answers); calibration text in the chat template, GSQ trained on the first
+#     32 sequences; then every group scale tuned end to end on the bf16 model's logits (2 passes).
 #     Chosen by the chat probe, not perplexity alone (README, "GSQ against its reference").
 #   SERVE: "1" (default) keep serving on $HOST:$PORT after the demo question,
 #          "once" ask the demo question and stop, "0" do not serve.
@@ -19,7 +20,7 @@ METHOD="${METHOD:-gsq}"
 BITS="${BITS:-3}"
 GROUP_SIZE="${GROUP_SIZE:-64}"
 NSAMPLES="${NSAMPLES:-128}"
-QUANTIZE_ARGS="${QUANTIZE_ARGS:---skip-attention --preset fast --calib-chat --gsq-nsamples 32}"
+QUANTIZE_ARGS="${QUANTIZE_ARGS:---skip-attention --preset fast --calib-chat --gsq-nsamples 32 --e2e-epochs 2}"
 OUT="${OUT:-$ROOT/runs/smollm2-$METHOD-${BITS}b-g$GROUP_SIZE}"
 SERVE="${SERVE:-1}"
 HOST="${HOST:-127.0.0.1}"
