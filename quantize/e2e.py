@@ -12,11 +12,12 @@ step of end-to-end methods such as EfficientQAT's E2E-QP, on the logits as
 the teacher (measured on SmolLM2 in the README, "End-to-end scale tuning").
 
 Memory: unlike the block loop, the whole float model and the whole
-quantized model (float32 non-quantized weights, int8 codes, one dequantized
-weight at a time per linear call and its gradient) live on the run's device,
-plus one batch's activations and logits. Dense models only: MoE checkpoints
-are refused before any work (their experts are unfused here and fused in
-transformers' forward).
+quantized model (float32 non-quantized weights, int8 codes) live on the run's
+device, and a step keeps for its backward every linear's float codes and
+dequantized weight, every block's activations and a few logit-sized tensors
+(``gsq-quantize --plan`` counts them: 5.2 GiB for SmolLM2-135M at 4 x 256
+tokens a step). Dense models only: MoE checkpoints are refused before any
+work (their experts are unfused here and fused in transformers' forward).
 """
 
 from __future__ import annotations
