@@ -53,7 +53,7 @@ def quantize_config(name, model_dir, calib, out: Path, args) -> tuple[Path, dict
                                 modules_to_not_convert=["self_attn"] if scope == "mlp" else [],
                                 batch_size=8, scale_search=search,  # gsq-quantize's defaults
                                 act_order=args.act_order, true_sequential=args.true_sequential,
-                                refit_scales=args.refit_scales,
+                                refit_scales=args.refit_scales, e2e_epochs=args.e2e_epochs,
                                 gsq_nsamples=args.gsq_nsamples if method == "gsq" else None)
     preset = dict(PRESETS[args.preset], **({"epochs": args.gsq_epochs} if args.gsq_epochs else {}))
     opts = GSQOptions(**preset) if method == "gsq" else None
@@ -82,6 +82,8 @@ def main(argv=None) -> None:
     p.add_argument("--true-sequential", action="store_true", help="GPTQ Hessians stage by stage")
     p.add_argument("--refit-scales", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ scales refitted by least squares on H (gsq-quantize's default)")
+    p.add_argument("--e2e-epochs", type=int, default=0,
+                   help="end-to-end scale tuning after the blocks (gsq-quantize --e2e-epochs; default 0: off)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: see gsq-quantize --threads)")
     args = p.parse_args(argv)
     bad = [c for c in args.configs if c not in ALL_CONFIGS]
@@ -106,7 +108,7 @@ def main(argv=None) -> None:
                 "gsq_epochs": args.gsq_epochs if name.startswith("gsq") else None,
                 "attention_quantized": name.endswith("-all"),
                 "act_order": args.act_order, "true_sequential": args.true_sequential,
-                "refit_scales": args.refit_scales}
+                "refit_scales": args.refit_scales, "e2e_epochs": args.e2e_epochs}
         folder = model_dir
         if name != "bf16":
             folder, extra = quantize_config(name, model_dir, calib, out, args)
