@@ -28,6 +28,7 @@ its router-weighted output, and its codes go to
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -594,7 +595,8 @@ class BlockPipeline:
         if path.is_file():
             return
         dev = self.device
-        teacher, student = self._float_model(), self._float_model()
+        teacher = self._float_model()
+        student = copy.deepcopy(teacher)  # its quantized linears are swapped below
         quantized = {}
         for i, names in enumerate(self.names):
             if not names:
