@@ -29,8 +29,6 @@ near-tie).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from chat_probe import QUESTIONS, machine, scores  # noqa: E402
+from results_io import write_json  # noqa: E402
 
 MAX_NEW_TOKENS = 24  # as chat_probe.py asks the server
 
@@ -166,12 +165,7 @@ def main(argv=None) -> int:
            "bf16_hits": sum(ref_hits), "n": len(QUESTIONS), "per_block": per_block, "ranking": ranking,
            "curve": curve, "machine": machine(), "seconds": round(time.time() - t0),
            "date": time.strftime("%Y-%m-%d")}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, out)
-    print(f"wrote {out} ({res['seconds']} s)")
+    write_json(res, args.out)
     return 0
 
 
