@@ -68,20 +68,50 @@ def run_block_with_hessians(block, names: list[str], x: Activations, pos_emb, ba
                             out: Activations | None):
     """(block outputs f32 ``[n,S,H]`` in ``out``, {name: sum of x x^T f32 ``[K,K]`` over the inputs of linear
     ``name``}, {name: how many rows (tokens) it saw}). Run on a whole MoE block, an expert's linears see
-    only the tokens the router sends them (the pipeline streams experts instead: quantize/moe_block.py)."""
-    hess = {n: torch.zeros(block.get_submodule(n).in_features, block.get_submodule(n).in_features, device=x.device)
-            for n in names}
+    only the tokens the router sends them (the pipeline streams experts instead: quantize/moe_block.py).
+
+    Linears called one after the other on the same tensor object (q/k/v, gate/up) share one Hessian:
+    it is accumulated once and the same ``[K,K]`` tensor is returned under each of their names (read
+    it, do not modify it in place). The sharing is decided on the first batch and must hold for every
+    batch after it."""
+    hess = {n: None for n in names}
     counts = dict.fromkeys(names, 0)
+    owner: dict[str, str] = {}  # name -> the earlier linear whose Hessian it shares (first batch)
+    last: list = [None, None]  # (the previous hooked linear's input tensor, that linear's name)
+    first_batch = [True]
 
     def accumulate(n, inp):
-        a = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
+        t = inp[0]
+        same = t is last[0]
+        if first_batch[0] and same:
+            owner[n] = owner.get(last[1], last[1])
+        elif owner.get(n) is not None and not same:
+            raise RuntimeError(f"{n} shared its input with {owner[n]} on the first batch but not on a later one")
+        last[0], last[1] = t, n
+        counts[n] += t.shape[:-1].numel()
+        if n in owner:
+            return
+        a = t.detach().reshape(-1, t.shape[-1]).float()
+        if hess[n] is None:
+            hess[n] = torch.zeros(a.shape[1], a.shape[1], device=x.device)
         hess[n].addmm_(a.t(), a)  # returns nothing: a hook's return value would replace the output
-        counts[n] += a.shape[0]
+
+    def end_of_batch_hook(mod, args, out):
+        first_batch[0] = False
+        last[0] = last[1] = None  # the batch's tensors are not kept alive past it
 
     hooks = [block.get_submodule(n).register_forward_hook(lambda mod, inp, out, n=n: accumulate(n, inp))
              for n in names]
+    hooks.append(block.register_forward_hook(end_of_batch_hook))
     try:
-        return run_block(block, x, pos_emb, batch_size, out), hess, counts
+        result = run_block(block, x, pos_emb, batch_size, out)
     finally:
         for h in hooks:
             h.remove()
+    for n in names:
+        if n in owner:
+            hess[n] = hess[owner[n]]
+        elif hess[n] is None:  # never called (an expert no token reached): an all-zero Hessian, as before
+            k = block.get_submodule(n).in_features
+            hess[n] = torch.zeros(k, k, device=x.device)
+    return result, hess, counts

@@ -268,6 +268,31 @@ def _one_block(tiny, tmp_path, **settings):
     return pipe, block, x, rotary(x[0:1], torch.arange(64).unsqueeze(0)), space
 
 
+def test_hessians_of_linears_reading_one_tensor_are_accumulated_once_and_equal_each_linears_own(tiny, tmp_path):
+    from quantize.block_forward import run_block_with_hessians
+
+    pipe, block, x, pos_emb, _ = _one_block(tiny, tmp_path)
+    names = pipe.names[0]
+    # the reference: every linear's own input, hooked separately, one sum of x x^T per linear
+    seen = {n: [] for n in names}
+    hooks = [block.get_submodule(n).register_forward_hook(
+        lambda mod, inp, out, n=n: seen[n].append(inp[0].detach().reshape(-1, inp[0].shape[-1]).clone()))
+        for n in names]
+    with torch.no_grad():
+        for b in range(0, 4, 3):  # the same batches as below: [0:3] and [3:4]
+            block(x[b:b + 3], attention_mask=None, position_embeddings=pos_emb)
+    for h in hooks:
+        h.remove()
+    _, hess, counts = run_block_with_hessians(block, names, x, pos_emb, 3, None)
+    for n in names:
+        a = torch.cat(seen[n])
+        assert counts[n] == a.shape[0] == 4 * 64, n
+        assert torch.allclose(hess[n], a.t() @ a, rtol=1e-5, atol=1e-3), n
+    q, k, v = (hess[f"self_attn.{p}_proj"] for p in "qkv")
+    assert q is k is v and hess["mlp.gate_proj"] is hess["mlp.up_proj"]
+    assert hess["self_attn.o_proj"] is not q and hess["mlp.down_proj"] is not hess["mlp.gate_proj"]
+
+
 def test_true_sequential_takes_each_stage_hessian_after_the_earlier_stages_are_quantized(tiny, tmp_path):
     import copy
 
