@@ -11,12 +11,13 @@ grid, the codes and the checkpoint format are as before. It is the scale
 step of end-to-end methods such as EfficientQAT's E2E-QP, on the logits as
 the teacher (measured on SmolLM2 in the README, "End-to-end scale tuning").
 
-Memory: unlike the block loop, the whole float model and the whole
-quantized model (float32 non-quantized weights, int8 codes) live on the run's
-device, and a step keeps for its backward every linear's float codes and
-dequantized weight, every block's activations and a few logit-sized tensors
-(``gsq-quantize --plan`` counts them: 5.2 GiB for SmolLM2-135M at 4 x 256
-tokens a step). Dense models only: MoE checkpoints are refused before any
+Memory: unlike the block loop, the whole quantized model (float32 non-quantized
+weights, int8 codes) lives on the run's device. The float model is not kept: one
+no-grad pass over the calibration sequences records its final hidden states
+(f32 ``[n, S, H]``, on the host), and each step's teacher logits are the LM head
+on them. A step keeps for its backward every linear's float codes and dequantized
+weight, every block's activations and a few logit-sized tensors (``gsq-quantize
+--plan`` counts them). Dense models only: MoE checkpoints are refused before any
 work (their experts are unfused here and fused in transformers' forward).
 """
 
@@ -62,15 +63,29 @@ class GroupScaledLinear(torch.nn.Module):
         return F.linear(x, w, self.bias)
 
 
-def logits(model, rotary, ids: torch.Tensor) -> torch.Tensor:
-    """f32 ``[b, S, vocab]`` for int64 ``ids [b, S]``: the embedding, every block through
-    :func:`call_block` (causal attention, no mask), the final norm and the LM head."""
+def final_hidden(model, rotary, ids: torch.Tensor) -> torch.Tensor:
+    """f32 ``[b, S, H]`` for int64 ``ids [b, S]``: the embedding, every block through
+    :func:`call_block` (causal attention, no mask), then the final norm: what the LM head reads."""
     pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
     x = model.model.embed_tokens(ids)
     pos_emb = rotary(x, pos)
     for block in model.model.layers:
         x = call_block(block, x, pos_emb)
-    return model.lm_head(model.model.norm(x)).float()
+    return model.model.norm(x)
+
+
+def logits(model, rotary, ids: torch.Tensor) -> torch.Tensor:
+    """f32 ``[b, S, vocab]`` for int64 ``ids [b, S]``: the LM head on :func:`final_hidden`."""
+    return model.lm_head(final_hidden(model, rotary, ids)).float()
+
+
+def teacher_hidden(model, rotary, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The float model's :func:`final_hidden` for every sequence of ``ids`` (int64 ``[n, S]``), f32
+    ``[n, S, H]`` on the host: recorded once, before the model's linears are swapped for
+    quantized ones, so the stage needs no second copy of the model as its teacher."""
+    with torch.no_grad():
+        return torch.cat([final_hidden(model, rotary, ids[b:b + batch_size]).float().cpu()
+                          for b in range(0, ids.shape[0], batch_size)])
 
 
 def kl_from_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -80,12 +95,13 @@ def kl_from_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) 
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
-def tune_scales(teacher, student, rotary, quantized: dict[str, GroupScaledLinear], ids: torch.Tensor,
-                options: E2EOptions, seed: int, log=print) -> dict[str, torch.Tensor]:
+def tune_scales(student, rotary, quantized: dict[str, GroupScaledLinear], ids: torch.Tensor,
+                teacher: torch.Tensor, options: E2EOptions, seed: int, log=print) -> dict[str, torch.Tensor]:
     """Train the scales of ``quantized`` (module name in ``student`` -> its GroupScaledLinear,
-    already in place there) so ``student``'s logits match ``teacher``'s on ``ids`` (int64
-    ``[n, S]`` on the run's device); return each linear's new scales, f32 ``[N, K/G]``.
-    Deterministic for a given ``seed``."""
+    already in place there) so ``student``'s logits match the float model's on ``ids`` (int64
+    ``[n, S]`` on the run's device); ``teacher`` is the float model's :func:`teacher_hidden` for
+    them, f32 ``[n, S, H]``, and its logits are ``student``'s LM head (not quantized) on it.
+    Return each linear's new scales, f32 ``[N, K/G]``. Deterministic for a given ``seed``."""
     for p in student.parameters():
         p.requires_grad_(False)
     params = [m.rel for m in quantized.values()]
@@ -101,10 +117,10 @@ def tune_scales(teacher, student, rotary, quantized: dict[str, GroupScaledLinear
         order = torch.randperm(ids.shape[0], generator=gen, device="cpu")
         kl_sum = 0.0
         for b in range(per_epoch):
-            batch = ids[order[b * bs:(b + 1) * bs].to(ids.device)]
+            rows = order[b * bs:(b + 1) * bs]
             with torch.no_grad():
-                target = logits(teacher, rotary, batch)
-            loss = kl_from_teacher(logits(student, rotary, batch), target)
+                target = student.lm_head(teacher[rows].to(ids.device)).float()
+            loss = kl_from_teacher(logits(student, rotary, ids[rows.to(ids.device)]), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

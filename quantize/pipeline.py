@@ -28,7 +28,6 @@ its router-weighted output, and its codes go to
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -589,14 +588,18 @@ class BlockPipeline:
         that finds the file does not tune again."""
         from safetensors.torch import load_file
 
-        from quantize.e2e import E2EOptions, GroupScaledLinear, tune_scales
+        from quantize.e2e import E2EOptions, GroupScaledLinear, teacher_hidden, tune_scales
 
         path = self.work_dir / E2E_SCALES_FILE
         if path.is_file():
             return
         dev = self.device
-        teacher = self._float_model()
-        student = copy.deepcopy(teacher)  # its quantized linears are swapped below
+        student = self._float_model()  # the teacher until its quantized linears are swapped in below
+        with torch.device(dev):
+            rotary = type(student.model.rotary_emb)(config=student.config)
+        ids = ids.to(dev)
+        options = E2EOptions(epochs=self.s.e2e_epochs, lr=self.s.e2e_lr, batch_size=4)
+        teacher = teacher_hidden(student, rotary, ids, options.batch_size)
         quantized = {}
         for i, names in enumerate(self.names):
             if not names:
@@ -609,11 +612,7 @@ class BlockPipeline:
                 parent, _, child = n.rpartition(".")
                 setattr(block.get_submodule(parent) if parent else block, child, m)
                 quantized[f"model.layers.{i}.{n}"] = m
-        with torch.device(dev):
-            rotary = type(student.model.rotary_emb)(config=student.config)
-        tuned = tune_scales(teacher, student, rotary, quantized, ids.to(dev),
-                            E2EOptions(epochs=self.s.e2e_epochs, lr=self.s.e2e_lr, batch_size=4),
-                            seed=self.s.seed, log=self.log)
+        tuned = tune_scales(student, rotary, quantized, ids, teacher, options, seed=self.s.seed, log=self.log)
         _atomic_save({disk_name(k, self.arch): v.cpu() for k, v in tuned.items()}, path)
         del teacher, student, quantized
         release_host_memory()

@@ -304,17 +304,21 @@ def make_plan(cfg: dict, s: PlanSettings) -> Plan:
     ckpt = ckpt_quantized + 2 * unquantized
     shard = min(2 * GiB, ckpt)
     if s.e2e_epochs:
-        # quantize/e2e.py: the float model and the quantized one whole (its non-quantized weights in
-        # float32, int8 codes, per group a start scale, the trained change, its gradient and Adam's two
-        # moments); kept for backward, each linear's float codes (for the scales' gradient) and its
+        # quantize/e2e.py: the quantized model whole (its non-quantized weights in float32, int8
+        # codes, per group a start scale, the trained change, its gradient and Adam's two moments) and
+        # the float model's final hidden states for every calibration sequence (float32, host);
+        # kept for backward, each linear's float codes (for the scales' gradient) and its
         # dequantized weight, and every block's activations; the KL's logit-sized tensors (teacher and
         # student logits, log-softmaxes, the teacher's probabilities, the product, their gradients).
+        # Before the linears are swapped in, the same model is whole in float32 for one no-grad pass.
         tokens = s.e2e_batch * seq
-        e2e = (4 * (all_params + embed * (1 if tied else 2)) + 4 * unquantized + q_weights
-               + 20 * q_weights // s.group_size + 2 * 4 * q_weights
-               + 4 * tokens * sum(b.act_floats_per_token for b in blocks) + 10 * 4 * tokens * vocab)
-        phases["end-to-end scales"] = ({"device": runtime_dev + e2e, "host": RUNTIME_HOST + stage_block} if on_gpu
-                                       else {"device": 0, "host": RUNTIME_HOST + e2e})
+        model_f32 = 4 * (all_params + embed * (1 if tied else 2))
+        student = 4 * unquantized + q_weights + 20 * q_weights // s.group_size
+        step = 2 * 4 * q_weights + 4 * tokens * sum(b.act_floats_per_token for b in blocks) + 10 * 4 * tokens * vocab
+        teacher = 4 * n * seq * h
+        e2e = max(model_f32, student + step)
+        phases["end-to-end scales"] = ({"device": runtime_dev + e2e, "host": RUNTIME_HOST + stage_block + teacher}
+                                       if on_gpu else {"device": 0, "host": RUNTIME_HOST + e2e + teacher})
     phases["write checkpoint"] = {"device": 0,
                                   "host": RUNTIME_HOST + qmax_block * (1 + 4 / s.group_size) + shard + largest_other}
     if spilled:
