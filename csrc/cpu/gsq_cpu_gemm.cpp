@@ -436,11 +436,14 @@ bool bf16_gemm_is_native() { return cpu_has(Isa::kAvx512Bf16) || cpu_has(Isa::kA
 // Up to this many rows of x the fused kernel runs; above, the blocked path (dequantize a K-block
 // once, then oneDNN's GEMM) amortizes better. Crossovers from benchmarks/bench_cpu_gemm.py
 // (2-core AMD EPYC, 2026-11-25; the generic kernel's 8 from an earlier machine):
-// * SmolLM2-sized layers (<= 3072 x 1536): the fp32 SIMD kernels tie the blocked path near M = 8,
-//   the bf16-dot kernel near M = 12;
-// * layers of 8M+ weights (Llama-8B/70B sizes), whose dequantized block no longer stays in cache:
-//   the bf16-dot kernel is 2-2.5x faster than the blocked path at M = 16 and ties it near M = 32
-//   (e.g. 28672 x 4096: 19 vs 41 ms at 16, 39 vs 48 ms at 32, 77 vs 59 ms at 64).
+// * SmolLM2-sized layers (<= 3072 x 1536): the fp32 SIMD kernels tie the blocked path near M = 8;
+// * the bf16-dot kernels (avx512bf16, avx512vnni) with bf16 x, re-measured on 2 threads after the
+//   fused kernels got their OpenMP threads (benchmarks/fused_crossover.py, 2-core AVX-512 EPYC,
+//   2026-12-05; until then the fused kernel ran on one thread against oneDNN's two, and the
+//   crossovers were 12 and 32). Fused / blocked time, two runs: SmolLM2's layers at M = 16
+//   0.49-0.92 (2- and 3-bit), at 24 0.57-1.19, so 16; a 28672 x 8192 layer 0.36-0.40 at M = 32,
+//   0.49-0.53 at 48, 0.59-0.68 at 64, 0.79-0.87 at 96, so 96 for 8M+ weights, whose dequantized
+//   block no longer stays in cache.
 // GSQ_CPU_FUSED_MAX_ROWS overrides it for every shape (e.g. to send a whole prefill through the
 // int8 kernel when measuring its perplexity); -1 = unset.
 int64_t g_fused_rows_override = -1;
@@ -456,6 +459,8 @@ int64_t max_fused_rows(int64_t N, int64_t K, bool bf16_x) {
   if (g_isa == Isa::kAmx && bf16_x) return kAmxMaxFusedRows;
   if (g_isa == Isa::kGeneric) return 8;
   const bool large = N * K >= (int64_t{8} << 20);
+  if ((g_isa == Isa::kAvx512Bf16 || g_isa == Isa::kAvx512Vnni) && bf16_x) return large ? 96 : 16;
+  // float32 x on these CPUs (and on AMX ones): the one-thread crossovers of 2026-11-25, not re-measured
   if (g_isa == Isa::kAvx512Bf16 || g_isa == Isa::kAvx512Vnni || g_isa == Isa::kAmx) return large ? 32 : 12;
   // AVX2 (2-core AVX2-only EPYC, 1 thread, 2026-12-03; its blocked path is float32): at M = 16 the
   // fused kernel beat it on gate_up (3.0 vs 4.4 ms) and tied on qkv / down; at 32 the blocked
