@@ -71,38 +71,31 @@ def run_block_with_hessians(block, names: list[str], x: Activations, pos_emb, ba
     only the tokens the router sends them (the pipeline streams experts instead: quantize/moe_block.py).
 
     Linears called one after the other on the same tensor object (q/k/v, gate/up) share one Hessian:
-    it is accumulated once and the same ``[K,K]`` tensor is returned under each of their names (read
-    it, do not modify it in place). The sharing is decided on the first batch and must hold for every
-    batch after it."""
+    it is accumulated once, by the first of them, and the same ``[K,K]`` tensor is returned under
+    each of their names (read it, do not modify it in place). A linear must be a sharer in every
+    batch or in none."""
     hess = {n: None for n in names}
     counts = dict.fromkeys(names, 0)
-    owner: dict[str, str] = {}  # name -> the earlier linear whose Hessian it shares (first batch)
-    last: list = [None, None]  # (the previous hooked linear's input tensor, that linear's name)
-    first_batch = [True]
+    owner: dict[str, str] = {}  # name -> the linear that summed the input it shares
+    last: list = [None, None]  # (the last input summed, the linear that summed it)
 
     def accumulate(n, inp):
         t = inp[0]
-        same = t is last[0]
-        if first_batch[0] and same:
-            owner[n] = owner.get(last[1], last[1])
-        elif owner.get(n) is not None and not same:
-            raise RuntimeError(f"{n} shared its input with {owner[n]} on the first batch but not on a later one")
-        last[0], last[1] = t, n
         counts[n] += t.shape[:-1].numel()
-        if n in owner:
+        if t is last[0] and n != last[1]:  # already summed into hess[last[1]] during this block call
+            if hess[n] is not None or owner.setdefault(n, last[1]) != last[1]:
+                raise RuntimeError(f"{n} shares its input with {last[1]} in one batch but not in another")
             return
+        if n in owner:
+            raise RuntimeError(f"{n} shares its input with {owner[n]} in one batch but not in another")
+        last[0], last[1] = t, n
         a = t.detach().reshape(-1, t.shape[-1]).float()
         if hess[n] is None:
             hess[n] = torch.zeros(a.shape[1], a.shape[1], device=x.device)
         hess[n].addmm_(a.t(), a)  # returns nothing: a hook's return value would replace the output
 
-    def end_of_batch_hook(mod, args, out):
-        first_batch[0] = False
-        last[0] = last[1] = None  # the batch's tensors are not kept alive past it
-
     hooks = [block.get_submodule(n).register_forward_hook(lambda mod, inp, out, n=n: accumulate(n, inp))
              for n in names]
-    hooks.append(block.register_forward_hook(end_of_batch_hook))
     try:
         result = run_block(block, x, pos_emb, batch_size, out)
     finally:

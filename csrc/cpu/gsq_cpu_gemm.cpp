@@ -459,9 +459,10 @@ int64_t max_fused_rows(int64_t N, int64_t K, bool bf16_x) {
   if (g_isa == Isa::kAmx && bf16_x) return kAmxMaxFusedRows;
   if (g_isa == Isa::kGeneric) return 8;
   const bool large = N * K >= (int64_t{8} << 20);
-  if ((g_isa == Isa::kAvx512Bf16 || g_isa == Isa::kAvx512Vnni) && bf16_x) return large ? 96 : 16;
-  // float32 x on these CPUs (and on AMX ones): the one-thread crossovers of 2026-11-25, not re-measured
-  if (g_isa == Isa::kAvx512Bf16 || g_isa == Isa::kAvx512Vnni || g_isa == Isa::kAmx) return large ? 32 : 12;
+  if (g_isa == Isa::kAvx512Bf16 || g_isa == Isa::kAvx512Vnni || g_isa == Isa::kAmx) {
+    if (bf16_x) return large ? 96 : 16;  // (AMX with bf16 x returned above)
+    return large ? 32 : 12;  // float32 x: the one-thread crossovers of 2026-11-25, not re-measured
+  }
   // AVX2 (2-core AVX2-only EPYC, 1 thread, 2026-12-03; its blocked path is float32): at M = 16 the
   // fused kernel beat it on gate_up (3.0 vs 4.4 ms) and tied on qkv / down; at 32 the blocked
   // path won on qkv and down (1.6 vs 1.9, 2.4 vs 3.8 ms). Large layers: 32, as for the bf16-dot
