@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_kernel.json", help="JSON output path")
     ap.add_argument("--quick", action="store_true", help="8B shapes, fp16 only, M in {1, 16, 128}")
-    ap.add_argument("--group-size", type=int, default=128, choices=(64, 128))
+    ap.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128))
     args = ap.parse_args(argv)
     if not cg.cuda_kernel_available():
         print("bench_kernel: needs a CUDA GPU and the compiled gsq_vllm._C extension "

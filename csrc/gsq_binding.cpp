@@ -48,7 +48,7 @@ at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   TORCH_CHECK(s.scalar_type() == a.scalar_type(), "gsq::gemm: scales dtype must match a");
   TORCH_CHECK(b.scalar_type() == at::kInt, "gsq::gemm: b must be int32");
   TORCH_CHECK(bits == 2 || bits == 3, "gsq::gemm: bits (storage) must be 2 or 3");
-  TORCH_CHECK(group_size == 64 || group_size == 128, "gsq::gemm: group_size must be 64 or 128");
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, "gsq::gemm: group_size must be 32, 64 or 128");
   TORCH_CHECK(n % kTileN == 0 && k % kTileK == 0 && k % group_size == 0,
               "gsq::gemm: need N % 64 == 0, K % 64 == 0, K % G == 0; got N=", n, " K=", k, " G=", group_size);
   TORCH_CHECK(b.dim() == 2 && b.size(0) == n / kTileN && b.size(1) == k * 2 * bits,

@@ -35,7 +35,9 @@ namespace gsq {
 constexpr int kPrefillBlocksPerSm = 2;  // blocks the prefill split aims at per SM
 constexpr int kSmemPerBlockReserved = 1024;  // the system's share of each block's shared memory (sm_80+)
 
-int chunk_k(int k) { return k % 128 == 0 ? 128 : 64; }
+// The chunk of K one item covers: 128 when it divides K, else 64. G = 32 always takes 64: at
+// CK = 128 its four scale groups per item made ptxas spill the decode kernel's registers (sm_80).
+int chunk_k(int k, int group_size) { return k % 128 == 0 && group_size != 32 ? 128 : 64; }
 
 // Decode blocks that fit on one SM at once: the registers' budget (launch
 // bounds) and the shared memory of the instantiation the plan will launch.
@@ -52,7 +54,10 @@ int decode_blocks_per_sm_mt(int mt, int smem_per_sm) {
 
 template <int BITS>
 int decode_blocks_per_sm_g(int k, int group_size, int mt, int smem_per_sm) {
-  if (chunk_k(k) == 64) return decode_blocks_per_sm_mt<BITS, 64, 64>(mt, smem_per_sm);
+  if (chunk_k(k, group_size) == 64) {
+    return group_size == 32 ? decode_blocks_per_sm_mt<BITS, 64, 32>(mt, smem_per_sm)
+                            : decode_blocks_per_sm_mt<BITS, 64, 64>(mt, smem_per_sm);
+  }
   if (group_size == 64) return decode_blocks_per_sm_mt<BITS, 128, 64>(mt, smem_per_sm);
   return decode_blocks_per_sm_mt<BITS, 128, 128>(mt, smem_per_sm);
 }
@@ -89,7 +94,10 @@ cudaError_t launch_g(const GsqGemmPlan& p, const void* a, const void* b, const v
 template <typename T, int BITS>
 cudaError_t launch_bits(const GsqGemmPlan& p, const void* a, const void* b, const void* s, void* c, void* ws,
                         int* counters, int m, int n, int k, int group_size, cudaStream_t stream) {
-  if (chunk_k(k) == 64) return launch_g<T, BITS, 64, 64>(p, a, b, s, c, ws, counters, m, n, k, stream);
+  if (chunk_k(k, group_size) == 64) {
+    return group_size == 32 ? launch_g<T, BITS, 64, 32>(p, a, b, s, c, ws, counters, m, n, k, stream)
+                            : launch_g<T, BITS, 64, 64>(p, a, b, s, c, ws, counters, m, n, k, stream);
+  }
   if (group_size == 64) return launch_g<T, BITS, 128, 64>(p, a, b, s, c, ws, counters, m, n, k, stream);
   return launch_g<T, BITS, 128, 128>(p, a, b, s, c, ws, counters, m, n, k, stream);
 }
@@ -100,7 +108,7 @@ GsqGemmPlan gsq_gemm_plan(int m, int n, int k, int bits, int group_size, GsqDevi
   using namespace gsq;
   GsqGemmPlan p{};
   const int sms = std::max(device.sms, 1);
-  const int chunks = k / chunk_k(k);
+  const int chunks = k / chunk_k(k, group_size);
   const long long row_blocks = n / kRowBlock;
   if (m <= 16) {
     p.token_tiles = m <= 8 ? 1 : 2;
@@ -140,7 +148,7 @@ cudaError_t gsq_gemm_launch(const void* a, const void* b, const void* s, void* c
                             int bits, int group_size, bool bf16, GsqDevice device, cudaStream_t stream) {
   using namespace gsq;
   if (m < 1 || n < kRowBlock || k < 64 || n % kRowBlock || k % 64 || k % group_size ||
-      (group_size != 64 && group_size != 128) || (bits != 2 && bits != 3))
+      (group_size != 32 && group_size != 64 && group_size != 128) || (bits != 2 && bits != 3))
     return cudaErrorInvalidValue;
   const GsqGemmPlan p = gsq_gemm_plan(m, n, k, bits, group_size, device);
   if (workspace_bytes < p.workspace_bytes || counter_bytes < p.counter_bytes ||

@@ -11,7 +11,7 @@ first use and cached by source hash, called through ctypes.
 
 * ``a`` fp16/bf16 ``[M, K]``; ``b`` int32 ``[N/64, (K/64)*128*bits]`` and
   ``s`` ``[K/G, N]`` (dtype of ``a``), both from :func:`gsq_vllm.cuda_gemm.repack`;
-* ``bits`` the storage width (2 or 3), ``group_size`` 64 or 128, ``n``, ``k``;
+* ``bits`` the storage width (2 or 3), ``group_size`` 32, 64 or 128, ``n``, ``k``;
 
 and returns ``c`` ``[M, N]`` in the dtype of ``a``. It is slow (thousands of
 fibers per call) and meant for tests and for ``GSQ_KERNEL=cuda-emu`` serving

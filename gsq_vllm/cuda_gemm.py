@@ -14,7 +14,7 @@ Kernel layout (what :func:`repack` produces; also docs/FORMAT.md)
 --------------------------------------------------------------------
 The weights are the A operand of mma.m16n8k16 (16 output rows x 16 k), so
 one mma takes 256 weights. A *tile* is 16 rows x CK k, CK = 128 when
-K % 128 == 0 else 64 (:func:`chunk_k`); a *row block* is 4 tiles (64 rows);
+K % 128 == 0 and G != 32, else 64 (:func:`chunk_k`); a *row block* is 4 tiles (64 rows);
 an *item* is one row block x one chunk, stored contiguously, items in
 (row block, chunk) order: ``b_repacked`` is int32 ``[N/64, (K/CK) * 4 * 32 * W]``
 with ``W = CK * b / 64`` words per lane per tile.
@@ -43,7 +43,7 @@ block ``rb`` and group ``j``, 64 values ordered ``[g][tile][half]`` =
 scales, rows ``g`` and ``g + 8`` of the 4 tiles, as one 16-byte load).
 
 The layout has exactly the checkpoint's bytes (no padding). Supported:
-bits 2, 3, 1.58; G in {64, 128}; N % 64 == 0; K % 64 == 0 and K % G == 0;
+bits 2, 3, 1.58; G in {32, 64, 128}; N % 64 == 0; K % 64 == 0 and K % G == 0;
 any M >= 1.
 """
 
@@ -56,7 +56,7 @@ from gsq_vllm.format import FormatError, code_offset, normalize_bits, storage_bi
 ROW_BLOCK = 64  # 4 tiles of 16 rows
 TILES = 4
 LANES = 32
-KERNEL_GROUP_SIZES = (64, 128)
+KERNEL_GROUP_SIZES = (32, 64, 128)
 REPACK_CHUNK_WEIGHTS = 1 << 24  # weights repacked per step (bounds load-time memory)
 MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300}  # the dtypes the kernel takes
 
@@ -122,9 +122,10 @@ def _check_supported(n: int, k: int, bits, group_size: int) -> None:
 # --------------------------------------------------------------------------
 
 
-def chunk_k(k: int) -> int:
-    """The kernel's chunk of K (CK): 128 when it divides K, else 64."""
-    return 128 if k % 128 == 0 else 64
+def chunk_k(k: int, group_size: int) -> int:
+    """The kernel's chunk of K (CK): 128 when it divides K, else 64; always 64 at G = 32
+    (four scale groups per 128-chunk made the decode kernel spill registers)."""
+    return 128 if k % 128 == 0 and group_size != 32 else 64
 
 
 def words_per_lane(ck: int, sb: int) -> int:
@@ -193,7 +194,7 @@ def repack(
         qweight: int32 ``[N, K*b/32]``, checkpoint packing (b = storage bits).
         scales: fp16/bf16/fp32 ``[N, K/G]``.
         bits: 2, 3 or 1.58 (ternary, stored as 2-bit).
-        group_size: G, 64 or 128.
+        group_size: G, 32, 64 or 128.
         dtype: dtype of the repacked scales (= the activation dtype the kernel
             runs with); default ``scales.dtype`` (fp32 scales become fp16).
     Returns:
@@ -214,7 +215,7 @@ def repack(
                  for i in range(0, n, rows_per)]
         return torch.cat([b for b, _ in parts], 0), torch.cat([s for _, s in parts], 0)
     device = qweight.device
-    ck = chunk_k(k)
+    ck = chunk_k(k, group_size)
     nb, nc = n // ROW_BLOCK, k // ck
     words = words_per_lane(ck, sb)
     u = unpack_codes(qweight, bits).to(torch.int64) + code_offset(bits)  # [N, K] in [0, 2^sb)
@@ -260,7 +261,7 @@ def dequant_repacked(
     each weight ``q * s`` rounded once), for the no-kernel fallback of :func:`gsq_gemm`."""
     sb = storage_bits(bits)
     device = b_repacked.device
-    ck = chunk_k(k)
+    ck = chunk_k(k, group_size)
     nb, nc = n // ROW_BLOCK, k // ck
     words = words_per_lane(ck, sb)
     stored = b_repacked.to(torch.int64).reshape(nb, nc, TILES, LANES * words) & 0xFFFFFFFF

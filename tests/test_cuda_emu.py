@@ -1,6 +1,6 @@
 """The real CUDA GEMM source (csrc/gsq_gemm.cu) run under the CPU emulator.
 
-The matrix covers bits 2 / 3 / 1.58 x fp16 / bf16 x G 64 / 128 x M in
+The matrix covers bits 2 / 3 / 1.58 x fp16 / bf16 x G 32 / 64 / 128 x M in
 {1, 2, 3, 8, 15, 16, 17, 32, 33, 64, 65, 256} (decode kernel up to 16,
 prefill kernel above); each case takes one (N, K, SM count, schedule) from a
 rotation, so every shape, K chunk (64 and 128), split-K plan (row blocks
@@ -17,11 +17,13 @@ import torch
 
 from emu_util import check_against_float64, random_activations, random_layer
 from gsq_vllm import cuda_emu as ce
+from gsq_vllm.cuda_gemm import chunk_k
 from gsq_vllm.format import storage_bits
 
 MS = [1, 2, 3, 8, 15, 16, 17, 32, 33, 64, 65, 256]
 # (N, K, sms): K in 64-row k tiles; small SM counts force split-K plans, several uneven
 ROTATION = {
+    32: [(64, 384, 132), (128, 576, 5), (256, 256, 3), (192, 1024, 7), (64, 1152, 2), (128, 640, 8)],
     64: [(128, 576, 5), (64, 384, 132), (192, 1024, 7), (256, 256, 3), (128, 576, 8), (64, 1152, 2)],
     128: [(192, 1024, 7), (64, 384, 132), (128, 640, 4), (256, 256, 3), (64, 1152, 5), (128, 768, 1)],
 }
@@ -29,7 +31,7 @@ SCHEDULES = [("forward", 1), ("reverse", 2), ("random", 1), ("random", 3)]  # (o
 
 CASES = []
 for i, (bits, dtype, g, m) in enumerate(
-    itertools.product([2, 3, 1.58], [torch.float16, torch.bfloat16], [64, 128], MS)
+    itertools.product([2, 3, 1.58], [torch.float16, torch.bfloat16], [32, 64, 128], MS)
 ):
     n, k, sms = ROTATION[g][i % len(ROTATION[g])]
     order, resident = SCHEDULES[(i // len(ROTATION[g])) % len(SCHEDULES)]
@@ -62,7 +64,7 @@ def test_matrix_covers_every_reduction_case(emu):
     for c in CASES:
         bits, _, g, m, n, k, sms = c.values[:7]
         p = emu.plan(m, n, k, storage_bits(bits), g, sms)
-        chunks = k // (128 if k % 128 == 0 else 64)
+        chunks = k // chunk_k(k, g)
         decode_split += m <= 16 and p["workspace_bytes"] > 0
         prefill_uneven += m > 16 and p["splits"] > 1 and chunks % p["splits"] != 0
         unsplit += p["workspace_bytes"] == 0

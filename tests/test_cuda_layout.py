@@ -75,7 +75,8 @@ def test_cuda_supports_and_errors():
     assert not cg.cuda_supports(576, 576, 2, 128)  # G does not divide K
     assert not cg.cuda_supports(96, 576, 2, 64)  # N not a multiple of 64
     assert not cg.cuda_supports(128, 128, 4, 64)
-    assert not cg.cuda_supports(128, 128, 2, 32)
+    assert cg.cuda_supports(128, 128, 2, 32)
+    assert not cg.cuda_supports(128, 128, 2, 16)  # not a format group size
     q, s, qweight = _random_layer(64, 96, 2, 32, torch.float16)
     with pytest.raises(ValueError, match="does not support"):
         cg.repack(qweight, s, 2, 32)

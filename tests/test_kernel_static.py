@@ -66,7 +66,7 @@ def our_sm90(tmp_path_factory):
 
 
 def test_our_compiled_hot_loop_holds_the_kernels_mma_work(our_sm90):
-    assert len(our_sm90) == 48  # decode + prefill x 2 dtypes x 2 bit widths x 3 (CK, G) x 2 token tilings
+    assert len(our_sm90) == 64  # decode + prefill x 2 dtypes x 2 bit widths x 4 (CK, G) x 2 token tilings
     for name, k in our_sm90.items():
         # one trip: a warp's 16-row tiles (4 at decode, plus the correction mma; 1 at prefill) x CK / 16
         # k steps x MT token tiles

@@ -4,7 +4,7 @@
 //
 // Weights are the A operand (16 rows = output features n, 16 k) so that at
 // decode one mma consumes 256 weights. A *tile* is 16 rows x CK k (CK = 128
-// when K % 128 == 0, else 64); a *row block* is 4 tiles (64 rows); an *item*
+// when K % 128 == 0 and G != 32, else 64); a *row block* is 4 tiles (64 rows); an *item*
 // is one row block x one CK chunk: 4 tiles x 32 lanes x kWords words,
 // contiguous, items in (row block, chunk) order.
 //
