@@ -9,7 +9,7 @@ Per layer shape and M (rows of x, bf16), median time of:
   checkpoint keeps in bf16, on CPUs without a bf16 dot product);
 * ``dense8``: ``torch.ops.gsq.cpu_dense_int8`` on an int8 copy of that weight (GSQ_CPU_DENSE=int8);
 * ``op``: ``torch.ops.gsq.cpu_gemm`` as vLLM calls it (fused kernel up to ``max_fused_rows``,
-  else the K-blocked dequantize + oneDNN path), 2-bit and 3-bit, G=64;
+  else the K-blocked dequantize + oneDNN path), 2-bit and 3-bit, G=64 (``--group-size``);
 * each fused kernel this CPU can run (``generic``, ``avx2``, ``avx512``, ``avx512bf16``: the
   run-time ISA dispatch, switched with ``set_isa``) and the ``blocked`` path, at 2 bits.
 
@@ -44,7 +44,7 @@ from gsq_vllm.format import grid_range, pack_codes  # noqa: E402
 SMOL = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536), ("lm_head", 49152, 576)]
 BIG = [("70b_up", 28672, 8192)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-G = 64
+G = 64  # --group-size sets it
 
 
 def median_seconds(fn, reps: int) -> float:
@@ -80,8 +80,11 @@ def main(argv=None) -> None:
     p.add_argument("--ms", type=int, nargs="+", default=MS)
     p.add_argument("--no-big", action="store_true", help="skip the larger-than-cache layer")
     p.add_argument("--layers", nargs="+", metavar="NAME", help="only these layers (default: all), e.g. lm_head")
+    p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     p.add_argument("--json", default="benchmarks/results/bench_cpu_gemm.json")
     args = p.parse_args(argv)
+    global G
+    G = args.group_size
     if not cg.cpp_kernel_available():
         raise SystemExit("bench_cpu_gemm: gsq_vllm._C_cpu is not built: pip install --no-build-isolation -e . first")
     torch.set_num_threads(args.threads)
