@@ -1,0 +1,83 @@
+"""The chat probe scored offline for whole checkpoints: hits and the NLL of bf16's right answers.
+
+``chat_probe.py`` serves each model and has the last word; this scores the same 80
+questions in-process (transformers, float32, greedy; ``chat_probe_blocks.py``'s helpers),
+so two checkpoints can be compared on a smooth score as well as on hits:
+
+* ``hits``: exact-match answers, as the served probe scores them;
+* ``nll``: mean negative log-likelihood, teacher-forced, of the bf16 model's own answers
+  to the questions it gets right (lower is closer to bf16; it moves before a greedy answer
+  flips, so it separates checkpoints whose hit counts differ by noise).
+
+    python benchmarks/chat_probe_offline.py ~/.cache/gsq-vllm/models/SmolLM2-135M-Instruct-bf16 \\
+        runs/a runs/b --label a --label b --out benchmarks/results/chat_probe_offline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import chat_probe_blocks as cpb  # noqa: E402
+from chat_probe import QUESTIONS, machine  # noqa: E402
+
+
+def main(argv=None) -> int:
+    from transformers import AutoTokenizer
+
+    from quantize.evaluate import load_model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bf16", help="the float model folder")
+    ap.add_argument("quantized", nargs="+", help="quantized checkpoints of it")
+    ap.add_argument("--label", action="append", default=[], help="name for each checkpoint in the JSON (in order)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "chat_probe_offline.json"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    tok = AutoTokenizer.from_pretrained(args.bf16)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    p_ids = cpb.prompts(tok)
+    ref, _ = load_model(args.bf16)
+    ref_answers = cpb.greedy_answers(ref, tok, p_ids)
+    ref_hits = cpb.hits(tok, ref_answers)
+    right = [i for i, h in enumerate(ref_hits) if h]
+    r_prompts, r_answers = [p_ids[i] for i in right], [ref_answers[i] for i in right]
+    ref_nll = cpb.answer_nll(ref, r_prompts, r_answers, pad)
+    del ref
+    print(f"{'bf16':40} {sum(ref_hits):3d}/{len(QUESTIONS)}  NLL {ref_nll:.4f}", flush=True)
+
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results["bf16"] = {"model": args.bf16, "hits": sum(ref_hits), "nll": ref_nll, "machine": machine(),
+                       "date": time.strftime("%Y-%m-%d")}
+    for i, path in enumerate(args.quantized):
+        label = args.label[i] if i < len(args.label) else Path(path).name
+        t0 = time.time()
+        model, kind = load_model(path)
+        h = cpb.hits(tok, cpb.greedy_answers(model, tok, p_ids))
+        nll = cpb.answer_nll(model, r_prompts, r_answers, pad)
+        del model
+        results[label] = {"model": path, "kind": kind, "hits": sum(h), "n": len(QUESTIONS), "nll": nll,
+                          "hit_list": h, "bf16_hits": sum(ref_hits), "machine": machine(),
+                          "seconds": round(time.time() - t0), "date": time.strftime("%Y-%m-%d")}
+        print(f"{label:40} {sum(h):3d}/{len(QUESTIONS)}  NLL {nll:.4f}  ({kind})", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
