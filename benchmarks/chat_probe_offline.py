@@ -9,8 +9,8 @@ so two checkpoints can be compared on a smooth score as well as on hits:
   to the questions it gets right (lower is closer to bf16; it moves before a greedy answer
   flips, so it separates checkpoints whose hit counts differ by noise).
 
-    python benchmarks/chat_probe_offline.py ~/.cache/gsq-vllm/models/SmolLM2-135M-Instruct-bf16 \\
-        runs/a runs/b --label a --label b --out benchmarks/results/chat_probe_offline.json
+    python benchmarks/chat_probe_offline.py default runs/a runs/b --label a --label b \\
+        --out benchmarks/results/chat_probe_offline.json
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from quantize.evaluate import load_model
+    from quantize.models import resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bf16", help="the float model folder")
+    ap.add_argument("bf16", help="the float model folder, or 'default' (the embedded SmolLM2)")
     ap.add_argument("quantized", nargs="+", help="quantized checkpoints of it")
     ap.add_argument("--label", action="append", default=[], help="name for each checkpoint in the JSON (in order)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.bf16 = str(resolve_model(args.bf16))
 
     tok = AutoTokenizer.from_pretrained(args.bf16)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
