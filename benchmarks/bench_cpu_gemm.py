@@ -44,7 +44,6 @@ from gsq_vllm.format import grid_range, pack_codes  # noqa: E402
 SMOL = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536), ("lm_head", 49152, 576)]
 BIG = [("70b_up", 28672, 8192)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-G = 64  # --group-size sets it
 
 
 def median_seconds(fn, reps: int) -> float:
@@ -65,11 +64,11 @@ def memory_bandwidth_gbs(mib: int = 1024) -> float:
     return 2 * a.numel() / best / 1e9
 
 
-def _quantized(n: int, k: int, bits: int):
+def _quantized(n: int, k: int, bits: int, g: int):
     lo_q, hi_q = grid_range(bits)
     codes = torch.randint(lo_q, hi_q + 1, (n, k), dtype=torch.int8)
-    scales = (torch.rand(n, k // G) * 0.01 + 0.001).to(torch.bfloat16)
-    lo, hi = cg.repack_for_cpu(pack_codes(codes, bits), bits, G)
+    scales = (torch.rand(n, k // g) * 0.01 + 0.001).to(torch.bfloat16)
+    lo, hi = cg.repack_for_cpu(pack_codes(codes, bits), bits, g)
     return lo, hi, scales, lo.numel() + hi.numel() + 2 * scales.numel()
 
 
@@ -83,7 +82,6 @@ def main(argv=None) -> None:
     p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     p.add_argument("--json", default="benchmarks/results/bench_cpu_gemm.json")
     args = p.parse_args(argv)
-    global G
     G = args.group_size
     if not cg.cpp_kernel_available():
         raise SystemExit("bench_cpu_gemm: gsq_vllm._C_cpu is not built: pip install --no-build-isolation -e . first")
@@ -108,7 +106,7 @@ def main(argv=None) -> None:
         w = torch.randn(n, k, dtype=torch.bfloat16) * 0.02
         wf = w.float()
         wq, ws = cg.quantize_dense_int8(w)
-        planes = {bits: _quantized(n, k, bits) for bits in (2, 3)}
+        planes = {bits: _quantized(n, k, bits, G) for bits in (2, 3)}
         big = (layer, n, k) in BIG
         reps = max(5, args.reps // 6) if big else args.reps
         for m in args.ms if not big else [m for m in args.ms if m <= 16]:

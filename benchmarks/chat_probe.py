@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import write_json  # noqa: E402
 from serving import running_server  # noqa: E402
 
 QUESTIONS = [
@@ -176,10 +177,7 @@ def main(argv=None) -> int:
         for r in res["answers"]:
             if not r["correct"]:
                 print(f"    miss: {r['question']!r} -> {r['answer'][:60]!r}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, out)
+        write_json(results, str(out))
     return 0
 
 

@@ -95,6 +95,15 @@ def answer_nll(model, prompt_ids: list[list[int]], answers: list[list[int]], pad
     return total / max(count, 1)
 
 
+def bf16_targets(model, tokenizer, prompt_ids: list[list[int]]):
+    """The float model's greedy answers scored: ``(hits, prompts, answers)``, the last two
+    only for the questions it gets right (the NLL targets of :func:`answer_nll`)."""
+    answers = greedy_answers(model, tokenizer, prompt_ids)
+    ok = hits(tokenizer, answers)
+    right = [i for i, h in enumerate(ok) if h]
+    return ok, [prompt_ids[i] for i in right], [answers[i] for i in right]
+
+
 def _linears(block, part: str) -> dict[str, torch.nn.Linear]:
     return {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(part)}
 
@@ -134,11 +143,8 @@ def main(argv=None) -> int:
     qmodel, kind = load_model(args.quantized)
     p_ids = prompts(tok)
 
-    ref_answers = greedy_answers(ref, tok, p_ids)
-    ref_hits = hits(tok, ref_answers)
-    right = [i for i, h in enumerate(ref_hits) if h]
-    r_prompts, r_answers = [p_ids[i] for i in right], [ref_answers[i] for i in right]
-    print(f"bf16: {sum(ref_hits)}/{len(QUESTIONS)}; its {len(right)} right answers are the NLL targets")
+    ref_hits, r_prompts, r_answers = bf16_targets(ref, tok, p_ids)
+    print(f"bf16: {sum(ref_hits)}/{len(QUESTIONS)}; its {len(r_answers)} right answers are the NLL targets")
 
     swap = BlockSwapper(qmodel, ref, args.part)
     base_nll = answer_nll(qmodel, r_prompts, r_answers, pad)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import chat_probe_blocks as cpb  # noqa: E402
 from chat_probe import QUESTIONS, machine  # noqa: E402
+from results_io import write_json  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -51,10 +51,7 @@ def main(argv=None) -> int:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     p_ids = cpb.prompts(tok)
     ref, _ = load_model(args.bf16)
-    ref_answers = cpb.greedy_answers(ref, tok, p_ids)
-    ref_hits = cpb.hits(tok, ref_answers)
-    right = [i for i, h in enumerate(ref_hits) if h]
-    r_prompts, r_answers = [p_ids[i] for i in right], [ref_answers[i] for i in right]
+    ref_hits, r_prompts, r_answers = cpb.bf16_targets(ref, tok, p_ids)
     ref_nll = cpb.answer_nll(ref, r_prompts, r_answers, pad)
     del ref
     print(f"{'bf16':40} {sum(ref_hits):3d}/{len(QUESTIONS)}  NLL {ref_nll:.4f}", flush=True)
@@ -74,10 +71,7 @@ def main(argv=None) -> int:
                           "hit_list": h, "bf16_hits": sum(ref_hits), "machine": machine(),
                           "seconds": round(time.time() - t0), "date": time.strftime("%Y-%m-%d")}
         print(f"{label:40} {sum(h):3d}/{len(QUESTIONS)}  NLL {nll:.4f}  ({kind})", flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, out)
+        write_json(results, str(out))
     return 0
 
 

@@ -34,12 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transformers import AutoTokenizer
 from quantize.evaluate import load_model, perplexity
 from quantize.data import load_split, tokenize_sequences
+from quantize.models import resolve_model
 from gsq_vllm.format import load_tensors, read_quant_config, unpack_codes
 import chat_probe_blocks as cpb
 from results_io import machine_info, write_json
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-ap.add_argument("bf16", help="the float model folder")
+ap.add_argument("bf16", help="the float model folder, or 'default' (the embedded SmolLM2)")
 ap.add_argument("ckpt", help="a GSQ checkpoint written without the end-to-end stage")
 ap.add_argument("--epochs", type=int, default=2, help="passes over the sequences")
 ap.add_argument("--lr", type=float, default=2e-3, help="Adam lr on the scales' relative change")
@@ -51,6 +52,7 @@ ap.add_argument("--data", default="chat", choices=("chat", "selfgen", "mix"))
 ap.add_argument("--threads", type=int, default=1)
 ap.add_argument("--out", default=None, help="JSON file for the result")
 args = ap.parse_args()
+args.bf16 = str(resolve_model(args.bf16))
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
 tok = AutoTokenizer.from_pretrained(args.bf16)
@@ -138,10 +140,7 @@ else:
 ev = tokenize_sequences(load_split("wikipedia", "eval"), tok, 512, 20)
 p_ids = cpb.prompts(tok)
 pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-ref_answers = cpb.greedy_answers(teacher, tok, p_ids)
-ref_hits = cpb.hits(tok, ref_answers)
-right = [i for i, h in enumerate(ref_hits) if h]
-rp, ra = [p_ids[i] for i in right], [ref_answers[i] for i in right]
+ref_hits, rp, ra = cpb.bf16_targets(teacher, tok, p_ids)
 res = {"args": vars(args), "bf16_hits": sum(ref_hits), "machine": machine_info(), "date": time.strftime("%Y-%m-%d")}
 
 
