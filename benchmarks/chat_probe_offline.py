@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "chat_probe_offline.json"))
     args = ap.parse_args(argv)
+    missing = [q for q in args.quantized if not Path(q).is_dir()]
+    if missing:  # before the minutes the bf16 answers take
+        ap.error(f"not a checkpoint folder: {', '.join(missing)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.bf16 = str(resolve_model(args.bf16))

@@ -52,6 +52,8 @@ ap.add_argument("--data", default="chat", choices=("chat", "selfgen", "mix"))
 ap.add_argument("--threads", type=int, default=1)
 ap.add_argument("--out", default=None, help="JSON file for the result")
 args = ap.parse_args()
+if not Path(args.ckpt).is_dir():
+    ap.error(f"not a checkpoint folder: {args.ckpt}")
 args.bf16 = str(resolve_model(args.bf16))
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
