@@ -24,6 +24,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "gemm/decode.cuh"
 #include "gemm/prefill.cuh"
@@ -38,6 +39,19 @@ constexpr int kSmemPerBlockReserved = 1024;  // the system's share of each block
 // The chunk of K one item covers: 128 when it divides K, else 64. G = 32 always takes 64: at
 // CK = 128 its four scale groups per item made ptxas spill the decode kernel's registers (sm_80).
 int chunk_k(int k, int group_size) { return k % 128 == 0 && group_size != 32 ? 128 : 64; }
+
+// f(CK, G) as compile-time constants for the instantiation a layer runs: the one place that maps
+// (K, G) to a kernel, so the plan sizes the same instantiation the launch runs. CK = 64 with
+// G = 128 cannot occur (G divides K, so 128 does).
+template <typename F>
+auto with_chunk_and_group(int k, int group_size, F&& f) {
+  using std::integral_constant;
+  if (chunk_k(k, group_size) == 64)
+    return group_size == 32 ? f(integral_constant<int, 64>{}, integral_constant<int, 32>{})
+                            : f(integral_constant<int, 64>{}, integral_constant<int, 64>{});
+  return group_size == 64 ? f(integral_constant<int, 128>{}, integral_constant<int, 64>{})
+                          : f(integral_constant<int, 128>{}, integral_constant<int, 128>{});
+}
 
 // Decode blocks that fit on one SM at once: the registers' budget (launch
 // bounds) and the shared memory of the instantiation the plan will launch.
@@ -54,12 +68,9 @@ int decode_blocks_per_sm_mt(int mt, int smem_per_sm) {
 
 template <int BITS>
 int decode_blocks_per_sm_g(int k, int group_size, int mt, int smem_per_sm) {
-  if (chunk_k(k, group_size) == 64) {
-    return group_size == 32 ? decode_blocks_per_sm_mt<BITS, 64, 32>(mt, smem_per_sm)
-                            : decode_blocks_per_sm_mt<BITS, 64, 64>(mt, smem_per_sm);
-  }
-  if (group_size == 64) return decode_blocks_per_sm_mt<BITS, 128, 64>(mt, smem_per_sm);
-  return decode_blocks_per_sm_mt<BITS, 128, 128>(mt, smem_per_sm);
+  return with_chunk_and_group(k, group_size, [&](auto ck, auto g) {
+    return decode_blocks_per_sm_mt<BITS, decltype(ck)::value, decltype(g)::value>(mt, smem_per_sm);
+  });
 }
 
 template <typename T, int BITS, int CK, int G, int MT>
@@ -94,12 +105,9 @@ cudaError_t launch_g(const GsqGemmPlan& p, const void* a, const void* b, const v
 template <typename T, int BITS>
 cudaError_t launch_bits(const GsqGemmPlan& p, const void* a, const void* b, const void* s, void* c, void* ws,
                         int* counters, int m, int n, int k, int group_size, cudaStream_t stream) {
-  if (chunk_k(k, group_size) == 64) {
-    return group_size == 32 ? launch_g<T, BITS, 64, 32>(p, a, b, s, c, ws, counters, m, n, k, stream)
-                            : launch_g<T, BITS, 64, 64>(p, a, b, s, c, ws, counters, m, n, k, stream);
-  }
-  if (group_size == 64) return launch_g<T, BITS, 128, 64>(p, a, b, s, c, ws, counters, m, n, k, stream);
-  return launch_g<T, BITS, 128, 128>(p, a, b, s, c, ws, counters, m, n, k, stream);
+  return with_chunk_and_group(k, group_size, [&](auto ck, auto g) {
+    return launch_g<T, BITS, decltype(ck)::value, decltype(g)::value>(p, a, b, s, c, ws, counters, m, n, k, stream);
+  });
 }
 
 }  // namespace gsq
