@@ -24,10 +24,11 @@ def _candidates(bits, search: str) -> list[float]:
 
     * ``mse``: ``c / qmax`` for c in CLIP_GRID (41 points, 0.2 .. 1);
     * ``gptq-ref`` (the GSQ reference's GPTQ init): 80 shrink factors p = 1, 0.99, .. 0.21 of
-      two natural scales, ``absmax / qmax`` and the range-centred ``2 absmax / (2^b - 1)``, and at
-      2 bits the same negated: a negative scale mirrors the asymmetric grid {-2, -1, 0, 1} to
-      {-1, 0, 1, 2}, which a row whose large weights are positive needs (Lion's small scale steps
-      in GSQ can never flip a sign later).
+      two natural scales, ``absmax / qmax`` and the range-centred ``2 absmax / (2^b - 1)``, and on
+      the asymmetric grids (2 and 3 bits) the same negated, as the reference does at every bit
+      width: a negative scale mirrors {-2, -1, 0, 1} to {-1, 0, 1, 2} ({-4..3} to {-3..4}), which a
+      group whose largest weight is positive needs (Lion's small scale steps in GSQ can never flip
+      a sign later). Ternary's grid is symmetric: negating changes nothing there.
     """
     qmin, qmax = grid_range(bits)
     if search == "mse":
@@ -36,7 +37,7 @@ def _candidates(bits, search: str) -> list[float]:
         raise ValueError(f"scale search must be one of {SCALE_SEARCHES}, got {search!r}")
     bases = [1 / qmax, 2 / (qmax - qmin)]
     out = [b * (1 - i / 100) for b in bases for i in range(80)]
-    if bits == 2:  # the reference mirrors only the 2-bit grid
+    if qmin != -qmax:  # asymmetric grid: its mirror image is a different grid
         out += [-x for x in out]
     return out
 
@@ -59,7 +60,7 @@ def mse_scales(w: torch.Tensor, bits, weight: torch.Tensor | None = None, search
     """Per-row scale of ``w`` [R, G] (float32) minimizing the group's rounding error.
 
     ``search``: ``mse`` -- squared error over 41 positive clip factors; ``gptq-ref`` -- |error|^2.4
-    over 80 clip factors of two base scales, and negative scales at 2 bits (see _candidates).
+    over 80 clip factors of two base scales, and their negatives on asymmetric grids (see _candidates).
     ``weight``: optional float32 ``[G]`` importance per column (e.g. Hessian diagonal).
     Returns float32 ``[R, 1]``, never zero (rows of zeros get scale 1). The first of equal errors
     wins, in _candidates' order.

@@ -84,22 +84,27 @@ def test_group_size_must_divide_k():
         gptq_quantize(w, torch.eye(576), 2, 128)
 
 
-def test_gptq_ref_scale_search_mirrors_2bit_grid_for_positive_outliers():
-    # Rows whose largest weight is positive: the 2-bit grid {-2, -1, 0, 1} reaches +2 steps
-    # only with a negative scale, so gptq-ref must pick one and beat the positive-only search.
+@pytest.mark.parametrize("bits, gain", [(2, 0.75), (3, 0.95)])
+def test_gptq_ref_scale_search_mirrors_asymmetric_grids_for_positive_outliers(bits, gain):
+    # Rows whose largest weight is positive: the 2-bit grid {-2, -1, 0, 1} (3-bit {-4..3}) reaches
+    # its longest side only with a negative scale, so gptq-ref must pick one and beat the
+    # positive-only search, at every asymmetric bit width as the GSQ reference does.
     g = torch.Generator().manual_seed(1)
     w = torch.randn(64, 32, generator=g) * 0.2
     w[:, 0] = 1.0
-    s_mse = mse_scales(w, 2)
-    s_ref = mse_scales(w, 2, search="gptq-ref")
+    s_mse = mse_scales(w, bits)
+    s_ref = mse_scales(w, bits, search="gptq-ref")
     assert (s_mse > 0).all() and (s_ref < 0).float().mean() > 0.5
 
     def err(s):
-        return (w - s * round_to_grid(w, s, 2)).abs().pow(2).sum()
+        return (w - s * round_to_grid(w, s, bits)).abs().pow(2).sum()
 
-    assert err(s_ref) < 0.75 * err(s_mse)
-    # 3 bits and ternary keep positive scales; an unknown search is refused.
-    assert (mse_scales(w, 3, search="gptq-ref") > 0).all()
+    assert err(s_ref) < gain * err(s_mse)
+
+
+def test_gptq_ref_scale_search_keeps_ternary_positive_and_refuses_unknown_search():
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(2))
+    assert (mse_scales(w, 1.58, search="gptq-ref") > 0).all()
     with pytest.raises(ValueError, match="scale search"):
         mse_scales(w, 2, search="minmax")
 
