@@ -35,7 +35,10 @@ def _extensions():
 
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))  # csrc/cpu/ not included
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+    # TORCH_CUDA_ARCH_LIST set (e.g. "9.0": scripts/gpu_check.py builds for the one GPU it runs on):
+    # no -gencode here, so torch's BuildExtension takes the arches from it; else all of CUDA_ARCHS.
+    gencode = ([] if os.environ.get("TORCH_CUDA_ARCH_LIST")
+               else [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS])
     ext = CUDAExtension(
         name="gsq_vllm._C",
         sources=sources,
