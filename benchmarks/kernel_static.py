@@ -41,6 +41,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -77,15 +78,17 @@ HUMMING_SITE_PACKAGES = [f"humming-kernels=={HUMMING_VERSION}", "cuda-bindings",
 # ------------------------------------------------------------------ our kernel
 
 
-def compile_ours(arch: str, out_dir: Path) -> tuple[Path, dict[str, dict]]:
+def compile_ours(arch: str, out_dir: Path, lineinfo: bool = True) -> tuple[Path, dict[str, dict]]:
     """nvcc csrc/gsq_gemm.cu -> cubin; returns it and ptxas's per-function spill report."""
     try:
         from torch.utils.cpp_extension import COMMON_NVCC_FLAGS as torch_flags
     except ImportError:
         torch_flags = []
-    cubin = out_dir / f"gsq_gemm_sm{arch}.cubin"
+    cubin = out_dir / f"gsq_gemm_sm{arch}{'_lineinfo' * lineinfo}.cubin"
+    # -lineinfo: source lines for the whole-kernel regions (nvdisasm -gi); it changes no instruction
+    # (tests/test_kernel_static.py compares the SASS of the two builds)
     cmd = [sass.tool("nvcc"), "-cubin", "-O3", "-std=c++20", *torch_flags, "-Xptxas", "-v",
-           f"-arch=sm_{arch}", str(ROOT / "csrc" / "gsq_gemm.cu"), "-o", str(cubin)]
+           *(["-lineinfo"] * lineinfo), f"-arch=sm_{arch}", str(ROOT / "csrc" / "gsq_gemm.cu"), "-o", str(cubin)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"nvcc failed:\n{res.stderr[-4000:]}")
@@ -245,10 +248,13 @@ def _short(kernel: str) -> str:
     return kernel.split("(")[0].removeprefix("void ")
 
 
-def run_ours(out_dir: Path) -> dict:
+def run_ours(out_dir: Path, cubins: dict | None = None) -> dict:
+    """Loop-only rows (MS, G = 128, fp16); `cubins` (if given) receives each machine's cubin."""
     kernels, rows = {}, []
     for mach_name, mach in MACHINES.items():
         cubin, spills = compile_ours(mach["arch"], out_dir)
+        if cubins is not None:
+            cubins[mach_name] = cubin
         kernels[mach_name] = analyze_cubin(cubin, spills, our_kernel_facts)
         for model, layer, n, k in LAYERS:
             for bits in (2, 3):
@@ -286,8 +292,356 @@ def run_humming(out_dir: Path) -> dict:
     return dict(kernels=kernels, rows=rows)
 
 
+# ------------------------------------------------------------------ the whole kernel (ours)
+#
+# The loop-only rows above count one hot-loop trip. Here every instruction each warp executes under the
+# kernel's own launch plan is counted:
+#
+#   warp w = prologue + its items x (hot-loop trip) + per segment (row block it touches): the full-segment
+#            path (C store) or the partial-segment path (partial sums, fence, arrival atomic)
+#            + on the last warp to arrive at a split row block: the reduction (fixed + per contributor)
+#            + tail;  warps of the last block past the plan's warp count: the early exit.
+#
+# Each region's count is a path through the SASS control-flow graph (benchmarks/sass.py Cfg) of the
+# instantiation the host code launches: basic blocks are assigned to regions by loop structure (the hot
+# loop, the segment loop around it, the reduction loop) and by the kernel-body source line of their
+# instructions (-lineinfo, nvdisasm -gi), against the statements in DECODE_ANCHORS. 64-bit divisions take
+# their 32-bit fast path (the modelled shapes' operands fit in 32 bits: asserted), never the CALL.
+
+DECODE_SOURCE = ROOT / "csrc" / "gemm" / "decode.cuh"
+# the statement of gsq_decode_kernel that opens each region, in source order
+DECODE_ANCHORS = dict(
+    kernel="gsq_decode_kernel(", segment="while (item < end)", store="if (seg_begin == (long long)rb * chunks",
+    splitk="const long long slot", arrive="if (!arrive_last(", reduce_loop="for (int w = first; w <= last; ++w)",
+    reduce_store="store_row_block<T, MT>(C, sum")
+L2_ROUND_TRIP_CYCLES = 700  # one dependent L2 access (fence, atomic, load of a partial), SM clocks
+WHOLE_MS = [1, 4, 8, 16]
+WHOLE_GROUPS = [128, 64]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+TARGETS = dict(instructions_per_weight={2: 0.050, 3: 0.065}, critical_path_ratio=1.2, distinct_inflight_kb=32)
+WHOLE_ASSUMPTIONS = dict(
+    l2_round_trip_cycles=L2_ROUND_TRIP_CYCLES,
+    issue="one warp-instruction per clock per scheduler, 4 schedulers per SM; block b on SM b % SMs (one wave), "
+          "warp w of a block on scheduler w % 4",
+    critical_path="max(busiest scheduler's issue cycles, HBM cycles) + one L2 round trip (the first load) + the "
+                  "longest reduction chain: (2 + contributors) dependent L2 round trips (fence, arrival atomic, one "
+                  "load per contributor's partial) + the reducer's instructions",
+    critical_path_serial="issue + HBM + one L2 round trip + chain, nothing overlapped: a pessimistic variant "
+                         "(reported, not used for the target)",
+    bound="the layer's bytes (codes, scales, activations, output) / HBM bandwidth + one L2 round trip",
+    distinct_inflight="per SM (mean over active SMs): each warp's kDecodeStages - 1 items in flight, times its "
+                      "distinct share n / (n + stages - 1) (a warp of n items issues n + stages - 1 fetches; past its "
+                      "range's end it re-reads its last item)",
+    divisions="64-bit divisions take their 32-bit fast path (operands below 2^31, asserted), never the CALL",
+    reduction="counted once per split row block, on the last contributor to arrive: fixed + contributors x per "
+              "contributor (the unrolled loop's remainder copies at the loop's per-contributor cost)",
+    predicated="a predicated-off instruction counts (it takes its issue slot); BRA.DIV (divergence) not taken",
+)
+
+
+def decode_anchors(path: Path = DECODE_SOURCE) -> dict[str, int]:
+    """Source line (1-based) of each DECODE_ANCHORS statement: the first one after the kernel's signature."""
+    lines = Path(path).read_text().splitlines()
+    out: dict[str, int] = {}
+    start = 0
+    for key, text in DECODE_ANCHORS.items():
+        hit = next((i for i in range(start, len(lines)) if text in lines[i]), None)
+        if hit is None:
+            raise ValueError(f"{path}: '{text}' not found after line {start}: the kernel changed, update "
+                             "DECODE_ANCHORS (kernel_static.py)")
+        out[key] = hit + 1
+        start = hit
+    return out
+
+
+def line_region(line: int | None, a: dict[str, int]) -> str:
+    """The kernel-body region of a source line (by the anchors' order)."""
+    if line is None or line < a["kernel"]:
+        return "other"
+    if line < a["segment"]:
+        return "prologue"
+    if line < a["store"]:
+        return "segment"  # the segment's bounds, the accumulator reset, loop code hoisted out of the hot loop
+    if line < a["splitk"]:
+        return "store"  # full segment: C store
+    if line <= a["arrive"]:
+        return "splitk"  # partial segment: partial sums, owner_of, fence + arrival atomic
+    if a["reduce_loop"] < line < a["reduce_store"]:
+        return "per_contributor"
+    if line < a["reduce_store"]:
+        return "reduce"
+    if line == a["reduce_store"]:
+        return "reduce_store"
+    return "tail"
+
+
+def _division_slow_path(block: sass.Block) -> bool:
+    """The 64-bit arm of a 64-bit division / remainder: a CALL to the compiler's helper."""
+    return any(ins.base == "CALL" and re.search(r"(div|rem)_[su]64", ins.target_label or "") for ins in block.instrs)
+
+
+def _is_division_fast_path(block: sass.Block) -> bool:
+    """The inline 32-bit arm of a 64-bit division / remainder (the 64-bit arm is a CALL)."""
+    return block.count("I2F.U32.RP") > 0 and block.count("MUFU.RCP") > 0
+
+
+def decode_regions(instrs: list, token_tiles: int, anchors: dict[str, int]) -> dict:
+    """Per-execution instruction counts of gsq_decode_kernel's regions, from its SASS (nvdisasm -gi)."""
+    cfg = sass.Cfg(instrs, avoid=_division_slow_path)
+    loops = cfg.loops()
+
+    def mma(body):
+        return sum(cfg.blocks[j].count("HMMA") for j in body)
+
+    with_mma = [lp for lp in loops if mma(lp[2])]
+    inner = [lp for lp in with_mma if not any(o is not lp and o[2] < lp[2] for o in with_mma)]
+    hot = max(inner, key=lambda lp: (mma(lp[2]), -len(lp[2])))
+    around = [lp for lp in loops if hot[2] < lp[2]]
+    if not around:
+        raise ValueError("no segment loop around the hot loop")
+    seg = min(around, key=lambda lp: len(lp[2]))
+    inside = [lp for lp in loops if lp[2] < seg[2] and not (lp[2] & hot[2])]
+    if len(inside) != 1:
+        raise ValueError(f"expected one reduction loop inside the segment loop, found {len(inside)}")
+    red = inside[0]
+
+    def region_of(b: sass.Block) -> str:
+        return Counter(line_region(ins.line[1] if ins.line else None, anchors) for ins in b.instrs).most_common(1)[0][0]
+
+    per_contrib_blocks = set(red[2]) | {j for j in seg[2] if region_of(cfg.blocks[j]) == "per_contributor"}
+    zero = set(hot[2]) | per_contrib_blocks  # counted by their own regions
+
+    def weight(b: sass.Block) -> int:
+        return 0 if b.index in zero else b.size
+
+    head, latch = seg[0], seg[1]
+    atoms = [j for j in seg[2] if cfg.blocks[j].count("ATOMG.E.ADD", "ATOM.E.ADD", "RED.E.ADD")]
+    if len(atoms) != 1:
+        raise ValueError(f"expected one arrival atomic in the segment loop, found {len(atoms)}")
+    arrive = atoms[0]
+
+    def stores(region):
+        js = [j for j in seg[2] - zero if region_of(cfg.blocks[j]) == region and cfg.blocks[j].count("STG")]
+        if not js:
+            raise ValueError(f"no global store in region {region}")
+        return max(js, key=lambda j: cfg.blocks[j].count("STG"))
+
+    full = cfg.path(head, latch, weight, allowed=seg[2] - {arrive}, via=stores("store"))
+    to_arrive = cfg.path(head, arrive, weight, allowed=seg[2])
+    not_last = cfg.path(arrive, latch, weight, allowed=seg[2], longest=False)  # arrived, not the last
+    last = cfg.path(arrive, latch, weight, allowed=seg[2], via=stores("reduce_store"))
+    item = cfg.path(hot[0], hot[1], allowed=hot[2])
+    red_trip = cfg.path(red[0], red[1], allowed=red[2])
+    if None in (full, to_arrive, not_last, last, item, red_trip):
+        raise ValueError("a region's path was not found in the SASS")
+    # one contributor's partial is kFloats / 4 = 4 MT float4 loads (csrc/gemm/reduce.cuh add_partial)
+    loads = 4 * token_tiles
+    red_loads = [cfg.blocks[j].count("LDG") for j in red_trip[1]]
+    if sum(red_loads) % loads or any(x not in (0, loads) for x in red_loads):
+        raise ValueError(f"reduction loop loads {red_loads}: not whole contributors, one per basic block")
+    unroll = sum(red_loads) // loads
+    outside = (cfg.reachable - seg[2]) | {head}
+    pro = cfg.path(0, head, allowed=outside)
+    exits = [j for j in cfg.reachable if cfg.blocks[j].instrs[-1].base == "EXIT"
+             and cfg.blocks[j].instrs[-1].unconditional]
+    after = {s for j in seg[2] for s in cfg.blocks[j].succ if s not in seg[2]}  # where the segment loop exits
+    tails = [t for t in (cfg.path(a, e, allowed=cfg.reachable - seg[2]) for a in after for e in exits) if t]
+    first_exit = next(i for i, ins in enumerate(instrs) if ins.base == "EXIT")
+
+    def breakdown(blocks):
+        c = Counter()
+        for j in blocks:
+            if j not in zero:
+                c.update(line_region(ins.line[1] if ins.line else None, anchors) for ins in cfg.blocks[j].instrs)
+        return dict(c)
+
+    def divisions(blocks):
+        return sum(_is_division_fast_path(cfg.blocks[j]) for j in blocks if j not in zero)
+
+    partial_path = to_arrive[1] + not_last[1][1:]
+    paths = (pro[1][:-1], full[1], partial_path, last[1])
+    return dict(
+        item=item[0], prologue=pro[0] - cfg.blocks[head].size, tail=max(t[0] for t in tails), idle=first_exit + 1,
+        segment_full=full[0], segment_partial=to_arrive[0] + not_last[0] - cfg.blocks[arrive].size,
+        reduce_fixed=last[0] - not_last[0], per_contributor=red_trip[0] / unroll, reduce_unroll=unroll,
+        breakdown=dict(prologue=breakdown(pro[1][:-1]), segment_full=breakdown(full[1]),
+                       segment_partial=breakdown(partial_path),
+                       reduce_fixed={r: v - breakdown(not_last[1]).get(r, 0) for r, v in breakdown(last[1]).items()}),
+        divisions_64=dict(prologue=divisions(pro[1][:-1]), segment_full=divisions(full[1]),
+                          segment_partial=divisions(partial_path),
+                          per_contributor=sum(_is_division_fast_path(cfg.blocks[j]) for j in red_trip[1]) / unroll),
+        # the hot loop's mma are its own: none may be counted on another region's path
+        tensor_ops_outside_hot_loop=sum(cfg.blocks[j].count("HMMA") for p in paths for j in p if j not in zero),
+        blocks=len(cfg.blocks), reachable_blocks=len(cfg.reachable))
+
+
+def decode_split(items: int, warps: int, chunks: int) -> list[tuple[int, int, list[tuple[int, int, int, bool]]]]:
+    """The decode kernel's work split (csrc/gemm/decode.cuh, re-derived; tests/test_kernel_static.py checks it
+    against the kernel run by the emulator): warp w streams items [items w / warps, items (w + 1) / warps)
+    as segments, one per row block it touches: (row block, first item, end item, covers the whole row block)."""
+    out = []
+    for w in range(warps):
+        begin, end = items * w // warps, items * (w + 1) // warps
+        segs, i = [], begin
+        while i < end:
+            rb = i // chunks
+            se = min(end, (rb + 1) * chunks)
+            segs.append((rb, i, se, i == rb * chunks and se == (rb + 1) * chunks))
+            i = se
+        out.append((begin, end, segs))
+    return out
+
+
+def owner_of(i: int, items: int, warps: int) -> int:
+    """The warp whose range holds item i (csrc/gemm/decode.cuh owner_of)."""
+    return ((i + 1) * warps - 1) // items
+
+
+def whole_kernel_row(reg: dict, plan: dict, n: int, k: int, m: int, bits: int, g: int, ck: int, mach: dict) -> dict:
+    """Whole-kernel instructions per weight, critical path and distinct bytes in flight of one layer."""
+    warps, stages = plan["warps"], 3  # kDecodeStages
+    chunks = k // ck
+    items = n // 64 * chunks
+    if items * (warps + 1) >= 2**31:
+        raise ValueError("64-bit divisions would leave their 32-bit fast path: not modelled")
+    split = decode_split(items, warps, chunks)
+    instr = [0] * warps
+    parts = Counter()
+    contributors: dict[int, list[int]] = {}
+    for w, (begin, end, segs) in enumerate(split):
+        n_items = end - begin
+        parts["prologue"] += reg["prologue"]
+        parts["items"] += n_items * reg["item"]
+        parts["tail"] += reg["tail"]
+        for rb, _, _, whole in segs:
+            if whole:
+                parts["segment_full"] += reg["segment_full"]
+            else:
+                parts["segment_partial"] += reg["segment_partial"]
+                contributors.setdefault(rb, []).append(w)
+        instr[w] = reg["prologue"] + reg["tail"] + n_items * reg["item"] + sum(
+            reg["segment_full"] if whole else reg["segment_partial"] for *_, whole in segs)
+    chain_cycles, chain = 0, 0
+    reduction_max = 0
+    for rb, ws in contributors.items():
+        first, last = owner_of(rb * chunks, items, warps), owner_of((rb + 1) * chunks - 1, items, warps)
+        if ws != list(range(first, last + 1)):
+            raise AssertionError(f"row block {rb}: contributors {ws} != owner_of range {first}..{last}")
+        # the last of them to arrive reduces, after its own stream: fence and arrival atomic (two dependent L2
+        # round trips), then per contributor one dependent load of its partial and the adds
+        extra = reg["reduce_fixed"] + len(ws) * reg["per_contributor"]
+        parts["reduce"] += extra
+        reduction_max = max(reduction_max, extra)
+        cyc = (2 + len(ws)) * L2_ROUND_TRIP_CYCLES + extra
+        if cyc > chain_cycles:
+            chain_cycles, chain = cyc, 2 + len(ws)
+    idle = plan["grid_x"] * 4 - warps
+    parts["idle_exit"] = idle * reg["idle"]
+    total = sum(parts.values())
+    # placement: block b on SM b % sms (one wave), warp w % 4 of a block on scheduler w % 4
+    sched: Counter = Counter()
+    sm_inflight: Counter = Counter()
+    sm_distinct: Counter = Counter()
+    item_bytes = 64 * ck * bits // 8 + (ck // g) * 64 * 2
+    for w, (begin, end, _) in enumerate(split):
+        sm = (w // 4) % mach["sms"]
+        sched[(sm, w % 4)] += instr[w]
+        sm_inflight[sm] += (stages - 1) * item_bytes
+        # the prologue issues stages - 1 items and the loop one per item; past the range's end they re-read the
+        # last item: n of those n + stages - 1 fetches are distinct
+        sm_distinct[sm] += (stages - 1) * item_bytes * (end - begin) / (end - begin + stages - 1)
+    clk = mach["clock_ghz"] * 1e9
+    hbm_bytes = n * k * bits / 8 + n * (k // g) * 2 + m * k * 2 + m * n * 2
+    hbm_cycles = hbm_bytes / (mach["hbm_tbs"] * 1e12) * clk
+    issue_cycles = max(sched.values())  # the busiest scheduler's warps' streams at one instruction per clock
+    critical = max(issue_cycles, hbm_cycles) + L2_ROUND_TRIP_CYCLES + chain_cycles
+    bound = hbm_cycles + L2_ROUND_TRIP_CYCLES
+    distinct_kb = sum(sm_distinct.values()) / len(sm_distinct) / 1024
+    ipw = total / (n * k)
+    return dict(
+        n=n, k=k, m=m, bits=bits, group=g, chunk_k=ck, items=items, warps=warps, blocks=plan["grid_x"],
+        blocks_per_sm=-(-plan["grid_x"] // mach["sms"]), active_sms=len(sm_inflight),
+        items_per_warp=round(items / warps, 2),
+        max_items_per_warp=max(e - b for b, e, _ in split), split_row_blocks=len(contributors),
+        max_contributors=max((len(v) for v in contributors.values()), default=0),
+        instructions=int(total), instructions_by_region={r: int(v) for r, v in parts.items()},
+        instructions_per_weight=round(ipw, 4), loop_instructions_per_weight=round(reg["item"] / (64 * ck), 4),
+        slowest_warp_instructions=int(max(instr)), reduction_instructions_max=int(reduction_max),
+        issue_cycles=int(issue_cycles), hbm_cycles=int(hbm_cycles),
+        reduction_chain_round_trips=chain, chain_cycles=int(chain_cycles), critical_path_cycles=int(critical),
+        critical_path_serial_cycles=int(issue_cycles + hbm_cycles + L2_ROUND_TRIP_CYCLES + chain_cycles),
+        bound_cycles=int(bound), critical_path_ratio=round(critical / bound, 2),
+        inflight_kb_per_sm=round(sum(sm_inflight.values()) / len(sm_inflight) / 1024, 1),
+        distinct_inflight_kb_per_sm=round(distinct_kb, 1),
+        distinct_inflight_kb_per_sm_min=round(min(sm_distinct.values()) / 1024, 1),
+        met=dict(instructions_per_weight=ipw <= TARGETS["instructions_per_weight"][bits],
+                 critical_path=critical <= TARGETS["critical_path_ratio"] * bound,
+                 distinct_inflight=distinct_kb >= TARGETS["distinct_inflight_kb"]))
+
+
+def our_decode_kernel(m: int, k: int, bits: int, g: int, dtype: str, mach: dict) -> str:
+    """The decode instantiation csrc/gsq_gemm.cu's host code launches for this K, G, M, dtype (emulator dry run
+    at N = 64: the dispatch depends on K, G and M only)."""
+    from gsq_vllm import cuda_emu
+
+    key = (m, k, bits, g, dtype, mach["sms"], mach["smem_sm"])
+    if key not in _KERNEL_NAMES:
+        t = DTYPES[dtype]
+        a = torch.zeros(m, k, dtype=t)
+        b = torch.zeros(1, k * 2 * bits, dtype=torch.int32)
+        s = torch.zeros(1, k // g * 64, dtype=t)
+        opts = cuda_emu.EmuOptions(sms=mach["sms"], smem_per_sm=mach["smem_sm"], dry_run=True)
+        _, counters = cuda_emu.default_emulator().gemm(a, b, s, bits, g, 64, k, opts)
+        (launch,) = counters["launches"]
+        _KERNEL_NAMES[key] = _short(launch["kernel"])
+    return _KERNEL_NAMES[key]
+
+
+_KERNEL_NAMES: dict = {}
+
+
+def our_decode_regions(cubin: Path) -> dict[str, dict]:
+    """decode_regions of every decode instantiation in the cubin (built with -lineinfo), by short name."""
+    anchors = decode_anchors()
+    funcs = sass.nvdisasm_functions(cubin)
+    names = sass.demangle(list(funcs))
+    out = {}
+    for mangled, instrs in funcs.items():
+        facts = our_kernel_facts(names[mangled])
+        if facts.get("kind") == "decode":
+            out[_short(names[mangled])] = decode_regions(instrs, facts["token_tiles"], anchors)
+    return out
+
+
+def run_whole_ours(cubins: dict[str, Path], kernels: dict[str, dict]) -> dict:
+    """The whole-kernel rows of our decode kernel: every layer, M, dtype, G and bit width, per machine."""
+    from gsq_vllm import cuda_emu
+
+    emu = cuda_emu.default_emulator()
+    regions, rows = {}, []
+    for mach_name, mach in MACHINES.items():
+        regions[mach_name] = our_decode_regions(cubins[mach_name])
+        for model, layer, n, k in LAYERS:
+            for dtype in DTYPES:
+                for g in WHOLE_GROUPS:
+                    for bits in (2, 3):
+                        for m in WHOLE_MS:
+                            name = our_decode_kernel(m, k, bits, g, dtype, mach)
+                            facts = our_kernel_facts(name)
+                            plan = emu.plan(m, n, k, bits, g, mach["sms"], mach["smem_sm"])
+                            if plan["token_tiles"] != facts["token_tiles"]:
+                                raise AssertionError(f"{name}: plan token tiles {plan['token_tiles']}")
+                            row = whole_kernel_row(regions[mach_name][name], plan, n, k, m, bits, g, facts["chunk_k"],
+                                                   mach)
+                            kern = next(v for kname, v in kernels[mach_name].items() if _short(kname) == name)
+                            row.update(machine=mach_name, model=model, layer=layer, dtype=dtype, kernel=name,
+                                       registers=kern["registers"], spill_stores=kern["spill_stores"])
+                            rows.append(row)
+    return dict(regions=regions, rows=rows)
+
+
 def print_table(title: str, rows: list[dict]) -> None:
-    print(f"\n{title}  (MODEL, not measured)")
+    print(f"\n{title}  -- loop only: one hot-loop trip per weight (MODEL, not a measurement)")
     hdr = ("machine", "layer", "N", "K", "b", "M", "regs", "occ", "instr/w", "issue", "tensor", "HBM need",
            "KB infl", "KB need", "model %HBM", "limit")
     print(" | ".join(hdr))
@@ -299,6 +653,78 @@ def print_table(title: str, rows: list[dict]) -> None:
             f"{100 * r['model_fraction_of_hbm']:.0f}", r["limited_by"])))
 
 
+def run_whole_humming(loop_only: dict) -> dict:
+    return dict(status="not modelled: Humming has loop-only rows (section 'humming')", rows=[])
+
+
+WHOLE_NOTE = ("MODEL, not a measurement: whole-kernel warp-instructions counted from the SASS (per-region paths) "
+              "under the kernel's own launch plan; cycles from machine constants; no GPU was run")
+
+
+def _mark(ok: bool, value: float, target: float, lower_is_better: bool = True) -> str:
+    if ok:
+        return "met"
+    return f"MISSED x{value / target:.2f}" if lower_is_better else f"MISSED x{target / value:.2f}"
+
+
+def print_whole(whole: dict, label: str, machine: str = "H100 SXM") -> None:
+    """Per layer and (bits, M): ours whole-kernel and loop-only, Humming's where modelled, the critical path
+    against the HBM bound and distinct bytes in flight, each target met or missed (the worst of fp16 / bf16 x
+    G = 128 / 64 decides)."""
+    rows = [r for r in whole[label]["rows"] if r["machine"] == machine]
+    hum = {(r["n"], r["k"], r["bits"], r["m"]): r for r in whole.get("humming", {}).get("rows", [])}
+    t = TARGETS
+    print(f"\nWHOLE KERNEL per layer, {machine}, TP=1 -- {WHOLE_NOTE}")
+    print(f"targets: <= {t['instructions_per_weight'][2]} (2-bit) / {t['instructions_per_weight'][3]} (3-bit) "
+          f"warp-instr/weight; critical path <= {t['critical_path_ratio']}x (bytes / HBM + one L2 round trip); "
+          f">= {t['distinct_inflight_kb']} KB distinct in flight per SM. Ours: fp16 G=128 value, [worst of "
+          "fp16/bf16 x G=128/64]; a target is met only when all four are.")
+    hdr = ("layer", "b", "M", "warps", "items/warp", "ours whole", "[worst]", "ours loop", "Humming whole",
+           "Humming loop", "crit cyc", "bound cyc", "crit/bound [worst]", "distinct KB/SM [worst]", "instr/w target",
+           "crit target", "in-flight target")
+    print(" | ".join(hdr))
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["layer"], r["bits"], r["m"]), []).append(r)
+    for (model, layer, bits, m), rs in groups.items():
+        base = next(r for r in rs if r["dtype"] == "fp16" and r["group"] == 128)
+        worst_ipw = max(rs, key=lambda r: r["instructions_per_weight"])
+        worst_crit = max(rs, key=lambda r: r["critical_path_ratio"])
+        worst_kb = min(rs, key=lambda r: r["distinct_inflight_kb_per_sm"])
+        h = hum.get((base["n"], base["k"], bits, m))
+        hw = "n/a" if h is None else (f"{h['instructions_per_weight_min']:.4f}-{h['instructions_per_weight_max']:.4f}"
+                                      if h.get("instructions_per_weight_min") is not None else "n/a")
+        hl = "n/a" if h is None else f"{h['loop_instructions_per_weight']:.4f}"
+        print(" | ".join(str(x) for x in (
+            f"{model}:{layer}", bits, m, base["warps"], base["items_per_warp"],
+            f"{base['instructions_per_weight']:.4f}",
+            f"[{worst_ipw['instructions_per_weight']:.4f}]", f"{base['loop_instructions_per_weight']:.4f}", hw, hl,
+            base["critical_path_cycles"], base["bound_cycles"],
+            f"{base['critical_path_ratio']:.2f} [{worst_crit['critical_path_ratio']:.2f}]",
+            f"{base['distinct_inflight_kb_per_sm']:.1f} [{worst_kb['distinct_inflight_kb_per_sm']:.1f}]",
+            _mark(all(r["met"]["instructions_per_weight"] for r in rs), worst_ipw["instructions_per_weight"],
+                  t["instructions_per_weight"][bits]),
+            _mark(all(r["met"]["critical_path"] for r in rs), worst_crit["critical_path_ratio"],
+                  t["critical_path_ratio"]),
+            _mark(all(r["met"]["distinct_inflight"] for r in rs), worst_kb["distinct_inflight_kb_per_sm"],
+                  t["distinct_inflight_kb"], lower_is_better=False))))
+    print(f"\nWHERE THE INSTRUCTIONS GO ({machine}, fp16, G=128, M=1; share of the whole kernel's warp-instructions) "
+          f"-- MODEL, not a measurement")
+    print(" | ".join(("layer", "b", "items/warp", "prologue", "hot loop", "full segments", "partial segments",
+                      "reductions", "idle/tail", "slowest warp", "reduction chain (L2 round trips)", "issue cyc",
+                      "HBM cyc", "chain cyc")))
+    for r in rows:
+        if r["dtype"] == "fp16" and r["group"] == 128 and r["m"] == 1:
+            p = r["instructions_by_region"]
+            tot = r["instructions"]
+            print(" | ".join(str(x) for x in (
+                f"{r['model']}:{r['layer']}", r["bits"], r["items_per_warp"], f"{p['prologue'] / tot:.0%}",
+                f"{p['items'] / tot:.0%}", f"{p.get('segment_full', 0) / tot:.0%}",
+                f"{p.get('segment_partial', 0) / tot:.0%}", f"{p.get('reduce', 0) / tot:.0%}",
+                f"{(p['tail'] + p['idle_exit']) / tot:.0%}", r["slowest_warp_instructions"],
+                r["reduction_chain_round_trips"], r["issue_cycles"], r["hbm_cycles"], r["chain_cycles"])))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(HERE / "results" / "kernel_static.json"))
@@ -307,15 +733,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        cubins: dict[str, Path] = {}
         result = {"note": "STATIC MODEL from SASS, launch plans and machine constants; no GPU was run",
                   "assumptions": dict(issue_per_clk=ISSUE_PER_CLK, hmma_per_clk=HMMA_PER_CLK,
                                       latency_ns=LATENCY_NS, group_size=GROUP, machines=MACHINES),
-                  "host": platform.node(), args.label: run_ours(tmp)}
+                  "host": platform.node(), args.label: run_ours(tmp, cubins)}
         print_table(f"{args.label} (csrc/gsq_gemm.cu)", [r for r in result[args.label]["rows"]
                                                        if r["model"] == "llama3.1-8b" and r["m"] in (1, 16)])
+        whole = {"note": WHOLE_NOTE, "assumptions": WHOLE_ASSUMPTIONS, "targets": TARGETS,
+                 args.label: run_whole_ours(cubins, result[args.label]["kernels"])}
         if args.humming:
             result["humming"] = run_humming(tmp)
             print_table(f"Humming {HUMMING_VERSION}", result["humming"]["rows"])
+            whole["humming"] = run_whole_humming(result["humming"])
+        result["whole_kernel"] = whole
+        print_whole(whole, args.label)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".tmp")

@@ -211,3 +211,216 @@ def hot_loop(instrs: list[Instr]) -> LoopReport:
     return LoopReport(head=body[0].addr, tail=body[-1].addr, body_instructions=len(body), executed=best[0][0],
                       executed_min=best[0][1], tensor_ops=cls["tensor"],
                       by_class={c: cls.get(c, 0) for c in CLASS_NAMES}, by_opcode=dict(ops.most_common()))
+
+
+# ------------------------------------------------------------------ whole functions: line info and control flow
+#
+# The hot loop above is one loop; a whole-kernel count needs every basic block a warp executes. nvdisasm
+# (-gi) prints the same SASS as cuobjdump with, for a cubin built with -lineinfo, the source line of every
+# instruction and the chain of inlined calls it came through: the last frame of the chain is the line of the
+# kernel function's own body, which tells which part of the kernel an instruction belongs to. -lineinfo
+# changes no instruction (tests/test_kernel_static.py compares the two builds).
+
+_NV_LINE = re.compile(r'//## File "([^"]+)", line (\d+)( inlined at)?')
+_NV_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+_NV_SECTION = re.compile(r"^\.text\.(\S+):\s*$")
+_NV_LABEL = re.compile(r"^\s*([.$][\w$.]*):\s*$")
+_NV_TARGET = re.compile(r"`\(([^)]+)\)")
+
+
+@dataclasses.dataclass
+class LineInstr(Instr):
+    """An instruction from nvdisasm: branch / call targets resolved from labels, and its source line."""
+    labels: tuple[str, ...] = ()
+    line: tuple[str, int] | None = None  # (file, line) of the outermost frame: the kernel's own body
+    frames: tuple[tuple[str, int], ...] = ()  # innermost first
+    target: int | None = None  # BRA / CALL target address
+    target_label: str | None = None
+
+    @property
+    def is_jump(self) -> bool:
+        """A BRA, or a CALL to a label of the function itself (ptxas leaves some loops by a predicated
+        CALL.REL.NOINC to the loop's exit); a CALL to a subroutine ($...) returns."""
+        return self.base == "BRA" or (self.base == "CALL" and self.target_label is not None
+                                      and not self.target_label.startswith("$"))
+
+    def branch_target(self) -> int | None:
+        return self.target if self.is_jump else None
+
+
+def nvdisasm_functions(cubin: Path) -> dict[str, list[LineInstr]]:
+    """Mangled function name -> instructions with line info, from ``nvdisasm -gi``."""
+    out = subprocess.run([tool("nvdisasm"), "-gi", "-c", str(cubin)], capture_output=True, text=True,
+                         check=True).stdout
+    return parse_nvdisasm(out)
+
+
+def parse_nvdisasm(out: str) -> dict[str, list[LineInstr]]:
+    """``nvdisasm -gi`` text -> {mangled function name: instructions}. Subroutines the compiler placed in a
+    kernel's section (the 64-bit division helpers) stay in that kernel's list, after its code."""
+    funcs: dict[str, list[LineInstr]] = {}
+    cur: list[LineInstr] | None = None
+    labels: list[str] = []
+    pending: list[tuple[str, int]] = []
+    frames: tuple[tuple[str, int], ...] = ()
+    for raw in out.splitlines():
+        s = raw.strip()
+        m = _NV_SECTION.match(s)
+        if m:
+            cur = funcs.setdefault(m.group(1), [])
+            labels, pending, frames = [], [], ()
+            continue
+        if cur is None:
+            continue
+        m = _NV_LINE.search(s)
+        if m:
+            pending.append((m.group(1), int(m.group(2))))
+            if not m.group(3):  # the outermost frame closes the chain
+                frames, pending = tuple(pending), []
+            continue
+        m = _NV_LABEL.match(s)
+        if m:
+            labels.append(m.group(1))
+            continue
+        m = _NV_INSTR.search(s)
+        if m:
+            t = _NV_TARGET.search(m.group(4))
+            cur.append(LineInstr(int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3), m.group(4).strip(),
+                                 labels=tuple(labels), line=frames[-1] if frames else None, frames=frames,
+                                 target_label=None if t is None else t.group(1)))
+            labels = []
+    for instrs in funcs.values():
+        where = {lab: ins.addr for ins in instrs for lab in ins.labels}
+        for ins in instrs:
+            if ins.target_label is not None:
+                ins.target = where.get(ins.target_label)
+    return funcs
+
+
+@dataclasses.dataclass
+class Block:
+    index: int
+    instrs: list[Instr]
+    succ: list[int]  # successors on a converged warp's path (see Cfg)
+
+    @property
+    def addr(self) -> int:
+        return self.instrs[0].addr
+
+    @property
+    def size(self) -> int:
+        return len(self.instrs)
+
+    def count(self, *prefixes: str) -> int:
+        """Instructions whose opcode starts with one of `prefixes` (e.g. "STG", "ATOMG.E.ADD")."""
+        return sum(any(ins.op.startswith(p) for p in prefixes) for ins in self.instrs)
+
+    def lines(self) -> Counter:
+        return Counter(ins.line[1] for ins in self.instrs if ins.line)
+
+
+class Cfg:
+    """Basic blocks of one function and the edges a converged warp can take:
+
+    * a block ends at a label (a branch target) and after BRA / EXIT / CALL / RET;
+    * BRA.DIV (taken only when the warp has diverged) is not taken, BRA.CONV (taken when it has not) is;
+    * a CALL to a label of the function is a jump (LineInstr.is_jump), a CALL to a subroutine returns;
+    * a predicated EXIT falls through (the warps that go on);
+    * ``avoid(block)`` removes blocks from every path (kernel_static: the 64-bit division's slow-path CALL,
+      which the modelled shapes never take: their operands fit in 32 bits).
+    Blocks a warp cannot reach from the entry under these rules (the division subroutines, divergence
+    handlers) are left out. A predicated instruction counts as executed either way (it takes its issue slot).
+    """
+
+    def __init__(self, instrs: list[Instr], avoid=None):
+        leaders = {0}
+        by_addr = {ins.addr: i for i, ins in enumerate(instrs)}
+        for i, ins in enumerate(instrs):
+            if getattr(ins, "labels", ()):
+                leaders.add(i)
+            if ins.branch_target() in by_addr:
+                leaders.add(by_addr[ins.branch_target()])
+            if ins.base in ("BRA", "EXIT", "CALL", "RET", "BRX", "JMP", "JMX") and i + 1 < len(instrs):
+                leaders.add(i + 1)
+        starts = sorted(leaders)
+        blocks = [instrs[s : (starts[j + 1] if j + 1 < len(starts) else len(instrs))] for j, s in enumerate(starts)]
+        index = {blk[0].addr: j for j, blk in enumerate(blocks)}
+        all_blocks = []
+        for j, blk in enumerate(blocks):
+            last, succ = blk[-1], []
+            if last.base in ("BRX", "JMX"):
+                raise ValueError(f"indirect branch at {last.addr:#x}: not modelled")
+            t = last.branch_target()
+            if t is not None and last.op != "BRA.DIV":
+                if t not in index:
+                    raise ValueError(f"branch at {last.addr:#x} to {t:#x}: not a block start")
+                succ.append(index[t])
+            jump = t is not None and (last.op == "BRA.CONV" or (last.unconditional and last.op != "BRA.DIV"))
+            ends = (last.base in ("EXIT", "RET") and last.unconditional) or jump
+            if not ends and j + 1 < len(blocks):
+                succ.append(j + 1)
+            all_blocks.append(Block(j, blk, succ))
+        avoided = {b.index for b in all_blocks if avoid is not None and avoid(b)}
+        for b in all_blocks:
+            b.succ = [s for s in b.succ if s not in avoided]
+        seen, todo = set(), [0]
+        while todo:
+            j = todo.pop()
+            if j in seen or j in avoided:
+                continue
+            seen.add(j)
+            todo.extend(all_blocks[j].succ)
+        self.blocks = all_blocks
+        self.reachable = seen
+        self.pred: dict[int, list[int]] = {j: [] for j in seen}
+        for j in seen:
+            for s in all_blocks[j].succ:
+                if s in seen:
+                    self.pred[s].append(j)
+
+    def loops(self) -> list[tuple[int, int, frozenset[int]]]:
+        """Natural loops: (head, latch, body) for every back edge latch -> head (head at or before latch)."""
+        out = []
+        for j in sorted(self.reachable):
+            for h in self.blocks[j].succ:
+                if h <= j and h in self.reachable:
+                    body, todo = {h}, [j]
+                    while todo:
+                        x = todo.pop()
+                        if x not in body:
+                            body.add(x)
+                            todo.extend(self.pred[x])
+                    out.append((h, j, frozenset(body)))
+        return out
+
+    def path(self, src: int, dst: int, weight=None, allowed=None, longest: bool = True,
+             via: int | None = None) -> tuple[int, list[int]] | None:
+        """The longest (or shortest) path src -> dst on forward edges (back edges dropped: a loop's body
+        counts once), summing ``weight(block)`` (default: its instruction count) over both ends and every
+        block between; only blocks in ``allowed`` (default: all reachable); through ``via`` if given.
+        Returns (total, blocks) or None when dst cannot be reached."""
+        if via is not None:
+            a = self.path(src, via, weight, allowed, longest)
+            b = self.path(via, dst, weight, allowed, longest)
+            if a is None or b is None:
+                return None
+            w = (weight or (lambda blk: blk.size))(self.blocks[via])
+            return a[0] + b[0] - w, a[1] + b[1][1:]
+        weight = weight or (lambda blk: blk.size)
+        ok = set(self.reachable if allowed is None else set(allowed) & self.reachable)
+        if src not in ok or dst not in ok:
+            return None
+        best: dict[int, tuple[int, int | None]] = {dst: (weight(self.blocks[dst]), None)}
+        pick = max if longest else min
+        for j in sorted((x for x in ok if src <= x < dst), reverse=True):
+            opts = [(best[s][0], s) for s in self.blocks[j].succ if s > j and s in best]
+            if opts:
+                v, s = pick(opts)
+                best[j] = (v + weight(self.blocks[j]), s)
+        if src not in best:
+            return None
+        out, j = [], src
+        while j is not None:
+            out.append(j)
+            j = best[j][1]
+        return best[src][0], out

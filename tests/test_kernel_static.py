@@ -54,15 +54,22 @@ def test_classes():
 
 
 @pytest.fixture(scope="module")
-def our_sm90(tmp_path_factory):
+def sm90_cubin(tmp_path_factory):
+    """csrc/gsq_gemm.cu for sm_90 as kernel_static.py builds it (with -lineinfo): (cubin, spills)."""
     try:
-        sass.tool("nvcc"), sass.tool("cuobjdump")
+        sass.tool("nvcc"), sass.tool("cuobjdump"), sass.tool("nvdisasm")
     except FileNotFoundError as e:
         pytest.skip(str(e))
     import kernel_static
 
-    cubin, spills = kernel_static.compile_ours("90", tmp_path_factory.mktemp("sm90"))
-    return kernel_static.analyze_cubin(cubin, spills, kernel_static.our_kernel_facts)
+    return kernel_static.compile_ours("90", tmp_path_factory.mktemp("sm90"))
+
+
+@pytest.fixture(scope="module")
+def our_sm90(sm90_cubin):
+    import kernel_static
+
+    return kernel_static.analyze_cubin(*sm90_cubin, kernel_static.our_kernel_facts)
 
 
 def test_our_compiled_hot_loop_holds_the_kernels_mma_work(our_sm90):
@@ -86,3 +93,271 @@ def test_model_hbm_need_matches_the_bandwidth_arithmetic():
     # 3.35 TB/s / (2/8 + 2/128 bytes per weight) / (132 SMs x 1.75 GHz)
     assert row["hbm_need"] == pytest.approx(3.35e12 / (0.25 + 2 / 128) / (132 * 1.75e9), abs=0.1)
     assert row["issue_bound"] == pytest.approx(80.0) and row["tensor_bound"] == pytest.approx(128.0)
+
+
+
+# ------------------------------------------------------------------ the whole kernel
+
+# nvdisasm -gi text: a guarded entry, a 64-bit division (CALL to the helper, or the inline 32-bit arm), a
+# loop left by a predicated CALL to a label (sm_80's idiom), a divergence branch, a converged-warp branch
+# around a warpsync helper, and the helpers after the code.
+SYNTHETIC_NV = """
+//--------------------- .text._Z4testv --------------------------
+        .section        .text._Z4testv,"ax",@progbits
+.text._Z4testv:
+        //## File "/x/k.cu", line 10
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   ISETP.GE.AND P0, PT, R0, 0x20, PT ;
+        /*0020*/               @P0 EXIT ;
+        //## File "/x/k.cu", line 11
+        /*0030*/              @!P1 BRA `(.L_x_1) ;
+        /*0040*/                   MOV R29, 0x60 ;
+        /*0050*/                   CALL.REL.NOINC `($__internal_0_$__cuda_sm20_div_s64) ;
+        /*0060*/                   BRA `(.L_x_2) ;
+.L_x_1:
+        /*0070*/                   I2F.U32.RP R3, R4 ;
+        /*0080*/                   MUFU.RCP R3, R3 ;
+.L_x_2:
+        //## File "/x/k.cu", line 2 inlined at "/x/k.cu", line 12
+        //## File "/x/k.cu", line 12
+        /*0090*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*00a0*/                   BRA.DIV UR4, `(.L_x_9) ;
+        /*00b0*/              @P2 CALL.REL.NOINC `(.L_x_3) ;
+        /*00c0*/                   BRA `(.L_x_2) ;
+.L_x_3:
+        //## File "/x/k.cu", line 13
+        /*00d0*/                   BRA.CONV ~URZ, `(.L_x_4) ;
+        /*00e0*/                   CALL.REL.NOINC `($__internal_1_$__cuda_sm70_warpsync) ;
+.L_x_4:
+        /*00f0*/                   STG.E [R2.64], R4 ;
+        /*0100*/                   EXIT ;
+.L_x_9:
+        /*0110*/                   WARPSYNC R5 ;
+        /*0120*/                   BRA `(.L_x_2) ;
+        .weak           $__internal_0_$__cuda_sm20_div_s64
+$__internal_0_$__cuda_sm20_div_s64:
+        /*0130*/                   IMAD R1, R2, R3, RZ ;
+        /*0140*/                   RET.REL.NODEC R20 `(_Z4testv) ;
+"""
+
+
+def test_nvdisasm_lines_and_warp_paths_on_synthetic_sass():
+    (instrs,) = sass.parse_nvdisasm(SYNTHETIC_NV).values()
+    assert len(instrs) == 21
+    hmma = next(i for i in instrs if i.base == "HMMA")
+    assert hmma.line == ("/x/k.cu", 12) and hmma.frames == (("/x/k.cu", 2), ("/x/k.cu", 12))
+    import kernel_static
+
+    cfg = sass.Cfg(instrs, avoid=kernel_static._division_slow_path)
+    at = {b.addr: b.index for b in cfg.blocks}
+    # the division's CALL arm, the divergence handler, the warpsync helper and the subroutine: unreachable
+    assert {cfg.blocks[j].addr for j in cfg.reachable} == {0x0, 0x30, 0x70, 0x90, 0xB0, 0xC0, 0xD0, 0xF0}
+    assert cfg.blocks[at[0xB0]].succ == [at[0xD0], at[0xC0]]  # the predicated CALL to a label is a branch
+    assert cfg.blocks[at[0xD0]].succ == [at[0xF0]]  # BRA.CONV taken
+    ((head, latch, body),) = cfg.loops()
+    assert (cfg.blocks[head].addr, cfg.blocks[latch].addr) == (0x90, 0xC0) and len(body) == 3
+    # entry -> exit: the guarded EXIT falls through, the 32-bit division arm, the loop once, the store
+    total, path = cfg.path(0, at[0xF0])
+    assert total == 3 + 1 + 2 + 2 + 1 + 1 + 2 and [cfg.blocks[j].addr for j in path] == [
+        0x0, 0x30, 0x70, 0x90, 0xB0, 0xD0, 0xF0]
+    assert cfg.path(0, at[0xF0], weight=lambda b: 0 if b.index in body else b.size)[0] == 3 + 1 + 2 + 1 + 2
+    assert kernel_static._is_division_fast_path(cfg.blocks[at[0x70]])
+    # without the avoid rule the 64-bit arm is the longer way
+    assert sass.Cfg(instrs).path(0, at[0xF0])[0] == total + 1
+
+
+def test_lineinfo_changes_no_instruction(sm90_cubin, tmp_path):
+    """kernel_static.py builds with -lineinfo for the region analysis: the SASS must be the plain build's."""
+    import kernel_static
+
+    plain, _ = kernel_static.compile_ours("90", tmp_path, lineinfo=False)
+    a, b = sass.sass_functions(sm90_cubin[0]), sass.sass_functions(plain)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert [(i.pred, i.op, i.args) for i in a[name]] == [(i.pred, i.op, i.args) for i in b[name]], name
+
+
+@pytest.fixture(scope="module")
+def sm90_regions(sm90_cubin):
+    import kernel_static
+
+    return kernel_static.our_decode_regions(sm90_cubin[0])
+
+
+def test_decode_regions_from_sass(sm90_regions, our_sm90):
+    """Every decode instantiation's regions found; the hot-loop trip is the loop-only model's."""
+    assert len(sm90_regions) == 32
+    loops = {name.split("(")[0].removeprefix("void "): k for name, k in our_sm90.items() if k["kind"] == "decode"}
+    for name, r in sm90_regions.items():
+        assert r["item"] == loops[name]["loop_instructions"], name
+        # a segment is more than its bounds: it stores C or a partial, so never cheaper than 20 instructions
+        assert 50 < r["prologue"] < 1000 and 20 < r["segment_full"] < 1000 and 20 < r["segment_partial"] < 1000
+        assert r["reduce_unroll"] >= 1 and 10 < r["per_contributor"] < 500 and r["reduce_fixed"] > 0, name
+        assert r["tail"] >= 1 and 1 <= r["idle"] < 20, name
+        assert r["tensor_ops_outside_hot_loop"] == 0, name
+        # the per-source-region breakdown covers each path's instructions exactly
+        for region in ("segment_full", "segment_partial", "prologue", "reduce_fixed"):
+            assert sum(r["breakdown"][region].values()) == r[region], (name, region)
+
+
+def test_decode_split_covers_the_items_once():
+    import kernel_static
+
+    for items, warps, chunks in [(27, 16, 9), (24, 16, 8), (2048, 2048, 32), (3072, 2112, 32), (7168, 1584, 32),
+                                 (64, 4, 16), (5, 5, 1)]:
+        split = kernel_static.decode_split(items, warps, chunks)
+        assert len(split) == warps and sum(e - b for b, e, _ in split) == items
+        assert [b for b, _, _ in split][1:] == [e for _, e, _ in split][:-1] and split[-1][1] == items
+        for begin, end, segs in split:
+            assert sum(se - sb for _, sb, se, _ in segs) == end - begin
+            for rb, sb, se, whole in segs:
+                assert rb * chunks <= sb < se <= (rb + 1) * chunks
+                assert whole == (sb == rb * chunks and se == (rb + 1) * chunks)
+        for rb in range(items // chunks):
+            touching = [w for w, (b, e, _) in enumerate(split) if b < (rb + 1) * chunks and e > rb * chunks]
+            first = kernel_static.owner_of(rb * chunks, items, warps)
+            last = kernel_static.owner_of((rb + 1) * chunks - 1, items, warps)
+            assert touching == list(range(first, last + 1))
+
+
+def _plan(n, k, warps, grid_x=None):
+    return dict(warps=warps, grid_x=grid_x or -(-warps // 4), token_tiles=1)
+
+
+def test_whole_kernel_counts_every_region():
+    import kernel_static
+
+    reg = dict(item=300, prologue=200, tail=3, idle=8, segment_full=120, segment_partial=190, reduce_fixed=60,
+               per_contributor=65.0)
+    mach = kernel_static.MACHINES["H100 SXM"]
+    n, k, ck = 4096, 4096, 128
+    items, chunks = n // 64 * (k // ck), k // ck
+    for warps in (2048, 2112, 1584, 1056, 512, 64):
+        row = kernel_static.whole_kernel_row(reg, _plan(n, k, warps), n, k, 1, 2, 128, ck, mach)
+        by = row["instructions_by_region"]
+        assert row["instructions"] == sum(by.values())
+        assert by["items"] == items * reg["item"] and by["prologue"] == warps * reg["prologue"]
+        assert row["instructions"] >= items * reg["item"] + warps * (reg["prologue"] + reg["tail"])
+        # segments: one per (warp, row block it touches); the split row blocks reduced once each
+        split = kernel_static.decode_split(items, warps, chunks)
+        segs = [s for _, _, ss in split for s in ss]
+        assert by.get("segment_full", 0) + by.get("segment_partial", 0) == sum(
+            reg["segment_full"] if s[3] else reg["segment_partial"] for s in segs)
+        contributors = {}
+        for w, (_, _, ss) in enumerate(split):
+            for rb, _, _, whole in ss:
+                if not whole:
+                    contributors.setdefault(rb, set()).add(w)
+        assert row["split_row_blocks"] == len(contributors)
+        assert by.get("reduce", 0) == pytest.approx(sum(reg["reduce_fixed"] + len(c) * reg["per_contributor"]
+                                                        for c in contributors.values()))
+        # the reducer's serial chain: fence, arrival atomic, one load per contributor of the widest row block
+        widest = max((len(c) for c in contributors.values()), default=0)
+        assert row["max_contributors"] == widest
+        assert row["reduction_chain_round_trips"] == (2 + widest if contributors else 0)
+        assert row["instructions_per_weight"] == pytest.approx(row["instructions"] / (n * k), abs=1e-4)
+        assert row["loop_instructions_per_weight"] == pytest.approx(reg["item"] / (64 * ck), abs=1e-4)
+
+
+def test_whole_kernel_critical_path_and_distinct_bytes():
+    import kernel_static
+
+    reg = dict(item=300, prologue=200, tail=3, idle=8, segment_full=120, segment_partial=190, reduce_fixed=60,
+               per_contributor=65.0)
+    mach = kernel_static.MACHINES["H100 SXM"]
+    l2 = kernel_static.L2_ROUND_TRIP_CYCLES
+    # one item per warp, no split (chunks = 1): every fetch after the first re-reads it -> 1/3 distinct
+    row = kernel_static.whole_kernel_row(reg, _plan(8448, 128, 132), 8448, 128, 1, 2, 128, 128, mach)
+    assert row["split_row_blocks"] == 0 and row["chain_cycles"] == 0
+    assert row["distinct_inflight_kb_per_sm"] == pytest.approx(row["inflight_kb_per_sm"] / 3, abs=0.1)
+    assert row["critical_path_cycles"] == max(row["issue_cycles"], row["hbm_cycles"]) + l2
+    # 32 items over 16 warps of one row block: 16 contributors, one reducer chain
+    row = kernel_static.whole_kernel_row(reg, _plan(64, 4096, 16), 64, 4096, 1, 2, 128, 128, mach)
+    assert row["max_contributors"] == 16 and row["reduction_chain_round_trips"] == 18
+    assert row["chain_cycles"] == 18 * l2 + int(reg["reduce_fixed"] + 16 * reg["per_contributor"])
+    assert row["distinct_inflight_kb_per_sm"] == pytest.approx(row["inflight_kb_per_sm"] / 2, abs=0.1)
+
+
+# the kernel's own split, logged by an instrumented copy of csrc/gemm/decode.cuh under the emulator
+SPLIT_PROBES = [
+    ("#pragma once\n", "#pragma once\n#include <cstdio>\n"),
+    ("  const long long begin = items * gw / warps_total, end = items * (gw + 1) / warps_total;\n",
+     "  const long long begin = items * gw / warps_total, end = items * (gw + 1) / warps_total;\n"
+     "  if (lane == 0) std::fprintf(stderr, \"GSQ_RANGE %d %lld %lld\\n\", gw, begin, end);\n"),
+    ("    const long long seg_end = min(end, (long long)(rb + 1) * chunks);\n",
+     "    const long long seg_end = min(end, (long long)(rb + 1) * chunks);\n"
+     "    if (lane == 0) std::fprintf(stderr, \"GSQ_SEGMENT %d %d %lld %lld\\n\", gw, rb, seg_begin, seg_end);\n"),
+    ("    if (!arrive_last(counters + rb, last - first + 1, lane)) continue;\n",
+     "    if (!arrive_last(counters + rb, last - first + 1, lane)) continue;\n"
+     "    if (lane == 0) std::fprintf(stderr, \"GSQ_REDUCE %d %d %d %d\\n\", gw, rb, first, last);\n"),
+]
+
+
+def test_decode_split_is_the_kernels(tmp_path):
+    """decode_split / owner_of (re-derived in Python) against what the kernel itself does, run by the
+    emulator from a copy of csrc/ that logs each warp's range, its segments and each reduction."""
+    import json
+    import shutil
+    import subprocess
+
+    import kernel_static
+
+    from gsq_vllm import cuda_emu as ce
+
+    csrc = tmp_path / "csrc"
+    shutil.copytree(Path(ce.CSRC), csrc)
+    dec = csrc / "gemm" / "decode.cuh"
+    src = dec.read_text()
+    for old, new in SPLIT_PROBES:
+        assert src.count(old) == 1, f"probe is stale (the kernel changed): {old!r}"
+        src = src.replace(old, new)
+    dec.write_text(src)
+    lib = ce.build_library(out_dir=tmp_path / "lib", csrc=csrc,
+                           cxxflags=[f for f in ce.CXXFLAGS if f not in ("-O2", "-g")] + ["-O1"])
+    here = Path(__file__).parent
+    res = subprocess.run([sys.executable, str(here / "decode_split_probe.py"), str(lib)], capture_output=True,
+                         text=True, cwd=here, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    logs: dict[int, list[list[str]]] = {}
+    case = None
+    for line in res.stderr.splitlines():
+        words = line.split()
+        if words and words[0] == "GSQ_CASE":
+            case = int(words[1])
+            logs[case] = []
+        elif words and words[0] in ("GSQ_RANGE", "GSQ_SEGMENT", "GSQ_REDUCE"):
+            logs[case].append(words)
+    cases = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    assert len(cases) == 5
+    reduced_somewhere = False
+    for c in cases:
+        facts = kernel_static.our_kernel_facts(c["kernel"])
+        warps, chunks = c["plan"]["warps"], c["k"] // facts["chunk_k"]
+        items = c["n"] // 64 * chunks
+        split = kernel_static.decode_split(items, warps, chunks)
+        log = logs[c["case"]]
+        assert {tuple(map(int, x[1:])) for x in log if x[0] == "GSQ_RANGE"} == {
+            (w, b, e) for w, (b, e, _) in enumerate(split)}
+        segments = [tuple(map(int, x[1:])) for x in log if x[0] == "GSQ_SEGMENT"]
+        assert sorted(segments) == sorted(
+            (w, rb, sb, se) for w, (_, _, segs) in enumerate(split) for rb, sb, se, _ in segs)
+        # each split row block reduced once, by one of its contributors, over exactly the Python contributors
+        contributors: dict[int, list[int]] = {}
+        for w, (_, _, segs) in enumerate(split):
+            for rb, _, _, whole in segs:
+                if not whole:
+                    contributors.setdefault(rb, []).append(w)
+        reductions = {int(x[2]): (int(x[1]), int(x[3]), int(x[4])) for x in log if x[0] == "GSQ_REDUCE"}
+        assert len([x for x in log if x[0] == "GSQ_REDUCE"]) == len(reductions)
+        assert reductions.keys() == contributors.keys()
+        for rb, (reducer, first, last) in reductions.items():
+            assert list(range(first, last + 1)) == contributors[rb] and reducer in contributors[rb]
+        reduced_somewhere |= bool(reductions)
+        row = kernel_static.whole_kernel_row(dict(item=1, prologue=1, tail=1, idle=1, segment_full=1,
+                                                  segment_partial=1, reduce_fixed=1, per_contributor=1),
+                                             c["plan"], c["n"], c["k"], 1, 2, 64, facts["chunk_k"],
+                                             kernel_static.MACHINES["H100 SXM"])
+        assert row["split_row_blocks"] == len(reductions)
+        assert row["max_contributors"] == max((b - a + 1 for _, a, b in reductions.values()), default=0)
+    assert reduced_somewhere and not all(logs[c["case"]] and any(x[0] == "GSQ_REDUCE" for x in logs[c["case"]])
+                                         for c in cases)
