@@ -11,6 +11,7 @@ import argparse
 import resource
 import sys
 import time
+from pathlib import Path
 from dataclasses import asdict
 
 from gsq_vllm.format import FormatError, normalize_bits
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "quantized (q/k/v, then o, then gate/up, then down), not all from the float block")
     p.add_argument("--scale-search", choices=["mse", "gptq-ref"], default="gptq-ref",
                    help="RTN/GPTQ group scales: gptq-ref (default; the GSQ reference's: 80 clip factors, "
-                        "|error|^2.4, negative scales at 2 bits) or mse (41 positive clip factors, squared error)")
+                        "|error|^2.4, negative scales at 2 and 3 bits) or mse (41 positive clip factors, squared error)")
     p.add_argument("--e2e-epochs", type=int, default=0,
                    help="after every block is quantized, train all group scales together (codes fixed) on the "
                         "KL divergence from the float model's logits, for this many passes over the calibration "
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default 1: on a shared 2-core machine more threads spin and run 10-20x slower)")
     p.add_argument("--work-dir", default=None, help="resume folder (default: .<out>.work next to --out)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--log-file", default=None, metavar="FILE",
+                   help="progress lines are appended here too, time-stamped (default: <out>.log)")
     gsq.add_cli_arguments(p)
     return p
 
@@ -165,6 +168,21 @@ def _print_plan(args, bits, excluded, gsq_options) -> int:
     return 0
 
 
+def progress_log(path):
+    """A log function: each line to ``stream`` (stderr), and appended to ``path`` (None: nowhere
+    else) with a time stamp, so a long run's progress can be followed without its terminal."""
+    f = None
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a", buffering=1, encoding="utf-8")
+
+    def log(message: str, stream=None) -> None:
+        print(message, file=stream or sys.stderr)
+        if f is not None:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+    return log
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from quantize.data import DataError, load_split, tokenize_sequences
@@ -215,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             raise FormatError("--out is required (except with --plan)")
         device = resolve_device(args.device)
         model_dir = resolve_model(args.model)
+        log = progress_log(args.log_file or f"{str(args.out).rstrip('/')}.log")
         pipe = BlockPipeline(model_dir, args.out, settings, work_dir=args.work_dir, gsq_options=gsq_options,
-                             log=lambda m: print(m, file=sys.stderr), device=device,
+                             log=log, device=device,
                              activation_budget=None if args.activation_budget is None
                              else int(args.activation_budget * 2**30))
         pipe.check()
@@ -240,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "blocks": pipe.report_blocks, "gsq_logs": pipe.gsq_logs,
     })
-    print(f"gsq-quantize: wrote {out} ({args.method}, {bits}-bit, G={args.group_size}, "
-          f"{bpw:.3f} bits/weight over {n} quantized weights) in {time.time() - t0:.1f} s; report: {report}")
+    log(f"gsq-quantize: wrote {out} ({args.method}, {bits}-bit, G={args.group_size}, "
+        f"{bpw:.3f} bits/weight over {n} quantized weights) in {time.time() - t0:.1f} s; report: {report}",
+        stream=sys.stdout)
     return 0
 
 

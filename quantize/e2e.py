@@ -24,6 +24,7 @@ work (their experts are unfused here and fused in transformers' forward).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -96,12 +97,14 @@ def kl_from_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) 
 
 
 def tune_scales(student, rotary, quantized: dict[str, GroupScaledLinear], ids: torch.Tensor,
-                teacher: torch.Tensor, options: E2EOptions, seed: int, log=print) -> dict[str, torch.Tensor]:
+                teacher: torch.Tensor, options: E2EOptions, seed: int, log=print,
+                log_seconds: float = 60.0) -> dict[str, torch.Tensor]:
     """Train the scales of ``quantized`` (module name in ``student`` -> its GroupScaledLinear,
     already in place there) so ``student``'s logits match the float model's on ``ids`` (int64
     ``[n, S]`` on the run's device); ``teacher`` is the float model's :func:`teacher_hidden` for
     them, f32 ``[n, S, H]``, and its logits are ``student``'s LM head (not quantized) on it.
-    Return each linear's new scales, f32 ``[N, K/G]``. Deterministic for a given ``seed``."""
+    Return each linear's new scales, f32 ``[N, K/G]``. Deterministic for a given ``seed``.
+    ``log`` gets each epoch's mean KL, and a progress line at most every ``log_seconds`` within one."""
     for p in student.parameters():
         p.requires_grad_(False)
     params = [m.rel for m in quantized.values()]
@@ -113,6 +116,7 @@ def tune_scales(student, rotary, quantized: dict[str, GroupScaledLinear], ids: t
     opt = torch.optim.Adam(params, lr=options.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    started = last_log = time.monotonic()
     for epoch in range(options.epochs):
         order = torch.randperm(ids.shape[0], generator=gen, device="cpu")
         kl_sum = 0.0
@@ -126,6 +130,11 @@ def tune_scales(student, rotary, quantized: dict[str, GroupScaledLinear], ids: t
             opt.step()
             sched.step()
             kl_sum += loss.item()
+            if time.monotonic() - last_log >= log_seconds:
+                last_log = time.monotonic()
+                done = epoch * per_epoch + b + 1
+                log(f"[gsq-quantize] end-to-end scales, epoch {epoch + 1}/{options.epochs}: step {b + 1}/{per_epoch}, "
+                    f"mean KL so far {kl_sum / (b + 1):.4f}, ~{(last_log - started) / done * (total - done) / 60:.1f} min left")
         log(f"[gsq-quantize] end-to-end scales, epoch {epoch + 1}/{options.epochs}: "
             f"mean KL from the float model {kl_sum / per_epoch:.4f} over {per_epoch} steps")
     return {name: m.scales().detach() for name, m in quantized.items()}

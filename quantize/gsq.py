@@ -26,6 +26,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, asdict, fields
 from typing import Callable
 
@@ -46,7 +47,9 @@ LOCAL_SHIFTS = (-2, -1, 0, 1, 2)
 
 @dataclass
 class GSQOptions:
-    """Hyper-parameters of one GSQ block refinement (defaults = the paper / reference config)."""
+    """Hyper-parameters of one GSQ block refinement. The defaults are the method's constants as the
+    reference code has them (schedules, Lion, init); the `paper` preset adds its shipped configs'
+    learning rates, micro-batch and logits dtype (PRESETS)."""
 
     epochs: int = 10              # passes over the block's calibration inputs (paper: 20)
     batch_size: int = 64          # sequences per Lion step (the reference's 64)
@@ -61,6 +64,8 @@ class GSQOptions:
     kappa_start: float = 100.0
     kappa_end: float = 500.0
     init_std: float = 0.01
+    init_noise: float = 1.0       # weight of the N(0,1) term of the logit init (the reference's 1;
+                                  # 0 starts every weight on its GPTQ code, not the reference's)
     alpha: float | None = None    # None -> 6 (3 for ternary_style "ours")
     store_noise: bool = False     # True: keep the Gumbel noise for backward (more memory)
     log_every: int = 1            # log the soft MSE every n steps
@@ -83,8 +88,10 @@ class GSQOptions:
         return self.lr_logits, self.wd_logits
 
 
-# The `paper` preset is the reference's: one Lion step per 64 sequences (micro-batches of 16
-# accumulated), 10 epochs -- 640-1280 steps per block over its 4-8k calibration sequences.
+# The `paper` preset is the reference's shipped configs (IST-DASLab/GSQ configs/*_gptq_gsq.yaml):
+# one Lion step per 64 sequences in micro-batches of 2 (a fresh Gumbel draw each), 10 epochs --
+# 640 steps per block over its 4096 calibration sequences of 4096 tokens -- logits lr 2e-4, scales
+# lr 1e-4, bf16 logits. (Its group size, 128, is gsq-quantize's --group-size, not a GSQ option.)
 # The `fast` preset: SmolLM2-135M on 2 CPU cores, which affords ~64 steps per block. Lion moves a logit
 # by about lr per step, so at lr 1e-4 64 steps barely cross the init's logit gaps (~0.03); the
 # preset takes the most steps it can (microbatch 1) and a 3x logits lr. Measured with
@@ -98,7 +105,7 @@ class GSQOptions:
 #   same with 4 epochs: x0.51, at twice the time.
 # The scales' lr hardly matters at this step count (5e-5, 2e-5, 0 within 1 %).
 PRESETS: dict[str, dict] = {
-    "paper": {},
+    "paper": {"micro_batch_size": 2, "lr_logits": 2e-4, "lr_scales": 1e-4, "logits_dtype": "bfloat16"},
     "fast": {"epochs": 2, "batch_size": 1, "micro_batch_size": 1, "lr_logits": 3e-4, "lr_scales": 5e-5},
 }
 
@@ -107,7 +114,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """GSQ options for `gsq-quantize --method gsq`. Explicit flags override the preset."""
     g = parser.add_argument_group("GSQ")
     g.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                   help="paper: the reference's (10 epochs, 64 sequences per step in micro-batches of 16); "
+                   help="paper: the reference's shipped configs (10 epochs, 64 sequences per step in micro-batches of 2, "
+                        "lr logits 2e-4 / scales 1e-4, bf16 logits); "
                         "fast: CPU (2 epochs, 1 sequence per step, lr logits 3e-4 / scales 5e-5)")
     g.add_argument("--gsq-epochs", type=int, default=None)
     g.add_argument("--gsq-batch-size", type=int, default=None, help="sequences per Lion step")
@@ -336,7 +344,7 @@ class GumbelGridLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, init: QuantizedWeight, std: float, alpha: float,
                  generator: torch.Generator, logits_dtype: torch.dtype = torch.float32,
-                 ternary_style: str = "reference"):
+                 ternary_style: str = "reference", init_noise: float = 1.0):
         super().__init__()
         self.bits = normalize_bits(init.bits)
         self.group_size = init.group_size
@@ -381,7 +389,7 @@ class GumbelGridLinear(nn.Module):
         # Logits default to float32: the reference defaults to bf16 logits on GPU, but bf16
         # softmax on CPU is slower and the 1e-4 Lion steps would round away at |logit| ~ 1.
         noise = torch.randn(prior.shape, generator=generator, device=generator.device)
-        self.logits = nn.Parameter((std * (noise + alpha * prior)).to(logits_dtype))
+        self.logits = nn.Parameter((std * (init_noise * noise + alpha * prior)).to(logits_dtype))
         self.scales = nn.Parameter(init.scales.detach().float().clone())
         self.generator = generator
         self.kappa, self.tau = 1.0, 1.0
@@ -480,10 +488,33 @@ def _hard_mse(forward, layers: dict, weights: dict, inputs, targets, batch_size,
     return total / max(count, 1)
 
 
+def gumbel_layers(block: nn.Module, names: list[str], init: dict[str, QuantizedWeight], options: GSQOptions,
+                  generator: torch.Generator) -> dict[str, GumbelGridLinear]:
+    """A GumbelGridLinear per linear of `names` (in that order, drawing their init noise from
+    `generator`), as refine_block starts from; the block itself is not changed."""
+    layers = {}
+    for name in names:
+        alpha = options.strength(init[name].bits)
+        layers[name] = GumbelGridLinear(block.get_submodule(name), init[name], options.init_std, alpha, generator,
+                                        getattr(torch, options.logits_dtype), options.ternary_style,
+                                        options.init_noise)
+        layers[name].store_noise = options.store_noise
+    return layers
+
+
+def hardened_init(block: nn.Module, names: list[str], init: dict[str, QuantizedWeight], options: GSQOptions,
+                  seed: int) -> dict[str, QuantizedWeight]:
+    """The codes refine_block would return after zero steps: the argmax of its initial logits
+    (with the same seed), learned nothing. The difference to `init` prices the init's noise term."""
+    gen = torch.Generator(device=init[names[0]].codes.device).manual_seed(int(seed))
+    return {name: m.hardened() for name, m in gumbel_layers(block, names, init, options, gen).items()}
+
+
 def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
                  names: list[str], init: dict[str, QuantizedWeight], inputs: torch.Tensor,
                  targets: torch.Tensor, options: GSQOptions, seed: int,
-                 held_out: tuple | None = None) -> tuple[dict[str, QuantizedWeight], dict]:
+                 held_out: tuple | None = None, progress: Callable[[str], None] | None = None,
+                 log_seconds: float = 60.0) -> tuple[dict[str, QuantizedWeight], dict]:
     """Refine the GPTQ init of the linears `names` of `block` by GSQ.
 
     inputs, targets: float32 ``[n, S, H]``; `forward` runs `block` as it currently is.
@@ -491,6 +522,8 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
     ``options.keep_best``, the result is whichever of the init and the hardened codes at each
     epoch's end has the lowest block-output MSE on them; without it, the last epoch's codes unless
     the init is better on the training inputs.
+    `progress`: called with a progress line at most every `log_seconds` of training (a block can take
+    many minutes, and the tqdm bar shows only on a terminal).
     Returns ({name: hardened QuantizedWeight}, log). The block's original linears are restored.
     Log: {"steps": [{step, epoch, soft_mse, tau, kappa, lr_logits}], "hard_mse": [per epoch,
     index 0 = the init], "held_out_mse": [likewise, with held_out], "chosen": index into them,
@@ -508,12 +541,8 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
     log = {"options": asdict(options), "seed": int(seed), "names": list(names),
            "total_steps": total, "steps": [], "hard_mse": []}
     try:
+        layers = gumbel_layers(block, names, init, options, gen)
         for name in names:
-            lin = block.get_submodule(name)
-            alpha = options.strength(init[name].bits)
-            layers[name] = GumbelGridLinear(lin, init[name], options.init_std, alpha, gen,
-                                            getattr(torch, options.logits_dtype), options.ternary_style)
-            layers[name].store_noise = options.store_noise
             originals[name] = _swap(block, name, layers[name])
         params_logits = [m.logits for m in layers.values()]
         params_scales = [m.scales for m in layers.values()]
@@ -546,6 +575,7 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
         score(start)
         best, best_weights = 0, start   # by the held-out MSE (only the best needs keeping)
         step = 0
+        started = last_log = time.monotonic()
         bar = tqdm(total=total, unit="step", desc="  GSQ", leave=False, dynamic_ncols=True,
                    disable=not sys.stderr.isatty())
         for epoch in range(options.epochs):
@@ -576,6 +606,11 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
                 step += 1
                 bar.update(1)
                 bar.set_postfix(soft_mse=f"{loss_sum:.3e}", tau=f"{tau:.2f}", refresh=False)
+                if progress is not None and time.monotonic() - last_log >= log_seconds:
+                    last_log = time.monotonic()
+                    left = (last_log - started) / step * (total - step)
+                    progress(f"[gsq-quantize]   GSQ step {step}/{total}, soft MSE {loss_sum:.3e}, tau {tau:.2f}, "
+                        f"~{left / 60:.1f} min left in this block")
             last = {name: m.hardened() for name, m in layers.items()}
             score(last)
             if held_out is not None and log["held_out_mse"][-1] < log["held_out_mse"][best]:

@@ -28,6 +28,7 @@ its router-weighted output, and its codes go to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -305,7 +306,8 @@ class BlockPipeline:
         s = self.s
         refine = None
         if s.method == "gsq":
-            from quantize.gsq import refine_block as refine
+            from quantize.gsq import refine_block
+            refine = functools.partial(refine_block, progress=self.log)
         fp = self._fingerprint(ids)
         state_path = self.work_dir / "state.json"
         start = 0

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from gsq_vllm.format import grid_range, pack_codes, unpack_codes
-from quantize.gsq import (GSQOptions, GumbelGridLinear, SoftWeightFunction, add_cli_arguments,
+from quantize.gsq import (PRESETS, GSQOptions, GumbelGridLinear, SoftWeightFunction, add_cli_arguments,
+                          hardened_init,
                           cosine_lr_factor, linear_schedule, options_from_args, refine_block,
                           soft_weight)
 from quantize.qtypes import QuantizedWeight
@@ -60,6 +61,28 @@ def test_schedules_hit_endpoints():
     assert all(a > b for a, b in zip(vals, vals[1:]))
     assert cosine_lr_factor(0, total, 0.1) == pytest.approx(1.0)
     assert cosine_lr_factor(total - 1, total, 0.1) == pytest.approx(0.1)
+
+
+def test_refine_block_reports_progress_to_log():
+    block, inputs, targets = ls_problem(k=64, n=8, samples=8, seq=4)
+    init = {"proj": rtn(block.proj.weight.detach(), 2, 32)}
+    lines = []
+    refine_block(block, block, ["proj"], init, inputs, targets, GSQOptions(epochs=2, batch_size=4), seed=1,
+                 progress=lines.append, log_seconds=0.0)
+    assert [line.split(",")[0] for line in lines] == [f"[gsq-quantize]   GSQ step {s}/4" for s in (1, 2, 3, 4)]
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_hardened_init_prices_the_init_noise(bits):
+    # The argmax of the reference's initial logits moves a few % of the codes off GPTQ's (its
+    # N(0,1) term against a prior gap of 0.5 * alpha); without that term it is GPTQ's exactly.
+    block, _, _ = ls_problem(k=256, n=64)
+    init = {"proj": rtn(block.proj.weight.detach(), bits, 32)}
+    noisy = hardened_init(block, ["proj"], init, GSQOptions(), seed=3)["proj"].codes
+    clean = hardened_init(block, ["proj"], init, GSQOptions(init_noise=0.0), seed=3)["proj"].codes
+    assert torch.equal(clean, init["proj"].codes)
+    flipped = (noisy != init["proj"].codes).float().mean().item()
+    assert 0.005 < flipped < 0.06, flipped
 
 
 def test_refine_block_logs_schedule_endpoints():
@@ -284,7 +307,7 @@ def test_cli_presets_and_overrides():
     parser = argparse.ArgumentParser()
     add_cli_arguments(parser)
     paper = options_from_args(parser.parse_args([]))
-    assert paper == GSQOptions()
+    assert paper == GSQOptions(**PRESETS["paper"])
     fast = options_from_args(parser.parse_args(["--preset", "fast"]))
     assert fast.epochs < paper.epochs
     custom = options_from_args(parser.parse_args(

@@ -379,3 +379,6 @@ def test_progress_bars_on_a_terminal_only(tiny, tmp_path):
     assert piped.returncode == 0
     assert "block/s" not in piped.stderr and "s/block" not in piped.stderr and "step/s" not in piped.stderr
     assert "[gsq-quantize] block 2/2" in piped.stderr
+    # the same lines, time-stamped, in <out>.log, which a run in the background can be followed by
+    logged = (tmp_path / "piped.log").read_text()
+    assert "[gsq-quantize] block 2/2" in logged and "gsq-quantize: wrote" in logged
