@@ -77,6 +77,65 @@ def test_misaligned_cp_async_is_reported(probes):
         _run(probes, 8, torch.ones(1, 64, dtype=torch.float16), 32)
 
 
+# ------------------------------------------------------------------ memory order
+
+
+def _message_passing(emu, variant, order="forward"):
+    """Probe 9 (split-K's arrival in miniature); returns the last block's sums [32 lanes, 4]."""
+    c = emu.gemm(torch.zeros(1, variant + 1, dtype=torch.float16), torch.zeros(16, dtype=torch.int32),
+                 torch.zeros(16, dtype=torch.float16), 9, 64, 1024, variant + 1, ce.EmuOptions(order=order))[0]
+    return c.view(torch.uint8)[0, 1536:].view(torch.float32).view(32, 4)
+
+
+@pytest.mark.parametrize("order", ce.ORDERS)
+def test_fence_atomic_fence_orders_the_partials(probes, order):
+    """Writer: store, fence, __syncwarp, atomic; reader: atomic, fence, ld.global.cg. Lanes 1-31 are
+    released by lane 0's atomic through the barrier and learn the count through __shfl_sync."""
+    s = _message_passing(probes, 0, order)
+    want = torch.stack([torch.full((32,), 3.0), 2.0 * torch.arange(32), torch.zeros(32), torch.full((32,), 2.0)], 1)
+    assert torch.equal(s, want)
+
+
+RACE_LOAD = "loads it (ld.global.cg at probes.cu:{})"
+
+
+@pytest.mark.parametrize("variant,why", [
+    (1, "the writer executed no fence (__threadfence) between the store and an atomic that releases it"),
+    (2, "the writer executed a fence after the store (at probes.cu:{fence}), but no atomic released it"),
+    (3, "this thread's atomic observed the writer's release, but it executed no fence"),
+    (4, "released through the atomic at probes.cu:{atomic}"),
+])
+@pytest.mark.parametrize("order", ce.ORDERS)
+def test_a_broken_release_acquire_sequence_is_a_race(probes, variant, why, order):
+    if variant == 4 and order != "forward":
+        pytest.skip("block 1 must run after block 0's atomic")  # reverse: it reads before block 0 stores
+    with pytest.raises(ce.EmulatorError, match="memory-order race") as e:
+        _message_passing(probes, variant, order)
+    msg = str(e.value)
+    lines = dict(fence=_line_of("if (variant != 1) __threadfence();"),
+                 atomic=_line_of("old = atomicAdd(counter, 1);"))
+    assert why.format(**lines) in msg, msg
+    assert RACE_LOAD.format(_line_of("the reader's load")) in msg, msg
+    assert f"probes.cu:{_line_of('part[32 * w + lane] = make_float4')}" in msg, msg  # the store's line
+
+
+def test_unordered_stores_race(probes):
+    with pytest.raises(ce.EmulatorError, match="two stores neither of which is ordered") as e:
+        _message_passing(probes, 7)
+    msg = str(e.value)
+    assert "block (1,0,0) thread 0 (warp 0 lane 0) stores to it at " in msg, msg
+    assert msg.count(f"probes.cu:{_line_of('unordered stores')} ") == 2, msg  # both stores, same line
+
+
+@pytest.mark.parametrize("variant,text", [(5, "plain scalar store"), (6, "plain scalar load")])
+def test_plain_access_to_written_memory_is_refused(probes, variant, text):
+    """C, the workspace and the counters are closed to plain accesses during a launch: one the
+    emulator cannot see (a scalar store, any plain load) faults instead of escaping the checks."""
+    with pytest.raises(ce.EmulatorError, match="does not intercept") as e:
+        _message_passing(probes, variant)
+    assert f"probes.cu:{_line_of(text)}" in str(e.value), str(e.value)
+
+
 # ------------------------------------------------------------------ instructions
 
 

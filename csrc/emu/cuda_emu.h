@@ -32,19 +32,36 @@
 #define __shared__ gsq_emu_static_shared_memory_is_not_emulated_use_ptx_dynamic_smem
 #define __constant__ gsq_emu_constant_memory_is_not_emulated
 
+namespace gsq_emu {
+// A plain store by kernel code (the operator= of the types below): into a writable device buffer
+// it is checked and recorded for the memory-order checks (csrc/emu/runtime.cpp), elsewhere written.
+void store(void* p, const void* src, size_t bytes);
+}  // namespace gsq_emu
+// Gives a type an operator= that stores through gsq_emu::store (still an aggregate). The empty
+// asm keeps the call from becoming a tail call, so its return address names the storing line.
+#define GSQ_EMU_STORED(T)                                        \
+  T& operator=(const T& o) {                                     \
+    ::gsq_emu::store(static_cast<void*>(this), &o, sizeof(T));   \
+    asm volatile("");                                            \
+    return *this;                                                \
+  }
+
 struct dim3 {
   unsigned int x = 1, y = 1, z = 1;
   constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 using uint3 = dim3;
 
-// CUDA vector types the kernels may load through (same size and alignment).
-struct alignas(16) uint4 { unsigned int x, y, z, w; };
-struct alignas(16) int4 { int x, y, z, w; };
-struct alignas(16) float4 { float x, y, z, w; };
-struct alignas(8) uint2 { unsigned int x, y; };
-struct alignas(8) int2 { int x, y; };
-struct alignas(8) float2 { float x, y; };
+// CUDA vector types the kernels may load and store through (same size and alignment). A store
+// of one of them (or of a 16-bit float type) to device memory is what the memory-order checks
+// see of a kernel's plain stores; a plain store of a scalar (float, int) to memory the kernel
+// writes faults as an access the emulator does not model.
+struct alignas(16) uint4 { unsigned int x, y, z, w; GSQ_EMU_STORED(uint4) };
+struct alignas(16) int4 { int x, y, z, w; GSQ_EMU_STORED(int4) };
+struct alignas(16) float4 { float x, y, z, w; GSQ_EMU_STORED(float4) };
+struct alignas(8) uint2 { unsigned int x, y; GSQ_EMU_STORED(uint2) };
+struct alignas(8) int2 { int x, y; GSQ_EMU_STORED(int2) };
+struct alignas(8) float2 { float x, y; GSQ_EMU_STORED(float2) };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
@@ -83,8 +100,10 @@ void syncthreads(Loc loc);
 // __shfl_sync(mask, value, src_lane): 32-bit value of lane src_lane (PTX ISA 9.7.9.6, .idx, width 32)
 uint32_t shfl_idx(unsigned mask, uint32_t value, int src_lane, Loc loc);
 void syncwarp(unsigned mask, Loc loc);
+// fence.sc.gpu (__threadfence is membar.gl, its synonym)
 void threadfence(Loc loc);
-void check_atomic(const void* p, size_t bytes, Loc loc);
+// An atomic on p: range-checked and ordered (memory order); returns the address to apply it at.
+void* atomic_access(void* p, size_t bytes, Loc loc);
 void check_memset(const void* p, size_t bytes, Loc loc);
 
 // Type-erased kernel body: every fiber of the grid calls fn(ctx).
@@ -179,51 +198,60 @@ inline unsigned int max(unsigned int a, unsigned int b) { return a > b ? a : b; 
 inline long long min(long long a, long long b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
 
-// Atomics: range-checked (shared memory of the block, or a registered
-// writable global buffer), then applied; fibers never interleave inside one.
+// Atomics (relaxed RMWs at gpu scope): range-checked (shared memory of the block, or a registered
+// writable global buffer) and ordered by the runtime, then applied where it says; fibers never
+// interleave inside one.
+template <typename T>
+inline T* gsq_emu_atomic(T* p, gsq_emu::Loc loc) {
+  return static_cast<T*>(gsq_emu::atomic_access(p, sizeof(T), loc));
+}
 inline float atomicAdd(float* p, float v, gsq_emu::Loc loc = gsq_emu::Loc::here()) {
-  gsq_emu::check_atomic(p, sizeof(float), loc);
-  const float old = *p;
-  *p = old + v;
+  float* q = gsq_emu_atomic(p, loc);
+  const float old = *q;
+  *q = old + v;
   return old;
 }
 inline int atomicAdd(int* p, int v, gsq_emu::Loc loc = gsq_emu::Loc::here()) {
-  gsq_emu::check_atomic(p, sizeof(int), loc);
-  const int old = *p;
-  *p = static_cast<int>(static_cast<unsigned>(old) + static_cast<unsigned>(v));
+  int* q = gsq_emu_atomic(p, loc);
+  const int old = *q;
+  *q = static_cast<int>(static_cast<unsigned>(old) + static_cast<unsigned>(v));
   return old;
 }
 inline unsigned atomicAdd(unsigned* p, unsigned v, gsq_emu::Loc loc = gsq_emu::Loc::here()) {
-  gsq_emu::check_atomic(p, sizeof(unsigned), loc);
-  const unsigned old = *p;
-  *p = old + v;
+  unsigned* q = gsq_emu_atomic(p, loc);
+  const unsigned old = *q;
+  *q = old + v;
   return old;
 }
 inline int atomicExch(int* p, int v, gsq_emu::Loc loc = gsq_emu::Loc::here()) {
-  gsq_emu::check_atomic(p, sizeof(int), loc);
-  const int old = *p;
-  *p = v;
+  int* q = gsq_emu_atomic(p, loc);
+  const int old = *q;
+  *q = v;
   return old;
 }
 inline int atomicCAS(int* p, int compare, int v, gsq_emu::Loc loc = gsq_emu::Loc::here()) {
-  gsq_emu::check_atomic(p, sizeof(int), loc);
-  const int old = *p;
-  if (old == compare) *p = v;
+  int* q = gsq_emu_atomic(p, loc);
+  const int old = *q;
+  if (old == compare) *q = v;
   return old;
 }
 
 // __half (IEEE binary16: 10 mantissa bits) and __nv_bfloat16 (7 mantissa bits).
 struct __half {
   uint16_t __x;
+  GSQ_EMU_STORED(__half)
 };
 struct __nv_bfloat16 {
   uint16_t __x;
+  GSQ_EMU_STORED(__nv_bfloat16)
 };
 struct alignas(4) __half2 {
   __half x, y;
+  GSQ_EMU_STORED(__half2)
 };
 struct alignas(4) __nv_bfloat162 {
   __nv_bfloat16 x, y;
+  GSQ_EMU_STORED(__nv_bfloat162)
 };
 
 namespace gsq_emu {

@@ -14,6 +14,9 @@ enum class MmaType { kF16, kBf16 };
 void mma_m16n8k16(MmaType type, float* d, const uint32_t* a, const uint32_t* b, const float* c, Loc loc);
 // A global load: checked against the registered buffers (read-only ones for .nc).
 void check_global_read(const void* p, size_t bytes, bool nc, Loc loc);
+// ld.global: checked, and from memory the kernel writes, checked for memory order (the bytes
+// must have been stored before the launch, by this thread, or by a store ordered before it).
+void global_load(void* dst, const void* p, size_t bytes, Loc loc);
 void ldmatrix(int num, bool trans, uint32_t* d, const void* smem_row, Loc loc);
 void cp_async(void* smem, const void* gmem, int cp_size, int src_bytes, Loc loc);
 void cp_async_commit(Loc loc);
@@ -62,8 +65,9 @@ inline uint4 ld_nc_v4(const uint4* p, Loc loc = Loc::here()) {
   return *p;
 }
 inline float4 ld_cg_v4(const float4* p, Loc loc = Loc::here()) {
-  gsq_emu::check_global_read(p, 16, false, loc);
-  return *p;
+  float4 v;
+  gsq_emu::global_load(&v, p, 16, loc);
+  return v;
 }
 inline void ldmatrix_x4(uint32_t (&d)[4], const void* smem_row, Loc loc = Loc::here()) {
   gsq_emu::ldmatrix(4, false, d, smem_row, loc);

@@ -23,9 +23,14 @@
 //   * shared memory is poisoned at block start and ends against a guard page;
 //     global buffers end against a guard page (a read past the end faults;
 //     the fault is reported with the source line of the faulting code);
-//   * atomics and memsets must fall inside shared memory or a writable buffer.
-// Not modelled: timing, the GPU memory model beyond the schedules tried,
-// nvcc's code generation (see docs/EMULATOR.md).
+//   * atomics and memsets must fall inside shared memory or a writable buffer;
+//   * memory order: a load of global memory another thread stored during the
+//     launch must be ordered after the store by the PTX memory model's
+//     causality order (barriers, fence + atomic release, atomic + fence
+//     acquire), and two stores to the same bytes must be ordered; plain
+//     accesses the checks cannot see fault (see "memory order" below).
+// Not modelled: timing, weak ordering of shared memory, nvcc's code
+// generation (see docs/EMULATOR.md).
 
 #include "runtime.h"
 
@@ -148,11 +153,56 @@ struct CopyOp {
 
 struct Block;
 
+// A vector clock over the grid's threads (numbered block * threads per block
+// + thread): sorted (thread, epoch) pairs, an absent thread at epoch 0. Sparse,
+// because a thread mostly knows its own warp or block.
+struct VClock {
+  std::vector<std::pair<uint32_t, uint32_t>> e;
+  uint32_t get(uint32_t t) const {
+    auto it = std::lower_bound(e.begin(), e.end(), std::make_pair(t, 0u));
+    return it != e.end() && it->first == t ? it->second : 0;
+  }
+  void set(uint32_t t, uint32_t v) {
+    auto it = std::lower_bound(e.begin(), e.end(), std::make_pair(t, 0u));
+    if (it != e.end() && it->first == t)
+      it->second = v;
+    else
+      e.insert(it, {t, v});
+  }
+  void join(const VClock& o) {
+    if (o.e.empty() || &o == this) return;
+    if (e.empty()) {
+      e = o.e;
+      return;
+    }
+    std::vector<std::pair<uint32_t, uint32_t>> out;
+    out.reserve(e.size() + o.e.size());
+    auto a = e.cbegin(), b = o.e.cbegin();
+    while (a != e.cend() || b != o.e.cend()) {
+      if (b == o.e.cend() || (a != e.cend() && a->first < b->first)) {
+        out.push_back(*a++);
+      } else if (a == e.cend() || b->first < a->first) {
+        out.push_back(*b++);
+      } else {
+        out.emplace_back(a->first, std::max(a->second, b->second));
+        ++a, ++b;
+      }
+    }
+    e.swap(out);
+  }
+  bool covers(uint32_t t, uint32_t epoch) const { return get(t) >= epoch; }
+};
+
 struct Fiber {
   Context ctx;
   unsigned char* stack_map = nullptr;  // guard page + stack
   Block* block = nullptr;
   int tid = 0, warp = 0, lane = 0;
+  // memory order (see "memory order" below): this thread's number in the grid, its epoch, what
+  // it knows (happens-before), what of that a fence.sc has covered, and what its atomics observed
+  // that no fence has completed yet
+  uint32_t gid = 0, ep = 0;
+  VClock hb, fenced, acquired;
   dim3 tidx;
   St st = St::kDone;
   Loc loc;
@@ -191,6 +241,23 @@ struct Buffer {
   bool writable;
   const unsigned char* map_lo;  // the whole mapping, guard pages included
   const unsigned char* map_hi;
+  // a writable buffer's second mapping of the same pages: the runtime's way in while the kernel's
+  // view is inaccessible during a launch (null: none, the kernel's view stays open)
+  unsigned char* alias = nullptr;  // the byte that `lo` is in the kernel's view
+  unsigned char* body = nullptr;   // the kernel view's pages (between the guard pages)
+  size_t body_len = 0;
+};
+
+// What the memory-order checks know of one 2-byte granule of a writable buffer during a launch.
+struct Shadow {
+  uint32_t who = 0;    // the storing thread's number + 1 (0: not stored during this launch)
+  uint32_t epoch = 0;  // its epoch at the store
+  uintptr_t pc = 0;    // return address into the storing code (for the report)
+};
+
+struct Tracked {
+  size_t buffer;  // index into State::buffers
+  std::vector<Shadow> shadow;
 };
 
 struct Grid {
@@ -200,6 +267,13 @@ struct Grid {
   std::vector<Block*> active;
   std::vector<std::unique_ptr<Fiber>> slots;  // resident_blocks * threads per block
   Context main;
+  // memory order: the writable global buffers (closed to plain access during the launch), what
+  // every atomic location's strong writes released, and each thread's last fence (for reports)
+  std::vector<Tracked> tracked;
+  std::map<uintptr_t, VClock> released;
+  std::map<uintptr_t, Loc> released_at;
+  std::vector<uint32_t> fence_epoch;
+  std::vector<Loc> fence_loc;
 };
 
 struct State {
@@ -218,6 +292,7 @@ struct State {
   void* fault_addr = nullptr;
   uintptr_t fault_pc = 0;
   int fault_sig = 0;
+  uintptr_t store_pc = 0;  // set while store() copies to an unchecked address: the store's return address
 };
 
 State* g_state = nullptr;  // the live Session's state (one at a time)
@@ -314,6 +389,134 @@ std::string describe_address(const void* p) {
   return o.str();
 }
 
+// ------------------------------------------------------------ memory order
+//
+// Global memory that the kernel writes (C, the split-K workspace, the
+// counters) is checked against the PTX memory model's causality order (PTX
+// ISA 8.x "Memory Consistency Model"): a load of bytes another thread stored
+// during the launch must be ordered after that store, or the launch fails as
+// a race. Happens-before is tracked with vector clocks; its edges are:
+//   * program order;
+//   * bar.sync (__syncthreads) among the block's waiting threads, bar.warp.sync
+//     (__syncwarp) among the warp's lanes: all-to-all;
+//   * shfl.sync: from the source lane to the lane that receives its value (a
+//     register dependency; CUDA documents no memory ordering for it, see
+//     docs/EMULATOR.md);
+//   * release -> acquire through an atomic location x (atomics are relaxed
+//     RMWs at gpu scope, fences are fence.sc: __threadfence is membar.gl):
+//     a strong write to x releases everything its thread knows that a fence
+//     covered -- the thread's own fence, or another thread's fence ordered
+//     before the write by a barrier (fence.sc's total order must put that
+//     fence before every fence that follows a strong read observing the
+//     write, else causality would have a cycle); a strong read of x observes
+//     every release on x so far (the RMW chain), and that knowledge becomes
+//     the reader's (and reaches whoever it then synchronises with) only at
+//     its next fence.
+// fence.sc's order is otherwise not used: two fences are never ordered just
+// because one ran first in the schedule, so the verdict does not depend on
+// the schedule. Every plain access to those buffers during a launch faults:
+// their pages are closed and the runtime reaches them through a second
+// mapping, so no access escapes the model (stores of the CUDA vector and
+// 16-bit types go through store(), ld.global.cg through load(), atomics
+// through atomic_access()).
+
+void tick(Fiber* f) { f->hb.set(f->gid, ++f->ep); }
+
+// All of `fs` synchronise with each other (a barrier): each ends up knowing what any of them knew.
+void join_all(const std::vector<Fiber*>& fs) {
+  if (fs.empty()) return;
+  VClock hb, fenced, acquired;
+  for (const Fiber* f : fs) {
+    hb.join(f->hb);
+    fenced.join(f->fenced);
+    acquired.join(f->acquired);
+  }
+  for (Fiber* f : fs) {
+    f->hb = hb;
+    f->fenced = fenced;
+    f->acquired = acquired;
+    tick(f);
+  }
+}
+
+// The threads waiting at the block's barrier pass it.
+void release_barrier(Block& b) {
+  std::vector<Fiber*> waiting;
+  for (Fiber* o : b.fibers)
+    if (o->st == St::kBarrier) waiting.push_back(o);
+  join_all(waiting);
+  for (Fiber* o : waiting) o->st = St::kReady;
+  b.at_barrier = 0;
+}
+
+std::string who_gid(const Grid& g, uint32_t gid) {
+  const unsigned nthreads = g.block.x * g.block.y * g.block.z;
+  const unsigned linear = gid / nthreads, tid = gid % nthreads;
+  std::ostringstream o;
+  o << "block (" << linear % g.grid.x << "," << (linear / g.grid.x) % g.grid.y << ","
+    << linear / (g.grid.x * g.grid.y) << ") thread " << tid << " (warp " << tid / 32 << " lane " << tid % 32 << ")";
+  return o.str();
+}
+
+std::string source_line(uintptr_t pc);
+
+// The tracked buffer holding [p, p + bytes), if any.
+Tracked* tracked_at(const void* p, size_t bytes) {
+  Grid* g = state().grid;
+  if (g == nullptr) return nullptr;
+  const auto* a = static_cast<const unsigned char*>(p);
+  for (Tracked& t : g->tracked) {
+    const Buffer& b = state().buffers[t.buffer];
+    if (a >= b.lo && a + bytes <= b.hi) return &t;
+  }
+  return nullptr;
+}
+
+unsigned char* alias_of(const Tracked& t, const void* p) {
+  const Buffer& b = state().buffers[t.buffer];
+  return b.alias + (static_cast<const unsigned char*>(p) - b.lo);
+}
+
+// Why the store (thread u, epoch e) is not ordered before f's load.
+std::string missing_order(const Grid& g, const Fiber* f, uint32_t u, uint32_t e) {
+  if (f->acquired.covers(u, e))
+    return "this thread's atomic observed the writer's release, but it executed no fence (__threadfence) "
+           "between that atomic and this load (the acquire pattern is: strong read, then fence)";
+  for (const auto& [addr, rel] : g.released)
+    if (rel.covers(u, e))
+      return "the store was released through the atomic at " + where(g.released_at.at(addr)) + " (" +
+             describe_address(reinterpret_cast<const void*>(addr)) +
+             "), but this thread did not observe that atomic (an atomic read of it, then a fence) before this load";
+  if (g.fence_epoch[u] >= e)
+    return "the writer executed a fence after the store (at " + where(g.fence_loc[u]) +
+           "), but no atomic released it: a fence is released by a strong write of its own thread, or of a thread "
+           "that a barrier (__syncwarp, __syncthreads) orders after the fence";
+  return "the writer executed no fence (__threadfence) between the store and an atomic that releases it";
+}
+
+void check_ordered(const Fiber* f, const Tracked& t, const void* p, size_t bytes, bool is_store, Loc loc,
+                   uintptr_t pc) {
+  const Grid& g = *state().grid;
+  const Buffer& b = state().buffers[t.buffer];
+  const size_t off = static_cast<const unsigned char*>(p) - b.lo;
+  for (size_t i = off / 2; i < (off + bytes + 1) / 2; ++i) {
+    const Shadow& s = t.shadow[i];
+    if (s.who == 0 || s.who - 1 == f->gid || f->hb.covers(s.who - 1, s.epoch)) continue;
+    const uint32_t u = s.who - 1;
+    std::ostringstream o;
+    o << "memory-order race on " << describe_address(b.lo + 2 * i) << ": " << who(f);
+    if (is_store)
+      o << " stores to it at " << source_line(pc - 1);
+    else
+      o << " loads it (ld.global.cg at " << where(loc) << ")";
+    o << ", and " << who_gid(g, u) << " stored it at " << source_line(s.pc - 1)
+      << " with no causality order between the two (PTX memory model): ";
+    o << (is_store ? std::string("two stores neither of which is ordered before the other")
+                   : missing_order(g, f, u, s.epoch));
+    fail(o.str());
+  }
+}
+
 // ------------------------------------------------------------ the scheduler
 
 void fiber_entry() {
@@ -324,11 +527,7 @@ void fiber_entry() {
   Block& b = *f->block;
   f->st = St::kDone;
   --b.live;
-  if (b.at_barrier > 0 && b.at_barrier == b.live) {
-    for (Fiber* o : b.fibers)
-      if (o->st == St::kBarrier) o->st = St::kReady;
-    b.at_barrier = 0;
-  }
+  if (b.at_barrier > 0 && b.at_barrier == b.live) release_barrier(b);
   switch_context(f->ctx, s.grid->main);
   std::abort();  // a finished fiber is never resumed
 }
@@ -404,6 +603,11 @@ Block* start_block(Grid& g, unsigned linear, int slot_base) {
     f->coll = Coll::kNone;
     f->open.clear();
     f->groups.clear();
+    f->gid = linear * static_cast<uint32_t>(nthreads) + static_cast<uint32_t>(t);
+    f->ep = 1;
+    f->hb.e.assign(1, {f->gid, 1u});
+    f->fenced.e.clear();
+    f->acquired.e.clear();
     init_context(f->ctx, f->stack_map + page_size(), kStackBytes, fiber_entry);
     b->fibers.push_back(f);
   }
@@ -503,12 +707,15 @@ std::string source_line(uintptr_t pc) {
     std::vector<std::string> lines;
     while (std::fgets(line, sizeof line, p)) lines.emplace_back(line);
     pclose(p);
-    // pairs of (function, file:line), innermost first; report the innermost
-    if (lines.size() >= 2) {
-      std::string fn = lines[0], loc = lines[1];
+    // pairs of (function, file:line), innermost first; report the innermost outside the emulator's
+    // own sources and the system headers (a store's operator=, an inlined memcpy)
+    for (size_t i = 0; i + 1 < lines.size(); i += 2) {
+      std::string fn = lines[i], loc = lines[i + 1];
       fn.erase(fn.find_last_not_of("\r\n") + 1);
       loc.erase(loc.find_last_not_of("\r\n") + 1);
-      out = loc + " (in " + fn + ")";
+      const bool inner = loc.find("/csrc/emu/") != std::string::npos || loc.rfind("/usr/", 0) == 0;
+      if (out.empty() || !inner) out = loc + " (in " + fn + ")";
+      if (!inner) break;
     }
   }
   if (out.empty() || out[0] == '?') {
@@ -527,18 +734,32 @@ GuardedBuffer::GuardedBuffer(const char* name, size_t bytes, bool writable, bool
   const size_t pg = page_size();
   const size_t body = round_up(std::max<size_t>(bytes, 1), pg);
   map_len_ = pg + body + pg;
-  void* m = mmap(nullptr, map_len_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  // A writable device buffer is shared memory of this process so that it can have a second
+  // mapping: during a launch the kernel's view is closed (memory order, above) and the runtime
+  // reaches the pages through the alias.
+  const bool alias = writable && global;
+  void* m = mmap(nullptr, map_len_, PROT_READ | PROT_WRITE, (alias ? MAP_SHARED : MAP_PRIVATE) | MAP_ANONYMOUS, -1, 0);
   if (m == MAP_FAILED) throw Failure(std::string("gsq emulator: cannot map ") + std::to_string(bytes) + " bytes");
   map_ = static_cast<unsigned char*>(m);
   mprotect(map_, pg, PROT_NONE);
   mprotect(map_ + pg + body, pg, PROT_NONE);
+  if (alias) {
+    void* a = mremap(map_ + pg, 0, body, MREMAP_MAYMOVE);  // old size 0: a second mapping of the same pages
+    if (a == MAP_FAILED) {
+      munmap(map_, map_len_);
+      throw Failure("gsq emulator: cannot map a second view of a writable buffer (mremap)");
+    }
+    alias_ = static_cast<unsigned char*>(a);
+    alias_len_ = body;
+  }
   size_ = bytes;
   // The last byte sits against the guard page (16-byte aligned start: every
   // size the kernels use is a multiple of 16; a smaller tail could be read
   // past by up to 15 bytes without a fault).
   ptr_ = map_ + pg + body - round_up(bytes, 16);
   if (global && g_state != nullptr)
-    g_state->buffers.push_back(Buffer{ptr_, ptr_ + bytes, name, writable, map_, map_ + map_len_});
+    g_state->buffers.push_back(Buffer{ptr_, ptr_ + bytes, name, writable, map_, map_ + map_len_,
+                                      alias_ ? alias_ + (ptr_ - (map_ + pg)) : nullptr, map_ + pg, body});
 }
 
 GuardedBuffer::~GuardedBuffer() {
@@ -546,6 +767,7 @@ GuardedBuffer::~GuardedBuffer() {
     auto& v = g_state->buffers;
     v.erase(std::remove_if(v.begin(), v.end(), [&](const Buffer& b) { return b.lo == ptr_; }), v.end());
   }
+  if (alias_ != nullptr) munmap(alias_, alias_len_);
   munmap(map_, map_len_);
 }
 
@@ -638,6 +860,10 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_byte
     g.slots.push_back(std::move(f));
   }
   s.grid = &g;
+  s.store_pc = 0;
+  const size_t grid_threads = static_cast<size_t>(grid.x) * grid.y * grid.z * nthreads;
+  g.fence_epoch.assign(grid_threads, 0);
+  g.fence_loc.assign(grid_threads, Loc{});
 
   // Faults on the fibers (guard pages) jump back here, on the host stack.
   stack_t alt{}, old_alt{};
@@ -659,15 +885,35 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_byte
     for (Block* b : g.active) delete b;
     g.active.clear();
     for (auto& f : g.slots) munmap(f->stack_map, pg + kStackBytes);
+    for (const Tracked& t : g.tracked) {
+      const Buffer& b = s.buffers[t.buffer];
+      mprotect(b.body, b.body_len, PROT_READ | PROT_WRITE);
+    }
+    g.tracked.clear();
     s.grid = nullptr;
     g_cur = nullptr;
   };
+  // the writable buffers: closed to the kernel's plain accesses, shadowed for the memory-order checks
+  for (size_t i = 0; i < s.buffers.size(); ++i) {
+    const Buffer& b = s.buffers[i];
+    if (b.alias == nullptr) continue;
+    g.tracked.push_back(Tracked{i, std::vector<Shadow>((b.hi - b.lo + 1) / 2)});
+    mprotect(b.body, b.body_len, PROT_NONE);
+  }
 
   if (sigsetjmp(s.fault_jmp, 1) != 0) {
     std::ostringstream o;
     o << (s.fault_sig == SIGBUS ? "bus error" : "invalid memory access") << " at "
-      << source_line(s.fault_pc) << ": " << describe_address(s.fault_addr);
+      << source_line(s.store_pc ? s.store_pc - 1 : s.fault_pc) << ": " << describe_address(s.fault_addr);
     if (g_cur != nullptr) o << ", by " << who(g_cur) << " (last emulated call at " << where(g_cur->loc) << ")";
+    const auto* fa = static_cast<const unsigned char*>(s.fault_addr);
+    for (const Tracked& t : g.tracked) {
+      const Buffer& b = s.buffers[t.buffer];
+      if (fa >= b.body && fa < b.body + b.body_len)
+        o << ". A plain load, or a store of a type the emulator does not intercept, of memory the kernel "
+             "writes: the emulator checks its memory order and sees it only through stores of the CUDA vector "
+             "and 16-bit types (operator=), ld.global.cg and atomics (docs/EMULATOR.md)";
+    }
     if (s.error.empty()) s.error = o.str();
     restore();
     s.last_error = cudaErrorLaunchFailure;
@@ -700,17 +946,22 @@ void syncthreads(Loc loc) {
   }
   f->st = St::kBarrier;
   f->loc = loc;
-  if (++b.at_barrier == b.live) {
-    for (Fiber* o : b.fibers)
-      if (o->st == St::kBarrier) o->st = St::kReady;
-    b.at_barrier = 0;
-  }
+  if (++b.at_barrier == b.live) release_barrier(b);
   yield(f);
 }
 
+// fence.sc.gpu (membar.gl): completes the acquire of what this thread's atomics observed, and
+// covers everything the thread now knows for its (or a barrier-ordered thread's) next strong write.
 void threadfence(Loc loc) {
   Fiber* f = cur("__threadfence");
   f->loc = loc;
+  f->hb.join(f->acquired);
+  f->acquired.e.clear();
+  f->fenced = f->hb;
+  Grid& g = *state().grid;
+  g.fence_epoch[f->gid] = f->ep;
+  g.fence_loc[f->gid] = loc;
+  tick(f);
   yield(f);  // a point where other threads (and blocks) may run
 }
 
@@ -820,6 +1071,18 @@ void resolve_warp(Fiber* last) {
     fail("warp collective at " + where(l0->loc) + " in a warp of " + std::to_string(n) + " threads (needs 32)");
   if (l0->coll == Coll::kShfl) {
     for (int i = 0; i < n; ++i) lanes[i]->shfl_result = lanes[lanes[i]->shfl_src & 31]->shfl_value;
+    // memory order: each lane learns what its source lane knew (clocks as at arrival)
+    std::vector<VClock> hb(n), fenced(n), acquired(n);
+    for (int i = 0; i < n; ++i) hb[i] = lanes[i]->hb, fenced[i] = lanes[i]->fenced, acquired[i] = lanes[i]->acquired;
+    for (int i = 0; i < n; ++i) {
+      const int src = lanes[i]->shfl_src & 31;
+      lanes[i]->hb.join(hb[src]);
+      lanes[i]->fenced.join(fenced[src]);
+      lanes[i]->acquired.join(acquired[src]);
+      tick(lanes[i]);
+    }
+  } else if (l0->coll == Coll::kSyncwarp) {
+    join_all(std::vector<Fiber*>(lanes, lanes + n));  // bar.warp.sync orders memory among the lanes
   } else if (l0->coll == Coll::kMma) {
     do_mma(lanes);
     ++state().stats.mma;
@@ -927,15 +1190,60 @@ void check_global_read(const void* p, size_t bytes, bool nc, Loc loc) {
          ", which the kernel may write (the non-coherent path is for read-only data)");
 }
 
-void check_atomic(const void* p, size_t bytes, Loc loc) {
+// An atomic RMW (relaxed, gpu scope): range-checked, then its strong read observes every release
+// on the location and its strong write releases what this thread's fences covered (memory order,
+// above). Returns where to apply it (the runtime's mapping of a closed buffer). Shared-memory
+// atomics are range-checked only (the kernels use none; no memory-order tracking there).
+void* atomic_access(void* p, size_t bytes, Loc loc) {
   Fiber* f = cur("atomic");
   f->loc = loc;
   if (reinterpret_cast<uintptr_t>(p) % bytes) fail("misaligned atomic at " + where(loc) + " by " + who(f));
-  if (in_smem(f, p, bytes)) return;
+  if (in_smem(f, p, bytes)) return p;
   const Buffer* b = find_buffer(p, bytes);
   if (b == nullptr || !b->writable)
     fail("atomic at " + where(loc) + " by " + who(f) + " outside shared memory and every writable buffer: " +
          describe_address(p));
+  Grid& g = *state().grid;
+  const auto key = reinterpret_cast<uintptr_t>(p);
+  VClock& rel = g.released[key];
+  f->acquired.join(rel);
+  rel.join(f->fenced);
+  g.released_at[key] = loc;
+  tick(f);
+  Tracked* t = tracked_at(p, bytes);
+  return t != nullptr ? alias_of(*t, p) : p;
+}
+
+// A plain store of a CUDA vector or 16-bit type (their operator=). Into a writable global buffer:
+// checked against the earlier stores there (two unordered stores race), recorded, and written
+// through the runtime's mapping. Anywhere else (registers, shared memory, host code): written.
+void store(void* p, const void* src, size_t bytes) {
+  const auto pc = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
+  State* s = g_state;
+  Fiber* f = g_cur;
+  Tracked* t = f != nullptr && s != nullptr ? tracked_at(p, bytes) : nullptr;
+  if (s != nullptr) s->store_pc = pc;  // a fault in the copy (either side) is reported at the store's line
+  if (t == nullptr) {
+    std::memcpy(p, src, bytes);
+  } else {
+    check_ordered(f, *t, p, bytes, true, f->loc, pc);
+    const size_t off = static_cast<const unsigned char*>(p) - s->buffers[t->buffer].lo;
+    for (size_t i = off / 2; i < (off + bytes + 1) / 2; ++i) t->shadow[i] = Shadow{f->gid + 1, f->ep, pc};
+    std::memcpy(alias_of(*t, p), src, bytes);
+  }
+  if (s != nullptr) s->store_pc = 0;
+}
+
+// ld.global (not .nc) of `bytes` at p into dst: range-checked; from a writable buffer, the bytes
+// must have been stored by this thread, before the launch, or by a store ordered before this load.
+void global_load(void* dst, const void* p, size_t bytes, Loc loc) {
+  check_global_read(p, bytes, false, loc);
+  if (Tracked* t = tracked_at(p, bytes)) {
+    check_ordered(g_cur, *t, p, bytes, false, loc, 0);
+    std::memcpy(dst, alias_of(*t, p), bytes);
+  } else {
+    std::memcpy(dst, p, bytes);
+  }
 }
 
 void check_memset(const void* p, size_t bytes, Loc loc) {

@@ -40,7 +40,9 @@ struct Stats {
 // Memory the kernel may address, mapped so that its last byte sits against an
 // inaccessible page (a read past the end faults and is reported) with another
 // inaccessible page in front. Registered by name for error messages and for
-// the range checks of cp.async, atomics and memset.
+// the range checks of cp.async, atomics and memset. A writable device buffer
+// also gets a second mapping, through which the runtime reaches it while a
+// launch keeps the kernel's view closed (the memory-order checks).
 class GuardedBuffer {
  public:
   // global: a device buffer the kernel may name (registered); else the
@@ -59,6 +61,8 @@ class GuardedBuffer {
   size_t map_len_ = 0;
   unsigned char* ptr_ = nullptr;
   size_t size_ = 0;
+  unsigned char* alias_ = nullptr;  // writable device buffers: a second mapping of the same pages
+  size_t alias_len_ = 0;
 };
 
 // One emulated "device session": the buffers, options and first error of the

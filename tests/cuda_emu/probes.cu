@@ -99,6 +99,37 @@ __global__ void misaligned_copy(const __half* a, __half* c) {
   c[threadIdx.x] = sm[0];
 }
 
+// 9: split-K's arrival (csrc/gemm/reduce.cuh) in miniature, in C's bytes: two blocks of one warp
+// each store a partial (float4 per lane, bytes 0-1023), count themselves in at an int (bytes
+// 1024-1027, poisoned to -1, so the last arrival reads 0), and the last adds both partials into
+// bytes 1536-2047. `variant` breaks one step of the PTX memory model's sequence (0: none):
+// 1 no writer fence, 2 no __syncwarp before lane 0's atomic, 3 no reader fence, 4 block 1 reads
+// without counting itself in, 5 a plain float store into C, 6 a plain float load from C,
+// 7 both blocks store the same bytes with nothing ordering them.
+__global__ void message_passing(unsigned char* c, int variant) {
+  float4* part = reinterpret_cast<float4*>(c);
+  int* counter = reinterpret_cast<int*>(c + 1024);
+  float4* out = reinterpret_cast<float4*>(c + 1536);
+  const int lane = threadIdx.x, w = blockIdx.x;
+  if (variant == 5) reinterpret_cast<float*>(c)[lane] = 1.f;  // plain scalar store
+  if (variant == 6) out[lane].x = reinterpret_cast<const float*>(c)[lane];  // plain scalar load
+  if (variant == 7) out[lane] = make_float4(w, 0, 0, 0);  // unordered stores
+  part[32 * w + lane] = make_float4(w + 1, lane, 0, 1);
+  if (variant != 1) __threadfence();  // writer: the partial before the count
+  if (variant != 2) __syncwarp();  // every lane's fence before lane 0's atomic
+  int old = 0;
+  if (lane == 0 && !(variant == 4 && w == 1)) old = atomicAdd(counter, 1);
+  old = __shfl_sync(0xffffffffu, old, 0);
+  if (old != 0) return;  // not the last
+  if (variant != 3) __threadfence();  // reader: the others' partials after their counts
+  float4 sum = make_float4(0, 0, 0, 0);
+  for (int i = 0; i < 2; ++i) {
+    const float4 x = gsq::ptx::ld_cg_v4(part + 32 * i + lane);  // the reader's load
+    sum.x += x.x, sum.y += x.y, sum.z += x.z, sum.w += x.w;
+  }
+  out[lane] = sum;
+}
+
 }  // namespace probes
 
 GsqGemmPlan gsq_gemm_plan(int, int, int, int, int, GsqDevice) { return GsqGemmPlan{}; }
@@ -117,6 +148,8 @@ cudaError_t gsq_gemm_launch(const void* a, const void*, const void*, void* c, vo
     case 6: return gsq::launch_kernel(one_mma, dim3(1), dim3(32), 0, stream, A, A + 256, C);
     case 7: return gsq::launch_kernel(ldmatrix_x4, dim3(1), dim3(32), 512, stream, A, C);
     case 8: return gsq::launch_kernel(misaligned_copy, dim3(1), dim3(32), 64, stream, A, C);
+    case 9: return gsq::launch_kernel(message_passing, dim3(2), dim3(32), 0, stream, static_cast<unsigned char*>(c),
+                                      k - 1);
   }
   return cudaErrorInvalidValue;
 }
