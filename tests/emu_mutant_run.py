@@ -16,8 +16,9 @@ from gsq_vllm import cuda_emu as ce
 
 # (bits, dtype, G, M, N, K, sms, order)
 CASES = [
-    # decode, 1 token tile, K chunk 64, 3-bit (spare pairs): 27 items over 16 warps, a warp's range
-    # crossing a row block (two partial segments)
+    # decode, 1 token tile, K chunk 64, 3-bit (spare pairs): 27 items over 16 warps, so warp
+    # boundaries fall inside items (owner_of's rounding matters), a warp's range crossing a row
+    # block (two partial segments)
     (3, torch.float16, 64, 5, 192, 576, 1, "forward"),
     # decode, 2 token tiles, K chunk 128: every row block split between warps
     (2, torch.bfloat16, 128, 12, 192, 1024, 2, "reverse"),

@@ -6,10 +6,11 @@ mutant stale fails here and the mutant gets rewritten, not silently
 skipped). Each is built into its own emulator library and run, in a
 subprocess with a time limit, on cases chosen to reach every code path
 (tests/emu_mutant_run.py: both kernels, 2/3-bit, fp16/bf16, every K chunk
-and group size, split row blocks and uneven prefill splits, rows past M,
-all three schedules); it is caught when any case raises, leaves NaN,
-breaks the float64 bound or leaves a split-K counter non-zero. The
-unmodified tree must pass the same cases.
+and group size, split row blocks with warp boundaries inside items, uneven
+prefill splits, rows past M, all three schedules); it is caught when any
+case raises (a fault, a memory-order race, ...), leaves NaN, breaks the
+float64 bound or leaves a split-K counter non-zero. The unmodified tree
+must pass the same cases.
 """
 
 import json
@@ -65,6 +66,21 @@ MUTANTS = {
                                                 "        C[(size_t)token * N + row]")]),
     "one slot for both partial segments": ("gemm/decode.cuh", [(
         "const long long slot = 2LL * gw + (seg_begin == begin ? 0 : 1);", "const long long slot = 2LL * gw;")]),
+    # memory order: each of these still computes the right sums on a CPU; only the emulator's
+    # PTX memory-model checks (docs/EMULATOR.md, "Memory order") can fail them
+    "split-K writer without its fence": ("gemm/reduce.cuh", [(
+        "  __threadfence();  // this lane's partial is visible device-wide before the count moves\n", "")]),
+    "split-K reader without its fence": ("gemm/reduce.cuh", [(
+        "    __threadfence();  // the others' partials, after their counts\n", "")]),
+    "arrival atomic without __syncwarp": ("gemm/reduce.cuh", [("  __syncwarp();\n  int old = 0;", "  int old = 0;")]),
+    # right wherever every warp boundary is a whole item (items % warps == 0), wrong elsewhere
+    "owner_of off by one": ("gemm/decode.cuh", [("return (int)(((i + 1) * warps - 1) / items);",
+                                                 "return (int)(i * warps / items);")]),
+    "uneven prefill splits lose the remainder": ("gemm/prefill.cuh", [(
+        "  const int c_begin = (int)((long long)chunks * split / splits);\n"
+        "  const int c_end = (int)((long long)chunks * (split + 1) / splits);",
+        "  const int c_begin = chunks / splits * split;\n"
+        "  const int c_end = chunks / splits * (split + 1);")]),
 }
 
 TIME_LIMIT_S = 120
