@@ -5,7 +5,7 @@ Each configuration's checkpoint and result are cached under --out (one JSON per 
 so a rerun skips finished ones and resumes an interrupted quantization (the pipeline resumes per
 block). Prints a table, writes results.json and quality.png.
 
-    PYTHONPATH=. nice python benchmarks/quality.py --out runs/quality \
+    nice python -m benchmarks.quality --out runs/quality \
         --configs bf16 gptq-2-mlp gsq-2-mlp gptq-2-all gsq-2-all
 
 Configuration names: bf16 | <rtn|gptq|gptqmse|gsq>-<2|3|1.58>-<mlp|all>. gptqmse is GPTQ with the
@@ -24,24 +24,30 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.results_io import machine_info, write_json
+
 ALL_CONFIGS = ["bf16"] + [f"{m}-{b}-{s}" for s in ("mlp", "all") for b in ("2", "3", "1.58")
                           for m in ("rtn", "gptqmse", "gptq", "gsq")]
 
 
+EVAL_CORPORA = ("wikipedia", "owt")  # owt: a second held-out corpus, never calibrated or tuned on
+
+
 def calib_and_eval_ids(model_dir: Path, nsamples: int, seqlen: int, eval_samples: int):
-    """Token ids int64 [n, S]: calibration from the calib split, evaluation from the disjoint eval split."""
+    """Token ids int64 [n, S]: calibration from wikipedia's calib split, and per corpus of
+    EVAL_CORPORA evaluation windows from its eval split (disjoint from every calib split)."""
     from transformers import AutoTokenizer
 
     from quantize.data import load_split, tokenize_sequences
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     calib = tokenize_sequences(load_split("wikipedia", "calib"), tok, seqlen, nsamples)
-    evals = tokenize_sequences(load_split("wikipedia", "eval"), tok, seqlen, eval_samples)
+    evals = {c: tokenize_sequences(load_split(c, "eval"), tok, seqlen, eval_samples) for c in EVAL_CORPORA}
     return calib, evals
 
 
 def quantize_config(name, model_dir, calib, out: Path, args) -> tuple[Path, dict]:
-    from quantize.gsq import GSQOptions, PRESETS
+    from quantize.gsq import options_from_spec
     from quantize.pipeline import BlockPipeline, QuantizeSettings
 
     method, bits, scope = name.split("-")
@@ -55,8 +61,7 @@ def quantize_config(name, model_dir, calib, out: Path, args) -> tuple[Path, dict
                                 act_order=args.act_order, true_sequential=args.true_sequential,
                                 refit_scales=args.refit_scales, e2e_epochs=args.e2e_epochs,
                                 gsq_nsamples=args.gsq_nsamples if method == "gsq" else None)
-    preset = dict(PRESETS[args.preset], **({"epochs": args.gsq_epochs} if args.gsq_epochs else {}))
-    opts = GSQOptions(**preset) if method == "gsq" else None
+    opts = options_from_spec(args.gsq) if method == "gsq" else None
     ckpt = out / "ckpt" / name
     t0 = time.time()
     if not (ckpt / "config.json").is_file():
@@ -70,13 +75,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--configs", nargs="+", default=ALL_CONFIGS)
-    p.add_argument("--preset", default="fast")
+    p.add_argument("--gsq", default="fast", metavar="SPEC",
+                   help="GSQ's options: a preset and overrides, e.g. 'fast,epochs=2,lr_logits=2e-4' (quantize.gsq."
+                        "options_from_spec)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (GPTQ's Hessians)")
     p.add_argument("--gsq-nsamples", type=int, default=32, help="of which GSQ trains on the first N")
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=40)
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--gsq-epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ act-order, static groups (gsq-quantize's default)")
     p.add_argument("--true-sequential", action="store_true", help="GPTQ Hessians stage by stage")
@@ -103,9 +109,8 @@ def main(argv=None) -> None:
             continue
         info = {"config": name, "nsamples": args.nsamples, "seqlen": args.seqlen,
                 "gsq_nsamples": args.gsq_nsamples if name.startswith("gsq") else None,
-                "eval_tokens": int(evals.numel()), "group_size": args.group_size,
-                "preset": args.preset if name.startswith("gsq") else None,
-                "gsq_epochs": args.gsq_epochs if name.startswith("gsq") else None,
+                "eval_tokens": int(evals["wikipedia"].numel()), "group_size": args.group_size,
+                "gsq": args.gsq if name.startswith("gsq") else None,
                 "attention_quantized": name.endswith("-all"),
                 "act_order": args.act_order, "true_sequential": args.true_sequential,
                 "refit_scales": args.refit_scales, "e2e_epochs": args.e2e_epochs}
@@ -113,18 +118,21 @@ def main(argv=None) -> None:
         if name != "bf16":
             folder, extra = quantize_config(name, model_dir, calib, out, args)
             info.update(extra)
-        info["ppl"] = perplexity(load_model(folder)[0], evals, progress=False)
+        model = load_model(folder)[0]
+        info["ppl"] = perplexity(model, evals["wikipedia"], progress=False)
+        info["ppl_owt"] = perplexity(model, evals["owt"], progress=False)
         info["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
         tmp = res_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info, indent=2))
         os.replace(tmp, res_path)
-        print(f"[quality] {name}: ppl {info['ppl']:.3f}", flush=True)
+        print(f"[quality] {name}: ppl wikipedia {info['ppl']:.3f}, owt {info['ppl_owt']:.3f}", flush=True)
     rows = [json.loads((out / "results" / f"{c}.json").read_text())
             for c in ALL_CONFIGS if (out / "results" / f"{c}.json").is_file()]
-    print(f"{'config':<16}{'attn q.':>8}{'ppl':>14}{'quant s':>9}")
+    print(f"{'config':<16}{'attn q.':>8}{'ppl wiki':>14}{'ppl owt':>14}{'quant s':>9}")
     for r in rows:
-        print(f"{r['config']:<16}{str(r['attention_quantized']):>8}{r['ppl']:>14.6g}{r.get('quantize_s', 0):>9}")
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+        print(f"{r['config']:<16}{str(r['attention_quantized']):>8}{r['ppl']:>14.6g}{r.get('ppl_owt', float('nan')):>14.6g}"
+              f"{r.get('quantize_s', 0):>9}")
+    write_json({"machine": machine_info(), "rows": rows}, str(out / "results.json"))
     plot(rows, out / "quality.png")
 
 

@@ -126,6 +126,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gsq-wd-logits", type=float, default=None)
     g.add_argument("--gsq-tau", type=float, nargs=2, default=None, metavar=("START", "END"))
     g.add_argument("--gsq-kappa", type=float, nargs=2, default=None, metavar=("START", "END"))
+    g.add_argument("--gsq-init-noise", type=float, default=None, metavar="W",
+                   help="weight of the N(0,1) term in the logit init (default 1, the reference's; 0 starts every "
+                        "weight on its GPTQ code: the reference's init moves a few %% of the codes at random)")
     g.add_argument("--gsq-alpha", type=float, default=None,
                    help="logit init strength (default 6; 3 for --gsq-ternary-style ours)")
     g.add_argument("--gsq-ternary-style", choices=["ours", "reference"], default=None,
@@ -143,11 +146,31 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                    help="keep the Gumbel noise for backward instead of regenerating it")
 
 
+def options_from_spec(spec: str) -> GSQOptions:
+    """GSQOptions from ``"PRESET[,FIELD=VALUE...]"`` (e.g. ``"fast,epochs=4,lr_logits=2e-4"``): a
+    preset with any GSQOptions field overridden; FormatError for an unknown preset or field."""
+    preset, *overrides = spec.split(",")
+    if preset not in PRESETS:
+        raise FormatError(f"unknown GSQ preset {preset!r} in {spec!r}; choose from {sorted(PRESETS)}")
+    kw = dict(PRESETS[preset])
+    types = {f.name: f.type for f in fields(GSQOptions)}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in types or key in ("lion_betas", "alpha"):
+            raise FormatError(f"unknown or non-scalar GSQ option {key!r} in {spec!r}")
+        kind = types[key].split(" |")[0]
+        try:
+            kw[key] = {"int": int, "float": float, "str": str}.get(kind, lambda v: v in ("1", "true", "True"))(value)
+        except ValueError:
+            raise FormatError(f"GSQ option {key}={value!r} in {spec!r} is not a {kind}") from None
+    return GSQOptions(**kw)
+
+
 def options_from_args(args) -> GSQOptions:
     kw = dict(PRESETS[getattr(args, "preset", None) or "paper"])
     direct = {"gsq_epochs": "epochs", "gsq_batch_size": "batch_size", "gsq_micro_batch_size": "micro_batch_size",
               "gsq_lr_logits": "lr_logits", "gsq_lr_scales": "lr_scales",
-              "gsq_wd_logits": "wd_logits", "gsq_alpha": "alpha"}
+              "gsq_wd_logits": "wd_logits", "gsq_alpha": "alpha", "gsq_init_noise": "init_noise"}
     for arg, field in direct.items():
         if getattr(args, arg, None) is not None:
             kw[field] = getattr(args, arg)

@@ -317,6 +317,19 @@ def test_cli_presets_and_overrides():
         options_from_args(parser.parse_args(["--gsq-epochs", "0"]))
 
 
+def test_options_from_spec_overrides_a_preset_with_typed_fields():
+    from gsq_vllm.format import FormatError
+    from quantize.gsq import options_from_spec
+
+    o = options_from_spec("fast,epochs=4,lr_logits=2e-4,init_noise=0,logits_dtype=bfloat16,keep_best=0")
+    assert o == GSQOptions(**{**PRESETS["fast"], "epochs": 4, "lr_logits": 2e-4, "init_noise": 0.0,
+                              "logits_dtype": "bfloat16", "keep_best": False})
+    assert isinstance(o.epochs, int)
+    for bad in ("nopreset", "fast,nofield=1", "fast,epochs=two", "fast,lion_betas=1"):
+        with pytest.raises(FormatError):
+            options_from_spec(bad)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from quantize.tiny import build_tiny_llama
