@@ -13,8 +13,9 @@ Each stage runs as its own process under ``timeout`` (its time box, cut to what 
 run's budget), writes ``OUT/STAGE.json`` and ``OUT/logs/STAGE*.log``; a stage that fails or runs
 out of time costs only itself. At the end ``OUT/summary.md`` (one table per question) and
 ``OUT/summary.json``. Order: deps, env; then the CUDA build side by side with the stages that need
-no extension (Humming, GSQ steps/s, a tiny gsq-quantize run); then self-check, kernel tests,
-benchmark, ncu, memcheck, racecheck. Without a CUDA device (or with --dry-run) every stage still
+no extension (Humming, GSQ steps/s, a tiny gsq-quantize run, one after another); then the
+correctness stages side by side (self-check, kernel tests, memcheck, racecheck); then the timings
+alone on the GPU (kernel benchmark, ncu). Without a CUDA device (or with --dry-run) every stage still
 imports what it uses, checks its arguments and writes its plan, and records ``skipped: no CUDA``.
 Exit status 0 when no stage failed.
 """
@@ -28,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -48,24 +50,26 @@ CARRY_LIMIT_MIB = 60    # the device call carries at most 64 MiB with the workin
 class Stage:
     name: str
     box_s: int   # its own time box
-    phase: str   # pre | build | during-build | post
+    phase: str   # pre | build | during-build | check | timed
     needs_build: bool
     what: str
 
 
+# Phases: pre (in order) -> build beside during-build (in order, GPU stages that need no extension)
+# -> check (side by side: correctness only, timings not taken) -> timed (in order, the GPU alone).
 STAGES = [
     Stage("deps", 60, "pre", False, "carried wheels the image lacks, into a scratch folder (pip --no-index --no-deps --target)"),
     Stage("env", 60, "pre", False, "GPU, driver, torch/CUDA, tools"),
     Stage("build", 240, "build", False, "gsq_vllm._C for this GPU's arch only + CPU extensions (setup.py build_ext --inplace)"),
-    Stage("humming", 110, "during-build", False, "Humming on the same layers (its own configs)"),
-    Stage("gsq_steps", 75, "during-build", False, "GSQ steps/s, one Llama-3.1-8B block (random weights)"),
-    Stage("gsq_tiny", 75, "during-build", False, "gsq-quantize --device cuda on a tiny Llama"),
-    Stage("selfcheck", 50, "post", True, "the plugin's load-time self-check (GSQ_KERNEL=cuda)"),
-    Stage("kernel_tests", 150, "post", True, "tests/test_cuda_kernel.py (3 shards side by side)"),
-    Stage("bench", 140, "post", True, "kernel vs dense fp16 matmul, Llama-3.1-8B/70B layers, M 1..256"),
-    Stage("ncu", 60, "post", True, "ncu: achieved DRAM throughput of one decode launch"),
-    Stage("memcheck", 75, "post", True, "compute-sanitizer memcheck, small decode/prefill launches"),
-    Stage("racecheck", 75, "post", True, "compute-sanitizer racecheck, same launches"),
+    Stage("humming", 90, "during-build", False, "Humming on the same layers (its own configs), while the build runs"),
+    Stage("gsq_steps", 60, "during-build", False, "GSQ steps/s, one Llama-3.1-8B block (random weights)"),
+    Stage("gsq_tiny", 60, "during-build", False, "gsq-quantize --device cuda on a tiny Llama"),
+    Stage("selfcheck", 60, "check", True, "the plugin's load-time self-check (GSQ_KERNEL=cuda)"),
+    Stage("kernel_tests", 150, "check", True, "tests/test_cuda_kernel.py (3 shards side by side)"),
+    Stage("memcheck", 120, "check", True, "compute-sanitizer memcheck, small decode/prefill launches"),
+    Stage("racecheck", 150, "check", True, "compute-sanitizer racecheck, same launches"),
+    Stage("bench", 110, "timed", True, "kernel vs dense fp16 matmul, Llama-3.1-8B/70B layers, M 1..256"),
+    Stage("ncu", 60, "timed", True, "ncu: achieved DRAM throughput of one decode launch"),
 ]
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -185,6 +189,7 @@ class Runner:
         self.dry = args.dry_run
         self.records: dict[str, dict] = {}
         self.lock = threading.Lock()
+        self.active: set[subprocess.Popen] = set()
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         self.scratch.mkdir(parents=True, exist_ok=True)
         site = self.scratch / "site"
@@ -238,11 +243,19 @@ class Runner:
         with open(log, "w") as f:
             f.write("$ " + " ".join(full) + "\n")
             f.flush()
+            # A session of its own: on SIGTERM (gpu_check.sh's outer timeout) _stop ends it, stage and all.
+            p = subprocess.Popen(full, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+            p.stage = st.name
+            with self.lock:
+                self.active.add(p)
             try:
-                rc = subprocess.run(full, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                    timeout=box + 30).returncode
+                rc = p.wait(timeout=box + 30)
             except subprocess.TimeoutExpired:
-                rc = 124
+                os.killpg(p.pid, signal.SIGKILL)
+                rc = p.wait()
+            finally:
+                with self.lock:
+                    self.active.discard(p)
         wall = time.time() - t
         try:
             rec = json.loads((self.out / f"{st.name}.json").read_text())
@@ -262,7 +275,31 @@ class Runner:
         self.say(f"{st.name:12} {rec['status']:9} {wall:6.1f} s of {box:3d}  {rec.get('reason', '')}")
         return self.record(st.name, rec)
 
+    def _stop(self, signum, frame) -> None:
+        """SIGTERM/SIGINT: end the running stages (their whole sessions), keep the summary."""
+        with self.lock:
+            running = list(self.active)
+        for p in running:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self.record(p.stage, {"status": "timeout", "reason": f"stopped by signal {signum} (the run's outer "
+                                  "time limit?) while running", "log": f"logs/{p.stage}.log"})
+        raise SystemExit(128 + signum)
+
     def go(self) -> int:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        try:
+            return self._go()
+        finally:
+            if not (self.out / "summary.md").is_file():  # stopped early: what there is, summarised
+                write_summary(self)
+                self.say("stopped before the end; the summary has the stages that finished")
+
+    def _go(self) -> int:
+        (self.out / "summary.md").unlink(missing_ok=True)
         self.say(f"out {self.out}; carry {self.carry}; scratch {self.scratch}; budget {self.args.budget_s} s"
                  + ("; dry run" if self.dry else ""))
         for st in STAGES:
@@ -275,7 +312,7 @@ class Runner:
         build = BY_NAME["build"]
         thread = None
         if self.selected(build):
-            thread = threading.Thread(target=self.run, args=(build,))
+            thread = threading.Thread(target=self.run, args=(build,), daemon=True)
             thread.start()
         # The extension-free GPU stages fill the build's time; GSQ_SOFT_KERNEL=torch keeps them off
         # quantize._C while it is being built (on CUDA GSQ uses the torch formulas anyway).
@@ -286,12 +323,24 @@ class Runner:
             thread.join()
         b = self.records.get("build", {})
         built = b.get("status") == "ok" or self.dry or not self.selected(build)
+
+        def go_or_skip(st):
+            if st.needs_build and not built:
+                self.skip(st, f"needs gsq_vllm._C: build {b.get('status')} ({b.get('reason', '')})")
+            else:
+                self.run(st)
+
+        # Correctness stages side by side (their wall time overlaps; none of them is a timing) ...
+        threads = [threading.Thread(target=go_or_skip, args=(st,), daemon=True) for st in STAGES
+                   if st.phase == "check" and self.selected(st)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # ... then the timings, one at a time with the GPU to themselves.
         for st in STAGES:
-            if st.phase == "post" and self.selected(st):
-                if st.needs_build and not built:
-                    self.skip(st, f"needs gsq_vllm._C: build {b.get('status')} ({b.get('reason', '')})")
-                else:
-                    self.run(st)
+            if st.phase == "timed" and self.selected(st):
+                go_or_skip(st)
         summary = write_summary(self)
         self.say(f"wrote {self.out / 'summary.md'} and summary.json")
         print(summary)
@@ -315,8 +364,11 @@ def _stage_line(name: str, r: dict) -> str:
         return r.get("reason", "")
     try:
         if name == "deps":
-            return (f"installed {', '.join(res.get('installed', {})) or 'none'}; image had "
-                    f"{', '.join(res.get('present_in_image', {})) or 'none'}; failed {list(res.get('failed', {})) or 'none'}")
+            return (f"installed {', '.join(res.get('installed', {})) or 'none'}"
+                    + (f" (from an earlier run: {', '.join(res['present_from_earlier_run'])})"
+                       if res.get("present_from_earlier_run") else "")
+                    + f"; image had {', '.join(res.get('present_in_image', {})) or 'none'}; "
+                    f"failed {list(res.get('failed', {})) or 'none'}")
         if name == "env":
             return f"{r.get('device')}; torch {res.get('torch')} (CUDA {res.get('torch_cuda')}); python {res.get('python')}"
         if name == "build":

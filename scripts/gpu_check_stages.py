@@ -237,6 +237,17 @@ def _installed_version(name: str) -> str | None:
         return None
 
 
+def _installed_where(name: str, site: Path) -> str | None:
+    """'image' or 'scratch' (an earlier run's install into site), None when absent."""
+    import importlib.metadata as md
+
+    try:
+        loc = Path(str(md.distribution(name).locate_file(""))).resolve()
+    except md.PackageNotFoundError:
+        return None
+    return "scratch" if loc == site.resolve() or site.resolve() in loc.parents else "image"
+
+
 def _unzip_wheel(wheel: Path, site: Path) -> None:
     """Install a wheel without pip (the last resort): its files into site, scripts into site/bin."""
     with zipfile.ZipFile(wheel) as z:
@@ -265,10 +276,12 @@ def stage_deps(ctx: Ctx) -> dict:
     site.mkdir(parents=True, exist_ok=True)
     wheels = sorted(wheels_dir.glob("*.whl")) if wheels_dir.is_dir() else []
     names = sorted({_dist_name(w) for w in wheels})
-    present = {n: _installed_version(n) for n in names}
-    missing = [n for n in names if present[n] is None]
+    where = {n: _installed_where(n, site) for n in names}
+    missing = [n for n in names if where[n] is None]
     result: dict = {"wheel_dir": str(wheels_dir), "wheels": [w.name for w in wheels], "site": str(site),
-                    "present_in_image": {n: v for n, v in present.items() if v}, "installed": {}, "failed": {}}
+                    "present_in_image": {n: _installed_version(n) for n in names if where[n] == "image"},
+                    "present_from_earlier_run": sorted(n for n in names if where[n] == "scratch"),
+                    "installed": {}, "failed": {}}
     ctx.write(result=result)
     if not wheels:
         result["note"] = f"no wheels in {wheels_dir}: run `bash scripts/gpu_check.sh --prepare` before the device call"
