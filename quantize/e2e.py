@@ -9,7 +9,7 @@ quantized model's, over the calibration tokens, with a cosine learning rate
 over ``epochs`` passes. Only the scales move (1/G of the weights), so the
 grid, the codes and the checkpoint format are as before. It is the scale
 step of end-to-end methods such as EfficientQAT's E2E-QP, on the logits as
-the teacher (measured on SmolLM2 in the README, "End-to-end scale tuning").
+the teacher (measured on SmolLM2 in docs/results/quality.md, "End-to-end scale tuning").
 
 Memory: unlike the block loop, the whole quantized model (float32 non-quantized
 weights, int8 codes) lives on the run's device. The float model is not kept: one

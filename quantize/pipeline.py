@@ -85,7 +85,7 @@ class QuantizeSettings:
     seed: int = 0
     modules_to_not_convert: list[str] = field(default_factory=list)
     damp: float = 0.01
-    act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal, static groups (README: 50.8 -> 48.0)
+    act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal, static groups (docs/results/gsq-reference.md: 50.8 -> 48.0)
     refit_scales: bool = True  # GPTQ: re-choose each row's group scales for its codes (least squares on H)
     true_sequential: bool = False  # GPTQ: a linear's Hessian after the linears it reads from are quantized
     batch_size: int = 8

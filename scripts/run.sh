@@ -11,7 +11,7 @@
 #     attention stays bf16, as in the GSQ reference's released checkpoints (3-bit attention breaks
 #     SmolLM2-135M's chat answers); calibration text in the chat template, GSQ trained on the first
 #     32 sequences; then every group scale tuned end to end on the bf16 model's logits (2 passes).
-#     Chosen by the chat probe, not perplexity alone (README, "GSQ against its reference").
+#     Chosen by the chat probe, not perplexity alone (docs/results/gsq-reference.md).
 #   SERVE: "1" (default) keep serving on $HOST:$PORT after the demo question,
 #          "once" ask the demo question and stop, "0" do not serve.
 #   HOST (127.0.0.1) PORT (8000); extra arguments go to gsq-quantize.

@@ -50,7 +50,7 @@ def test_e2e_lowers_the_kl_and_keeps_every_code(tmp_path):
     assert read_quant_config(tmp_path / "e2e").quantizer["e2e_epochs"] == 6
     assert "end-to-end scales, epoch 6/6: mean KL" in (tmp_path / "e2e.log").read_text()  # progress, in a file too
     # On the calibration windows, what the stage minimises, the tuned checkpoint is closer to the float
-    # model. (On held-out text this random model gains little: the README measures SmolLM2 instead.)
+    # model. (On held-out text this random model gains little: docs/results/quality.md measures SmolLM2 instead.)
     ids = tokenize_sequences(load_split("wikipedia", "calib"), AutoTokenizer.from_pretrained(str(tiny)), 64, 16)
     assert _kl_on(tiny, tmp_path / "e2e", ids) < 0.85 * _kl_on(tiny, tmp_path / "plain", ids)
 
