@@ -3,7 +3,7 @@
 Run by ``kernel_static.py --humming`` in a separate process, with the
 ``humming-kernels`` package and its NVRTC on ``PYTHONPATH``:
 
-    python benchmarks/humming_cubins.py CACHE_DIR BITS N K DTYPE M [M ...]
+    python benchmarks/humming_cubins.py [--lineinfo] CACHE_DIR BITS N K DTYPE M [M ...]
     -> one JSON line per M: the tuning config Humming picked and its cubin path
 
 Humming picks its tile config from the device it runs on and JIT-compiles
@@ -81,11 +81,24 @@ def pretend_h100():
     HummingKernel.register_kernel = lambda self: setattr(self, "kernel_id", -1)
 
 
+def with_lineinfo():
+    """Add -lineinfo to Humming's NVRTC flags (source lines for kernel_static.py's whole-kernel regions; it
+    changes no instruction: kernel_static.py compares the loop reading of both builds' cubins in its test)."""
+    from humming.jit import compiler
+
+    flags = compiler.Compiler.debug_kernel_flags
+    compiler.Compiler.debug_kernel_flags = staticmethod(lambda: [*flags(), "-lineinfo"])
+
+
 def main(argv):
+    lineinfo = argv[:1] == ["--lineinfo"]
+    argv = argv[lineinfo:]
     cache, bits, n, k, dt = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
     ms = [int(x) for x in argv[5:]]
     os.environ["HUMMING_CACHE_DIR"] = cache
     pretend_h100()
+    if lineinfo:
+        with_lineinfo()
     import torch
     from humming.kernel.humming import HummingKernel
     from humming.schema.gptq import GPTQWeightSchema

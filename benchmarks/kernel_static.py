@@ -25,10 +25,22 @@ What it does:
     per stage) against Little's law (bandwidth per SM x 800 ns);
   - modelled fraction of the HBM roofline: the smallest of the ratios above;
 * with ``--humming``, the same for Humming's own sm_90 configs (symmetric
-  uint2/uint3, group 128, fp16) at M <= 8 and M = 16, compiled by its NVRTC
-  path (benchmarks/humming_cubins.py; needs pip access once).
+  uint2/uint3, group 128, fp16) at M = 1, 4, 8, 16, compiled by its NVRTC
+  path (benchmarks/humming_cubins.py; needs pip access once);
+* the WHOLE KERNEL (JSON section ``whole_kernel``): every instruction each
+  warp executes under the kernel's own launch plan -- prologue, items x hot
+  loop, per-segment paths, split-K epilogue, the reduction (fixed + per
+  contributor), tail -- each a path through the SASS control-flow graph
+  (benchmarks/sass.py Cfg; regions by loop structure and -lineinfo source
+  lines), summed over warps and divided by the layer's weights; the critical
+  path (busiest scheduler's issue cycles or HBM time, plus the serial
+  reduction chain of L2 round trips) against the layer's bytes / HBM + one L2
+  round trip; distinct bytes in flight per SM; the targets of issue 30, met
+  or missed. Llama-3.1-8B / 70B decode layers, M = 1, 4, 8, 16, fp16 / bf16,
+  G = 128 / 64, 2 / 3 bits, H100 SXM and A100 SXM (printed: H100); Humming's
+  kernels the same way (H100, fp16, G = 128) with ``--humming``.
 
-    python benchmarks/kernel_static.py [--humming] [--out benchmarks/results/kernel_static.json]
+    python benchmarks/kernel_static.py --humming [--out benchmarks/results/kernel_static.json]
 """
 
 from __future__ import annotations
@@ -182,12 +194,12 @@ def humming_site() -> Path:
     return site
 
 
-def humming_cubins(bits: int, n: int, k: int, ms: list[int], cache: Path) -> list[dict]:
+def humming_cubins(bits: int, n: int, k: int, ms: list[int], cache: Path, lineinfo: bool = True) -> list[dict]:
     site = humming_site()
     env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env["LD_LIBRARY_PATH"] = f"{site / 'nvidia' / 'cu13' / 'lib'}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
-    res = subprocess.run([sys.executable, str(HERE / "humming_cubins.py"), str(cache), str(bits), str(n), str(k),
-                          "fp16", *map(str, ms)], capture_output=True, text=True, env=env)
+    res = subprocess.run([sys.executable, str(HERE / "humming_cubins.py"), *(["--lineinfo"] * lineinfo), str(cache),
+                          str(bits), str(n), str(k), "fp16", *map(str, ms)], capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"humming_cubins.py failed:\n{res.stderr[-4000:]}")
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
@@ -271,17 +283,23 @@ def run_ours(out_dir: Path, cubins: dict | None = None) -> dict:
     return dict(kernels=kernels, rows=rows)
 
 
-def run_humming(out_dir: Path) -> dict:
+def run_humming(out_dir: Path, cubins: dict | None = None) -> dict:
+    """Loop-only rows of Humming's kernels (H100, fp16, G = 128) on every layer and WHOLE_MS; `cubins` (if given)
+    receives each kernel's cubin (built with -lineinfo)."""
     mach = MACHINES["H100 SXM"]
     kernels, rows = {}, []
-    for model, layer, n, k in LAYERS[:4]:  # Llama-3.1-8B shapes
+    for model, layer, n, k in LAYERS:
         for bits in (2, 3):
-            for built in humming_cubins(bits, n, k, [1, 16], out_dir / "humming"):
+            for built in humming_cubins(bits, n, k, WHOLE_MS, out_dir / "humming"):
                 facts = humming_facts(built["tuning"], bits, built["threads"])
-                found = analyze_cubin(Path(built["cubin"]), {}, lambda name, f=facts: f if "humming" in name else {})
-                (name, kern), = found.items()
-                key = f"humming uint{bits} M<={8 if built['m'] <= 8 else 16} N={n} K={k}"
-                kernels[key] = kern
+                key = f"humming uint{bits} M<={8 if built['tuning']['block_shape'][0] <= 8 else 16} N={n} K={k}"
+                if key not in kernels:
+                    found = analyze_cubin(Path(built["cubin"]), {},
+                                          lambda name, f=facts: f if "humming" in name else {})
+                    ((_, kernels[key]),) = found.items()
+                    if cubins is not None:
+                        cubins[key] = Path(built["cubin"])
+                kern = kernels[key]
                 # stream-K: a persistent grid of ctas_per_sm blocks on every SM
                 blocks = mach["sms"] * facts["ctas_per_sm"]
                 smem = facts["stages"] * (facts["hbm_bytes_per_stage"] + facts["act_bytes_per_stage"])
@@ -653,8 +671,189 @@ def print_table(title: str, rows: list[dict]) -> None:
             f"{100 * r['model_fraction_of_hbm']:.0f}", r["limited_by"])))
 
 
-def run_whole_humming(loop_only: dict) -> dict:
-    return dict(status="not modelled: Humming has loop-only rows (section 'humming')", rows=[])
+# ------------------------------------------------------------------ the whole kernel (Humming)
+#
+# Humming's kernel (humming-kernels, compiled by its own NVRTC path with -lineinfo added) is one loop over
+# work units per CTA (a persistent grid): per unit a setup, the main loop (stages_per_trip k blocks per trip),
+# up to stages_per_trip - 1 tail stages, and an epilogue that combines the slices of a split tile in order
+# through a lock. Regions from its SASS the same way as ours, but by control-flow structure only (no source
+# anchors in their code): the tail stages are the blocks outside the hot loop that hold mma (and the blocks
+# of the same source lines); a unit's fixed path is taken at its shortest for an unsplit tile and at its
+# longest for a slice of a split tile (its epilogue's branches are not told apart further). All 8 warps of a
+# CTA run the same path.
+
+
+def humming_regions(instrs: list, stages_per_trip: int) -> dict:
+    cfg = sass.Cfg(instrs, avoid=_division_slow_path)
+    loops = cfg.loops()
+
+    def mma(body):
+        return sum(cfg.blocks[j].count("HMMA", "HGMMA") for j in body)
+
+    with_mma = [lp for lp in loops if mma(lp[2])]
+    inner = [lp for lp in with_mma if not any(o is not lp and o[2] < lp[2] for o in with_mma)]
+    hot = max(inner, key=lambda lp: (mma(lp[2]), -len(lp[2])))
+    around = [lp for lp in loops if hot[2] < lp[2]]
+    if not around:
+        raise ValueError("no work-unit loop around the hot loop")
+    unit = min(around, key=lambda lp: len(lp[2]))
+    outside_hot = unit[2] - hot[2]
+
+    def main_line(j):
+        c = Counter(ins.line for ins in cfg.blocks[j].instrs if ins.line)
+        return c.most_common(1)[0][0] if c else None
+
+    tail_lines = {main_line(j) for j in outside_hot if mma([j])}
+    tail = {j for j in outside_hot if mma([j]) or main_line(j) in tail_lines}
+    zero = set(hot[2]) | tail
+
+    def weight(b: sass.Block) -> int:
+        return 0 if b.index in zero else b.size
+
+    head, latch = unit[0], unit[1]
+    item = cfg.path(hot[0], hot[1], allowed=hot[2])
+    fixed_min = cfg.path(head, latch, weight, allowed=unit[2], longest=False)
+    fixed_max = cfg.path(head, latch, weight, allowed=unit[2])
+    ts = sorted(tail)
+    tail_path = cfg.path(ts[0], ts[-1], allowed=tail) if ts else (0, [])
+    tail_stages = mma(tail_path[1]) / (mma(hot[2]) / stages_per_trip) if ts else 0
+    pro = cfg.path(0, head, allowed=(cfg.reachable - unit[2]) | {head})
+    exits = [j for j in cfg.reachable if cfg.blocks[j].instrs[-1].base == "EXIT"
+             and cfg.blocks[j].instrs[-1].unconditional]
+    after = {s for j in unit[2] for s in cfg.blocks[j].succ if s not in unit[2]}
+    tails = [t for t in (cfg.path(a, e, allowed=cfg.reachable - unit[2]) for a in after for e in exits) if t]
+    if None in (item, fixed_min, fixed_max, pro) or not tails:
+        raise ValueError("a region's path was not found in Humming's SASS")
+    return dict(item=item[0], stages_per_trip=stages_per_trip, prologue=pro[0] - cfg.blocks[head].size,
+                unit_fixed_min=fixed_min[0], unit_fixed_max=fixed_max[0],
+                tail_stage=tail_path[0] / tail_stages if tail_stages else 0, tail_stages_in_sass=tail_stages,
+                exit=max(t[0] for t in tails),
+                # the main loop's and the tail's mma are counted by stage: none on a fixed path
+                tensor_ops_outside_loops=sum(mma([j]) for j in fixed_max[1] + pro[1][:-1] if j not in zero),
+                blocks=len(cfg.blocks), reachable_blocks=len(cfg.reachable))
+
+
+def humming_schedule(n: int, k: int, tuning: dict, sms: int) -> list[list[tuple[int, int]]]:
+    """Per CTA of Humming's persistent grid: its work units (output tile, k blocks), re-derived in Python from
+    reading its scheduler (humming/include/humming/scheduler.cuh, v0.1.19; not checked against a GPU run):
+    grid = SMs x CTAs per SM; whole waves of output tiles are data-parallel (a tile's whole K on one CTA) unless
+    every tile is streamed; the rest (a last partial wave, merged with a whole wave when it is <= 1/10 of the
+    grid) are streamed by k blocks in equal contiguous ranges per CTA (at least ceil((K blocks - 1) / 9),
+    rounded up to a multiple of the stage count), cut at tile boundaries into slices."""
+    bn, bk = tuning["block_shape"][1], tuning["block_shape"][2]
+    grid = sms * tuning.get("num_ctas_per_sm", 1)
+    stages = tuning["num_stages"]
+    tiles, kb = -(-n // bn), k // bk
+    units: list[list[tuple[int, int]]] = [[] for _ in range(grid)]
+    if not tuning.get("use_stream_k", False):
+        for t in range(tiles):
+            units[t % grid].append((t, kb))
+        return units
+    streamed = tiles
+    if tiles > grid:
+        streamed = tiles % grid
+        if streamed and streamed * 10 <= grid:
+            streamed += grid
+    waves = (tiles - streamed) // grid
+    for c in range(grid):
+        units[c] = [(c + w * grid, kb) for w in range(waves)]
+    per_cta = max(-(-streamed * kb // grid), -(-(kb - 1) // 9))
+    per_cta = -(-per_cta // stages) * stages
+    total = tiles * kb
+    for c in range(grid):
+        i = waves * grid * kb + per_cta * c
+        end = min(total, i + per_cta)
+        while i < end:
+            t = i // kb
+            s = min(end, (t + 1) * kb) - i
+            units[c].append((t, s))
+            i += s
+    return units
+
+
+def humming_whole_row(reg: dict, facts: dict, tuning: dict, n: int, k: int, m: int, bits: int, mach: dict) -> dict:
+    units = humming_schedule(n, k, tuning, mach["sms"])
+    kb = k // tuning["block_shape"][2]
+    slices = Counter(t for cta in units for t, _ in cta)
+    covered = Counter()
+    for cta in units:
+        for t, s in cta:
+            covered[t] += s
+    if any(v != kb for v in covered.values()) or len(covered) != -(-n // tuning["block_shape"][1]):
+        raise AssertionError("Humming schedule does not cover every tile's K once")
+    p, warps = reg["stages_per_trip"], facts["warps"]
+    per_warp, parts = [], Counter()
+    stages, stage_bytes = facts["stages"], facts["hbm_bytes_per_stage"]
+    distinct = []
+    for cta in units:
+        w = reg["prologue"] + reg["exit"]  # a CTA without work runs them too
+        parts["prologue"] += warps * w
+        dist_num = 0.0
+        for t, s in cta:
+            fixed = reg["unit_fixed_max"] if slices[t] > 1 else reg["unit_fixed_min"]
+            loop = (s // p) * reg["item"] + (s % p) * reg["tail_stage"]
+            w += fixed + loop
+            parts["units_fixed"] += warps * fixed
+            parts["items"] += warps * loop
+            dist_num += s * (stages - 1) * stage_bytes * s / (s + stages - 1)
+        per_warp.append(w)
+        distinct.append(dist_num / sum(s for _, s in cta) if cta else 0.0)
+    total = sum(parts.values())
+    sched: Counter = Counter()
+    sm_distinct: Counter = Counter()
+    for c, w in enumerate(per_warp):
+        sched[c % mach["sms"]] += w * warps / 4  # 8 warps: 2 per scheduler
+        sm_distinct[c % mach["sms"]] += distinct[c]
+    clk = mach["clock_ghz"] * 1e9
+    hbm_bytes = n * k * bits / 8 + n * (k // GROUP) * 2 + m * k * 2 + m * n * 2
+    hbm_cycles = hbm_bytes / (mach["hbm_tbs"] * 1e12) * clk
+    issue_cycles = max(sched.values())
+    widest = max(slices.values())
+    # slices of a split tile combine in order: each waits for the previous one's release (lock), reads the
+    # partial so far and releases: two dependent L2 round trips per slice
+    chain = 2 * widest if widest > 1 else 0
+    chain_cycles = chain * L2_ROUND_TRIP_CYCLES
+    critical = max(issue_cycles, hbm_cycles) + L2_ROUND_TRIP_CYCLES + chain_cycles
+    bound = hbm_cycles + L2_ROUND_TRIP_CYCLES
+    distinct_kb = sum(sm_distinct.values()) / len(sm_distinct) / 1024
+    ipw = total / (n * k)
+    loop_ipw = reg["item"] / (reg["stages_per_trip"] * facts["weights_per_stage"] / warps)
+    return dict(
+        n=n, k=k, m=m, bits=bits, group=GROUP, ctas=len(units), tiles=len(covered),
+        split_tiles=sum(v > 1 for v in slices.values()), max_slices=widest,
+        units_per_cta=round(sum(len(u) for u in units) / len(units), 2),
+        instructions=int(total), instructions_by_region={r: int(v) for r, v in parts.items()},
+        instructions_per_weight=round(ipw, 4), loop_instructions_per_weight=round(loop_ipw, 4),
+        issue_cycles=int(issue_cycles), hbm_cycles=int(hbm_cycles), reduction_chain_round_trips=chain,
+        chain_cycles=chain_cycles, critical_path_cycles=int(critical), bound_cycles=int(bound),
+        critical_path_ratio=round(critical / bound, 2), distinct_inflight_kb_per_sm=round(distinct_kb, 1),
+        met=dict(instructions_per_weight=ipw <= TARGETS["instructions_per_weight"][bits],
+                 critical_path=critical <= TARGETS["critical_path_ratio"] * bound,
+                 distinct_inflight=distinct_kb >= TARGETS["distinct_inflight_kb"]))
+
+
+def run_whole_humming(loop_only: dict, cubins: dict[str, Path]) -> dict:
+    """Whole-kernel rows of Humming's kernels that run_humming compiled (H100, fp16, G = 128)."""
+    mach = MACHINES["H100 SXM"]
+    regions, rows = {}, []
+    for r in loop_only["rows"]:
+        kern = loop_only["kernels"][r["kernel"]]
+        cubin = cubins[r["kernel"]]
+        if r["kernel"] not in regions:
+            (instrs,) = [v for name, v in sass.nvdisasm_functions(cubin).items() if "humming" in name]
+            regions[r["kernel"]] = humming_regions(instrs, kern["stages_per_trip"])
+            if regions[r["kernel"]]["item"] != kern["loop_instructions"]:
+                raise AssertionError(f"{r['kernel']}: hot loop {regions[r['kernel']]['item']} instructions in the "
+                                     f"CFG, {kern['loop_instructions']} in the loop-only reading")
+        row = humming_whole_row(regions[r["kernel"]], kern, r["tuning"], r["n"], r["k"], r["m"], r["bits"], mach)
+        row.update(machine=mach_name_of(mach), model=r["model"], layer=r["layer"], kernel=r["kernel"],
+                   dtype="fp16", tuning=r["tuning"])
+        rows.append(row)
+    return dict(regions=regions, rows=rows)
+
+
+def mach_name_of(mach: dict) -> str:
+    return next(name for name, m in MACHINES.items() if m is mach)
 
 
 WHOLE_NOTE = ("MODEL, not a measurement: whole-kernel warp-instructions counted from the SASS (per-region paths) "
@@ -680,8 +879,8 @@ def print_whole(whole: dict, label: str, machine: str = "H100 SXM") -> None:
           f">= {t['distinct_inflight_kb']} KB distinct in flight per SM. Ours: fp16 G=128 value, [worst of "
           "fp16/bf16 x G=128/64]; a target is met only when all four are.")
     hdr = ("layer", "b", "M", "warps", "items/warp", "ours whole", "[worst]", "ours loop", "Humming whole",
-           "Humming loop", "crit cyc", "bound cyc", "crit/bound [worst]", "distinct KB/SM [worst]", "instr/w target",
-           "crit target", "in-flight target")
+           "Humming loop", "crit cyc", "bound cyc", "crit/bound [worst]", "Humming crit/bound",
+           "distinct KB/SM [worst]", "Humming KB/SM", "instr/w target", "crit target", "in-flight target")
     print(" | ".join(hdr))
     groups: dict = {}
     for r in rows:
@@ -692,16 +891,17 @@ def print_whole(whole: dict, label: str, machine: str = "H100 SXM") -> None:
         worst_crit = max(rs, key=lambda r: r["critical_path_ratio"])
         worst_kb = min(rs, key=lambda r: r["distinct_inflight_kb_per_sm"])
         h = hum.get((base["n"], base["k"], bits, m))
-        hw = "n/a" if h is None else (f"{h['instructions_per_weight_min']:.4f}-{h['instructions_per_weight_max']:.4f}"
-                                      if h.get("instructions_per_weight_min") is not None else "n/a")
+        hw = "n/a" if h is None else f"{h['instructions_per_weight']:.4f}"
         hl = "n/a" if h is None else f"{h['loop_instructions_per_weight']:.4f}"
+        hc = "n/a" if h is None else f"{h['critical_path_ratio']:.2f}"
+        hk = "n/a" if h is None else f"{h['distinct_inflight_kb_per_sm']:.1f}"
         print(" | ".join(str(x) for x in (
             f"{model}:{layer}", bits, m, base["warps"], base["items_per_warp"],
             f"{base['instructions_per_weight']:.4f}",
             f"[{worst_ipw['instructions_per_weight']:.4f}]", f"{base['loop_instructions_per_weight']:.4f}", hw, hl,
             base["critical_path_cycles"], base["bound_cycles"],
-            f"{base['critical_path_ratio']:.2f} [{worst_crit['critical_path_ratio']:.2f}]",
-            f"{base['distinct_inflight_kb_per_sm']:.1f} [{worst_kb['distinct_inflight_kb_per_sm']:.1f}]",
+            f"{base['critical_path_ratio']:.2f} [{worst_crit['critical_path_ratio']:.2f}]", hc,
+            f"{base['distinct_inflight_kb_per_sm']:.1f} [{worst_kb['distinct_inflight_kb_per_sm']:.1f}]", hk,
             _mark(all(r["met"]["instructions_per_weight"] for r in rs), worst_ipw["instructions_per_weight"],
                   t["instructions_per_weight"][bits]),
             _mark(all(r["met"]["critical_path"] for r in rs), worst_crit["critical_path_ratio"],
@@ -743,9 +943,11 @@ def main(argv=None) -> int:
         whole = {"note": WHOLE_NOTE, "assumptions": WHOLE_ASSUMPTIONS, "targets": TARGETS,
                  args.label: run_whole_ours(cubins, result[args.label]["kernels"])}
         if args.humming:
-            result["humming"] = run_humming(tmp)
-            print_table(f"Humming {HUMMING_VERSION}", result["humming"]["rows"])
-            whole["humming"] = run_whole_humming(result["humming"])
+            hum_cubins: dict[str, Path] = {}
+            result["humming"] = run_humming(tmp, hum_cubins)
+            print_table(f"Humming {HUMMING_VERSION}", [r for r in result["humming"]["rows"]
+                                                       if r["model"] == "llama3.1-8b" and r["m"] in (1, 16)])
+            whole["humming"] = run_whole_humming(result["humming"], hum_cubins)
         result["whole_kernel"] = whole
         print_whole(whole, args.label)
     out = Path(args.out)

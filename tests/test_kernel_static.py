@@ -5,6 +5,7 @@ right: the hot loop, the paths through it, and our kernel's compiled loop
 holding the tensor-core work the kernel's source says it does.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -361,3 +362,81 @@ def test_decode_split_is_the_kernels(tmp_path):
         assert row["max_contributors"] == max((b - a + 1 for _, a, b in reductions.values()), default=0)
     assert reduced_somewhere and not all(logs[c["case"]] and any(x[0] == "GSQ_REDUCE" for x in logs[c["case"]])
                                          for c in cases)
+
+
+# ------------------------------------------------------------------ Humming's whole kernel
+
+HUMMING_M8 = {"block_shape": [8, 128, 128], "warp_shape": [8, 64, 32], "use_stream_k": True, "num_stages": 4,
+              "num_ctas_per_sm": 1}
+
+
+def test_humming_schedule_covers_each_tile_once():
+    import kernel_static
+
+    for n, k, ctas in [(4096, 4096, 1), (6144, 4096, 1), (28672, 4096, 1), (4096, 14336, 1), (57344, 8192, 2),
+                       (1024, 512, 1)]:
+        tuning = dict(HUMMING_M8, num_ctas_per_sm=ctas)
+        units = kernel_static.humming_schedule(n, k, tuning, 132)
+        assert len(units) == 132 * ctas
+        kb, tiles = k // 128, n // 128
+        per_tile = {}
+        for cta in units:
+            for t, s in cta:
+                per_tile[t] = per_tile.get(t, 0) + s
+                assert 0 < s <= kb
+        assert per_tile == {t: kb for t in range(tiles)}
+        # a CTA's streamed range is contiguous: its slices after its whole tiles run in tile order
+        for cta in units:
+            streamed = [t for t, s in cta if s < kb] or [0]
+            assert streamed == sorted(streamed)
+    # every tile streamed when there are fewer tiles than CTAs; ranges a multiple of the stage count
+    units = kernel_static.humming_schedule(4096, 4096, HUMMING_M8, 132)
+    assert sorted({sum(s for _, s in cta) for cta in units}) == [0, 8]
+    # 224 tiles: one data-parallel wave of 132, the other 92 tiles x 32 k blocks streamed in ranges of
+    # ceil(92 * 32 / 132) = 23 -> 24 (4 stages)
+    units = kernel_static.humming_schedule(28672, 4096, HUMMING_M8, 132)
+    assert all(cta[0] == (c, 32) for c, cta in enumerate(units))
+    assert {sum(s for _, s in cta[1:]) for cta in units} == {24, 92 * 32 - 24 * 122, 0}
+    # 142 tiles: the last 10 (<= 1/10 of the grid) are merged with the whole wave: everything streamed
+    units = kernel_static.humming_schedule(142 * 128, 4096, HUMMING_M8, 132)
+    assert sum(s for cta in units for _, s in cta) == 142 * 32 and all(
+        sum(s for _, s in cta) in (36, 142 * 32 - 36 * 126, 0) for cta in units)
+
+
+def _humming_site():
+    import kernel_static
+
+    site = Path(os.environ.get("GSQ_HUMMING_SITE", Path.home() / ".cache" / "gsq-vllm" /
+                               f"humming-{kernel_static.HUMMING_VERSION}"))
+    if not (site / "humming").exists():
+        pytest.skip("humming-kernels not installed apart (kernel_static.py --humming installs it)")
+    return site
+
+
+def test_humming_regions_and_lineinfo(tmp_path):
+    """Humming's kernel as kernel_static.py builds it (-lineinfo) has the plain build's SASS; its regions:
+    the hot loop is the loop-only reading's, the tail holds stages_per_trip - 1 stages."""
+    _humming_site()
+    import kernel_static
+
+    with_lines = kernel_static.humming_cubins(2, 4096, 4096, [1], tmp_path / "a")
+    plain = kernel_static.humming_cubins(2, 4096, 4096, [1], tmp_path / "b", lineinfo=False)
+    a = sass.sass_functions(Path(with_lines[0]["cubin"]))
+    b = sass.sass_functions(Path(plain[0]["cubin"]))
+    assert [[(i.pred, i.op, i.args) for i in v] for v in a.values()] == [
+        [(i.pred, i.op, i.args) for i in v] for v in b.values()]
+    built = with_lines[0]
+    facts = kernel_static.humming_facts(built["tuning"], 2, built["threads"])
+    (kern,) = kernel_static.analyze_cubin(Path(built["cubin"]), {},
+                                          lambda name: facts if "humming" in name else {}).values()
+    (instrs,) = [v for name, v in sass.nvdisasm_functions(Path(built["cubin"])).items() if "humming" in name]
+    reg = kernel_static.humming_regions(instrs, kern["stages_per_trip"])
+    assert reg["item"] == kern["loop_instructions"]
+    assert reg["tail_stages_in_sass"] == kern["stages_per_trip"] - 1
+    assert 0 < reg["unit_fixed_min"] <= reg["unit_fixed_max"] and reg["prologue"] > 0 and reg["exit"] > 0
+    assert reg["tensor_ops_outside_loops"] == 0
+    row = kernel_static.humming_whole_row(reg, kern, built["tuning"], 4096, 4096, 1, 2,
+                                          kernel_static.MACHINES["H100 SXM"])
+    by = row["instructions_by_region"]
+    assert row["instructions"] == sum(by.values()) and by["items"] > 0
+    assert row["instructions_per_weight"] > row["loop_instructions_per_weight"]
