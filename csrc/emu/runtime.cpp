@@ -734,20 +734,26 @@ GuardedBuffer::GuardedBuffer(const char* name, size_t bytes, bool writable, bool
   const size_t pg = page_size();
   const size_t body = round_up(std::max<size_t>(bytes, 1), pg);
   map_len_ = pg + body + pg;
-  // A writable device buffer is shared memory of this process so that it can have a second
-  // mapping: during a launch the kernel's view is closed (memory order, above) and the runtime
-  // reaches the pages through the alias.
-  const bool alias = writable && global;
-  void* m = mmap(nullptr, map_len_, PROT_READ | PROT_WRITE, (alias ? MAP_SHARED : MAP_PRIVATE) | MAP_ANONYMOUS, -1, 0);
+  void* m = mmap(nullptr, map_len_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (m == MAP_FAILED) throw Failure(std::string("gsq emulator: cannot map ") + std::to_string(bytes) + " bytes");
   map_ = static_cast<unsigned char*>(m);
   mprotect(map_, pg, PROT_NONE);
   mprotect(map_ + pg + body, pg, PROT_NONE);
-  if (alias) {
-    void* a = mremap(map_ + pg, 0, body, MREMAP_MAYMOVE);  // old size 0: a second mapping of the same pages
-    if (a == MAP_FAILED) {
+  if (writable && global) {
+    // A writable device buffer's pages are a memory file mapped twice: during a launch the
+    // kernel's view is closed (memory order, above) and the runtime goes through the second.
+    const int fd = memfd_create("gsq-emu-buffer", MFD_CLOEXEC);
+    void* view = MAP_FAILED;
+    void* a = MAP_FAILED;
+    if (fd >= 0 && ftruncate(fd, static_cast<off_t>(body)) == 0) {
+      view = mmap(map_ + pg, body, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+      a = mmap(nullptr, body, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    }
+    if (fd >= 0) close(fd);
+    if (view == MAP_FAILED || a == MAP_FAILED) {
+      if (a != MAP_FAILED) munmap(a, body);
       munmap(map_, map_len_);
-      throw Failure("gsq emulator: cannot map a second view of a writable buffer (mremap)");
+      throw Failure("gsq emulator: cannot map a writable buffer twice (memfd_create)");
     }
     alias_ = static_cast<unsigned char*>(a);
     alias_len_ = body;
