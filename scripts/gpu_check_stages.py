@@ -51,6 +51,7 @@ SANITIZER_CASES = [
     ("prefill_splitk_2b_g64_bf16_m20", 20, 320, 1536, 2, 64, "bfloat16"),
     ("prefill_nosplit_2b_g128_fp16_m300", 300, 8192, 512, 2, 128, "float16"),
 ]
+EMU_REHEARSAL_MAX = 40_000_000  # M*N*K the dry run sends through the CPU emulator (~2 s at this size)
 # One decode launch for ncu: Llama-3.1-8B gate_up, M = 1, 2-bit, G = 128, fp16.
 NCU_CASE = ("ncu_decode_8b_gate_up_2b_m1", 1, 28672, 4096, 2, 128, "float16")
 NCU_METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_duration.sum",
@@ -812,11 +813,14 @@ def stage_gsq_tiny(ctx: Ctx) -> dict:
     entry = "import sys; from quantize.cli import main; sys.exit(main(sys.argv[1:]))"
     plan = {"model": str(model), "corpus": str(corpus), "command": "gsq-quantize " + " ".join(argv)}
     if ctx.dry or not cuda_ready():
-        r = run_logged([sys.executable, "-c", entry, *argv, "--plan"], ctx.log_path("gsq_tiny_plan"),
-                       min(120, ctx.remaining()))
-        plan["plan_rc"], plan["plan_output"] = r["rc"], r["tail"][-1500:]
+        # The same run on the CPU (a few seconds at this size): arguments, corpus, tokenizer stand-in,
+        # GSQ and the report (matplotlib from the wheels) as the device run will meet them.
+        cpu_argv = [("cpu" if a == "cuda" else a) for a in argv]
+        r = run_logged([sys.executable, "-c", entry, *cpu_argv], ctx.log_path("gsq_tiny_cpu"), min(300, ctx.remaining()))
+        plan["cpu_rehearsal"] = {"rc": r["rc"], "wall_s": r["wall_s"], "tail": r["tail"][-800:],
+                                 "report": (out / "report.json").is_file()}
         if r["rc"] != 0:
-            return dict(status="failed", reason="gsq-quantize --plan failed with these arguments", plan=plan)
+            return dict(status="failed", reason="gsq-quantize failed on the CPU with these arguments", plan=plan)
         return ctx.skip_no_cuda(plan)
     r = run_logged([sys.executable, "-c", entry, *argv], ctx.log_path("gsq_tiny"), ctx.remaining())
     result = {"rc": r["rc"], "wall_s": r["wall_s"], "timed_out": r["timed_out"], "tail": r["tail"][-1500:]}
@@ -885,71 +889,93 @@ SELFCHECK_LAYERS = [  # (prefix, N, K, bits, G, act dtype, scale dtype)
 ]
 
 
-def stage_selfcheck(ctx: Ctx) -> dict:
-    """The plugin's load-time self-check (gsq_vllm/linear.py: GSQLinearMethod.process_weights_after_loading
-    with GSQ_KERNEL=cuda) on real GPU layers: it must pass on correct weights, the served layer must
-    match dequantize + matmul, and it must stop a corrupted kernel layout with its error."""
+# The dry run's rehearsal: the same check through the CUDA emulator (GSQ_KERNEL=cuda-emu: the kernel's
+# real source run on the CPU), on layers small enough for it.
+SELFCHECK_REHEARSAL = [
+    ("model.layers.0.mlp.gate_up_proj", 256, 128, 2, 64, "bfloat16", "bfloat16"),
+    ("model.layers.0.self_attn.qkv_proj", 192, 128, 3, 32, "float16", "float16"),
+]
+
+
+def _selfcheck_row(linear, spec, kernel: str, device: str) -> dict:
+    """process_weights_after_loading on one random layer with GSQ_KERNEL=kernel, then apply() against
+    dequantize + matmul, then the self-check on a corrupted layout (must raise, naming the layer)."""
     import types
 
     import torch
 
+    from gsq_vllm.format import GSQQuantConfig, dequantize, grid_range, pack_codes
+
+    prefix, n, k, bits, g, act, sdt = spec
+    row = {"layer": prefix, "n": n, "k": k, "bits": bits, "group_size": g, "dtype": act, "kernel_asked": kernel}
+    try:
+        method = linear.GSQLinearMethod(types.SimpleNamespace(fmt=GSQQuantConfig(bits=bits, group_size=g,
+                                                                                  scale_dtype=sdt)), prefix=prefix)
+        os.environ["GSQ_KERNEL"], os.environ["GSQ_KERNEL_SELFCHECK"] = kernel, "on"
+        gen = torch.Generator().manual_seed(n + k)
+        lo, hi = grid_range(bits)
+        q = torch.randint(lo, hi + 1, (n, k), generator=gen, dtype=torch.int8)
+        s = (torch.rand(n, k // g, generator=gen) * 0.02 + 0.005).to(dtype_of(sdt))
+        w = dequantize(q, s, g).to(device)
+        layer = torch.nn.Module()
+        layer.prefix = prefix
+        layer.qweight = torch.nn.Parameter(pack_codes(q, bits).to(device), requires_grad=False)
+        layer.scales = torch.nn.Parameter(s.to(device), requires_grad=False)
+        layer.gsq_n, layer.gsq_k, layer.gsq_act_dtype = n, k, dtype_of(act)
+        qweight, scales = layer.qweight.data, layer.scales.data
+        linear._selfcheck_results.clear()
+        t = time.time()
+        method.process_weights_after_loading(layer)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        row["load_s"] = time.time() - t
+        row["kernel"] = layer.gsq_kernel
+        row["selfcheck_passed"] = linear._selfcheck_results.get((kernel, n, k, method.fmt.bits, g, dtype_of(act)))
+        x = torch.randn(5, 3, k, device=device, dtype=dtype_of(act))
+        y = method.apply(layer, x)
+        ref = x.float().reshape(-1, k) @ w.t()
+        row["apply_rel_err"] = ((y.float().reshape(-1, n) - ref).norm() / ref.norm()).item()
+        bad = layer.gsq_b.data.clone()
+        bad.view(-1)[:: 7] ^= 0x5A5A5A5A
+        linear._selfcheck_results.clear()
+        try:
+            method._kernel_passes_selfcheck(layer, kernel, qweight, scales, bad, layer.gsq_s.data)
+            row["corrupt_caught"] = False
+        except RuntimeError as e:
+            row["corrupt_caught"] = "self-check failed" in str(e) and prefix in str(e)
+            row["corrupt_error"] = str(e)[:300]
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {e}"[:600]
+        row["traceback"] = traceback.format_exc()[-1500:]
+    return row
+
+
+def _selfcheck_ok(rows, kernel: str) -> bool:
+    return bool(rows) and all(r.get("kernel") == kernel and r.get("selfcheck_passed")
+                              and r.get("apply_rel_err", 1) <= 1e-2 and r.get("corrupt_caught") for r in rows)
+
+
+def stage_selfcheck(ctx: Ctx) -> dict:
+    """The plugin's load-time self-check (gsq_vllm/linear.py: GSQLinearMethod.process_weights_after_loading
+    with GSQ_KERNEL=cuda) on real GPU layers: it must pass on correct weights, the served layer must
+    match dequantize + matmul, and it must stop a corrupted kernel layout with its error."""
     standins = _vllm_standins()
     from gsq_vllm import linear
-    from gsq_vllm.format import GSQQuantConfig, dequantize, grid_range, pack_codes
 
     plan = {"layers": [list(x) for x in SELFCHECK_LAYERS], "vllm_standins": standins,
             "selfcheck_ms": list(linear.SELFCHECK_MS), "limit": linear.SELFCHECK_MAX_REL_ERR}
-    methods = []
-    for prefix, n, k, bits, g, act, sdt in SELFCHECK_LAYERS:
-        fmt = GSQQuantConfig(bits=bits, group_size=g, scale_dtype=sdt)
-        methods.append(linear.GSQLinearMethod(types.SimpleNamespace(fmt=fmt), prefix=prefix))
     if ctx.dry or not cuda_ready():
+        rows = [_selfcheck_row(linear, spec, "cuda-emu", "cpu") for spec in SELFCHECK_REHEARSAL]
+        plan["emulator_rehearsal"] = rows
+        if not _selfcheck_ok(rows, "cuda-emu"):
+            return dict(status="failed", reason="the self-check flow failed its rehearsal on the CUDA emulator",
+                        plan=plan)
         return ctx.skip_no_cuda(plan)
-    os.environ["GSQ_KERNEL"] = "cuda"
-    os.environ["GSQ_KERNEL_SELFCHECK"] = "on"
     rows = []
-    for method, (prefix, n, k, bits, g, act, sdt) in zip(methods, SELFCHECK_LAYERS):
-        row = {"layer": prefix, "n": n, "k": k, "bits": bits, "group_size": g, "dtype": act}
-        try:
-            gen = torch.Generator().manual_seed(n + k)
-            lo, hi = grid_range(bits)
-            q = torch.randint(lo, hi + 1, (n, k), generator=gen, dtype=torch.int8)
-            s = (torch.rand(n, k // g, generator=gen) * 0.02 + 0.005).to(dtype_of(sdt))
-            w = dequantize(q, s, g).cuda()
-            layer = torch.nn.Module()
-            layer.prefix = prefix
-            layer.qweight = torch.nn.Parameter(pack_codes(q, bits).cuda(), requires_grad=False)
-            layer.scales = torch.nn.Parameter(s.cuda(), requires_grad=False)
-            layer.gsq_n, layer.gsq_k, layer.gsq_act_dtype = n, k, dtype_of(act)
-            qweight, scales = layer.qweight.data, layer.scales.data
-            linear._selfcheck_results.clear()
-            t = time.time()
-            method.process_weights_after_loading(layer)
-            torch.cuda.synchronize()
-            row["load_s"] = time.time() - t
-            row["kernel"] = layer.gsq_kernel
-            row["selfcheck_passed"] = linear._selfcheck_results.get(("cuda", n, k, method.fmt.bits, g, dtype_of(act)))
-            x = torch.randn(5, 3, k, device="cuda", dtype=dtype_of(act))
-            y = method.apply(layer, x)
-            ref = x.float().reshape(-1, k) @ w.t()
-            row["apply_rel_err"] = ((y.float().reshape(-1, n) - ref).norm() / ref.norm()).item()
-            # A corrupted layout must be caught, with the error naming the layer.
-            bad = layer.gsq_b.data.clone()
-            bad.view(-1)[:: 7] ^= 0x5A5A5A5A
-            linear._selfcheck_results.clear()
-            try:
-                method._kernel_passes_selfcheck(layer, "cuda", qweight, scales, bad, layer.gsq_s.data)
-                row["corrupt_caught"] = False
-            except RuntimeError as e:
-                row["corrupt_caught"] = "self-check failed" in str(e) and prefix in str(e)
-                row["corrupt_error"] = str(e)[:300]
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {e}"[:600]
-            row["traceback"] = traceback.format_exc()[-1500:]
-        rows.append(row)
+    for spec in SELFCHECK_LAYERS:
+        rows.append(_selfcheck_row(linear, spec, "cuda", "cuda"))
         ctx.write(plan=plan, result={"rows": rows})
-    ok = all(r.get("kernel") == "cuda" and r.get("selfcheck_passed") and r.get("apply_rel_err", 1) <= 1e-2
-             and r.get("corrupt_caught") for r in rows)
+    ok = _selfcheck_ok(rows, "cuda")
     return dict(status="ok" if ok else "failed", plan=plan, result={"rows": rows},
                 reason="" if ok else "a layer failed the self-check, served wrong, or a corrupt layout passed")
 
@@ -1052,6 +1078,22 @@ def stage_launches(ctx: Ctx) -> dict:
         if not cg.cuda_supports(n, k, bits, g):
             raise ValueError(f"{name}: the kernel does not take N={n} K={k} bits={bits} G={g}")
     if ctx.dry or not cuda_ready():
+        # Rehearsal: the same cases through the CUDA emulator (the kernel's source on the CPU), those
+        # small enough for it, with the same reference; the tools and the GPU are what is left out.
+        from gsq_vllm import cuda_emu  # noqa: F401  (registers torch.ops.gsq.gemm_emulated)
+        from gsq_vllm.format import storage_bits
+
+        rehearsal = []
+        for i, (name, m, n, k, bits, g, dt) in enumerate(cases if ctx.args.rehearse else []):
+            if m * n * k > EMU_REHEARSAL_MAX:
+                continue
+            a, b_r, s_r, w = _layer_on_cpu(m, n, k, bits, g, dt, seed=i)
+            out = torch.ops.gsq.gemm_emulated(a, b_r, s_r, storage_bits(bits), g, n, k)
+            ref = a.float() @ w.t()
+            rehearsal.append({"case": name, "rel_err": ((out.float() - ref).norm() / ref.norm()).item()})
+        plan["emulator_rehearsal"] = rehearsal
+        if not all(r["rel_err"] <= 1e-2 for r in rehearsal):
+            return dict(status="failed", reason="a case differs from its reference on the CUDA emulator", plan=plan)
         return ctx.skip_no_cuda(plan)
     if not cg.cuda_kernel_available():
         return dict(status="failed", reason=f"gsq_vllm._C not available: {cg._C_ERROR}", plan=plan)
@@ -1082,11 +1124,11 @@ def stage_launches(ctx: Ctx) -> dict:
                 reason="" if ok else "a launch differs from dequantize + matmul")
 
 
-def _driver(ctx: Ctx, cases: str, tag: str) -> list[str]:
+def _driver(ctx: Ctx, cases: str, tag: str, dry: bool = False) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "launches", "--cases", cases, "--tag", tag,
            "--out", str(ctx.out), "--scratch", str(ctx.scratch), "--carry", str(ctx.carry),
            "--box-s", str(max(30, int(ctx.remaining())))]
-    return cmd + (["--dry-run"] if ctx.dry else [])
+    return cmd + (["--dry-run"] if dry else [])
 
 
 def sanitizer_counts(text: str) -> list[int]:
@@ -1105,8 +1147,9 @@ def _sanitizer(ctx: Ctx, tool: str) -> dict:
             "env": {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"} if tool == "memcheck" else {},
             "cases": [c[0] for c in SANITIZER_CASES]}
     # The driver's own imports and plan, without the tool (what the dry run can check).
-    r = run_logged(_driver(ctx, "sanitizer", tag) + ["--dry-run"], ctx.log_path(f"{tool}_driver_plan"),
-                   min(120, ctx.remaining()))
+    # (memcheck's also sends the cases through the CPU emulator: --rehearse)
+    r = run_logged(_driver(ctx, "sanitizer", tag, dry=True) + (["--rehearse"] if tool == "memcheck" else []),
+                   ctx.log_path(f"{tool}_driver_plan"), min(180, ctx.remaining()))
     if r["rc"] != 0:
         return dict(status="failed", reason="the launch driver failed its dry run", plan=plan, result={"driver": r})
     if ctx.dry or not cuda_ready():
@@ -1188,7 +1231,7 @@ def stage_ncu(ctx: Ctx) -> dict:
     plan = {"tool": exe, "version": tool_version(exe), "case": list(NCU_CASE),
             "weight_and_scale_bytes": n * k * bits // 8 + n * (k // g) * 2,
             "command": " ".join(cmd + _driver(ctx, "ncu", tag))}
-    r = run_logged(_driver(ctx, "ncu", tag) + ["--dry-run"], ctx.log_path("ncu_driver_plan"), min(120, ctx.remaining()))
+    r = run_logged(_driver(ctx, "ncu", tag, dry=True), ctx.log_path("ncu_driver_plan"), min(120, ctx.remaining()))
     if r["rc"] != 0:
         return dict(status="failed", reason="the launch driver failed its dry run", plan=plan, result={"driver": r})
     if ctx.dry or not cuda_ready():
@@ -1223,6 +1266,7 @@ def parse_args(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="imports, arguments and plan only: no CUDA work")
     ap.add_argument("--cases", choices=("sanitizer", "ncu"), default="sanitizer", help="launches: which cases")
     ap.add_argument("--tag", default=None, help="launches: JSON name (default: launches)")
+    ap.add_argument("--rehearse", action="store_true", help="launches --dry-run: run the cases on the CPU emulator")
     return ap.parse_args(argv)
 
 

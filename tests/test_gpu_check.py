@@ -156,8 +156,11 @@ def test_dry_run_passes_every_stage(dry_run):
     assert stages["build"]["plan"]["setup_py_name"] == "gsq-vllm"
     assert all(n > 0 for n in stages["kernel_tests"]["plan"]["collected_per_shard"].values())
     assert stages["gsq_steps"]["plan"]["cpu_smoke"]["steps"] == 2
-    assert stages["gsq_tiny"]["plan"]["plan_rc"] == 0
+    assert stages["gsq_tiny"]["plan"]["cpu_rehearsal"]["rc"] == 0 and stages["gsq_tiny"]["plan"]["cpu_rehearsal"]["report"]
     assert "vllm" in stages["selfcheck"]["plan"]["vllm_standins"]
+    assert all(r["corrupt_caught"] for r in stages["selfcheck"]["plan"]["emulator_rehearsal"])
+    launches = json.loads((out / "launches_memcheck.json").read_text())
+    assert len(launches["plan"]["emulator_rehearsal"]) >= 4, launches
     md_text = (out / "summary.md").read_text()
     assert "no CUDA device" in md_text and "dry run" in md_text
 
