@@ -105,7 +105,9 @@ __global__ void misaligned_copy(const __half* a, __half* c) {
 // bytes 1536-2047. `variant` breaks one step of the PTX memory model's sequence (0: none):
 // 1 no writer fence, 2 no __syncwarp before lane 0's atomic, 3 no reader fence, 4 block 1 reads
 // without counting itself in, 5 a plain float store into C, 6 a plain float load from C,
-// 7 both blocks store the same bytes with nothing ordering them.
+// 7 both blocks store the same bytes with nothing ordering them. 8 is correct too: the barrier
+// first, then only lane 0 fences and counts (the fence is cumulative: it covers the other lanes'
+// stores, which the barrier ordered before it).
 __global__ void message_passing(unsigned char* c, int variant) {
   float4* part = reinterpret_cast<float4*>(c);
   int* counter = reinterpret_cast<int*>(c + 1024);
@@ -115,10 +117,18 @@ __global__ void message_passing(unsigned char* c, int variant) {
   if (variant == 6) out[lane].x = reinterpret_cast<const float*>(c)[lane];  // plain scalar load
   if (variant == 7) out[lane] = make_float4(w, 0, 0, 0);  // unordered stores
   part[32 * w + lane] = make_float4(w + 1, lane, 0, 1);
-  if (variant != 1) __threadfence();  // writer: the partial before the count
-  if (variant != 2) __syncwarp();  // every lane's fence before lane 0's atomic
   int old = 0;
-  if (lane == 0 && !(variant == 4 && w == 1)) old = atomicAdd(counter, 1);
+  if (variant == 8) {
+    __syncwarp();
+    if (lane == 0) {
+      __threadfence();
+      old = atomicAdd(counter, 1);
+    }
+  } else {
+    if (variant != 1) __threadfence();  // writer: the partial before the count
+    if (variant != 2) __syncwarp();  // every lane's fence before lane 0's atomic
+    if (lane == 0 && !(variant == 4 && w == 1)) old = atomicAdd(counter, 1);
+  }
   old = __shfl_sync(0xffffffffu, old, 0);
   if (old != 0) return;  // not the last
   if (variant != 3) __threadfence();  // reader: the others' partials after their counts
