@@ -73,6 +73,20 @@ class GSQOptions:
     logits_dtype: str = "float32"  # or "bfloat16": half the logits' memory (and Lion's state)
     ternary_style: str = "reference"  # the GSQ reference's ternary logits, or "ours" (GumbelGridLinear)
     token_norm_cap: float | None = None  # None: plain MSE (the reference); C: see token_weights
+    compute_dtype: str = "float32"  # the block's training forward/backward: "float32", "bfloat16" (autocast), or
+                                    # "auto": bfloat16 where the device multiplies bf16 natively (CUDA, AVX-512-BF16, AMX)
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """bf16 when training should run under autocast on `device`, else None (float32)."""
+        if self.compute_dtype == "float32":
+            return None
+        if self.compute_dtype == "bfloat16":
+            return torch.bfloat16
+        if self.compute_dtype != "auto":
+            raise FormatError(f"GSQ compute_dtype must be float32, bfloat16 or auto, got {self.compute_dtype!r}")
+        native = device.type == "cuda" or (device.type == "cpu" and (
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+        return torch.bfloat16 if native else None
 
     def strength(self, bits) -> float:
         if self.alpha is not None:
@@ -142,6 +156,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                    help="weight a token whose float block output has more than C x the median squared norm by "
                         "C*median/norm^2 in GSQ's loss (and its held-out choice), so attention-sink tokens do not "
                         "make the whole loss (default: plain MSE, as the reference)")
+    g.add_argument("--gsq-compute-dtype", choices=["float32", "bfloat16", "auto"], default=None,
+                   help="the block's training matmuls: float32 (default), bfloat16 (autocast), or auto: bfloat16 "
+                        "where the device has native bf16 matmuls (CUDA, AVX-512-BF16, AMX)")
     g.add_argument("--gsq-store-noise", action="store_true",
                    help="keep the Gumbel noise for backward instead of regenerating it")
 
@@ -180,6 +197,8 @@ def options_from_args(args) -> GSQOptions:
         kw["kappa_start"], kw["kappa_end"] = args.gsq_kappa
     if getattr(args, "logits_dtype", None) is not None:
         kw["logits_dtype"] = "bfloat16" if args.logits_dtype == "bf16" else args.logits_dtype
+    if getattr(args, "gsq_compute_dtype", None) is not None:
+        kw["compute_dtype"] = args.gsq_compute_dtype
     if getattr(args, "gsq_store_noise", False):
         kw["store_noise"] = True
     if getattr(args, "gsq_ternary_style", None) is not None:
@@ -597,6 +616,7 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
 
         score(start)
         best, best_weights = 0, start   # by the held-out MSE (only the best needs keeping)
+        amp = options.autocast_dtype(inputs.device)
         step = 0
         started = last_log = time.monotonic()
         bar = tqdm(total=total, unit="step", desc="  GSQ", leave=False, dynamic_ncols=True,
@@ -614,8 +634,9 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
                 for j in range(0, len(idx), micro):
                     part = idx[j:j + micro]
                     # Mean over the whole step's elements, whatever the micro-batching.
-                    loss = _block_loss(forward(inputs[part]), targets[part], cap, median) / (
-                        len(idx) * targets[0].numel())
+                    with torch.autocast(inputs.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                        out = forward(inputs[part])
+                    loss = _block_loss(out.float(), targets[part], cap, median) / (len(idx) * targets[0].numel())
                     if not loss.requires_grad:
                         raise RuntimeError("refine_block: `forward` ran without autograd (torch.no_grad?)")
                     loss.backward()

@@ -72,6 +72,26 @@ def test_refine_block_reports_progress_to_log():
     assert [line.split(",")[0] for line in lines] == [f"[gsq-quantize]   GSQ step {s}/4" for s in (1, 2, 3, 4)]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compute_dtype_runs_the_training_forward_under_autocast(dtype):
+    block, inputs, targets = ls_problem(k=64, n=8, samples=8, seq=4)
+    init = {"proj": rtn(block.proj.weight.detach(), 2, 32)}
+    seen = []
+
+    def forward(x):
+        bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        seen.append((torch.is_grad_enabled(), bf16))
+        return block(x)
+
+    _, log = refine_block(block, forward, ["proj"], init, inputs, targets,
+                          GSQOptions(epochs=1, batch_size=4, compute_dtype=dtype), seed=1)
+    training = [bf16 for grad, bf16 in seen if grad]
+    assert training == [dtype == "bfloat16"] * len(log["steps"])
+    assert not any(bf16 for grad, bf16 in seen if not grad)  # hard errors are scored in float32
+    assert GSQOptions(compute_dtype="auto").autocast_dtype(torch.device("cpu")) == (
+        torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else None)
+
+
 @pytest.mark.parametrize("bits", [2, 3])
 def test_hardened_init_prices_the_init_noise(bits):
     # The argmax of the reference's initial logits moves a few % of the codes off GPTQ's (its
