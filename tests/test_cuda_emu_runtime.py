@@ -87,18 +87,15 @@ def _message_passing(emu, variant, order="forward"):
     return c.view(torch.uint8)[0, 1536:].view(torch.float32).view(32, 4)
 
 
-@pytest.mark.parametrize("variant", [0, 8])
+@pytest.mark.parametrize("variant", [0, 8, 10])
 @pytest.mark.parametrize("order", ce.ORDERS)
 def test_fence_atomic_fence_orders_the_partials(probes, order, variant):
-    """Writer: store, fence, __syncwarp, atomic (0), or store, __syncwarp, fence and atomic in lane 0
-    only (8); reader: atomic, fence, ld.global.cg. Lanes 1-31 are released by lane 0's atomic
-    through the barrier and learn the count through __shfl_sync."""
+    """Writer: store, fence, __syncwarp, atomic (0, 10), or store, __syncwarp, fence and atomic in
+    lane 0 only (8); reader: atomic, fence, ld.global.cg (or cp.async: 10). Lanes 1-31 are released
+    by lane 0's atomic through the barrier and learn the count through __shfl_sync."""
     s = _message_passing(probes, variant, order)
     want = torch.stack([torch.full((32,), 3.0), 2.0 * torch.arange(32), torch.zeros(32), torch.full((32,), 2.0)], 1)
     assert torch.equal(s, want)
-
-
-RACE_LOAD = "loads it (ld.global.cg at probes.cu:{})"
 
 
 @pytest.mark.parametrize("variant,why", [
@@ -106,6 +103,7 @@ RACE_LOAD = "loads it (ld.global.cg at probes.cu:{})"
     (2, "the writer executed a fence after the store (at probes.cu:{fence}), but no atomic released it"),
     (3, "this thread's atomic observed the writer's release, but it executed no fence"),
     (4, "released through the atomic at probes.cu:{atomic}"),
+    (9, "this thread's atomic observed the writer's release, but it executed no fence"),
 ])
 @pytest.mark.parametrize("order", ce.ORDERS)
 def test_a_broken_release_acquire_sequence_is_a_race(probes, variant, why, order):
@@ -117,7 +115,8 @@ def test_a_broken_release_acquire_sequence_is_a_race(probes, variant, why, order
     lines = dict(fence=_line_of("if (variant != 1) __threadfence();"),
                  atomic=_line_of("if (lane == 0 && !(variant == 4 && w == 1)) old = atomicAdd(counter, 1);"))
     assert why.format(**lines) in msg, msg
-    assert RACE_LOAD.format(_line_of("the reader's load")) in msg, msg
+    insn, text = ("cp.async", "the reader's copy") if variant == 9 else ("ld.global.cg", "the reader's load")
+    assert f"loads it ({insn} at probes.cu:{_line_of(text)})" in msg, msg
     assert f"probes.cu:{_line_of('part[32 * w + lane] = make_float4')}" in msg, msg  # the store's line
 
 
@@ -136,6 +135,14 @@ def test_plain_access_to_written_memory_is_refused(probes, variant, text):
     with pytest.raises(ce.EmulatorError, match="does not intercept") as e:
         _message_passing(probes, variant)
     assert f"probes.cu:{_line_of(text)}" in str(e.value), str(e.value)
+
+
+def test_store_past_the_end_of_written_memory_is_reported(probes):
+    with pytest.raises(ce.EmulatorError) as e:
+        _message_passing(probes, 11)
+    msg = str(e.value)
+    assert f"probes.cu:{_line_of('store past the end')}" in msg, msg
+    assert "a 2-byte store at 0 bytes past the end of buffer C (2048 bytes)" in msg, msg
 
 
 # ------------------------------------------------------------------ instructions

@@ -494,7 +494,8 @@ std::string missing_order(const Grid& g, const Fiber* f, uint32_t u, uint32_t e)
   return "the writer executed no fence (__threadfence) between the store and an atomic that releases it";
 }
 
-void check_ordered(const Fiber* f, const Tracked& t, const void* p, size_t bytes, bool is_store, Loc loc,
+// `load`: the loading instruction's name, or null for a store (at return address pc).
+void check_ordered(const Fiber* f, const Tracked& t, const void* p, size_t bytes, const char* load, Loc loc,
                    uintptr_t pc) {
   const Grid& g = *state().grid;
   const Buffer& b = state().buffers[t.buffer];
@@ -505,13 +506,13 @@ void check_ordered(const Fiber* f, const Tracked& t, const void* p, size_t bytes
     const uint32_t u = s.who - 1;
     std::ostringstream o;
     o << "memory-order race on " << describe_address(b.lo + 2 * i) << ": " << who(f);
-    if (is_store)
+    if (load == nullptr)
       o << " stores to it at " << source_line(pc - 1);
     else
-      o << " loads it (ld.global.cg at " << where(loc) << ")";
+      o << " loads it (" << load << " at " << where(loc) << ")";
     o << ", and " << who_gid(g, u) << " stored it at " << source_line(s.pc - 1)
       << " with no causality order between the two (PTX memory model): ";
-    o << (is_store ? std::string("two stores neither of which is ordered before the other")
+    o << (load == nullptr ? std::string("two stores neither of which is ordered before the other")
                    : missing_order(g, f, u, s.epoch));
     fail(o.str());
   }
@@ -1155,7 +1156,14 @@ void cp_async(void* smem, const void* gmem, int cp_size, int src_bytes, Loc loc)
     bad("source " + std::to_string(src_bytes) + " bytes at " + describe_address(gmem));
   auto* dst = static_cast<unsigned char*>(smem);
   std::memset(dst, kPoison, cp_size);  // reading it before the wait sees NaN
-  f->open.push_back(CopyOp{dst, static_cast<const unsigned char*>(gmem), cp_size, src_bytes});
+  auto* src = static_cast<const unsigned char*>(gmem);
+  if (Tracked* t = src_bytes > 0 ? tracked_at(gmem, src_bytes) : nullptr) {
+    // memory the kernel writes: the read must be ordered after its stores when it is issued (and
+    // the copy reads through the runtime's mapping)
+    check_ordered(f, *t, gmem, src_bytes, "cp.async", loc, 0);
+    src = alias_of(*t, gmem);
+  }
+  f->open.push_back(CopyOp{dst, src, cp_size, src_bytes});
 }
 
 void cp_async_commit(Loc loc) {
@@ -1229,10 +1237,19 @@ void store(void* p, const void* src, size_t bytes) {
   Fiber* f = g_cur;
   Tracked* t = f != nullptr && s != nullptr ? tracked_at(p, bytes) : nullptr;
   if (s != nullptr) s->store_pc = pc;  // a fault in the copy (either side) is reported at the store's line
+  if (t == nullptr && f != nullptr && s != nullptr && s->grid != nullptr) {
+    const auto* a = static_cast<const unsigned char*>(p);
+    for (const Tracked& other : s->grid->tracked) {  // partly in, or past the end of, a closed buffer
+      const Buffer& b = s->buffers[other.buffer];
+      if (a < b.map_hi && a + bytes > b.map_lo)
+        fail("invalid memory access at " + source_line(pc - 1) + ": a " + std::to_string(bytes) + "-byte store at " +
+             describe_address(p) + ", by " + who(f));
+    }
+  }
   if (t == nullptr) {
     std::memcpy(p, src, bytes);
   } else {
-    check_ordered(f, *t, p, bytes, true, f->loc, pc);
+    check_ordered(f, *t, p, bytes, nullptr, f->loc, pc);
     const size_t off = static_cast<const unsigned char*>(p) - s->buffers[t->buffer].lo;
     for (size_t i = off / 2; i < (off + bytes + 1) / 2; ++i) t->shadow[i] = Shadow{f->gid + 1, f->ep, pc};
     std::memcpy(alias_of(*t, p), src, bytes);
@@ -1245,7 +1262,7 @@ void store(void* p, const void* src, size_t bytes) {
 void global_load(void* dst, const void* p, size_t bytes, Loc loc) {
   check_global_read(p, bytes, false, loc);
   if (Tracked* t = tracked_at(p, bytes)) {
-    check_ordered(g_cur, *t, p, bytes, false, loc, 0);
+    check_ordered(g_cur, *t, p, bytes, "ld.global.cg", loc, 0);
     std::memcpy(dst, alias_of(*t, p), bytes);
   } else {
     std::memcpy(dst, p, bytes);

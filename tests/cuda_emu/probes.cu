@@ -107,7 +107,8 @@ __global__ void misaligned_copy(const __half* a, __half* c) {
 // without counting itself in, 5 a plain float store into C, 6 a plain float load from C,
 // 7 both blocks store the same bytes with nothing ordering them. 8 is correct too: the barrier
 // first, then only lane 0 fences and counts (the fence is cumulative: it covers the other lanes'
-// stores, which the barrier ordered before it).
+// stores, which the barrier ordered before it). 9 and 10 read the partials with cp.async
+// instead of ld.global.cg, 9 without the reader fence. 11 stores past the end of C.
 __global__ void message_passing(unsigned char* c, int variant) {
   float4* part = reinterpret_cast<float4*>(c);
   int* counter = reinterpret_cast<int*>(c + 1024);
@@ -116,6 +117,7 @@ __global__ void message_passing(unsigned char* c, int variant) {
   if (variant == 5) reinterpret_cast<float*>(c)[lane] = 1.f;  // plain scalar store
   if (variant == 6) out[lane].x = reinterpret_cast<const float*>(c)[lane];  // plain scalar load
   if (variant == 7) out[lane] = make_float4(w, 0, 0, 0);  // unordered stores
+  if (variant == 11) reinterpret_cast<__half*>(c + 2048)[lane] = __float2half_rn(0.f);  // store past the end
   part[32 * w + lane] = make_float4(w + 1, lane, 0, 1);
   int old = 0;
   if (variant == 8) {
@@ -131,10 +133,19 @@ __global__ void message_passing(unsigned char* c, int variant) {
   }
   old = __shfl_sync(0xffffffffu, old, 0);
   if (old != 0) return;  // not the last
-  if (variant != 3) __threadfence();  // reader: the others' partials after their counts
+  if (variant != 3 && variant != 9) __threadfence();  // reader: the others' partials after their counts
   float4 sum = make_float4(0, 0, 0, 0);
   for (int i = 0; i < 2; ++i) {
-    const float4 x = gsq::ptx::ld_cg_v4(part + 32 * i + lane);  // the reader's load
+    float4 x;
+    if (variant >= 9) {
+      float4* sm = reinterpret_cast<float4*>(gsq::ptx::dynamic_smem());
+      gsq::ptx::cp_async16(sm + lane, part + 32 * i + lane);  // the reader's copy
+      gsq::ptx::cp_async_commit();
+      gsq::ptx::cp_async_wait<0>();
+      x = sm[lane];
+    } else {
+      x = gsq::ptx::ld_cg_v4(part + 32 * i + lane);  // the reader's load
+    }
     sum.x += x.x, sum.y += x.y, sum.z += x.z, sum.w += x.w;
   }
   out[lane] = sum;
@@ -158,8 +169,8 @@ cudaError_t gsq_gemm_launch(const void* a, const void*, const void*, void* c, vo
     case 6: return gsq::launch_kernel(one_mma, dim3(1), dim3(32), 0, stream, A, A + 256, C);
     case 7: return gsq::launch_kernel(ldmatrix_x4, dim3(1), dim3(32), 512, stream, A, C);
     case 8: return gsq::launch_kernel(misaligned_copy, dim3(1), dim3(32), 64, stream, A, C);
-    case 9: return gsq::launch_kernel(message_passing, dim3(2), dim3(32), 0, stream, static_cast<unsigned char*>(c),
-                                      k - 1);
+    case 9: return gsq::launch_kernel(message_passing, dim3(2), dim3(32), 512, stream,
+                                      static_cast<unsigned char*>(c), k - 1);
   }
   return cudaErrorInvalidValue;
 }
