@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -476,6 +477,8 @@ def decode_regions(instrs: list, token_tiles: int, anchors: dict[str, int]) -> d
     def divisions(blocks):
         return sum(_is_division_fast_path(cfg.blocks[j]) for j in blocks if j not in zero)
 
+    fast = [cfg.blocks[j].size for j in cfg.reachable if _is_division_fast_path(cfg.blocks[j])]
+
     partial_path = to_arrive[1] + not_last[1][1:]
     paths = (pro[1][:-1], full[1], partial_path, last[1])
     return dict(
@@ -488,6 +491,7 @@ def decode_regions(instrs: list, token_tiles: int, anchors: dict[str, int]) -> d
         divisions_64=dict(prologue=divisions(pro[1][:-1]), segment_full=divisions(full[1]),
                           segment_partial=divisions(partial_path),
                           per_contributor=sum(_is_division_fast_path(cfg.blocks[j]) for j in red_trip[1]) / unroll),
+        division_fast_path_instructions=round(sum(fast) / len(fast), 1) if fast else 0,
         # the hot loop's mma are its own: none may be counted on another region's path
         tensor_ops_outside_hot_loop=sum(cfg.blocks[j].count("HMMA") for p in paths for j in p if j not in zero),
         blocks=len(cfg.blocks), reachable_blocks=len(cfg.reachable))
@@ -515,9 +519,13 @@ def owner_of(i: int, items: int, warps: int) -> int:
     return ((i + 1) * warps - 1) // items
 
 
-def whole_kernel_row(reg: dict, plan: dict, n: int, k: int, m: int, bits: int, g: int, ck: int, mach: dict) -> dict:
-    """Whole-kernel instructions per weight, critical path and distinct bytes in flight of one layer."""
-    warps, stages = plan["warps"], 3  # kDecodeStages
+def whole_kernel_row(reg: dict, plan: dict, n: int, k: int, m: int, bits: int, g: int, ck: int, mach: dict,
+                     stages: int = 3, reduction: str = "serial") -> dict:
+    """Whole-kernel instructions per weight, critical path and distinct bytes in flight of one layer.
+    `stages` (kDecodeStages) and `reduction` ("serial": the reducer reads the partials one after another;
+    "tree": a what-if where they are added in a tree, log2(contributors) dependent steps) are the kernel's
+    unless a what-if says otherwise."""
+    warps = plan["warps"]
     chunks = k // ck
     items = n // 64 * chunks
     if items * (warps + 1) >= 2**31:
@@ -550,9 +558,10 @@ def whole_kernel_row(reg: dict, plan: dict, n: int, k: int, m: int, bits: int, g
         extra = reg["reduce_fixed"] + len(ws) * reg["per_contributor"]
         parts["reduce"] += extra
         reduction_max = max(reduction_max, extra)
-        cyc = (2 + len(ws)) * L2_ROUND_TRIP_CYCLES + extra
+        steps = len(ws) if reduction == "serial" else math.ceil(math.log2(len(ws))) if len(ws) > 1 else 1
+        cyc = (2 + steps) * L2_ROUND_TRIP_CYCLES + reg["reduce_fixed"] + steps * reg["per_contributor"]
         if cyc > chain_cycles:
-            chain_cycles, chain = cyc, 2 + len(ws)
+            chain_cycles, chain = cyc, 2 + steps
     idle = plan["grid_x"] * 4 - warps
     parts["idle_exit"] = idle * reg["idle"]
     total = sum(parts.values())
@@ -597,6 +606,40 @@ def whole_kernel_row(reg: dict, plan: dict, n: int, k: int, m: int, bits: int, g
                  distinct_inflight=distinct_kb >= TARGETS["distinct_inflight_kb"]))
 
 
+def what_if_rows(reg: dict, plan: dict, n: int, k: int, m: int, bits: int, g: int, ck: int, mach: dict,
+                 min_items: int = 8) -> dict[str, dict]:
+    """The same model for kernels that do not exist (yet): what the targets ask of the design.
+
+    * now: the kernel as compiled;
+    * fewer warps: every warp streams >= `min_items` items (warps = items / min_items, at least one per SM),
+      its ring deep enough for 32 KB distinct in flight per SM (the smallest kDecodeStages that gets there);
+    * + tree reduction: the split row blocks' partials added in log2(contributors) dependent steps;
+    * + no 64-bit division: each division site on the paths gone (its 32-bit arm's instructions)."""
+    out = {"now": whole_kernel_row(reg, plan, n, k, m, bits, g, ck, mach)}
+    items = n // 64 * (k // ck)
+    warps = min(plan["warps"], max(mach["sms"], items // min_items))
+    fewer = dict(plan, warps=warps, grid_x=-(-warps // 4))
+    for stages in range(3, 33):
+        row = whole_kernel_row(reg, fewer, n, k, m, bits, g, ck, mach, stages=stages)
+        if row["met"]["distinct_inflight"]:
+            break
+    act = 8 * (2 if m > 8 else 1) * (ck + 8) * 2
+    item_bytes = 64 * ck * bits // 8 + (ck // g) * 64 * 2
+    ring = dict(stages=stages, ring_kb_per_warp=round(stages * (item_bytes + act) / 1024, 1))
+    out["fewer warps"] = dict(row, **ring)
+    out["+ tree reduction"] = dict(whole_kernel_row(reg, fewer, n, k, m, bits, g, ck, mach, stages=stages,
+                                                    reduction="tree"), **ring)
+    d = reg["division_fast_path_instructions"]
+    div = reg["divisions_64"]
+    lean = dict(reg, prologue=reg["prologue"] - d * div["prologue"],
+                segment_full=reg["segment_full"] - d * div["segment_full"],
+                segment_partial=reg["segment_partial"] - d * div["segment_partial"],
+                per_contributor=reg["per_contributor"] - d * div["per_contributor"])
+    out["+ no 64-bit division"] = dict(whole_kernel_row(lean, fewer, n, k, m, bits, g, ck, mach, stages=stages,
+                                                        reduction="tree"), **ring)
+    return out
+
+
 def our_decode_kernel(m: int, k: int, bits: int, g: int, dtype: str, mach: dict) -> str:
     """The decode instantiation csrc/gsq_gemm.cu's host code launches for this K, G, M, dtype (emulator dry run
     at N = 64: the dispatch depends on K, G and M only)."""
@@ -636,7 +679,7 @@ def run_whole_ours(cubins: dict[str, Path], kernels: dict[str, dict]) -> dict:
     from gsq_vllm import cuda_emu
 
     emu = cuda_emu.default_emulator()
-    regions, rows = {}, []
+    regions, rows, what_ifs = {}, [], []
     for mach_name, mach in MACHINES.items():
         regions[mach_name] = our_decode_regions(cubins[mach_name])
         for model, layer, n, k in LAYERS:
@@ -655,7 +698,12 @@ def run_whole_ours(cubins: dict[str, Path], kernels: dict[str, dict]) -> dict:
                             row.update(machine=mach_name, model=model, layer=layer, dtype=dtype, kernel=name,
                                        registers=kern["registers"], spill_stores=kern["spill_stores"])
                             rows.append(row)
-    return dict(regions=regions, rows=rows)
+                            if mach_name == "H100 SXM" and dtype == "fp16" and g == 128 and m in (1, 16):
+                                for what, r in what_if_rows(regions[mach_name][name], plan, n, k, m, bits, g,
+                                                            facts["chunk_k"], mach).items():
+                                    what_ifs.append(dict(r, what_if=what, machine=mach_name, model=model,
+                                                         layer=layer, dtype=dtype, kernel=name))
+    return dict(regions=regions, rows=rows, what_if=what_ifs)
 
 
 def print_table(title: str, rows: list[dict]) -> None:
@@ -925,6 +973,25 @@ def print_whole(whole: dict, label: str, machine: str = "H100 SXM") -> None:
                 r["reduction_chain_round_trips"], r["issue_cycles"], r["hbm_cycles"], r["chain_cycles"])))
 
 
+def print_what_if(whole: dict, label: str) -> None:
+    rows = whole[label].get("what_if", [])
+    if not rows:
+        return
+    print("\nWHAT-IF (H100 SXM, fp16, G=128): the same MODEL applied to decode kernels that do not exist -- "
+          "what the targets ask of the design; MODEL, not a measurement")
+    print(" | ".join(("layer", "b", "M", "design", "warps", "items/warp", "ring stages (KB/warp)", "instr/w",
+                      "crit/bound", "distinct KB/SM", "targets met (instr/w, crit, in flight)")))
+    for r in rows:
+        ring = f"{r['stages']} ({r['ring_kb_per_warp']})" if "stages" in r else "3"
+        met = r["met"]
+        print(" | ".join(str(x) for x in (
+            f"{r['model']}:{r['layer']}", r["bits"], r["m"], r["what_if"], r["warps"], r["items_per_warp"], ring,
+            f"{r['instructions_per_weight']:.4f}", f"{r['critical_path_ratio']:.2f}",
+            f"{r['distinct_inflight_kb_per_sm']:.1f}",
+            "/".join("yes" if met[t] else "no" for t in ("instructions_per_weight", "critical_path",
+                                                         "distinct_inflight")))))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(HERE / "results" / "kernel_static.json"))
@@ -934,7 +1001,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cubins: dict[str, Path] = {}
-        result = {"note": "STATIC MODEL from SASS, launch plans and machine constants; no GPU was run",
+        result = {"note": "MODEL, not a measurement: STATIC MODEL from SASS, launch plans and machine constants; "
+                          "no GPU was run",
                   "assumptions": dict(issue_per_clk=ISSUE_PER_CLK, hmma_per_clk=HMMA_PER_CLK,
                                       latency_ns=LATENCY_NS, group_size=GROUP, machines=MACHINES),
                   "host": platform.node(), args.label: run_ours(tmp, cubins)}
@@ -950,6 +1018,7 @@ def main(argv=None) -> int:
             whole["humming"] = run_whole_humming(result["humming"], hum_cubins)
         result["whole_kernel"] = whole
         print_whole(whole, args.label)
+        print_what_if(whole, args.label)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".tmp")

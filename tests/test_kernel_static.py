@@ -440,3 +440,23 @@ def test_humming_regions_and_lineinfo(tmp_path):
     by = row["instructions_by_region"]
     assert row["instructions"] == sum(by.values()) and by["items"] > 0
     assert row["instructions_per_weight"] > row["loop_instructions_per_weight"]
+
+
+def test_what_if_designs_change_only_what_they_say():
+    import kernel_static
+
+    reg = dict(item=338, prologue=222, tail=3, idle=8, segment_full=127, segment_partial=195, reduce_fixed=64,
+               per_contributor=64.75, division_fast_path_instructions=19.0,
+               divisions_64=dict(prologue=3, segment_full=1, segment_partial=3, per_contributor=1.0))
+    mach = kernel_static.MACHINES["H100 SXM"]
+    plan = _plan(4096, 4096, 2048)
+    rows = kernel_static.what_if_rows(reg, plan, 4096, 4096, 1, 2, 128, 128, mach)
+    assert rows["now"] == kernel_static.whole_kernel_row(reg, plan, 4096, 4096, 1, 2, 128, 128, mach)
+    fewer, tree, lean = rows["fewer warps"], rows["+ tree reduction"], rows["+ no 64-bit division"]
+    assert fewer["warps"] == 256 and fewer["max_items_per_warp"] == 8 and fewer["met"]["distinct_inflight"]
+    assert tree["instructions"] == fewer["instructions"] and tree["chain_cycles"] < fewer["chain_cycles"]
+    by = tree["instructions_by_region"]
+    partial, full = by.get("segment_partial", 0) / 195, by.get("segment_full", 0) / 127
+    contributions = (by["reduce"] - tree["split_row_blocks"] * 64) / 64.75
+    removed = 19 * (3 * tree["warps"] + 3 * partial + 1 * full + 1 * contributions)
+    assert lean["instructions"] == pytest.approx(tree["instructions"] - removed, abs=2)
