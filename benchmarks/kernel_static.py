@@ -116,12 +116,37 @@ def compile_ours(arch: str, out_dir: Path, lineinfo: bool = True) -> tuple[Path,
     return cubin, spills
 
 
+def decode_ring_constants(path: Path | None = None) -> dict[str, int]:
+    """kDecodeRingBytes / kDecodeMaxStages / kDecodeWarps as csrc/gemm/decode.cuh states them (the ring-depth
+    rule is the kernel's; our_decode_kernel checks every modelled launch's shared memory against it)."""
+    text = Path(path or DECODE_SOURCE).read_text()
+    out = {}
+    for name in ("kDecodeRingBytes", "kDecodeMaxStages", "kDecodeWarps"):
+        m = re.search(rf"constexpr int {name} = ([^;]+);", text)
+        if not m or not re.fullmatch(r"[\d\s*]+", m.group(1)):
+            raise ValueError(f"{name} not found as a constant product in {path or DECODE_SOURCE}")
+        out[name] = eval(m.group(1))  # digits and '*' only (checked above)
+    return out
+
+
+def decode_stage_bytes(bits: int, ck: int, g: int, mt: int) -> int:
+    """DecodeSmem::kStageBytes: an item's codes, its scales, the chunk's activations (rows padded by 8 halves)."""
+    return 64 * ck * bits // 8 + (ck // g) * 64 * 2 + 8 * mt * (ck + 8) * 2
+
+
+def decode_stages(bits: int, ck: int, g: int, mt: int) -> int:
+    """DecodeSmem::kStages: as many stages as kDecodeRingBytes holds, at least 3, at most kDecodeMaxStages."""
+    c = decode_ring_constants()
+    return max(3, min(c["kDecodeMaxStages"], c["kDecodeRingBytes"] // decode_stage_bytes(bits, ck, g, mt)))
+
+
 def our_kernel_facts(name: str) -> dict:
     """What one hot-loop trip of our kernels covers (csrc/gemm/): the weights are the 16-row A
     operand of m16n8k16 (256 weights per mma, shared by the MT n8 token tiles).
 
     * gsq_decode_kernel<T, BITS, CK, G, MT>: every warp streams its own items (64 rows x CK k)
-      through a 3-stage cp.async ring: one item per trip, the next two in flight; per k step 4
+      through a cp.async ring of decode_stages() stages: one item per trip, the next stages - 1 in
+      flight; per k step 4
       tiles' mma plus one correction mma (so 4/5 of the tensor work is weights).
     * gsq_prefill_kernel<T, BITS, CK, G, MT>: a block of 4 warps (one 16-row tile each) does one
       CK chunk per trip for 8 MT tokens; the next chunk's codes are in flight.
@@ -135,7 +160,7 @@ def our_kernel_facts(name: str) -> dict:
     weights = items * 64 * ck
     per_hmma = 256 * 4 / 5 / mt if kind == "decode" else 256 / mt
     return dict(kind=kind, dtype=dtype, bits=bits, chunk_k=ck, group=g, token_tiles=mt, m_tiles=mt, warps=4,
-                stages=3 if kind == "decode" else 2, weights_per_stage=weights, weights_per_hmma=per_hmma,
+                stages=decode_stages(bits, ck, g, mt) if kind == "decode" else 2, weights_per_stage=weights, weights_per_hmma=per_hmma,
                 hbm_bytes_per_stage=weights * bits // 8 + items * (ck // g) * 64 * 2,
                 act_bytes_per_stage=8 * mt * ck * 2)
 
@@ -330,8 +355,8 @@ def run_humming(out_dir: Path, cubins: dict | None = None) -> dict:
 DECODE_SOURCE = ROOT / "csrc" / "gemm" / "decode.cuh"
 # the statement of gsq_decode_kernel that opens each region, in source order
 DECODE_ANCHORS = dict(
-    kernel="gsq_decode_kernel(", segment="while (item < end)", store="if (seg_begin == (long long)rb * chunks",
-    splitk="const long long slot", arrive="if (!arrive_last(", reduce_loop="for (int w = first; w <= last; ++w)",
+    kernel="gsq_decode_kernel(", segment="while (item < end)", store="if (seg_begin == rb * chunks",
+    splitk="const int slot", arrive="if (!arrive_last(", reduce_loop="for (int w = first; w <= last; ++w)",
     reduce_store="store_row_block<T, MT>(C, sum")
 L2_ROUND_TRIP_CYCLES = 700  # one dependent L2 access (fence, atomic, load of a partial), SM clocks
 WHOLE_MS = [1, 4, 8, 16]
@@ -343,15 +368,22 @@ WHOLE_ASSUMPTIONS = dict(
     issue="one warp-instruction per clock per scheduler, 4 schedulers per SM; block b on SM b % SMs (one wave), "
           "warp w of a block on scheduler w % 4",
     critical_path="max(busiest scheduler's issue cycles, HBM cycles) + one L2 round trip (the first load) + the "
-                  "longest reduction chain: (2 + contributors) dependent L2 round trips (fence, arrival atomic, one "
-                  "load per contributor's partial) + the reducer's instructions",
+                  "longest reduction chain: (2 + steps) dependent L2 round trips (fence, arrival atomic, then the "
+                  "partials: one round trip per trip of the reduction loop when its SASS issues all of a trip's "
+                  "loads before its first add (reduce_batch contributors), the remainder one contributor each) + "
+                  "the reducer's instructions",
     critical_path_serial="issue + HBM + one L2 round trip + chain, nothing overlapped: a pessimistic variant "
                          "(reported, not used for the target)",
     bound="the layer's bytes (codes, scales, activations, output) / HBM bandwidth + one L2 round trip",
-    distinct_inflight="per SM (mean over active SMs): each warp's kDecodeStages - 1 items in flight, times its "
-                      "distinct share n / (n + stages - 1) (a warp of n items issues n + stages - 1 fetches; past its "
-                      "range's end it re-reads its last item)",
-    divisions="64-bit divisions take their 32-bit fast path (operands below 2^31, asserted), never the CALL",
+    distinct_inflight="per SM (mean over active SMs): per warp, the mean over its n items of the items in flight "
+                      "while it waits for item j, min(stages - 1, n - j) (the ring holds stages - 1; nothing past the "
+                      "range's end is fetched, so every byte in flight is distinct)",
+    inflight="per SM: per warp min(stages - 1, n) items, the most its ring holds at once",
+    stages="the kernel's own ring depth per instantiation (DecodeSmem::kStages, re-derived in decode_stages and "
+           "checked against each launch's shared memory)",
+    divisions="64-bit divisions (the kernel before: begin/end, item/chunks, owner_of, one per contributor) take "
+              "their 32-bit fast path (operands below 2^31, asserted), never the CALL; the kernel now divides in "
+              "32 bits only (the plan keeps items * (warps + 1) below 2^31)",
     reduction="counted once per split row block, on the last contributor to arrive: fixed + contributors x per "
               "contributor (the unrolled loop's remainder copies at the loop's per-contributor cost)",
     predicated="a predicated-off instruction counts (it takes its issue slot); BRA.DIV (divergence) not taken",
@@ -408,6 +440,12 @@ def decode_regions(instrs: list, token_tiles: int, anchors: dict[str, int]) -> d
     """Per-execution instruction counts of gsq_decode_kernel's regions, from its SASS (nvdisasm -gi)."""
     cfg = sass.Cfg(instrs, avoid=_division_slow_path)
     loops = cfg.loops()
+    # a 64-bit division's 32-bit arm is a block of its own beside the CALL; without any such CALL (the kernel
+    # divides in 32 bits) there is no division path to tell apart
+    has64 = any(_division_slow_path(b) for b in cfg.blocks)
+
+    def is_div(b: sass.Block) -> bool:
+        return has64 and _is_division_fast_path(b)
 
     def mma(body):
         return sum(cfg.blocks[j].count("HMMA") for j in body)
@@ -456,9 +494,20 @@ def decode_regions(instrs: list, token_tiles: int, anchors: dict[str, int]) -> d
     # one contributor's partial is kFloats / 4 = 4 MT float4 loads (csrc/gemm/reduce.cuh add_partial)
     loads = 4 * token_tiles
     red_loads = [cfg.blocks[j].count("LDG") for j in red_trip[1]]
-    if sum(red_loads) % loads or any(x not in (0, loads) for x in red_loads):
-        raise ValueError(f"reduction loop loads {red_loads}: not whole contributors, one per basic block")
+    if sum(red_loads) % loads or any(x % loads for x in red_loads):
+        raise ValueError(f"reduction loop loads {red_loads}: not whole contributors in each basic block")
     unroll = sum(red_loads) // loads
+
+    def batched(b: sass.Block) -> int:
+        """Contributors whose partials one block loads before its first add (one L2 round trip for all)."""
+        ops = [ins.base for ins in b.instrs]
+        if "LDG" not in ops:
+            return unroll
+        first_add = next((i for i, o in enumerate(ops) if o == "FADD"), len(ops))
+        last_load = max(i for i, o in enumerate(ops) if o == "LDG")
+        return ops.count("LDG") // loads if last_load < first_add else 1
+
+    batch = min(batched(cfg.blocks[j]) for j in red_trip[1])
     outside = (cfg.reachable - seg[2]) | {head}
     pro = cfg.path(0, head, allowed=outside)
     exits = [j for j in cfg.reachable if cfg.blocks[j].instrs[-1].base == "EXIT"
@@ -475,9 +524,9 @@ def decode_regions(instrs: list, token_tiles: int, anchors: dict[str, int]) -> d
         return dict(c)
 
     def divisions(blocks):
-        return sum(_is_division_fast_path(cfg.blocks[j]) for j in blocks if j not in zero)
+        return sum(is_div(cfg.blocks[j]) for j in blocks if j not in zero)
 
-    fast = [cfg.blocks[j].size for j in cfg.reachable if _is_division_fast_path(cfg.blocks[j])]
+    fast = [cfg.blocks[j].size for j in cfg.reachable if is_div(cfg.blocks[j])]
 
     partial_path = to_arrive[1] + not_last[1][1:]
     paths = (pro[1][:-1], full[1], partial_path, last[1])
@@ -485,12 +534,13 @@ def decode_regions(instrs: list, token_tiles: int, anchors: dict[str, int]) -> d
         item=item[0], prologue=pro[0] - cfg.blocks[head].size, tail=max(t[0] for t in tails), idle=first_exit + 1,
         segment_full=full[0], segment_partial=to_arrive[0] + not_last[0] - cfg.blocks[arrive].size,
         reduce_fixed=last[0] - not_last[0], per_contributor=red_trip[0] / unroll, reduce_unroll=unroll,
+        reduce_batch=batch,
         breakdown=dict(prologue=breakdown(pro[1][:-1]), segment_full=breakdown(full[1]),
                        segment_partial=breakdown(partial_path),
                        reduce_fixed={r: v - breakdown(not_last[1]).get(r, 0) for r, v in breakdown(last[1]).items()}),
         divisions_64=dict(prologue=divisions(pro[1][:-1]), segment_full=divisions(full[1]),
                           segment_partial=divisions(partial_path),
-                          per_contributor=sum(_is_division_fast_path(cfg.blocks[j]) for j in red_trip[1]) / unroll),
+                          per_contributor=sum(is_div(cfg.blocks[j]) for j in red_trip[1]) / unroll),
         division_fast_path_instructions=round(sum(fast) / len(fast), 1) if fast else 0,
         # the hot loop's mma are its own: none may be counted on another region's path
         tensor_ops_outside_hot_loop=sum(cfg.blocks[j].count("HMMA") for p in paths for j in p if j not in zero),
@@ -519,8 +569,13 @@ def owner_of(i: int, items: int, warps: int) -> int:
     return ((i + 1) * warps - 1) // items
 
 
+def _in_flight_sum(n: int, ring: int) -> int:
+    """sum over j < n of min(ring, n - j): a warp's items in flight while it waits for each of its n items."""
+    return n * (n + 1) // 2 if n <= ring else ring * (ring + 1) // 2 + (n - ring) * ring
+
+
 def whole_kernel_row(reg: dict, plan: dict, n: int, k: int, m: int, bits: int, g: int, ck: int, mach: dict,
-                     stages: int = 3, reduction: str = "serial") -> dict:
+                     stages: int | None = None, reduction: str = "serial") -> dict:
     """Whole-kernel instructions per weight, critical path and distinct bytes in flight of one layer.
     `stages` (kDecodeStages) and `reduction` ("serial": the reducer reads the partials one after another;
     "tree": a what-if where they are added in a tree, log2(contributors) dependent steps) are the kernel's
@@ -528,6 +583,8 @@ def whole_kernel_row(reg: dict, plan: dict, n: int, k: int, m: int, bits: int, g
     warps = plan["warps"]
     chunks = k // ck
     items = n // 64 * chunks
+    if stages is None:
+        stages = decode_stages(bits, ck, g, 2 if m > 8 else 1)
     if items * (warps + 1) >= 2**31:
         raise ValueError("64-bit divisions would leave their 32-bit fast path: not modelled")
     split = decode_split(items, warps, chunks)
@@ -558,8 +615,13 @@ def whole_kernel_row(reg: dict, plan: dict, n: int, k: int, m: int, bits: int, g
         extra = reg["reduce_fixed"] + len(ws) * reg["per_contributor"]
         parts["reduce"] += extra
         reduction_max = max(reduction_max, extra)
-        steps = len(ws) if reduction == "serial" else math.ceil(math.log2(len(ws))) if len(ws) > 1 else 1
-        cyc = (2 + steps) * L2_ROUND_TRIP_CYCLES + reg["reduce_fixed"] + steps * reg["per_contributor"]
+        # "serial": the unrolled loop's trip loads `reduce_batch` contributors' partials before its first add (one
+        # round trip for them all), the remainder one at a time
+        batch = reg.get("reduce_batch", 1)
+        steps = (len(ws) // batch + len(ws) % batch if reduction == "serial"
+                 else math.ceil(math.log2(len(ws))) if len(ws) > 1 else 1)
+        cyc = (2 + steps) * L2_ROUND_TRIP_CYCLES + reg["reduce_fixed"] + (
+            len(ws) if reduction == "serial" else steps) * reg["per_contributor"]
         if cyc > chain_cycles:
             chain_cycles, chain = cyc, 2 + steps
     idle = plan["grid_x"] * 4 - warps
@@ -573,10 +635,11 @@ def whole_kernel_row(reg: dict, plan: dict, n: int, k: int, m: int, bits: int, g
     for w, (begin, end, _) in enumerate(split):
         sm = (w // 4) % mach["sms"]
         sched[(sm, w % 4)] += instr[w]
-        sm_inflight[sm] += (stages - 1) * item_bytes
-        # the prologue issues stages - 1 items and the loop one per item; past the range's end they re-read the
-        # last item: n of those n + stages - 1 fetches are distinct
-        sm_distinct[sm] += (stages - 1) * item_bytes * (end - begin) / (end - begin + stages - 1)
+        n_items = end - begin
+        sm_inflight[sm] += min(stages - 1, n_items) * item_bytes
+        # while the warp waits for its item j, items j .. min(j + stages - 2, n - 1) are in flight (nothing past
+        # the range's end is fetched): the mean over its items
+        sm_distinct[sm] += item_bytes * _in_flight_sum(n_items, stages - 1) / max(n_items, 1)
     clk = mach["clock_ghz"] * 1e9
     hbm_bytes = n * k * bits / 8 + n * (k // g) * 2 + m * k * 2 + m * n * 2
     hbm_cycles = hbm_bytes / (mach["hbm_tbs"] * 1e12) * clk
@@ -654,6 +717,11 @@ def our_decode_kernel(m: int, k: int, bits: int, g: int, dtype: str, mach: dict)
         opts = cuda_emu.EmuOptions(sms=mach["sms"], smem_per_sm=mach["smem_sm"], dry_run=True)
         _, counters = cuda_emu.default_emulator().gemm(a, b, s, bits, g, 64, k, opts)
         (launch,) = counters["launches"]
+        facts = our_kernel_facts(launch["kernel"])
+        # the model's ring depth and placement (4 warps a block) are the launch's
+        if launch["smem"] != launch["block"][0] // 32 * facts["stages"] * decode_stage_bytes(
+                bits, facts["chunk_k"], g, facts["token_tiles"]) or launch["block"][0] != 128:
+            raise AssertionError(f"{launch}: not the ring depth decode_stages() models ({facts['stages']})")
         _KERNEL_NAMES[key] = _short(launch["kernel"])
     return _KERNEL_NAMES[key]
 

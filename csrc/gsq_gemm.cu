@@ -53,31 +53,34 @@ auto with_chunk_and_group(int k, int group_size, F&& f) {
                           : f(integral_constant<int, 128>{}, integral_constant<int, 128>{});
 }
 
-// Decode blocks that fit on one SM at once: the registers' budget (launch
-// bounds) and the shared memory of the instantiation the plan will launch.
-template <int BITS, int CK, int G, int MT>
-int decode_blocks_per_sm(int smem_per_sm) {
-  return std::max(1, std::min(decode_min_blocks<MT>(),
-                              smem_per_sm / (DecodeSmem<BITS, CK, G, MT>::kBytes + kSmemPerBlockReserved)));
-}
+// The decode launch's shape on a device: warps per block (kDecodeWarps where four rings fit one
+// SM's shared memory, else fewer) and blocks per SM (the registers' budget of the launch bounds,
+// and the shared memory) of the instantiation the plan will launch.
+struct DecodeShape {
+  int block_warps, blocks_per_sm;
+};
 
-template <int BITS, int CK, int G>
-int decode_blocks_per_sm_mt(int mt, int smem_per_sm) {
-  return mt == 1 ? decode_blocks_per_sm<BITS, CK, G, 1>(smem_per_sm) : decode_blocks_per_sm<BITS, CK, G, 2>(smem_per_sm);
+template <int BITS, int CK, int G, int MT>
+DecodeShape decode_shape(int smem_per_sm) {
+  constexpr int ring = DecodeSmem<BITS, CK, G, MT>::kWarpBytes;
+  const int block_warps = std::clamp((smem_per_sm - kSmemPerBlockReserved) / ring, 1, kDecodeWarps);
+  return {block_warps, std::max(1, std::min(decode_min_blocks<MT>(),
+                                            smem_per_sm / (block_warps * ring + kSmemPerBlockReserved)))};
 }
 
 template <int BITS>
-int decode_blocks_per_sm_g(int k, int group_size, int mt, int smem_per_sm) {
+DecodeShape decode_shape_of(int k, int group_size, int mt, int smem_per_sm) {
   return with_chunk_and_group(k, group_size, [&](auto ck, auto g) {
-    return decode_blocks_per_sm_mt<BITS, decltype(ck)::value, decltype(g)::value>(mt, smem_per_sm);
+    constexpr int CK = decltype(ck)::value, G = decltype(g)::value;
+    return mt == 1 ? decode_shape<BITS, CK, G, 1>(smem_per_sm) : decode_shape<BITS, CK, G, 2>(smem_per_sm);
   });
 }
 
 template <typename T, int BITS, int CK, int G, int MT>
 cudaError_t launch_decode(const GsqGemmPlan& p, const void* a, const void* b, const void* s, void* c, void* ws,
                           int* counters, int m, int n, int k, cudaStream_t stream) {
-  return launch_kernel(gsq_decode_kernel<T, BITS, CK, G, MT>, dim3(p.grid_x), dim3(kDecodeThreads),
-                       DecodeSmem<BITS, CK, G, MT>::kBytes, stream,
+  return launch_kernel(gsq_decode_kernel<T, BITS, CK, G, MT>, dim3(p.grid_x), dim3(32 * p.block_warps),
+                       (size_t)p.block_warps * DecodeSmem<BITS, CK, G, MT>::kWarpBytes, stream,
                        static_cast<const T*>(a), static_cast<const uint32_t*>(b), static_cast<const T*>(s),
                        static_cast<T*>(c), static_cast<float*>(ws), counters, m, n, k, p.warps);
 }
@@ -119,12 +122,25 @@ GsqGemmPlan gsq_gemm_plan(int m, int n, int k, int bits, int group_size, GsqDevi
   const int chunks = k / chunk_k(k, group_size);
   const long long row_blocks = n / kRowBlock;
   if (m <= 16) {
+    // Decode. The plan's rules, stated once (benchmarks/kernel_static.py re-derives the split from
+    // the launched plan, tests/test_kernel_static.py checks it against this code):
+    //  * one wave: at most the warps that fit on the device at once (decode_shape);
+    //  * each warp streams at least kDecodeMinItems items where the layer has them (fewer, longer
+    //    ranges at small layers: the prologue and segment costs amortized, the ring kept busy),
+    //    but at least one warp per SM (every SM's share of HBM bandwidth);
+    //  * warp w streams items [items w / warps, items (w + 1) / warps), so items * (warps + 1) stays
+    //    below 2^31: the kernel's indices and divisions are 32-bit.
     p.token_tiles = m <= 8 ? 1 : 2;
     const long long items = row_blocks * chunks;
-    const int blocks_per_sm = bits == 2 ? decode_blocks_per_sm_g<2>(k, group_size, p.token_tiles, device.smem_per_sm)
-                                        : decode_blocks_per_sm_g<3>(k, group_size, p.token_tiles, device.smem_per_sm);
-    p.warps = (int)std::min<long long>(items, (long long)sms * blocks_per_sm * kDecodeWarps);
-    p.grid_x = (p.warps + kDecodeWarps - 1) / kDecodeWarps;
+    const DecodeShape shape = bits == 2 ? decode_shape_of<2>(k, group_size, p.token_tiles, device.smem_per_sm)
+                                        : decode_shape_of<3>(k, group_size, p.token_tiles, device.smem_per_sm);
+    const long long resident = (long long)sms * shape.blocks_per_sm * shape.block_warps;
+    long long warps = std::min({items, resident, std::max<long long>(sms, items / kDecodeMinItems)});
+    warps = std::min(warps, (long long)INT32_MAX / std::max(items, 1LL) - 1);  // items * (warps + 1) < 2^31
+    if (warps < 1) return GsqGemmPlan{};  // too many items for 32-bit indices: gsq_gemm_launch refuses it
+    p.warps = (int)warps;
+    p.block_warps = shape.block_warps;
+    p.grid_x = (p.warps + shape.block_warps - 1) / shape.block_warps;
     p.grid_y = 1;
     p.splits = 1;
     // a row block is split between warps unless every warp boundary falls on a row block boundary
@@ -143,6 +159,7 @@ GsqGemmPlan gsq_gemm_plan(int m, int n, int k, int bits, int group_size, GsqDevi
   p.grid_y = token_blocks;
   p.splits = (int)std::clamp<long long>((kPrefillBlocksPerSm * (long long)sms + blocks - 1) / blocks, 1, chunks);
   p.warps = (int)(blocks * p.splits * kPrefillWarps);
+  p.block_warps = kPrefillWarps;
   if (p.splits > 1) {
     const long long units = row_blocks * kTilesPerItem * token_blocks;
     p.workspace_bytes = (size_t)units * p.splits * 32 * (p.token_tiles * 4) * sizeof(float);
@@ -159,6 +176,7 @@ cudaError_t gsq_gemm_launch(const void* a, const void* b, const void* s, void* c
       (group_size != 32 && group_size != 64 && group_size != 128) || (bits != 2 && bits != 3))
     return cudaErrorInvalidValue;
   const GsqGemmPlan p = gsq_gemm_plan(m, n, k, bits, group_size, device);
+  if (p.warps < 1) return cudaErrorInvalidValue;
   if (workspace_bytes < p.workspace_bytes || counter_bytes < p.counter_bytes ||
       (p.workspace_bytes && workspace == nullptr) || (p.counter_bytes && counters == nullptr))
     return cudaErrorInvalidValue;

@@ -12,9 +12,11 @@ struct GsqDevice {
 };
 
 // How gsq_gemm_launch runs an [M, K] x [K, N] problem on a device. M <= 16:
-// the decode kernel, `warps` independent warps in grid_x blocks, as many as
-// fit on the device at once (one wave), token_tiles = 1 or 2 (8 tokens
-// each). Larger M: the prefill kernel, grid (row blocks, token blocks,
+// the decode kernel, `warps` independent warps in grid_x blocks, at most as
+// many as fit on the device at once (one wave), each streaming at least 8
+// items where the layer has them (csrc/gsq_gemm.cu), token_tiles = 1 or 2 (8 tokens
+// each), block_warps warps a block (fewer than 4 where shared memory is
+// short). Larger M: the prefill kernel, grid (row blocks, token blocks,
 // splits), token_tiles = 4 or 8. workspace_bytes: scratch for split-K partial
 // sums (any contents); counter_bytes: ints that must be zero before the first
 // launch (each launch leaves them zero). Both 0 when nothing is split.
@@ -24,6 +26,7 @@ struct GsqGemmPlan {
   int warps;
   size_t workspace_bytes;
   size_t counter_bytes;
+  int block_warps;  // warps a block (blockDim.x / 32)
 };
 
 GsqGemmPlan gsq_gemm_plan(int m, int n, int k, int bits, int group_size, GsqDevice device);

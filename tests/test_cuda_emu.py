@@ -99,3 +99,18 @@ def test_kernel_refuses_what_it_cannot_take(emu):
     a = random_activations(1, 256, torch.float16, seed=0)
     with pytest.raises(ce.EmulatorError, match="invalid argument"):
         emu.gemm(a, b_r, s_r, 4, 64, 128, 256)  # bits 4
+
+
+@pytest.mark.parametrize("bits,m", [(2, 1), (3, 12)])
+def test_decode_with_fewer_warps_a_block(emu, bits, m):
+    """Where four rings do not fit one SM's shared memory (sm_86/89: 100 KB), the plan launches blocks of
+    fewer warps; the kernel indexes its warps by blockDim."""
+    n, k, g, sms, smem, dtype = 320, 640, 64, 3, 100 * 1024, torch.float16
+    w_t, b_r, s_r = random_layer(n, k, bits, g, dtype, seed=m)
+    a = random_activations(m, k, dtype, seed=m)
+    c, stats = emu.gemm(a, b_r, s_r, bits, g, n, k, ce.EmuOptions(sms=sms, smem_per_sm=smem, order="reverse"))
+    plan = emu.plan(m, n, k, bits, g, sms, smem)
+    (launch,) = stats["launches"]
+    assert launch["block"][0] < 128 and plan["grid_x"] * launch["block"][0] // 32 >= plan["warps"]
+    assert plan["workspace_bytes"] > 0  # a split row block
+    check_against_float64(c, a, w_t)

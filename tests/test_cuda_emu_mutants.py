@@ -50,22 +50,31 @@ MUTANTS = {
     "split end past the next split's start": ("gemm/prefill.cuh", [(
         "const int c_end = (int)((long long)chunks * (split + 1) / splits);",
         "const int c_end = min(chunks, (int)((long long)chunks * (split + 1) / splits) + 1);")]),
-    "unclamped decode prefetch": ("gemm/decode.cuh", [("      if (item + kDecodeStages < end) {  // advance",
-                                                       "      if (true) {  // advance")]),
+    "unclamped decode prefetch": ("gemm/decode.cuh", [("      if (item + kStages - 1 < end)  // no prefetch",
+                                                       "      if (true)  // no prefetch")]),
+    "unclamped decode prologue": ("gemm/decode.cuh", [("    if (begin + st < end)  // nothing past",
+                                                       "    if (true)  // nothing past")]),
+    "decode waits one group short": ("gemm/decode.cuh", [("      ptx::cp_async_wait<kStages - 2>();",
+                                                          "      ptx::cp_async_wait<kStages - 1>();")]),
     "decode ring read without __syncwarp": ("gemm/decode.cuh", [("      __syncwarp();  // item's pieces", "      // item's pieces")]),
     "decode ring refills the stage being read": ("gemm/decode.cuh", [(
-        "const int refill = stage == 0 ? kDecodeStages - 1 : stage - 1;", "const int refill = stage;")]),
+        "const int refill = stage == 0 ? kStages - 1 : stage - 1;", "const int refill = stage;")]),
     "wrong code offset": ("gemm/layout.cuh", [("Fmt<T>::magic(j) | ((1u << (BITS - 1)) << j)",
                                                "Fmt<T>::magic(j) | ((1u << (BITS - 1)) << j) | (1u << j)")]),
     "tile sums miss the correction": ("gemm/decode.cuh", [("F::mma_cd(p[mt], a, b[s][mt], corr[mt]);",
                                                            "F::mma_c0(p[mt], a, b[s][mt]);")]),
-    "reducer skips the last contributor": ("gemm/decode.cuh", [("for (int w = first; w <= last; ++w) {",
-                                                                "for (int w = first; w < last; ++w) {")]),
+    "reducer skips the last contributor": ("gemm/decode.cuh", [("for (int w = first; w <= last; ++w)",
+                                                                "for (int w = first; w < last; ++w)")]),
+    "reducer reads the first contributor's other slot": ("gemm/decode.cuh", [(
+        "< rb * chunks ? 1 : 0);", "< rb * chunks ? 0 : 1);")]),
+    # right wherever a block has kDecodeWarps warps, wrong where shared memory is short (sm_86/89)
+    "warp index assumes four warps a block": ("gemm/decode.cuh", [(
+        "const int gw = blockIdx.x * (blockDim.x / 32) + warp;", "const int gw = blockIdx.x * kDecodeWarps + warp;")]),
     "split-K counter not reset": ("gemm/reduce.cuh", [("    if (lane == 0) atomicExch(counter, 0);", "")]),
     "rows past M stored": ("gemm/decode.cuh", [("        if (token < M) C[(size_t)token * N + row]",
                                                 "        C[(size_t)token * N + row]")]),
     "one slot for both partial segments": ("gemm/decode.cuh", [(
-        "const long long slot = 2LL * gw + (seg_begin == begin ? 0 : 1);", "const long long slot = 2LL * gw;")]),
+        "const int slot = 2 * gw + (seg_begin == begin ? 0 : 1);", "const int slot = 2 * gw;")]),
     # memory order: each of these still computes the right sums on a CPU; only the emulator's
     # PTX memory-model checks (docs/EMULATOR.md, "Memory order") can fail them
     "split-K writer without its fence": ("gemm/reduce.cuh", [(
@@ -74,8 +83,9 @@ MUTANTS = {
         "    __threadfence();  // the others' partials, after their counts\n", "")]),
     "arrival atomic without __syncwarp": ("gemm/reduce.cuh", [("  __syncwarp();\n  int old = 0;", "  int old = 0;")]),
     # right wherever every warp boundary is a whole item (items % warps == 0), wrong elsewhere
-    "owner_of off by one": ("gemm/decode.cuh", [("return (int)(((i + 1) * warps - 1) / items);",
-                                                 "return (int)(i * warps / items);")]),
+    "owner_of off by one": ("gemm/decode.cuh", [(
+        "return (int)(((unsigned)i * (unsigned)warps + (unsigned)warps - 1u) / (unsigned)items);",
+        "return (int)((unsigned)i * (unsigned)warps / (unsigned)items);")]),
     "uneven prefill splits lose the remainder": ("gemm/prefill.cuh", [(
         "  const int c_begin = (int)((long long)chunks * split / splits);\n"
         "  const int c_end = (int)((long long)chunks * (split + 1) / splits);",

@@ -194,11 +194,38 @@ def test_decode_regions_from_sass(sm90_regions, our_sm90):
         # a segment is more than its bounds: it stores C or a partial, so never cheaper than 20 instructions
         assert 50 < r["prologue"] < 1000 and 20 < r["segment_full"] < 1000 and 20 < r["segment_partial"] < 1000
         assert r["reduce_unroll"] >= 1 and 10 < r["per_contributor"] < 500 and r["reduce_fixed"] > 0, name
+        assert 1 <= r["reduce_batch"] <= r["reduce_unroll"], name
         assert r["tail"] >= 1 and 1 <= r["idle"] < 20, name
         assert r["tensor_ops_outside_hot_loop"] == 0, name
         # the per-source-region breakdown covers each path's instructions exactly
         for region in ("segment_full", "segment_partial", "prologue", "reduce_fixed"):
             assert sum(r["breakdown"][region].values()) == r[region], (name, region)
+
+
+def test_decode_ring_depth_is_the_kernels():
+    """decode_stages (re-derived) against the shared memory the host code launches each decode kernel with."""
+    import kernel_static
+    import torch
+
+    from gsq_vllm import cuda_emu as ce
+
+    emu = ce.default_emulator()
+    seen = set()
+    for bits, k, g, m, smem in [(2, 4096, 128, 1, 228), (3, 4096, 128, 1, 228), (2, 4096, 64, 16, 228),
+                                (3, 4096, 64, 16, 164), (2, 576, 64, 1, 228), (3, 1024, 32, 12, 100),
+                                (2, 4096, 128, 1, 100)]:
+        a = torch.zeros(m, k, dtype=torch.float16)
+        b = torch.zeros(1, k * 2 * bits, dtype=torch.int32)
+        s = torch.zeros(1, k // g * 64, dtype=torch.float16)
+        _, counters = emu.gemm(a, b, s, bits, g, 64, k, ce.EmuOptions(smem_per_sm=smem * 1024, dry_run=True))
+        (launch,) = counters["launches"]
+        facts = kernel_static.our_kernel_facts(launch["kernel"])
+        stage = kernel_static.decode_stage_bytes(bits, facts["chunk_k"], g, facts["token_tiles"])
+        assert launch["smem"] == launch["block"][0] // 32 * facts["stages"] * stage
+        assert 3 <= facts["stages"] and facts["stages"] * stage <= 40 * 1024
+        assert launch["block"][0] == (128 if smem >= 164 else 64)
+        seen.add(facts["stages"])
+    assert len(seen) >= 3
 
 
 def test_decode_split_covers_the_items_once():
@@ -267,27 +294,40 @@ def test_whole_kernel_critical_path_and_distinct_bytes():
                per_contributor=65.0)
     mach = kernel_static.MACHINES["H100 SXM"]
     l2 = kernel_static.L2_ROUND_TRIP_CYCLES
-    # one item per warp, no split (chunks = 1): every fetch after the first re-reads it -> 1/3 distinct
-    row = kernel_static.whole_kernel_row(reg, _plan(8448, 128, 132), 8448, 128, 1, 2, 128, 128, mach)
-    assert row["split_row_blocks"] == 0 and row["chain_cycles"] == 0
-    assert row["distinct_inflight_kb_per_sm"] == pytest.approx(row["inflight_kb_per_sm"] / 3, abs=0.1)
+    # one item per warp, no split (chunks = 1): nothing past a range's end is fetched, so the one item is all a
+    # warp has in flight, whatever the ring's depth
+    for stages in (3, None):
+        row = kernel_static.whole_kernel_row(reg, _plan(8448, 128, 132), 8448, 128, 1, 2, 128, 128, mach, stages)
+        assert row["split_row_blocks"] == 0 and row["chain_cycles"] == 0
+        assert row["distinct_inflight_kb_per_sm"] == pytest.approx(row["inflight_kb_per_sm"], abs=0.1)
+        assert row["inflight_kb_per_sm"] == pytest.approx(4 * (2048 + 128) / 1024, abs=0.1)  # 4 warps an SM
     assert row["critical_path_cycles"] == max(row["issue_cycles"], row["hbm_cycles"]) + l2
     # 32 items over 16 warps of one row block: 16 contributors, one reducer chain
     row = kernel_static.whole_kernel_row(reg, _plan(64, 4096, 16), 64, 4096, 1, 2, 128, 128, mach)
     assert row["max_contributors"] == 16 and row["reduction_chain_round_trips"] == 18
     assert row["chain_cycles"] == 18 * l2 + int(reg["reduce_fixed"] + 16 * reg["per_contributor"])
-    assert row["distinct_inflight_kb_per_sm"] == pytest.approx(row["inflight_kb_per_sm"] / 2, abs=0.1)
+    # the reduction loop's trip loading 4 contributors before its first add: 4 round trips for the 16
+    batched = kernel_static.whole_kernel_row(dict(reg, reduce_batch=4), _plan(64, 4096, 16), 64, 4096, 1, 2, 128,
+                                             128, mach)
+    assert batched["reduction_chain_round_trips"] == 6
+    assert batched["chain_cycles"] == 6 * l2 + int(reg["reduce_fixed"] + 16 * reg["per_contributor"])
+    # two items a warp, a deeper ring: both in flight while it waits for the first, one for the second
+    assert row["distinct_inflight_kb_per_sm"] == pytest.approx(row["inflight_kb_per_sm"] * 3 / 4, abs=0.1)
+    # a range longer than the ring: ring - 1 items in flight but for its last ones
+    row = kernel_static.whole_kernel_row(reg, _plan(64, 4096, 2), 64, 4096, 1, 2, 128, 128, mach, stages=5)
+    per_warp = (2048 + 128) * (4 * 5 / 2 + 12 * 4) / 16  # 16 items: 4 + 3 + 2 + 1 at the end, 12 x 4 before
+    assert row["distinct_inflight_kb_per_sm"] == pytest.approx(2 * per_warp / 1024, abs=0.1)
 
 
 # the kernel's own split, logged by an instrumented copy of csrc/gemm/decode.cuh under the emulator
 SPLIT_PROBES = [
     ("#pragma once\n", "#pragma once\n#include <cstdio>\n"),
-    ("  const long long begin = items * gw / warps_total, end = items * (gw + 1) / warps_total;\n",
-     "  const long long begin = items * gw / warps_total, end = items * (gw + 1) / warps_total;\n"
-     "  if (lane == 0) std::fprintf(stderr, \"GSQ_RANGE %d %lld %lld\\n\", gw, begin, end);\n"),
-    ("    const long long seg_end = min(end, (long long)(rb + 1) * chunks);\n",
-     "    const long long seg_end = min(end, (long long)(rb + 1) * chunks);\n"
-     "    if (lane == 0) std::fprintf(stderr, \"GSQ_SEGMENT %d %d %lld %lld\\n\", gw, rb, seg_begin, seg_end);\n"),
+    ("  const int begin = range_begin(gw, items, warps_total), end = range_begin(gw + 1, items, warps_total);\n",
+     "  const int begin = range_begin(gw, items, warps_total), end = range_begin(gw + 1, items, warps_total);\n"
+     "  if (lane == 0) std::fprintf(stderr, \"GSQ_RANGE %d %d %d\\n\", gw, begin, end);\n"),
+    ("    const int seg_end = min(end, (rb + 1) * chunks);\n",
+     "    const int seg_end = min(end, (rb + 1) * chunks);\n"
+     "    if (lane == 0) std::fprintf(stderr, \"GSQ_SEGMENT %d %d %d %d\\n\", gw, rb, seg_begin, seg_end);\n"),
     ("    if (!arrive_last(counters + rb, last - first + 1, lane)) continue;\n",
      "    if (!arrive_last(counters + rb, last - first + 1, lane)) continue;\n"
      "    if (lane == 0) std::fprintf(stderr, \"GSQ_REDUCE %d %d %d %d\\n\", gw, rb, first, last);\n"),

@@ -3,21 +3,24 @@
 //
 // Work split: the (row block, chunk) items of the layer (csrc/gemm/layout.cuh)
 // are cut into `warps_total` contiguous, balanced ranges, one per warp
-// (stream-K over warps). Warps never wait for each other: each has its own
-// ring of kDecodeStages shared-memory stages, and no __syncthreads is used.
-// A warp walks its range one item at a time, row block by row block (a
-// *segment*): cp.async brings item i + kDecodeStages - 1 (codes, scales and
-// the chunk's activations, token rows past M zero-filled) into the ring while
-// item i is computed, so two items per warp are in flight with no registers
-// held for them.
+// (stream-K over warps). The host plan (csrc/gsq_gemm.cu) picks warps_total
+// so each warp streams at least kDecodeMinItems items where the layer has
+// them. Warps never wait for each other: each has its own ring of
+// DecodeSmem::kStages shared-memory stages (as many as kDecodeRingBytes
+// holds), and no __syncthreads is used. A warp walks its range one item at a
+// time, row block by row block (a *segment*): cp.async brings item
+// i + kStages - 1 (codes, scales and the chunk's activations, token rows past
+// M zero-filled) into the ring while item i is computed, so kStages - 1 items
+// per warp are in flight with no registers held for them; nothing past the
+// range's end is fetched.
 //
 // Per item and group, one correction mma per k step (csrc/gemm/layout.cuh)
 // gives the accumulator every tile's fp32 partial sum of q * a starts from;
 // the partial sums are added times the group scale. A segment that covers a
 // whole row block stores C directly; a partial one goes through
-// csrc/gemm/reduce.cuh. The loop body is straight-line: no runtime division,
-// no branch but its own (prefetches past the range's end re-read its last
-// item instead of being skipped).
+// csrc/gemm/reduce.cuh. The loop body has no runtime division; its one branch
+// skips the prefetch past the range's end. Item indices are 32-bit: the plan
+// keeps items * (warps_total + 1) below 2^31 (no 64-bit division anywhere).
 #pragma once
 
 #include "layout.cuh"
@@ -25,9 +28,13 @@
 
 namespace gsq {
 
-constexpr int kDecodeWarps = 4;  // per block; warps are independent
+constexpr int kDecodeWarps = 4;  // per block at most (the plan launches fewer where shared memory is short)
 constexpr int kDecodeThreads = 32 * kDecodeWarps;
-constexpr int kDecodeStages = 3;
+// One warp's ring holds as many stages as fit in kDecodeRingBytes (at least 3, at most
+// kDecodeMaxStages): four such rings fit an A100's 163 KB a block, two an sm_86/89's 99 KB.
+constexpr int kDecodeRingBytes = 40 * 1024;
+constexpr int kDecodeMaxStages = 16;
+constexpr int kDecodeMinItems = 8;  // items each warp streams at least, where the layer has them
 
 // Blocks per SM the register budget is set for (no spills in any instantiation).
 template <int MT>
@@ -46,9 +53,12 @@ struct DecodeSmem {
   static constexpr int kActRowHalves = CK + 8;
   static constexpr int kActBytes = 8 * MT * kActRowHalves * 2;
   static constexpr int kStageBytes = kWeightBytes + kScaleBytes + kActBytes;
-  static constexpr int kWarpBytes = kDecodeStages * kStageBytes;
-  static constexpr int kBytes = kDecodeWarps * kWarpBytes;
+  static constexpr int kStages = kDecodeRingBytes / kStageBytes < 3                  ? 3
+                                 : kDecodeRingBytes / kStageBytes > kDecodeMaxStages ? kDecodeMaxStages
+                                                                                     : kDecodeRingBytes / kStageBytes;
+  static constexpr int kWarpBytes = kStages * kStageBytes;  // a block of w warps takes w kWarpBytes
   static_assert(kWeightBytes % 16 == 0 && kScaleBytes % 16 == 0 && kActBytes % 16 == 0, "16-byte pieces");
+  static_assert(kWarpBytes <= kDecodeRingBytes, "a ring within its budget");
 };
 
 // Where this lane's cp.async pieces come from and go to, relative to an
@@ -197,9 +207,15 @@ __device__ __forceinline__ void store_row_block(T* C, const float (&acc)[kTilesP
       }
 }
 
-// The warp that owns item i under the balanced split of `items` over `warps` ranges.
-__device__ __forceinline__ int owner_of(long long i, long long items, int warps) {
-  return (int)(((i + 1) * warps - 1) / items);
+// The first item of warp w's range under the balanced split of `items` over `warps` ranges
+// (32-bit: the plan keeps items * (warps + 1) below 2^31).
+__device__ __forceinline__ int range_begin(int w, int items, int warps) {
+  return (int)((unsigned)items * (unsigned)w / (unsigned)warps);
+}
+
+// The warp that owns item i under the same split.
+__device__ __forceinline__ int owner_of(int i, int items, int warps) {
+  return (int)(((unsigned)i * (unsigned)warps + (unsigned)warps - 1u) / (unsigned)items);
 }
 
 template <typename T, int BITS, int CK, int G, int MT>
@@ -208,71 +224,70 @@ __global__ void __launch_bounds__(kDecodeThreads, decode_min_blocks<MT>())
                       T* __restrict__ C, float* __restrict__ ws, int* __restrict__ counters, int M, int N, int K,
                       int warps_total) {
   using SM = DecodeSmem<BITS, CK, G, MT>;
+  constexpr int kStages = SM::kStages;
   constexpr int kFloats = kTilesPerItem * MT * 4;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int gw = blockIdx.x * kDecodeWarps + warp;
+  const int gw = blockIdx.x * (blockDim.x / 32) + warp;
   if (gw >= warps_total) return;
   unsigned char* ring = ptx::dynamic_smem() + warp * SM::kWarpBytes;
   const int chunks = K / CK;
-  const long long items = (long long)(N / kRowBlock) * chunks;
-  const long long begin = items * gw / warps_total, end = items * (gw + 1) / warps_total;
+  const int items = (N / kRowBlock) * chunks;
+  const int begin = range_begin(gw, items, warps_total), end = range_begin(gw + 1, items, warps_total);
 
-  // prologue: the first kDecodeStages - 1 items of the range in flight
+  // prologue: the first kStages - 1 items of the range in flight (those it has)
   using L = Layout<BITS, CK>;
   const DecodeCopy<T, BITS, CK, G, MT> cp(A, M, K, lane);
-  const uint32_t* w_lane = B + begin * L::kItemWords + lane * 4;     // + kItemWords per item
-  const T* s_lane = S + begin * (CK / G) * 64 + lane * 8;            // + (CK / G) 64 per item
-  int c_issue = (int)(begin % chunks);
+  const uint32_t* w_lane = B + (size_t)begin * L::kItemWords + lane * 4;     // + kItemWords per item
+  const T* s_lane = S + (size_t)begin * (CK / G) * 64 + lane * 8;            // + (CK / G) 64 per item
+  int c_issue = (int)((unsigned)begin % (unsigned)chunks);
 #pragma unroll
-  for (int st = 0; st < kDecodeStages - 1; ++st) {
-    issue_item<T, BITS, CK, G, MT>(ring + st * SM::kStageBytes, w_lane, s_lane, cp, c_issue, lane);
-    ptx::cp_async_commit();
-    if (begin + st + 1 < end) {  // never past the range's last item
-      w_lane += L::kItemWords;
-      s_lane += (CK / G) * 64;
-      c_issue = c_issue + 1 == chunks ? 0 : c_issue + 1;
-    }
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (begin + st < end)  // nothing past the range's end
+      issue_item<T, BITS, CK, G, MT>(ring + st * SM::kStageBytes, w_lane, s_lane, cp, c_issue, lane);
+    ptx::cp_async_commit();  // (an empty group past the end keeps the wait counts uniform)
+    w_lane += L::kItemWords;
+    s_lane += (CK / G) * 64;
+    c_issue = c_issue + 1 == chunks ? 0 : c_issue + 1;
   }
   uint32_t a_corr[4];  // the correction mma's constant A operand
   correction_fragment<T, BITS>(a_corr);
-  int stage = 0;  // ring stage of `item`; item + kDecodeStages - 1 goes into the one before it
-  long long item = begin;
+  int stage = 0;  // ring stage of `item`; item + kStages - 1 goes into the one before it
+  int item = begin;
   while (item < end) {
-    const int rb = (int)(item / chunks);  // once per segment
-    const long long seg_begin = item;
-    const long long seg_end = min(end, (long long)(rb + 1) * chunks);
+    const int rb = (int)((unsigned)item / (unsigned)chunks);  // once per segment
+    const int seg_begin = item;
+    const int seg_end = min(end, (rb + 1) * chunks);
     float acc[kTilesPerItem][MT][4] = {};
     for (; item < seg_end; ++item) {
-      ptx::cp_async_wait<kDecodeStages - 2>();
+      ptx::cp_async_wait<kStages - 2>();
       __syncwarp();  // item's pieces (copied by all lanes) visible to all; the stage refilled below is free
-      // refill the stage freed last time; past the range's end it re-reads the last item (never
-      // computed again), which keeps the loop free of branches
-      const int refill = stage == 0 ? kDecodeStages - 1 : stage - 1;
-      issue_item<T, BITS, CK, G, MT>(ring + refill * SM::kStageBytes, w_lane, s_lane, cp, c_issue, lane);
+      // refill the stage freed last time with item + kStages - 1, if the range has it
+      const int refill = stage == 0 ? kStages - 1 : stage - 1;
+      if (item + kStages - 1 < end)  // no prefetch past the range's end
+        issue_item<T, BITS, CK, G, MT>(ring + refill * SM::kStageBytes, w_lane, s_lane, cp, c_issue, lane);
       ptx::cp_async_commit();
-      if (item + kDecodeStages < end) {  // advance the copy pointers (compiled to selects)
-        w_lane += L::kItemWords;
-        s_lane += (CK / G) * 64;
-        c_issue = c_issue + 1 == chunks ? 0 : c_issue + 1;
-      }
+      w_lane += L::kItemWords;
+      s_lane += (CK / G) * 64;
+      c_issue = c_issue + 1 == chunks ? 0 : c_issue + 1;
       compute_item<T, BITS, CK, G, MT>(acc, ring + stage * SM::kStageBytes, a_corr, lane);
-      stage = stage + 1 == kDecodeStages ? 0 : stage + 1;
+      stage = stage + 1 == kStages ? 0 : stage + 1;
     }
-    if (seg_begin == (long long)rb * chunks && seg_end == (long long)(rb + 1) * chunks) {
+    if (seg_begin == rb * chunks && seg_end == (rb + 1) * chunks) {
       store_row_block<T, MT>(C, acc, rb, M, N, lane);
       continue;
     }
     // a partial row block: slot 0 for the warp's first segment, 1 for its last
-    const long long slot = 2LL * gw + (seg_begin == begin ? 0 : 1);
+    const int slot = 2 * gw + (seg_begin == begin ? 0 : 1);
     store_partial<kFloats>(ws, slot, &acc[0][0][0], lane);
-    const int first = owner_of((long long)rb * chunks, items, warps_total);
-    const int last = owner_of((long long)(rb + 1) * chunks - 1, items, warps_total);
+    const int first = owner_of(rb * chunks, items, warps_total);
+    const int last = owner_of((rb + 1) * chunks - 1, items, warps_total);
     if (!arrive_last(counters + rb, last - first + 1, lane)) continue;
+    // every contributor after the first begins its range inside the row block (its slot 0); the first
+    // used slot 1 if its range began before the row block
+    const int first_slot = 2 * first + (range_begin(first, items, warps_total) < rb * chunks ? 1 : 0);
     float sum[kTilesPerItem][MT][4] = {};
-    for (int w = first; w <= last; ++w) {
-      const long long w_begin = items * w / warps_total;
-      add_partial<kFloats>(&sum[0][0][0], ws, 2LL * w + (w_begin >= (long long)rb * chunks ? 0 : 1), lane);
-    }
+    for (int w = first; w <= last; ++w)
+      add_partial<kFloats>(&sum[0][0][0], ws, w == first ? first_slot : 2 * w, lane);
     store_row_block<T, MT>(C, sum, rb, M, N, lane);
   }
   ptx::cp_async_wait<0>();

@@ -45,6 +45,7 @@ __device__ __forceinline__ bool arrive_last(int* counter, int contributors, int 
   old = __shfl_sync(0xffffffffu, old, 0);
   const bool last = old == contributors - 1;
   if (last) {
+    __syncwarp();  // lane 0's atomic (its acquire of the count) ordered before every lane's fence: a shfl orders nothing
     __threadfence();  // the others' partials, after their counts
     if (lane == 0) atomicExch(counter, 0);  // leave it as the next launch expects
   }
