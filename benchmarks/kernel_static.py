@@ -577,9 +577,9 @@ def _in_flight_sum(n: int, ring: int) -> int:
 def whole_kernel_row(reg: dict, plan: dict, n: int, k: int, m: int, bits: int, g: int, ck: int, mach: dict,
                      stages: int | None = None, reduction: str = "serial") -> dict:
     """Whole-kernel instructions per weight, critical path and distinct bytes in flight of one layer.
-    `stages` (kDecodeStages) and `reduction` ("serial": the reducer reads the partials one after another;
-    "tree": a what-if where they are added in a tree, log2(contributors) dependent steps) are the kernel's
-    unless a what-if says otherwise."""
+    `stages` (DecodeSmem::kStages; None: the kernel's own, decode_stages) and `reduction` ("serial": the
+    reducer's loop loads reduce_batch contributors' partials per round trip; "tree": a what-if where they are
+    added in a tree, log2(contributors) dependent steps) are the kernel's unless a what-if says otherwise."""
     warps = plan["warps"]
     chunks = k // ck
     items = n // 64 * chunks
@@ -675,7 +675,7 @@ def what_if_rows(reg: dict, plan: dict, n: int, k: int, m: int, bits: int, g: in
 
     * now: the kernel as compiled;
     * fewer warps: every warp streams >= `min_items` items (warps = items / min_items, at least one per SM),
-      its ring deep enough for 32 KB distinct in flight per SM (the smallest kDecodeStages that gets there);
+      its ring deep enough for 32 KB distinct in flight per SM (the smallest ring depth that gets there);
     * + tree reduction: the split row blocks' partials added in log2(contributors) dependent steps;
     * + no 64-bit division: each division site on the paths gone (its 32-bit arm's instructions)."""
     out = {"now": whole_kernel_row(reg, plan, n, k, m, bits, g, ck, mach)}
