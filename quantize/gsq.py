@@ -182,7 +182,7 @@ def options_from_spec(spec: str) -> GSQOptions:
     types = {f.name: f.type for f in fields(GSQOptions)}
     for item in overrides:
         key, _, value = item.partition("=")
-        if key not in types or key in ("lion_betas", "alpha"):
+        if key not in types or key == "lion_betas":
             raise FormatError(f"unknown or non-scalar GSQ option {key!r} in {spec!r}")
         kind = types[key].split(" |")[0]
         try:
@@ -663,7 +663,7 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
                     last_log = time.monotonic()
                     left = (last_log - started) / step * (total - step)
                     progress(f"[gsq-quantize]   GSQ step {step}/{total}, soft MSE {loss_sum:.3e}, tau {tau:.2f}, "
-                        f"~{left / 60:.1f} min left in this block")
+                             f"~{left / 60:.1f} min left in this block")
             last = {name: m.hardened() for name, m in layers.items()}
             score(last)
             if held_out is not None and log["held_out_mse"][-1] < log["held_out_mse"][best]:

@@ -33,7 +33,7 @@ cd "$ROOT"
 echo "[run] preparing the default model and text" >&2
 MODEL="$("$VENV/bin/python" -c 'from quantize.models import prepare_default_model; print(prepare_default_model())')"
 "$VENV/bin/python" -c 'from quantize.data import load_split; [load_split(c, s) for c in ("wikipedia", "owt") for s in ("calib", "eval")]'
-echo "[run] quantizing $MODEL -> $OUT ($METHOD, $BITS-bit, G=$GROUP_SIZE)" >&2
+echo "[run] quantizing $MODEL -> $OUT ($METHOD, $BITS-bit, G=$GROUP_SIZE; progress also in $OUT.log)" >&2
 # shellcheck disable=SC2086  # QUANTIZE_ARGS is a list of flags
 "$VENV/bin/gsq-quantize" --model "$MODEL" --out "$OUT" --method "$METHOD" --bits "$BITS" --group-size "$GROUP_SIZE" \
   --nsamples "$NSAMPLES" $QUANTIZE_ARGS "$@"
