@@ -46,6 +46,7 @@ What it does:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -436,6 +437,23 @@ def _is_division_fast_path(block: sass.Block) -> bool:
     return block.count("I2F.U32.RP") > 0 and block.count("MUFU.RCP") > 0
 
 
+def _mma_count(cfg, opcodes: tuple, body) -> int:
+    """mma instructions in the basic blocks ``body`` of ``cfg``."""
+    return sum(cfg.blocks[j].count(*opcodes) for j in body)
+
+
+def _hot_loop_and_enclosing(loops: list, mma, what: str):
+    """(the hot loop: the innermost loop with the most mma, the fewest blocks breaking ties; the smallest
+    loop around it). ``loops`` as ``sass.Cfg.loops()``; ``mma(body)`` counts a body's mma."""
+    with_mma = [lp for lp in loops if mma(lp[2])]
+    inner = [lp for lp in with_mma if not any(o is not lp and o[2] < lp[2] for o in with_mma)]
+    hot = max(inner, key=lambda lp: (mma(lp[2]), -len(lp[2])))
+    around = [lp for lp in loops if hot[2] < lp[2]]
+    if not around:
+        raise ValueError(f"no {what} loop around the hot loop")
+    return hot, min(around, key=lambda lp: len(lp[2]))
+
+
 def decode_regions(instrs: list, token_tiles: int, anchors: dict[str, int]) -> dict:
     """Per-execution instruction counts of gsq_decode_kernel's regions, from its SASS (nvdisasm -gi)."""
     cfg = sass.Cfg(instrs, avoid=_division_slow_path)
@@ -447,16 +465,8 @@ def decode_regions(instrs: list, token_tiles: int, anchors: dict[str, int]) -> d
     def is_div(b: sass.Block) -> bool:
         return has64 and _is_division_fast_path(b)
 
-    def mma(body):
-        return sum(cfg.blocks[j].count("HMMA") for j in body)
-
-    with_mma = [lp for lp in loops if mma(lp[2])]
-    inner = [lp for lp in with_mma if not any(o is not lp and o[2] < lp[2] for o in with_mma)]
-    hot = max(inner, key=lambda lp: (mma(lp[2]), -len(lp[2])))
-    around = [lp for lp in loops if hot[2] < lp[2]]
-    if not around:
-        raise ValueError("no segment loop around the hot loop")
-    seg = min(around, key=lambda lp: len(lp[2]))
+    mma = functools.partial(_mma_count, cfg, ("HMMA",))
+    hot, seg = _hot_loop_and_enclosing(loops, mma, "segment")
     inside = [lp for lp in loops if lp[2] < seg[2] and not (lp[2] & hot[2])]
     if len(inside) != 1:
         raise ValueError(f"expected one reduction loop inside the segment loop, found {len(inside)}")
@@ -803,16 +813,8 @@ def humming_regions(instrs: list, stages_per_trip: int) -> dict:
     cfg = sass.Cfg(instrs, avoid=_division_slow_path)
     loops = cfg.loops()
 
-    def mma(body):
-        return sum(cfg.blocks[j].count("HMMA", "HGMMA") for j in body)
-
-    with_mma = [lp for lp in loops if mma(lp[2])]
-    inner = [lp for lp in with_mma if not any(o is not lp and o[2] < lp[2] for o in with_mma)]
-    hot = max(inner, key=lambda lp: (mma(lp[2]), -len(lp[2])))
-    around = [lp for lp in loops if hot[2] < lp[2]]
-    if not around:
-        raise ValueError("no work-unit loop around the hot loop")
-    unit = min(around, key=lambda lp: len(lp[2]))
+    mma = functools.partial(_mma_count, cfg, ("HMMA", "HGMMA"))
+    hot, unit = _hot_loop_and_enclosing(loops, mma, "work-unit")
     outside_hot = unit[2] - hot[2]
 
     def main_line(j):
