@@ -1137,6 +1137,21 @@ def sanitizer_counts(text: str) -> list[int]:
     return [int(a or b) for a, b in re.findall(r"ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: (\d+) hazard", text)]
 
 
+def _driver_plan_or_stop(ctx: Ctx, driver: str, tag: str, log: str, seconds: int, plan: dict, exe, tool: str,
+                         extra: list | None = None) -> dict | None:
+    """Run the launch driver's dry run (its own imports and plan, without the tool: what a dry run can check);
+    the stage's record when the stage stops here (the dry run failed, no CUDA, no tool), else None."""
+    r = run_logged(_driver(ctx, driver, tag, dry=True) + (extra or []), ctx.log_path(log),
+                   min(seconds, ctx.remaining()))
+    if r["rc"] != 0:
+        return dict(status="failed", reason="the launch driver failed its dry run", plan=plan, result={"driver": r})
+    if ctx.dry or not cuda_ready():
+        return ctx.skip_no_cuda(plan)
+    if exe is None:
+        return dict(status="failed", reason=f"{tool} not found", plan=plan)
+    return None
+
+
 def _sanitizer(ctx: Ctx, tool: str) -> dict:
     exe = find_tool("compute-sanitizer")
     cmd = [exe or "compute-sanitizer", "--tool", tool, "--error-exitcode", "86", "--print-limit", "40"]
@@ -1148,14 +1163,10 @@ def _sanitizer(ctx: Ctx, tool: str) -> dict:
             "cases": [c[0] for c in SANITIZER_CASES]}
     # The driver's own imports and plan, without the tool (what the dry run can check).
     # (memcheck's also sends the cases through the CPU emulator: --rehearse)
-    r = run_logged(_driver(ctx, "sanitizer", tag, dry=True) + (["--rehearse"] if tool == "memcheck" else []),
-                   ctx.log_path(f"{tool}_driver_plan"), min(180, ctx.remaining()))
-    if r["rc"] != 0:
-        return dict(status="failed", reason="the launch driver failed its dry run", plan=plan, result={"driver": r})
-    if ctx.dry or not cuda_ready():
-        return ctx.skip_no_cuda(plan)
-    if exe is None:
-        return dict(status="failed", reason="compute-sanitizer not found", plan=plan)
+    stop = _driver_plan_or_stop(ctx, "sanitizer", tag, f"{tool}_driver_plan", 180, plan, exe, "compute-sanitizer",
+                                ["--rehearse"] if tool == "memcheck" else [])
+    if stop:
+        return stop
     # memcheck sees out-of-bounds accesses only at allocation edges: no caching allocator.
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1") if tool == "memcheck" else None
     r = run_logged(cmd + _driver(ctx, "sanitizer", tag), ctx.log_path(tool), ctx.remaining(), env=env)
@@ -1231,13 +1242,9 @@ def stage_ncu(ctx: Ctx) -> dict:
     plan = {"tool": exe, "version": tool_version(exe), "case": list(NCU_CASE),
             "weight_and_scale_bytes": n * k * bits // 8 + n * (k // g) * 2,
             "command": " ".join(cmd + _driver(ctx, "ncu", tag))}
-    r = run_logged(_driver(ctx, "ncu", tag, dry=True), ctx.log_path("ncu_driver_plan"), min(120, ctx.remaining()))
-    if r["rc"] != 0:
-        return dict(status="failed", reason="the launch driver failed its dry run", plan=plan, result={"driver": r})
-    if ctx.dry or not cuda_ready():
-        return ctx.skip_no_cuda(plan)
-    if exe is None:
-        return dict(status="failed", reason="ncu not found", plan=plan)
+    stop = _driver_plan_or_stop(ctx, "ncu", tag, "ncu_driver_plan", 120, plan, exe, "ncu")
+    if stop:
+        return stop
     r = run_logged(cmd + _driver(ctx, "ncu", tag), ctx.log_path("ncu"), ctx.remaining())
     result = {"rc": r["rc"], "tail": r["tail"][-2000:], **parse_ncu(tail(r["log"], 10**6))}
     ok = r["rc"] == 0 and "achieved_read_gbs" in result
