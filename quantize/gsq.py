@@ -582,7 +582,6 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
     """
     gen = torch.Generator(device=inputs.device).manual_seed(int(seed))
     frozen: list = []
-    layers: dict[str, GumbelGridLinear] = {}
     originals: dict[str, nn.Module] = {}
     n = inputs.shape[0]
     bs = min(options.batch_size, n)
