@@ -97,7 +97,7 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["gsq_vllm", "gsq_vllm.*", "quantize", "quantize.*"]),
+    packages=find_packages(include=["gsq_format", "gsq_format.*", "gsq_vllm", "gsq_vllm.*", "quantize", "quantize.*"]),
     install_requires=[
         "torch",
         "transformers",
@@ -119,7 +119,7 @@ setup(
             "gsq-quantize=quantize.cli:main",
             "gsq-eval=quantize.eval_cli:main",
             "gsq-serve=gsq_vllm.serve:main",
-            "gsq-convert=gsq_vllm.convert:main",
+            "gsq-convert=gsq_format.convert:main",
         ],
         "vllm.general_plugins": [
             "gsq=gsq_vllm.plugin:register",

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import machine_info, write_json  # noqa: E402
 
 from gsq_vllm import cpu_gemm as cg  # noqa: E402
-from gsq_vllm.format import grid_range, pack_codes  # noqa: E402
+from gsq_format.format import grid_range, pack_codes  # noqa: E402
 
 # (layer, N, K): SmolLM2-135M (hidden 576, intermediate 1536, 9 + 3 + 3 heads of 64), then a layer
 # larger than a 32 MiB L3 at 2 bits.

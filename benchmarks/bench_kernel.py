@@ -21,7 +21,7 @@ import sys
 import torch
 
 from gsq_vllm import cuda_gemm as cg
-from gsq_vllm.format import grid_range, pack_codes
+from gsq_format.format import grid_range, pack_codes
 
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 # (model, layer, N, K) -- fused qkv and gate_up as vLLM runs them

@@ -35,7 +35,7 @@ from transformers import AutoTokenizer
 from quantize.evaluate import load_model, perplexity
 from quantize.data import load_split, tokenize_sequences
 from quantize.models import resolve_model
-from gsq_vllm.format import load_tensors, read_quant_config, unpack_codes
+from gsq_format.format import load_tensors, read_quant_config, unpack_codes
 import chat_probe_blocks as cpb
 from results_io import machine_info, write_json
 

@@ -38,7 +38,7 @@ def parse_setting(text: str) -> tuple[object, dict]:
     """(GSQOptions, {tokens, seqlen}) of one setting string; SystemExit on a bad one."""
     from dataclasses import replace
 
-    from gsq_vllm.format import FormatError
+    from gsq_format.format import FormatError
     from quantize.gsq import options_from_spec
 
     preset, *overrides = text.split(",")
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
 
     from transformers import AutoTokenizer
 
-    from gsq_vllm.format import normalize_bits
+    from gsq_format.format import normalize_bits
     from quantize.activations import Activations
     from quantize.block_forward import call_block, run_block_with_hessians
     from quantize.data import load_split, tokenize_sequences

@@ -12,7 +12,7 @@ import resource
 import torch
 
 from quantize.gsq import GumbelGridLinear
-from quantize.qtypes import QuantizedWeight
+from gsq_format.qtypes import QuantizedWeight
 
 
 def main():

@@ -1,6 +1,6 @@
 """``GSQConfig``: vLLM's view of a GSQ checkpoint's ``quantization_config``.
 
-All validation is delegated to :class:`gsq_vllm.format.GSQQuantConfig` (the
+All validation is delegated to :class:`gsq_format.format.GSQQuantConfig` (the
 single owner of the format) so vLLM, ``gsq-serve`` and the quantizer agree
 on what a valid checkpoint is. Imports vLLM: only load through the plugin.
 """
@@ -14,7 +14,7 @@ from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
-from gsq_vllm.format import QUANT_METHOD, FormatError, GSQQuantConfig, is_excluded
+from gsq_format.format import QUANT_METHOD, FormatError, GSQQuantConfig, is_excluded
 
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 

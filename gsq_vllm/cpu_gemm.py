@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from gsq_vllm.format import code_offset, storage_bits, unpack_codes
+from gsq_format.format import code_offset, storage_bits, unpack_codes
 
 MAX_BLOCK_K = 1024  # the C++ op's choose_block_k uses the same bound
 

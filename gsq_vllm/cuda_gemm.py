@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import torch
 
-from gsq_vllm.format import FormatError, code_offset, normalize_bits, storage_bits, unpack_codes
+from gsq_format.format import FormatError, code_offset, normalize_bits, storage_bits, unpack_codes
 
 ROW_BLOCK = 64  # 4 tiles of 16 rows
 TILES = 4

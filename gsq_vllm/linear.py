@@ -44,7 +44,7 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
 
 from gsq_vllm import cpu_gemm
-from gsq_vllm.format import FormatError, check_group_size, dequantize_packed, storage_bits
+from gsq_format.format import FormatError, check_group_size, dequantize_packed, storage_bits
 
 logger = logging.getLogger(__name__)
 _cpu_kernel_logged = False

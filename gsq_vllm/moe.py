@@ -36,7 +36,7 @@ from vllm.model_executor.layers.fused_moe.routed_experts import FusedMoeWeightSc
 from vllm.model_executor.utils import set_weight_attrs
 
 from gsq_vllm import cpu_gemm
-from gsq_vllm.format import FormatError, check_group_size, storage_bits
+from gsq_format.format import FormatError, check_group_size, storage_bits
 from gsq_vllm.linear import GSQLinearMethod
 
 

@@ -2,7 +2,7 @@
 
 A thin wrapper around ``python -m vllm.entrypoints.openai.api_server``:
 
-1. validates the model folder up front through ``gsq_vllm.format`` (config,
+1. validates the model folder up front through ``gsq_format.format`` (config,
    weight files, every ``qweight``/``scales`` pair), so a corrupt checkpoint
    or a wrong config is one clear error and exit code 2 before vLLM starts;
 2. sets CPU defaults when unset (``VLLM_CPU_KVCACHE_SPACE``: without it
@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from gsq_vllm.format import (
+from gsq_format.format import (
     QUANT_METHOD,
     QWEIGHT_SUFFIX,
     SCALES_SUFFIX,

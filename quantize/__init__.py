@@ -1,1 +1,1 @@
-"""Offline GSQ quantizer. Never imports serving code (gsq_vllm.format only)."""
+"""Offline GSQ quantizer. Never imports serving code: the checkpoint format comes from gsq_format."""

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from dataclasses import asdict
 
-from gsq_vllm.format import FormatError, normalize_bits
+from gsq_format.format import FormatError, normalize_bits
 from quantize import gsq
 from quantize.report import write_report
 
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FormatError, DataError, OSError) as e:
         print(f"gsq-quantize: error: {e}", file=sys.stderr)
         return 2
-    from gsq_vllm.format import checkpoint_bits_per_weight
+    from gsq_format.format import checkpoint_bits_per_weight
 
     bpw, n = checkpoint_bits_per_weight(out)
     report = write_report(out, {

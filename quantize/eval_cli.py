@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gsq_vllm.format import FormatError
+from gsq_format.format import FormatError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 A GSQ folder is loaded by building the model from its config without the
 ``quantization_config`` entry (transformers refuses unknown quant methods),
 then filling each quantized linear with ``scales * codes`` from
-``gsq_vllm.format``. Compute runs in float32 on the CPU.
+``gsq_format.format``. Compute runs in float32 on the CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gsq_vllm.format import (
+from gsq_format.format import (
     FormatError,
     GSQQuantConfig,
     QWEIGHT_SUFFIX,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from gsq_vllm.format import check_group_size
-from quantize.qtypes import QuantizedWeight
+from gsq_format.format import check_group_size
+from gsq_format.qtypes import QuantizedWeight
 from quantize.rtn import mse_scales, round_to_grid
 
 

@@ -35,8 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from quantize.qtypes import QuantizedWeight
-from gsq_vllm.format import FormatError, grid_range, normalize_bits
+from gsq_format.qtypes import QuantizedWeight
+from gsq_format.format import FormatError, grid_range, normalize_bits
 
 _EPS = 1e-10
 LOCAL_SHIFTS = (-2, -1, 0, 1, 2)

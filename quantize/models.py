@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gsq_vllm.format import FormatError, read_model_config, safetensors_files
+from gsq_format.format import FormatError, read_model_config, safetensors_files
 from quantize.moe import disk_name, moe_spec, unfuse_experts
 
 # Decoder architectures whose blocks the pipeline knows how to run

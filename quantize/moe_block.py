@@ -39,7 +39,7 @@ import torch
 from quantize.activations import Activations
 from quantize.block_forward import run_block_with_hessians
 from quantize.moe import disk_name, expert_of, sparse_experts
-from quantize.qtypes import QuantizedWeight
+from gsq_format.qtypes import QuantizedWeight
 from quantize.report import layer_error
 
 ACTIVATIONS_HELD = 4  # inputs, targets, next inputs, the sparse block's inputs

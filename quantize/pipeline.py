@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gsq_vllm.format import (
+from gsq_format.format import (
     CheckpointWriter,
     FormatError,
     GSQQuantConfig,
@@ -57,7 +57,7 @@ from quantize.gptq import gptq_quantize, refit_scales
 from quantize.models import WeightReader, build_skeleton, check_architecture
 from quantize.moe import SHARED_EXPERTS, disk_name, expert_of, moe_spec, sparse_experts
 from quantize.moe_block import ACTIVATIONS_HELD, expert_file, quantize_moe_block
-from quantize.qtypes import QuantizedWeight
+from gsq_format.qtypes import QuantizedWeight
 from quantize.report import layer_error
 from quantize.rtn import rtn_quantize
 
@@ -265,8 +265,8 @@ class BlockPipeline:
 
     def _read_init(self) -> dict[str, QuantizedWeight]:
         """The --init checkpoint's codes and scales for every linear to quantize (any format
-        gsq_vllm.convert reads), checked against the settings."""
-        from gsq_vllm.convert import read_checkpoint
+        gsq_format.convert reads), checked against the settings."""
+        from gsq_format.convert import read_checkpoint
 
         s = self.s
         if s.method != "gsq":

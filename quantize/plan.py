@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gsq_vllm.format import FormatError, is_excluded, normalize_bits, storage_bits
+from gsq_format.format import FormatError, is_excluded, normalize_bits, storage_bits
 
 GiB = 2**30
 # Resident memory of a gsq-quantize process besides the tensors counted below: interpreter,

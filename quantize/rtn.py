@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gsq_vllm.format import check_group_size, grid_range
-from quantize.qtypes import QuantizedWeight
+from gsq_format.format import check_group_size, grid_range
+from gsq_format.qtypes import QuantizedWeight
 
 # Candidate scales are ``absmax * c / qmax`` for c on this grid: c = 1 never
 # clips the positive side, smaller c trades clipping for finer steps.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from gsq_vllm.format import TOKENIZER_FILES
+from gsq_format.format import TOKENIZER_FILES
 
 
 def _save_with_tokenizer(model, out: str | os.PathLike, tok_dir: Path) -> Path:

@@ -60,7 +60,7 @@ NCU_METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "gpu__time_durat
 # Wheels the prepare step carries: the distributions the project needs on the device beside the
 # image's torch / transformers / safetensors / accelerate / triton (installed only when missing).
 REQUIRED_IMPORTS = {"lion_pytorch": "GSQ's optimizer", "pytest": "tests/test_cuda_kernel.py"}
-OPTIONAL_IMPORTS = {"gguf": "gsq_vllm.format's GGUF paths", "humming": "the Humming comparison",
+OPTIONAL_IMPORTS = {"gguf": "gsq_format.format's GGUF paths", "humming": "the Humming comparison",
                     "matplotlib": "gsq-quantize's report plots"}
 
 
@@ -798,7 +798,7 @@ def stage_gsq_tiny(ctx: Ctx) -> dict:
     from quantize.cli import build_parser
     from quantize.tiny import build_tiny_llama
 
-    from gsq_vllm.format import checkpoint_bits_per_weight, read_quant_config
+    from gsq_format.format import checkpoint_bits_per_weight, read_quant_config
 
     from quantize.data import corpus_path
 
@@ -904,7 +904,7 @@ def _selfcheck_row(linear, spec, kernel: str, device: str) -> dict:
 
     import torch
 
-    from gsq_vllm.format import GSQQuantConfig, dequantize, grid_range, pack_codes
+    from gsq_format.format import GSQQuantConfig, dequantize, grid_range, pack_codes
 
     prefix, n, k, bits, g, act, sdt = spec
     row = {"layer": prefix, "n": n, "k": k, "bits": bits, "group_size": g, "dtype": act, "kernel_asked": kernel}
@@ -1054,7 +1054,7 @@ def _layer_on_cpu(m, n, k, bits, g, dtype_name, seed):
     import torch
 
     from gsq_vllm import cuda_gemm as cg
-    from gsq_vllm.format import dequantize, grid_range, pack_codes
+    from gsq_format.format import dequantize, grid_range, pack_codes
 
     gen = torch.Generator().manual_seed(seed)
     lo, hi = grid_range(bits)
@@ -1081,7 +1081,7 @@ def stage_launches(ctx: Ctx) -> dict:
         # Rehearsal: the same cases through the CUDA emulator (the kernel's source on the CPU), those
         # small enough for it, with the same reference; the tools and the GPU are what is left out.
         from gsq_vllm import cuda_emu  # noqa: F401  (registers torch.ops.gsq.gemm_emulated)
-        from gsq_vllm.format import storage_bits
+        from gsq_format.format import storage_bits
 
         rehearsal = []
         for i, (name, m, n, k, bits, g, dt) in enumerate(cases if ctx.args.rehearse else []):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from gsq_vllm import cuda_gemm as cg
-from gsq_vllm.format import grid_range, pack_codes
+from gsq_format.format import grid_range, pack_codes
 
 MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
 

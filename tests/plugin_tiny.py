@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gsq_vllm import format as F
+from gsq_format import format as F
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

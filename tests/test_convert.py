@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gsq_vllm import convert
-from gsq_vllm import format as F
+from gsq_format import convert
+from gsq_format import format as F
 
 ct = pytest.importorskip("compressed_tensors")
 
@@ -173,7 +173,7 @@ def _run(*argv):
 
 
 def _run_process(*argv):
-    return subprocess.run([sys.executable, "-m", "gsq_vllm.convert", *map(str, argv)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "gsq_format.convert", *map(str, argv)], capture_output=True,
                           text=True, timeout=300)
 
 

@@ -45,7 +45,7 @@ def _greedy(ckpt, dtype, **env_extra):
 
 
 def _convert(*argv):
-    r = subprocess.run([sys.executable, "-m", "gsq_vllm.convert", *map(str, argv)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "gsq_format.convert", *map(str, argv)], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gsq_vllm import cpu_gemm as C
-from gsq_vllm import format as F
+from gsq_format import format as F
 
 pytestmark = pytest.mark.skipif(not C.cpp_kernel_available(), reason="gsq_vllm._C_cpu not built")
 

@@ -18,7 +18,7 @@ import torch
 from emu_util import check_against_float64, random_activations, random_layer
 from gsq_vllm import cuda_emu as ce
 from gsq_vllm.cuda_gemm import chunk_k
-from gsq_vllm.format import storage_bits
+from gsq_format.format import storage_bits
 
 MS = [1, 2, 3, 8, 15, 16, 17, 32, 33, 64, 65, 256]
 # (N, K, sms): K in 64-row k tiles; small SM counts force split-K plans, several uneven

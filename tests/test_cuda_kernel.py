@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gsq_vllm import cuda_gemm as cg
-from gsq_vllm.format import dequantize, grid_range, pack_codes
+from gsq_format.format import dequantize, grid_range, pack_codes
 
 pytestmark = [
     pytest.mark.gpu,
@@ -120,7 +120,7 @@ def _gpu_and_cpu_path_logits(tmp_path, bits, device):
     (``gsq_gemm`` on ``device``) and the CPU path (``cpu_gemm``). Shapes fit the kernel (N % 64,
     K % 64), so every linear takes the kernel."""
     from gsq_vllm import cpu_gemm
-    from gsq_vllm.format import load_tensors, read_quant_config, storage_bits
+    from gsq_format.format import load_tensors, read_quant_config, storage_bits
     from quantize.cli import main as quantize_main
     from quantize.evaluate import load_model
     from quantize.tiny import build_tiny_llama

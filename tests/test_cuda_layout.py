@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gsq_vllm import cuda_gemm as cg
-from gsq_vllm.format import code_offset, dequantize, grid_range, pack_codes, storage_bits
+from gsq_format.format import code_offset, dequantize, grid_range, pack_codes, storage_bits
 
 SHAPES = [(64, 64, 64), (128, 256, 128), (192, 576, 64), (64, 128, 128)]  # (N, K, G)
 

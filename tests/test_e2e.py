@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from gsq_vllm.format import read_quant_config
+from gsq_format.format import read_quant_config
 from quantize.cli import main as quantize_main
 from quantize.data import load_split, tokenize_sequences
 from quantize.e2e import GroupScaledLinear, kl_from_teacher, logits

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gsq_vllm import format as fmt
+from gsq_format import format as fmt
 
 
 @settings(max_examples=60, deadline=None)

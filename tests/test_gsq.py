@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gsq_vllm.format import grid_range, pack_codes, unpack_codes
+from gsq_format.format import grid_range, pack_codes, unpack_codes
 from quantize.gsq import (PRESETS, GSQOptions, GumbelGridLinear, SoftWeightFunction, add_cli_arguments,
                           hardened_init,
                           cosine_lr_factor, linear_schedule, options_from_args, refine_block,
                           soft_weight)
-from quantize.qtypes import QuantizedWeight
+from gsq_format.qtypes import QuantizedWeight
 
 BITS = [2, 3, 1.58]
 
@@ -338,7 +338,7 @@ def test_cli_presets_and_overrides():
 
 
 def test_options_from_spec_overrides_a_preset_with_typed_fields():
-    from gsq_vllm.format import FormatError
+    from gsq_format.format import FormatError
     from quantize.gsq import options_from_spec
 
     o = options_from_spec("fast,epochs=4,lr_logits=2e-4,init_noise=0,logits_dtype=bfloat16,keep_best=0")
@@ -361,7 +361,7 @@ def tiny_model(tmp_path_factory):
 def test_pipeline_gsq_improves_on_gptq_per_block(tiny_model, tmp_path, bits):
     """Through the real block pipeline: each block's hard output MSE after GSQ is below the
     GPTQ init's on the same (propagated) inputs, and the checkpoint passes the format checks."""
-    from gsq_vllm.format import check_quantized_tensors, load_tensors, read_quant_config
+    from gsq_format.format import check_quantized_tensors, load_tensors, read_quant_config
     from quantize.pipeline import BlockPipeline, QuantizeSettings
 
     settings = QuantizeSettings(method="gsq", bits=bits, group_size=32, nsamples=8, seqlen=32,

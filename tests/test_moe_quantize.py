@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gsq_vllm.format import read_quant_config, unpack_codes
+from gsq_format.format import read_quant_config, unpack_codes
 from quantize.activations import Activations
 from quantize.cli import main as quantize_main
 from quantize.block_forward import run_block_with_hessians
@@ -65,7 +65,7 @@ def test_streamed_experts_give_the_whole_blocks_output(tmp_path, monkeypatch, ar
     if chunk:
         monkeypatch.setattr(quantize.moe_block, "CHUNK_ROWS", chunk)
     from quantize.models import check_architecture
-    from gsq_vllm.format import read_model_config
+    from gsq_format.format import read_model_config
 
     folder = build_tiny_moe(tmp_path / arch, arch, layers=2, experts=6, top_k=2, seed=3)
     arch_name = check_architecture(read_model_config(folder))

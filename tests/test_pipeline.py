@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gsq_vllm.format import checkpoint_bits_per_weight, read_quant_config, unpack_codes
+from gsq_format.format import checkpoint_bits_per_weight, read_quant_config, unpack_codes
 from quantize.cli import main as quantize_main
 from quantize.evaluate import load_model
 from quantize.tiny import build_tiny_llama

@@ -9,7 +9,7 @@ import socket
 import pytest
 import torch
 
-from gsq_vllm import format as F
+from gsq_format import format as F
 from gsq_vllm.cpu_gemm import choose_block_k, cpu_gemm, repack_for_cpu
 
 BITS = [2, 3, 1.58]

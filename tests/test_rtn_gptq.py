@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gsq_vllm.format import FormatError, grid_range
+from gsq_format.format import FormatError, grid_range
 from quantize.gptq import gptq_quantize, refit_scales
 from quantize.rtn import mse_scales, round_to_grid, rtn_quantize
 

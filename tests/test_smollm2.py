@@ -3,7 +3,7 @@
 
 import pytest
 
-from gsq_vllm.format import checkpoint_bits_per_weight
+from gsq_format.format import checkpoint_bits_per_weight
 from quantize.cli import main as quantize_main
 
 

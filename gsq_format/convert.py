@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from gsq_vllm.format import (
+from gsq_format.format import (
     QUANT_METHOD,
     SUPPORTED_GROUP_SIZES,
     TOKENIZER_FILES,

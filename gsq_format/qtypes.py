@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gsq_vllm.format import dequantize, grid_range
+from gsq_format.format import dequantize, grid_range
 
 
 @dataclass
