@@ -19,7 +19,7 @@ cache (Llama-3.1-70B's gate/up half, 28672 x 8192), for which the table also giv
 M = 1 kernel streams its packed weight + scales at, against the machine's memory bandwidth
 (measured here as the best of a few large ``torch.Tensor.copy_`` calls: bytes read + written).
 
-    PYTHONPATH=. python benchmarks/bench_cpu_gemm.py [--threads 2] [--json benchmarks/results/bench_cpu_gemm.json]
+    python -m benchmarks.bench_cpu_gemm [--threads 2] [--json benchmarks/results/bench_cpu_gemm.json]
 """
 
 from __future__ import annotations
@@ -27,17 +27,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import machine_info, write_json  # noqa: E402
-
-from gsq_vllm import cpu_gemm as cg  # noqa: E402
-from gsq_format.format import grid_range, pack_codes  # noqa: E402
+from benchmarks.results_io import add_common_args, machine_info, write_json
+from gsq_format.format import grid_range, pack_codes
+from gsq_vllm import cpu_gemm as cg
 
 # (layer, N, K): SmolLM2-135M (hidden 576, intermediate 1536, 9 + 3 + 3 heads of 64), then a layer
 # larger than a 32 MiB L3 at 2 bits.
@@ -74,13 +70,12 @@ def _quantized(n: int, k: int, bits: int, g: int):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--ms", type=int, nargs="+", default=MS)
     p.add_argument("--no-big", action="store_true", help="skip the larger-than-cache layer")
     p.add_argument("--layers", nargs="+", metavar="NAME", help="only these layers (default: all), e.g. lm_head")
     p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
-    p.add_argument("--json", default="benchmarks/results/bench_cpu_gemm.json")
+    add_common_args(p, "benchmarks/results/bench_cpu_gemm.json", threads=os.cpu_count())
     args = p.parse_args(argv)
     G = args.group_size
     if not cg.cpp_kernel_available():

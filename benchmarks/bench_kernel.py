@@ -8,7 +8,7 @@ percentage of a measured device-to-device copy, and the speedup over
 torch.matmul with dense weights of the same dtype (also rotated).
 Prints a table and writes JSON.
 
-    python benchmarks/bench_kernel.py [--out bench_kernel.json] [--quick]
+    python -m benchmarks.bench_kernel [--out bench_kernel.json] [--quick]
 """
 
 from __future__ import annotations

@@ -8,24 +8,21 @@ its words (lower-cased, punctuation stripped; the answer is at most 24
 tokens): "Paris." and "The capital of France is Paris." both count,
 "France." does not. Prints a table and merges the results into a JSON file.
 
-    python benchmarks/chat_probe.py ~/.cache/gsq-vllm/models/SmolLM2-135M-Instruct-bf16 runs/x \\
+    python -m benchmarks.chat_probe ~/.cache/gsq-vllm/models/SmolLM2-135M-Instruct-bf16 runs/x \\
         --out benchmarks/results/chat_probe.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import write_json  # noqa: E402
-from serving import running_server  # noqa: E402
+from benchmarks.results_io import RESULTS, add_common_args, machine_line, read_json, write_json
+from benchmarks.serving import running_server
 
 QUESTIONS = [
     ("What is the capital of France?", ["paris"]),
@@ -114,22 +111,6 @@ QUESTIONS = [
 FIRST_SET = 40  # the original questions: their score is reported on its own, for older runs
 
 
-def machine() -> str:
-    """CPU model and the vector extensions the kernels can use, e.g. 'AMD EPYC 7B13 (avx2, fma)'."""
-    name, flags = platform.machine(), set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and name == platform.machine():
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    ext = [f for f in ("avx512f", "avx2", "fma") if f in flags]
-    return f"{name} ({', '.join(ext)}), {os.cpu_count()} CPUs" if ext else f"{name}, {os.cpu_count()} CPUs"
-
-
 def words(text: str) -> list[str]:
     return re.sub(r"[^\w\s-]", " ", text.lower()).split()
 
@@ -159,17 +140,17 @@ def probe(model: str, log_dir: Path, timeout_s: float = 900) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="model folders (bf16 or GSQ)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "chat_probe.json"))
+    add_common_args(ap, str(RESULTS / "chat_probe.json"), flag="--out")
     ap.add_argument("--label", action="append", default=[], help="name for each model in the JSON (in order)")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.is_file() else {}
+    results = read_json(out)
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
     for i, model in enumerate(args.models):
         label = args.label[i] if i < len(args.label) else Path(model).name
         t0 = time.time()
         res = probe(model, log_dir)
-        res.update(model=str(model), machine=machine(), seconds=round(time.time() - t0))
+        res.update(model=str(model), machine=machine_line(), seconds=round(time.time() - t0))
         results[label] = res
         hits = sum(r["correct"] for r in res["answers"])
         print(f"{label:40} {res['score'] * 100:5.1f} %  ({hits}/{res['n']}; first {FIRST_SET}: "

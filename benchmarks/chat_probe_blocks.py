@@ -22,7 +22,7 @@ The kept blocks are then quantized out with ``gsq-quantize
 which has the last word (float32 offline and bf16 served can differ on a
 near-tie).
 
-    python benchmarks/chat_probe_blocks.py ~/.cache/gsq-vllm/models/SmolLM2-135M-Instruct-bf16 runs/x \\
+    python -m benchmarks.chat_probe_blocks ~/.cache/gsq-vllm/models/SmolLM2-135M-Instruct-bf16 runs/x \\
         --out benchmarks/results/chat_probe_blocks.json
 """
 
@@ -31,14 +31,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from chat_probe import QUESTIONS, machine, scores  # noqa: E402
-from results_io import write_json  # noqa: E402
+from benchmarks.chat_probe import QUESTIONS, scores
+from benchmarks.results_io import RESULTS, add_common_args, machine_line, write_json
 
 MAX_NEW_TOKENS = 24  # as chat_probe.py asks the server
 
@@ -133,7 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("quantized", help="a quantized checkpoint of it")
     ap.add_argument("--part", default="mlp", help="linears restored per block: names under this (default mlp)")
     ap.add_argument("--max-k", type=int, default=8, help="score the top-k restored blocks for k = 0..max-k")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "chat_probe_blocks.json"))
+    add_common_args(ap, str(RESULTS / "chat_probe_blocks.json"), flag="--out")
     args = ap.parse_args(argv)
 
     t0 = time.time()
@@ -169,7 +166,7 @@ def main(argv=None) -> int:
 
     res = {"bf16": args.bf16, "quantized": args.quantized, "kind": kind, "part": args.part,
            "bf16_hits": sum(ref_hits), "n": len(QUESTIONS), "per_block": per_block, "ranking": ranking,
-           "curve": curve, "machine": machine(), "seconds": round(time.time() - t0),
+           "curve": curve, "machine": machine_line(), "seconds": round(time.time() - t0),
            "date": time.strftime("%Y-%m-%d")}
     write_json(res, args.out)
     return 0

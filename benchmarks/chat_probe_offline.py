@@ -9,25 +9,22 @@ so two checkpoints can be compared on a smooth score as well as on hits:
   to the questions it gets right (lower is closer to bf16; it moves before a greedy answer
   flips, so it separates checkpoints whose hit counts differ by noise).
 
-    python benchmarks/chat_probe_offline.py default runs/a runs/b --label a --label b \\
+    python -m benchmarks.chat_probe_offline default runs/a runs/b --label a --label b \\
         --out benchmarks/results/chat_probe_offline.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import chat_probe_blocks as cpb  # noqa: E402
-from chat_probe import QUESTIONS, machine  # noqa: E402
-from results_io import write_json  # noqa: E402
+from benchmarks import chat_probe_blocks as cpb
+from benchmarks.chat_probe import QUESTIONS
+from benchmarks.results_io import RESULTS, add_common_args, machine_line, read_json, write_json
 
 
 def main(argv=None) -> int:
@@ -41,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("quantized", nargs="+", help="quantized checkpoints of it")
     ap.add_argument("--label", action="append", default=[], help="name for each checkpoint in the JSON (in order)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "chat_probe_offline.json"))
+    add_common_args(ap, str(RESULTS / "chat_probe_offline.json"), flag="--out")
     args = ap.parse_args(argv)
     missing = [q for q in args.quantized if not Path(q).is_dir()]
     if missing:  # before the minutes the bf16 answers take
@@ -60,8 +57,8 @@ def main(argv=None) -> int:
     print(f"{'bf16':40} {sum(ref_hits):3d}/{len(QUESTIONS)}  NLL {ref_nll:.4f}", flush=True)
 
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.is_file() else {}
-    results["bf16"] = {"model": args.bf16, "hits": sum(ref_hits), "nll": ref_nll, "machine": machine(),
+    results = read_json(out)
+    results["bf16"] = {"model": args.bf16, "hits": sum(ref_hits), "nll": ref_nll, "machine": machine_line(),
                        "date": time.strftime("%Y-%m-%d")}
     for i, path in enumerate(args.quantized):
         label = args.label[i] if i < len(args.label) else Path(path).name
@@ -71,7 +68,7 @@ def main(argv=None) -> int:
         nll = cpb.answer_nll(model, r_prompts, r_answers, pad)
         del model
         results[label] = {"model": path, "kind": kind, "hits": sum(h), "n": len(QUESTIONS), "nll": nll,
-                          "hit_list": h, "bf16_hits": sum(ref_hits), "machine": machine(),
+                          "hit_list": h, "bf16_hits": sum(ref_hits), "machine": machine_line(),
                           "seconds": round(time.time() - t0), "date": time.strftime("%Y-%m-%d")}
         print(f"{label:40} {sum(h):3d}/{len(QUESTIONS)}  NLL {nll:.4f}  ({kind})", flush=True)
         write_json(results, str(out))

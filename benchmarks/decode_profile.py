@@ -12,7 +12,7 @@ sampling, compiled region, other ops); the wall time no op covers is "Python / s
 The profiler adds overhead per op, so the profiled step is slower than an unprofiled one; the
 table gives both (``step_ms`` is timed without the profiler, right after).
 
-    PYTHONPATH=. python benchmarks/decode_profile.py --models bf16=DIR gsq2=DIR \
+    python -m benchmarks.decode_profile --models bf16=DIR gsq2=DIR \
         [--concurrency 1 8] [--modes eager compiled] [--json benchmarks/results/decode_profile.json]
 """
 
@@ -25,8 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.results_io import add_common_args, machine_info, write_json
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # (category, substrings of a profiler event name); first match wins, checked from the event
 # outwards, except that everything inside one of our ops (gsq::...) is charged to that op, so a
@@ -171,7 +172,7 @@ def main(argv=None) -> None:
     p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--json", default="benchmarks/results/decode_profile.json")
+    add_common_args(p, "benchmarks/results/decode_profile.json")
     p.add_argument("--inductor-config", type=json.loads, default=None,
                    help='compiled mode: extra inductor options as JSON, e.g. \'{"cpp_wrapper": true}\' (a C++ '
                         'wrapper instead of the Python one that calls each fused kernel)')
@@ -192,9 +193,7 @@ def main(argv=None) -> None:
         p.error("--models NAME=DIR [NAME=DIR ...] is required")
     import subprocess
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from results_io import machine_info, write_json
-    from serving import model_specs  # NAME=FOLDER, checked
+    from benchmarks.serving import model_specs  # NAME=FOLDER, checked
 
     models = model_specs(args.models, "decode_profile")
     if models is None:
@@ -204,8 +203,9 @@ def main(argv=None) -> None:
     rows = []
     for name, path in models:
         for mode in args.modes:
-            cmd = [sys.executable, __file__, "--one", f"{name}={path}:{mode}", "--steps", str(args.steps),
-                   "--prompt-len", str(args.prompt_len), "--concurrency", *map(str, args.concurrency)]
+            cmd = [sys.executable, "-m", "benchmarks.decode_profile", "--one", f"{name}={path}:{mode}",
+                   "--steps", str(args.steps), "--prompt-len", str(args.prompt_len),
+                   "--concurrency", *map(str, args.concurrency)]
             if args.inductor_config:
                 cmd += ["--inductor-config", json.dumps(args.inductor_config)]
             res = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -6,7 +6,7 @@ pays the rounding).
 Per model folder (bf16, or a GSQ checkpoint loaded as gsq-eval loads it), on gsq-eval's held-out
 text: perplexity both ways, and how often the two agree on the top-1 next token:
 
-    PYTHONPATH=. python benchmarks/dense_int8_quality.py default runs/ckpt [--nsamples 40] [--json FILE]
+    python -m benchmarks.dense_int8_quality default runs/ckpt [--nsamples 40] [--json FILE]
 
 Only lm_head is swapped. A checkpoint that keeps attention in bf16 would, under GSQ_CPU_DENSE=int8,
 also serve those layers in int8; that is not measured here.
@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import machine_info, write_json  # noqa: E402
+from benchmarks.results_io import add_common_args, machine_info, write_json
 
 
 class Int8Head(torch.nn.Module):
@@ -59,8 +57,7 @@ def main(argv=None) -> None:
     p.add_argument("--corpus", default="wikipedia")
     p.add_argument("--nsamples", type=int, default=40)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", default="benchmarks/results/dense_int8_quality.json")
+    add_common_args(p, "benchmarks/results/dense_int8_quality.json", threads=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer

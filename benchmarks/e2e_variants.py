@@ -18,26 +18,24 @@ does (float32 transformers, greedy): hits, and the mean NLL of the float model's
 answers (smooth; moves before a greedy answer flips), plus perplexity on run.sh's 20x512
 wikipedia evaluation. One thread by default, so two variants run side by side on 2 cores.
 
-    python benchmarks/e2e_variants.py ~/.cache/gsq-vllm/models/SmolLM2-135M-Instruct-bf16 runs/x --norms \
+    python -m benchmarks.e2e_variants ~/.cache/gsq-vllm/models/SmolLM2-135M-Instruct-bf16 runs/x --norms \
         --out benchmarks/results/e2e_variants_norms.json
 """
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transformers import AutoTokenizer
-from quantize.evaluate import load_model, perplexity
-from quantize.data import load_split, tokenize_sequences
-from quantize.models import resolve_model
+
+from benchmarks import chat_probe_blocks as cpb
+from benchmarks.results_io import add_common_args, machine_info, write_json
 from gsq_format.format import load_tensors, read_quant_config, unpack_codes
-import chat_probe_blocks as cpb
-from results_io import machine_info, write_json
+from quantize.data import load_split, tokenize_sequences
+from quantize.evaluate import load_model, perplexity
+from quantize.models import resolve_model
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("bf16", help="the float model folder, or 'default' (the embedded SmolLM2)")
@@ -49,8 +47,7 @@ ap.add_argument("--norms", action="store_true", help="train the RMSNorm weights 
 ap.add_argument("--norm-lr", type=float, default=None, help="their lr (default: --lr)")
 ap.add_argument("--attn-lr", type=float, default=0.0, help="train the bf16 attention weights at this lr (0: off)")
 ap.add_argument("--data", default="chat", choices=("chat", "selfgen", "mix"))
-ap.add_argument("--threads", type=int, default=1)
-ap.add_argument("--out", default=None, help="JSON file for the result")
+add_common_args(ap, None, flag="--out", threads=1)
 args = ap.parse_args()
 if not Path(args.ckpt).is_dir():
     ap.error(f"not a checkpoint folder: {args.ckpt}")

@@ -6,23 +6,21 @@ K-blocked path (dequantize a K-block, then the BLAS GEMM: ``cpu_gemm._blocked_ge
 ratio (below 1: fused is faster). ``csrc/cpu/gsq_cpu_gemm.cpp`` (``max_fused_rows``) takes its
 crossovers from these tables. Prints a table and writes JSON.
 
-    python benchmarks/fused_crossover.py [--threads 2] [--json benchmarks/results/fused_crossover.json]
+    python -m benchmarks.fused_crossover [--threads 2] [--json benchmarks/results/fused_crossover.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu_gemm import G, _quantized, median_seconds  # noqa: E402
-from results_io import machine_info, write_json  # noqa: E402
+from benchmarks.bench_cpu_gemm import _quantized, median_seconds
+from benchmarks.results_io import add_common_args, machine_info, write_json
+from gsq_vllm import cpu_gemm as cg
 
-from gsq_vllm import cpu_gemm as cg  # noqa: E402
+G = 64  # group size
 
 # SmolLM2-135M's fused linears around the old small-layer crossover, and a layer of 8M+ weights
 # (Llama-3.1-70B's gate/up half) around the large-layer one.
@@ -32,9 +30,8 @@ CASES = [("qkv", 960, 576, [8, 16, 24, 32]), ("gate_up", 3072, 576, [8, 16, 24, 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--reps", type=int, default=15, help="timed calls per point (3 on the large layer)")
-    p.add_argument("--json", default="benchmarks/results/fused_crossover.json")
+    add_common_args(p, "benchmarks/results/fused_crossover.json", threads=os.cpu_count())
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if cg._cpp is None:
@@ -46,7 +43,7 @@ def main(argv=None) -> None:
     for name, n, k, ms in CASES:
         reps = 3 if n * k >= (8 << 20) else args.reps
         for bits in (2, 3):
-            lo, hi, s, _ = _quantized(n, k, bits)
+            lo, hi, s, _ = _quantized(n, k, bits, G)
             for m in ms:
                 x = torch.randn(m, k, dtype=torch.bfloat16)
                 fused = 1e6 * median_seconds(lambda: cg._cpp.gemm(x, lo, hi, s, bits, G), reps)

@@ -1,7 +1,7 @@
 """Bytes saved for backward by one GSQ soft weight, regenerated vs stored Gumbel noise,
 plus the peak RSS of a forward+backward over one SmolLM2-sized MLP (3 linears, 576 x 1536).
 
-    PYTHONPATH=. python benchmarks/gsq_noise_memory.py [--store-noise]
+    python -m benchmarks.gsq_noise_memory [--store-noise]
 Run once per mode (separate processes, so the RSS peaks do not mix).
 """
 

@@ -5,7 +5,7 @@ Times `refine_block` on SmolLM2-135M's block 0 with random calibration-shaped in
 cost does not depend on the values) at the fast preset's micro-batch of one 256-token sequence,
 one torch thread. Each variant runs in its own process. Prints a table, writes JSON.
 
-    python benchmarks/gsq_step_speed.py --out benchmarks/results/gsq_step_speed.json
+    python -m benchmarks.gsq_step_speed --out benchmarks/results/gsq_step_speed.json
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.results_io import RESULTS, add_common_args, machine_line, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = [("2", "mlp"), ("3", "mlp"), ("1.58", "mlp"), ("2", "all")]
@@ -56,7 +58,7 @@ def measure(bits: str, scope: str, steps: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gsq_step_speed.json"))
+    add_common_args(ap, str(RESULTS / "gsq_step_speed.json"), flag="--out")
     ap.add_argument("--one", nargs=2, metavar=("BITS", "SCOPE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
     for bits, scope in CASES:
         row = {"bits": bits, "quantized": scope}
         for variant, env in (("torch", "torch"), ("fused", "auto")):
-            p = subprocess.run([sys.executable, __file__, "--one", bits, scope, "--steps", str(args.steps)],
+            p = subprocess.run([sys.executable, "-m", "benchmarks.gsq_step_speed", "--one", bits, scope,
+                                "--steps", str(args.steps)],
                                env=dict(os.environ, GSQ_SOFT_KERNEL=env, PYTHONPATH=str(ROOT)),
                                capture_output=True, text=True, check=True, cwd=ROOT)
             row[variant] = json.loads(p.stdout.strip().splitlines()[-1])
@@ -74,15 +77,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{bits:>5}-bit {scope:<4} torch {row['torch']['steps_per_s']:6.2f} steps/s   fused "
               f"{row['fused']['steps_per_s']:6.2f} steps/s   x{row['speedup']:.2f}", flush=True)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from chat_probe import machine
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"machine": machine(), "note": "SmolLM2-135M block 0, 1 x 256 tokens per step, "
-                               "1 torch thread; timings on a shared machine", "rows": rows}, indent=1))
-    os.replace(tmp, out)
+    write_json({"machine": machine_line(), "note": "SmolLM2-135M block 0, 1 x 256 tokens per step, "
+                "1 torch thread; timings on a shared machine", "rows": rows}, args.out, indent=1)
     return 0
 
 

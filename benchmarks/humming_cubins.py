@@ -3,7 +3,7 @@
 Run by ``kernel_static.py --humming`` in a separate process, with the
 ``humming-kernels`` package and its NVRTC on ``PYTHONPATH``:
 
-    python benchmarks/humming_cubins.py [--lineinfo] CACHE_DIR BITS N K DTYPE M [M ...]
+    python -m benchmarks.humming_cubins [--lineinfo] CACHE_DIR BITS N K DTYPE M [M ...]
     -> one JSON line per M: the tuning config Humming picked and its cubin path
 
 Humming picks its tile config from the device it runs on and JIT-compiles

@@ -40,7 +40,7 @@ What it does:
   G = 128 / 64, 2 / 3 bits, H100 SXM and A100 SXM (printed: H100); Humming's
   kernels the same way (H100, fp16, G = 128) with ``--humming``.
 
-    python benchmarks/kernel_static.py --humming [--out benchmarks/results/kernel_static.json]
+    python -m benchmarks.kernel_static --humming [--out benchmarks/results/kernel_static.json]
 """
 
 from __future__ import annotations
@@ -60,11 +60,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sass  # noqa: E402
+from benchmarks import sass
+from benchmarks.results_io import RESULTS, add_common_args, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
 
 MACHINES = {
     # sms, SM clock (GHz), HBM TB/s, shared memory per SM / per block, registers, warps, blocks per SM
@@ -223,12 +222,12 @@ def humming_site() -> Path:
 
 def humming_cubins(bits: int, n: int, k: int, ms: list[int], cache: Path, lineinfo: bool = True) -> list[dict]:
     site = humming_site()
-    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env["LD_LIBRARY_PATH"] = f"{site / 'nvidia' / 'cu13' / 'lib'}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
-    res = subprocess.run([sys.executable, str(HERE / "humming_cubins.py"), *(["--lineinfo"] * lineinfo), str(cache),
+    res = subprocess.run([sys.executable, "-m", "benchmarks.humming_cubins", *(["--lineinfo"] * lineinfo), str(cache),
                           str(bits), str(n), str(k), "fp16", *map(str, ms)], capture_output=True, text=True, env=env)
     if res.returncode != 0:
-        raise RuntimeError(f"humming_cubins.py failed:\n{res.stderr[-4000:]}")
+        raise RuntimeError(f"benchmarks.humming_cubins failed:\n{res.stderr[-4000:]}")
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
 
 
@@ -1064,7 +1063,7 @@ def print_what_if(whole: dict, label: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(HERE / "results" / "kernel_static.json"))
+    add_common_args(ap, str(RESULTS / "kernel_static.json"), flag="--out")
     ap.add_argument("--humming", action="store_true", help="also model Humming (installs humming-kernels apart)")
     ap.add_argument("--label", default="gsq", help="name of our kernel's entry in the JSON")
     args = ap.parse_args(argv)
@@ -1089,12 +1088,8 @@ def main(argv=None) -> int:
         result["whole_kernel"] = whole
         print_whole(whole, args.label)
         print_what_if(whole, args.label)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(result, indent=1))
-    os.replace(tmp_out, out)
-    print(f"\nwrote {out}")
+    print()
+    write_json(result, args.out, indent=1)
     return 0
 
 

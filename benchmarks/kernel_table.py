@@ -1,6 +1,6 @@
 """Markdown table of the static cost model (benchmarks/kernel_static.py JSON) for docs/results/cuda-kernel.md.
 
-    python benchmarks/kernel_table.py benchmarks/results/kernel_static_v1.json [more.json ...]
+    python -m benchmarks.kernel_table benchmarks/results/kernel_static_v1.json [more.json ...]
 
 One row per (kernel, bits, M) on H100 SXM over the Llama-3.1-8B layer shapes:
 warp-instructions per weight in the hot loop (longest path; the shortest

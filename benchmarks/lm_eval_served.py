@@ -12,7 +12,7 @@ here, so the task reads a JSONL file through the ``json`` dataset builder), and 
 The two perplexities must agree: the server runs our kernels on what the quantizer wrote, the
 offline path dequantizes it in plain torch. Prints both and writes JSON.
 
-    python benchmarks/lm_eval_served.py runs/smollm2-gsq-3b-g64 --docs 20 --out benchmarks/results/lm_eval.json
+    python -m benchmarks.lm_eval_served runs/smollm2-gsq-3b-g64 --docs 20 --out benchmarks/results/lm_eval.json
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import running_server  # noqa: E402
+from benchmarks.results_io import RESULTS, add_common_args, write_json
+from benchmarks.serving import running_server
 
 TASK = "gsq_heldout"
 METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -92,7 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", default="wikipedia")
     ap.add_argument("--max-length", type=int, default=512, help="lm-eval rolling window (tokens)")
     ap.add_argument("--server-args", default="--max-model-len 1024 --dtype float32 --enforce-eager")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lm_eval.json"))
+    add_common_args(ap, str(RESULTS / "lm_eval.json"), flag="--out")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -107,10 +105,8 @@ def main(argv=None) -> int:
     print(f"{'metric':<18}{'served':>14}{'offline':>14}{'served/offline':>16}")
     for m in METRICS:
         print(f"{m:<18}{served[m]:>14.6g}{offline[m]:>14.6g}{served[m] / offline[m]:>16.5f}")
-    Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "docs": args.docs, "corpus": args.corpus,
-                                          "server_args": args.server_args, "served": served,
-                                          "offline": offline}, indent=2))
-    print(f"wrote {args.out}")
+    write_json({"checkpoint": args.checkpoint, "docs": args.docs, "corpus": args.corpus,
+                "server_args": args.server_args, "served": served, "offline": offline}, args.out)
     return 0
 
 

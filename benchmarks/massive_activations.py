@@ -5,26 +5,23 @@ norm, that loss, and any choice made on it (``--gsq-held-out``), is about that t
 ``--gsq-token-norm-cap`` exists for that. This prints, per block, position 0's share of
 sum ||h||^2 and the largest token's norm^2 over the median token's, on float calibration text:
 
-    PYTHONPATH=. python benchmarks/massive_activations.py [--nsamples 8] [--json FILE]
+    python -m benchmarks.massive_activations [--nsamples 8] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import machine_info, write_json  # noqa: E402
+from benchmarks.results_io import add_common_args, machine_info, write_json
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--json", default="benchmarks/results/massive_activations.json")
+    add_common_args(p, "benchmarks/results/massive_activations.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -11,7 +11,7 @@ Quantizes the experts only (attention stays bf16, as run.sh does for the dense m
 at 2 and 3 bits, G=64, 32 x 256 wikipedia calibration tokens, and reports perplexity on the same
 40 x 256 held-out tokens as docs/results/quality.md's tables, beside the dense model quantized the same way.
 
-    python benchmarks/moe_upcycled.py --out benchmarks/results/moe_upcycled.json
+    python -m benchmarks.moe_upcycled --out benchmarks/results/moe_upcycled.json
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import argparse
 import json
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.results_io import RESULTS, add_common_args, write_json
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def build_upcycled_mixtral(src: Path, out: Path, experts: int = 4, top_k: int = 2, seed: int = 0) -> Path:
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "moe_upcycled"))
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--bits", nargs="+", default=["3", "2"])
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "moe_upcycled.json"))
+    add_common_args(ap, str(RESULTS / "moe_upcycled.json"), flag="--out")
     args = ap.parse_args(argv)
 
     from quantize.cli import main as quantize_main
@@ -102,8 +102,7 @@ def main(argv=None) -> None:
         print(f"{Path(r['model']).name:<40}{r['kind']:<16}{r['ppl']:>10.3f}")
     result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "experts": args.experts, "top_k": 2, "quantize_seconds": times, "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ static model of the pipeline's tensors), once for real on the CPU, under a small
 that reports the child's peak RSS (``ru_maxrss``). Prints a table and writes JSON.
 The GPU columns of a plan cannot be checked here (no GPU).
 
-    python benchmarks/plan_check.py --out benchmarks/results/plan_check.json
+    python -m benchmarks.plan_check --out benchmarks/results/plan_check.json
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.results_io import RESULTS, add_common_args, machine_line, read_json, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -64,10 +65,9 @@ def run_one(name: str, args: list[str], tmp: Path) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "plan_check.json"))
+    add_common_args(ap, str(RESULTS / "plan_check.json"), flag="--out")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    results = json.loads(out.read_text()) if out.is_file() else {}
+    results = read_json(args.out)
     with tempfile.TemporaryDirectory(prefix="plan-check-") as d:
         tmp = Path(d)
         tiny = None
@@ -75,21 +75,17 @@ def main(argv=None) -> int:
             cfg = list(CONFIGS[name])
             if "tiny" in cfg:
                 if tiny is None:
-                    sys.path.insert(0, str(ROOT))
                     from quantize.tiny import build_tiny_llama
 
                     tiny = build_tiny_llama(tmp / "tiny-model", layers=2)
                 cfg[cfg.index("tiny")] = str(tiny)
             res = run_one(name, cfg, tmp)
-            res["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
+            res["machine"] = machine_line()
             results[name] = res
             print(f"{name:34} planned {res['planned_host_bytes'] / GiB:6.2f} GiB  measured "
                   f"{res['measured_peak_rss_bytes'] / GiB:6.2f} GiB  plan/measured {res['ratio']:.2f}  "
                   f"({res['stage']}, {res['seconds']} s)", flush=True)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            t = out.with_name(f".{out.name}.tmp")
-            t.write_text(json.dumps(results, indent=1))
-            os.replace(t, out)
+            write_json(results, args.out, indent=1)
     return 0
 
 

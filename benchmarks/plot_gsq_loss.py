@@ -3,7 +3,7 @@
 Soft MSE per optimisation step (solid) and hard (argmax) MSE per epoch (markers, epoch 0 = the
 GPTQ init), one colour per block, log scale.
 
-    python benchmarks/plot_gsq_loss.py CKPT/gsq_logs.json -o gsq_loss.png [--blocks 0 5 29]
+    python -m benchmarks.plot_gsq_loss CKPT/gsq_logs.json -o gsq_loss.png [--blocks 0 5 29]
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ each concurrency, stops the server, and reports per (model, concurrency):
 * ``ttft_ms`` and ``itl_ms``: p50 / p90 / p99 of time-to-first-token and
   inter-token latency (gaps between streamed chunks of one token each).
 
-    python benchmarks/serving.py --models bf16=DIR gsq2=DIR gsq3=DIR \
+    python -m benchmarks.serving --models bf16=DIR gsq2=DIR gsq3=DIR \
         --concurrency 1 8 --requests 8 --max-tokens 128 --out bench.json
 
 ``--model-env NAME:KEY=VALUE`` sets an environment variable for one model's server only, so
@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from benchmarks.results_io import add_common_args, cpu_name, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -166,7 +168,6 @@ async def run_level(base: str, concurrency: int, requests: int, max_tokens: int)
 
 def _cpu_kernel() -> str | None:
     """The gsq CPU kernel the servers use here (run-time ISA dispatch), None if not built."""
-    sys.path.insert(0, str(ROOT))
     try:
         from gsq_vllm.cpu_gemm import cpu_isa
     except ImportError:
@@ -185,7 +186,7 @@ def main() -> int:
     ap.add_argument("--model-env", nargs="*", default=[], metavar="NAME:KEY=VALUE",
                     help="an environment variable for one model's server only (e.g. gsq2-int8:GSQ_CPU_ISA=avx2int8)")
     ap.add_argument("--startup-timeout", type=float, default=600)
-    ap.add_argument("--out", default="serving_bench.json")
+    add_common_args(ap, "serving_bench.json", flag="--out")
     args = ap.parse_args()
 
     models = model_specs(args.models, "serving.py")
@@ -211,9 +212,6 @@ def main() -> int:
         print(f"{r['model']:<10} {r['concurrency']:>4} {r['output_tok_s']:>9.1f} {r['decode_tok_s']:>12.1f} "
               f"{r['ttft_ms_p50']:>7.0f}/{r['ttft_ms_p90']:.0f}/{r['ttft_ms_p99']:.0f} "
               f"{r['itl_ms_p50']:>8.1f}/{r['itl_ms_p90']:.1f}/{r['itl_ms_p99']:.1f}")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from results_io import cpu_name, write_json
-
     meta = {"machine": f"{cpu_name()}, {os.cpu_count()} CPUs", "cpu_kernel": _cpu_kernel(), "max_tokens": args.max_tokens,
             "server_args": args.server_args,
             "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_CPU", "GSQ_", "ONEDNN_", "ATEN_CPU", "DNNL_"))}}

@@ -6,7 +6,7 @@ A whole-model perplexity comparison needs the pre-stage on all 90 MLP linears: a
 (the reference's) that is 1-2 h on 2 CPU cores, so this measures the start each gives GSQ, on the
 loss the pre-stage minimises, block by block with the float model's inputs:
 
-    PYTHONPATH=. python benchmarks/ternary_init.py --blocks 1 --steps 400 2000 --pieces 32 1
+    python -m benchmarks.ternary_init --blocks 1 --steps 400 2000 --pieces 32 1
 
 Prints a table (weighted error relative to GPTQ's: below 1 means the random pre-stage starts GSQ
 from a better point) and writes --json.
@@ -15,14 +15,11 @@ from a better point) and writes --json.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import machine_info, write_json  # noqa: E402
+from benchmarks.results_io import add_common_args, machine_info, write_json
 
 
 def weighted_error(w: torch.Tensor, q, hess: torch.Tensor, damp: float) -> float:
@@ -41,7 +38,7 @@ def main(argv=None) -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--damp", type=float, default=0.01)
-    p.add_argument("--json", default="benchmarks/results/ternary_init.json")
+    add_common_args(p, "benchmarks/results/ternary_init.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ concurrency run vLLM's benchmark (random dataset, ``--random-input-len`` tokens 
 serving.py's client (its fixed ~17-token prompt, same output length, requests and concurrency).
 Prints both side by side and writes JSON.
 
-    python benchmarks/vllm_bench_serve.py --models bf16=DIR gsq3=DIR --concurrency 1 8 --requests 8 \\
+    python -m benchmarks.vllm_bench_serve --models bf16=DIR gsq3=DIR --concurrency 1 8 --requests 8 \\
         --max-tokens 64 --out benchmarks/results/vllm_bench_serve.json
 """
 
@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import model_specs, run_level, running_server  # noqa: E402
+from benchmarks.results_io import add_common_args, machine_line, write_json
+from benchmarks.serving import model_specs, run_level, running_server
 
 
 def vllm_bench(base: str, tokenizer: str, concurrency: int, requests: int, input_len: int, output_len: int) -> dict:
@@ -55,7 +53,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=17, help="vLLM random prompts (serving.py's prompt is ~17)")
     ap.add_argument("--server-args", default="--max-model-len 512 --dtype bfloat16")
-    ap.add_argument("--out", default="benchmarks/results/vllm_bench_serve.json")
+    add_common_args(ap, "benchmarks/results/vllm_bench_serve.json", flag="--out")
     args = ap.parse_args()
 
     models = model_specs(args.models, "vllm_bench_serve.py")
@@ -84,10 +82,9 @@ def main() -> int:
         print(f"{r['model']:<8}{r['concurrency']:>5}  {r['vllm_output_tok_s']:>12.1f} | {r['ours_output_tok_s']:<7.1f}"
               f"  {r['vllm_ttft_ms_p50']:>13.0f} | {r['ours_ttft_ms_p50']:<8.0f}"
               f"  {r['vllm_itl_ms_p50']:>12.1f} | {r['ours_itl_ms_p50']:<8.1f}")
-    meta = {"machine": f"{platform.processor() or platform.machine()}", "server_args": args.server_args,
+    meta = {"machine": machine_line(), "server_args": args.server_args,
             "input_len_vllm": args.input_len, "max_tokens": args.max_tokens}
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    write_json({"meta": meta, "rows": rows}, args.out)
     return 0
 
 
