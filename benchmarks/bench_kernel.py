@@ -14,12 +14,12 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
 import torch
 
+from benchmarks.results_io import add_common_args, write_json
 from gsq_vllm import cuda_gemm as cg
 from gsq_format.format import grid_range, pack_codes
 
@@ -92,7 +92,7 @@ def bench_one(n, k, bits, g, dtype, ms_list):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="bench_kernel.json", help="JSON output path")
+    add_common_args(ap, "bench_kernel.json", flag="--out")
     ap.add_argument("--quick", action="store_true", help="8B shapes, fp16 only, M in {1, 16, 128}")
     ap.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128))
     args = ap.parse_args(argv)
@@ -117,9 +117,7 @@ def main(argv=None) -> int:
                     results.append(r)
                     print(f"{model:13} {layer:8} {n:6} {k:6} {bits:2} {r['dtype']:8} {r['m']:4} "
                           f"{r['ms'] * 1e3:9.1f} {r['gbs']:7.0f} {r['pct_copy']:6.1f} {r['speedup']:8.2f}")
-    with open(args.out, "w") as f:
-        json.dump(dict(gpu=gpu, copy_gbs=copy_gbs, torch=torch.__version__, results=results), f, indent=1)
-    print(f"wrote {args.out}")
+    write_json(dict(gpu=gpu, copy_gbs=copy_gbs, torch=torch.__version__, results=results), args.out, indent=1)
     return 0
 
 
