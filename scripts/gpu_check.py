@@ -119,7 +119,6 @@ def carried_requirements() -> list[tuple[str, str]]:
 
 def prepare(carry: Path, python_version: str) -> int:
     """Fill the carried folder (needs the registry and the project's environment)."""
-    sys.path.insert(0, str(ROOT))
     from gsq_format.format import TOKENIZER_FILES
     from quantize.data import corpus_path
     from quantize.models import DEFAULT_MODEL_NAME, prepare_default_model

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 pytest.importorskip("vllm", reason="vllm not installed")
-sys.path.insert(0, str(Path(__file__).parent))
 import plugin_tiny  # noqa: E402
 import vllm_greedy  # noqa: E402
 

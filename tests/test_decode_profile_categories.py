@@ -1,12 +1,9 @@
 """benchmarks/decode_profile.py charges each profiler event's self time to a category: our dense
 ops (lm_head) apart from our GEMM, and whatever runs inside one of our ops to that op."""
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from decode_profile import PY, breakdown  # noqa: E402
+from benchmarks.decode_profile import PY, breakdown
 
 
 def _event(name, self_us, parent=None, thread=1):

@@ -48,15 +48,11 @@ def test_eval_table_bf16_vs_quantized(tiny, tmp_path, capsys):
 def test_dense_int8_quality_benchmark_scores_both_heads(tiny, tmp_path):
     """benchmarks/dense_int8_quality.py: the float-head perplexity is gsq-eval's, and the int8
     head (gsq::cpu_dense_int8) moves it a little and keeps nearly every top-1 token."""
-    import sys
-    from pathlib import Path
-
+    from benchmarks.dense_int8_quality import main as quality_main
     from gsq_vllm import cpu_gemm
 
     if not cpu_gemm.cpp_kernel_available():
         pytest.skip("gsq_vllm._C_cpu not built")
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from dense_int8_quality import main as quality_main
 
     js, ev = tmp_path / "q.json", tmp_path / "ppl.json"
     quality_main([str(tiny), "--nsamples", "2", "--seqlen", "64", "--threads", "1", "--json", str(js)])

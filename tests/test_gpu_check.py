@@ -31,10 +31,10 @@ from pathlib import Path
 
 import pytest
 
+from scripts import gpu_check
+from scripts import gpu_check_stages as stages
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import gpu_check  # noqa: E402
-import gpu_check_stages as stages  # noqa: E402
 
 # What the GPU machine's image has (issue 31), and so what the mirror has.
 IMAGE_DISTS = ("torch", "transformers", "safetensors", "accelerate", "triton", "numpy", "pip", "setuptools")

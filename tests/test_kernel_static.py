@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import sass  # noqa: E402
+from benchmarks import sass
 
 # An outer loop (0x10 .. 0xb0) around an inner one (0x20 .. 0x90) with a skippable block
 # (0x50 .. 0x60), a nested copy loop (0x70 .. 0x80) and a divergence check leaving the loop.
@@ -61,14 +60,14 @@ def sm90_cubin(tmp_path_factory):
         sass.tool("nvcc"), sass.tool("cuobjdump"), sass.tool("nvdisasm")
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    import kernel_static
+    from benchmarks import kernel_static
 
     return kernel_static.compile_ours("90", tmp_path_factory.mktemp("sm90"))
 
 
 @pytest.fixture(scope="module")
 def our_sm90(sm90_cubin):
-    import kernel_static
+    from benchmarks import kernel_static
 
     return kernel_static.analyze_cubin(*sm90_cubin, kernel_static.our_kernel_facts)
 
@@ -86,7 +85,7 @@ def test_our_compiled_hot_loop_holds_the_kernels_mma_work(our_sm90):
 
 
 def test_model_hbm_need_matches_the_bandwidth_arithmetic():
-    import kernel_static
+    from benchmarks import kernel_static
 
     kern = dict(registers=64, instructions_per_weight=0.05, weights_per_hmma=256, stages=4,
                 hbm_bytes_per_stage=8192, loop_instructions_min=1, weights_per_warp_per_trip=1)
@@ -147,7 +146,7 @@ def test_nvdisasm_lines_and_warp_paths_on_synthetic_sass():
     assert len(instrs) == 21
     hmma = next(i for i in instrs if i.base == "HMMA")
     assert hmma.line == ("/x/k.cu", 12) and hmma.frames == (("/x/k.cu", 2), ("/x/k.cu", 12))
-    import kernel_static
+    from benchmarks import kernel_static
 
     cfg = sass.Cfg(instrs, avoid=kernel_static._division_slow_path)
     at = {b.addr: b.index for b in cfg.blocks}
@@ -169,7 +168,7 @@ def test_nvdisasm_lines_and_warp_paths_on_synthetic_sass():
 
 def test_lineinfo_changes_no_instruction(sm90_cubin, tmp_path):
     """kernel_static.py builds with -lineinfo for the region analysis: the SASS must be the plain build's."""
-    import kernel_static
+    from benchmarks import kernel_static
 
     plain, _ = kernel_static.compile_ours("90", tmp_path, lineinfo=False)
     a, b = sass.sass_functions(sm90_cubin[0]), sass.sass_functions(plain)
@@ -180,7 +179,7 @@ def test_lineinfo_changes_no_instruction(sm90_cubin, tmp_path):
 
 @pytest.fixture(scope="module")
 def sm90_regions(sm90_cubin):
-    import kernel_static
+    from benchmarks import kernel_static
 
     return kernel_static.our_decode_regions(sm90_cubin[0])
 
@@ -204,7 +203,7 @@ def test_decode_regions_from_sass(sm90_regions, our_sm90):
 
 def test_decode_ring_depth_is_the_kernels():
     """decode_stages (re-derived) against the shared memory the host code launches each decode kernel with."""
-    import kernel_static
+    from benchmarks import kernel_static
     import torch
 
     from gsq_vllm import cuda_emu as ce
@@ -229,7 +228,7 @@ def test_decode_ring_depth_is_the_kernels():
 
 
 def test_decode_split_covers_the_items_once():
-    import kernel_static
+    from benchmarks import kernel_static
 
     for items, warps, chunks in [(27, 16, 9), (24, 16, 8), (2048, 2048, 32), (3072, 2112, 32), (7168, 1584, 32),
                                  (64, 4, 16), (5, 5, 1)]:
@@ -253,7 +252,7 @@ def _plan(n, k, warps, grid_x=None):
 
 
 def test_whole_kernel_counts_every_region():
-    import kernel_static
+    from benchmarks import kernel_static
 
     reg = dict(item=300, prologue=200, tail=3, idle=8, segment_full=120, segment_partial=190, reduce_fixed=60,
                per_contributor=65.0)
@@ -288,7 +287,7 @@ def test_whole_kernel_counts_every_region():
 
 
 def test_whole_kernel_critical_path_and_distinct_bytes():
-    import kernel_static
+    from benchmarks import kernel_static
 
     reg = dict(item=300, prologue=200, tail=3, idle=8, segment_full=120, segment_partial=190, reduce_fixed=60,
                per_contributor=65.0)
@@ -341,7 +340,7 @@ def test_decode_split_is_the_kernels(tmp_path):
     import shutil
     import subprocess
 
-    import kernel_static
+    from benchmarks import kernel_static
 
     from gsq_vllm import cuda_emu as ce
 
@@ -411,7 +410,7 @@ HUMMING_M8 = {"block_shape": [8, 128, 128], "warp_shape": [8, 64, 32], "use_stre
 
 
 def test_humming_schedule_covers_each_tile_once():
-    import kernel_static
+    from benchmarks import kernel_static
 
     for n, k, ctas in [(4096, 4096, 1), (6144, 4096, 1), (28672, 4096, 1), (4096, 14336, 1), (57344, 8192, 2),
                        (1024, 512, 1)]:
@@ -444,7 +443,7 @@ def test_humming_schedule_covers_each_tile_once():
 
 
 def _humming_site():
-    import kernel_static
+    from benchmarks import kernel_static
 
     site = Path(os.environ.get("GSQ_HUMMING_SITE", Path.home() / ".cache" / "gsq-vllm" /
                                f"humming-{kernel_static.HUMMING_VERSION}"))
@@ -457,7 +456,7 @@ def test_humming_regions_and_lineinfo(tmp_path):
     """Humming's kernel as kernel_static.py builds it (-lineinfo) has the plain build's SASS; its regions:
     the hot loop is the loop-only reading's, the tail holds stages_per_trip - 1 stages."""
     _humming_site()
-    import kernel_static
+    from benchmarks import kernel_static
 
     with_lines = kernel_static.humming_cubins(2, 4096, 4096, [1], tmp_path / "a")
     plain = kernel_static.humming_cubins(2, 4096, 4096, [1], tmp_path / "b", lineinfo=False)
@@ -483,7 +482,7 @@ def test_humming_regions_and_lineinfo(tmp_path):
 
 
 def test_what_if_designs_change_only_what_they_say():
-    import kernel_static
+    from benchmarks import kernel_static
 
     reg = dict(item=338, prologue=222, tail=3, idle=8, segment_full=127, segment_partial=195, reduce_fixed=64,
                per_contributor=64.75, division_fast_path_instructions=19.0,

@@ -7,23 +7,18 @@ They must agree within 1 % in word perplexity (float32 rounding only; measured 0
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm", reason="vllm not installed")
 pytest.importorskip("lm_eval", reason="lm-eval not installed")
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "benchmarks"))
 import plugin_tiny  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 def test_served_and_offline_lm_eval_agree(tmp_path, monkeypatch):
-    import lm_eval_served
+    from benchmarks import lm_eval_served
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     tok = plugin_tiny.make_tokenizer_dir(tmp_path / "tok")

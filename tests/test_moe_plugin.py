@@ -8,13 +8,9 @@ forward of the same dequantized weights, on one rank and on two (tensor
 parallel: gate/up cut along the output dim, down along the packed input dim).
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("vllm", reason="vllm not installed")
-sys.path.insert(0, str(Path(__file__).parent))
 import plugin_tiny  # noqa: E402
 import vllm_greedy  # noqa: E402
 from test_cuda_emu_e2e import PROMPTS, _reference  # noqa: E402

@@ -8,8 +8,6 @@ transformers forward (its own fused experts) holding the dequantized weights.
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +19,6 @@ from quantize.cli import main as quantize_main
 from quantize.block_forward import run_block_with_hessians
 from quantize.rtn import rtn_quantize
 from quantize.tiny import build_tiny_moe
-
-HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +259,6 @@ def _hf_reference(folder):
 ])
 def test_quantized_moe_is_served_with_the_reference_tokens(tmp_path, arch, method, bits, tp):
     pytest.importorskip("vllm")
-    sys.path.insert(0, str(HERE))
     import vllm_greedy
     from test_cuda_emu_e2e import PROMPTS, _reference
 

@@ -23,8 +23,6 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm not installed")
 httpx = pytest.importorskip("httpx")
-
-sys.path.insert(0, str(Path(__file__).parent))
 import plugin_tiny  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]

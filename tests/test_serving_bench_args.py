@@ -6,10 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import serving
 
-import serving  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_model_env_is_parsed_per_model(capsys):
@@ -42,8 +41,8 @@ def test_server_gets_its_own_environment_only(tmp_path, monkeypatch):
 
 
 def test_command_line_refuses_an_unknown_model_name(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--models", f"a={tmp_path}",
+    r = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--models", f"a={tmp_path}",
                         "--model-env", "b:K=V", "--out", str(tmp_path / "x.json")],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "--model-env expects NAME:KEY=VALUE" in r.stderr
     assert not (tmp_path / "x.json").exists()

@@ -10,13 +10,9 @@ one core per rank. A group size that does not divide a row-parallel layer's
 K per rank is refused at load, naming the layer.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("vllm", reason="vllm not installed")
-sys.path.insert(0, str(Path(__file__).parent))
 import plugin_tiny  # noqa: E402
 import vllm_greedy  # noqa: E402
 from test_cuda_emu_e2e import PROMPTS, _reference  # noqa: E402
