@@ -8,9 +8,12 @@ block). Prints a table, writes results.json and quality.png.
     nice python -m benchmarks.quality --out runs/quality \
         --configs bf16 gptq-2-mlp gsq-2-mlp gptq-2-all gsq-2-all
 
-Configuration names: bf16 | <rtn|gptq|gptqmse|gsq>-<2|3|1.58>-<mlp|all>. gptqmse is GPTQ with the
+Configuration names: bf16 | <rtn|gptq|gptqmse|gsq>-<2|3|1.58>-<mlp|all>[+e2e]. gptqmse is GPTQ with the
 scale search used before the reference's (``--scale-search mse``), kept beside the current GPTQ
-so a gain in the init is not mistaken for GSQ's.
+so a gain in the init is not mistaken for GSQ's. ``+e2e``: the end-to-end scale stage
+(``quantize.e2e.tune_checkpoint``, --stage-epochs passes over the calibration sequences) applied to
+the configuration's own checkpoint, so a method is compared with and without the stage on the
+very same codes.
 """
 
 from __future__ import annotations
@@ -71,6 +74,21 @@ def quantize_config(name, model_dir, calib, out: Path, args) -> tuple[Path, dict
     return ckpt, {"quantize_s": round(time.time() - t0, 1)}
 
 
+def stage_config(name, model_dir, calib, out: Path, args) -> tuple[Path, dict]:
+    """``<base>+e2e``: the end-to-end stage on ``<base>``'s checkpoint (quantized first if missing)."""
+    from quantize.e2e import E2EOptions, tune_checkpoint
+    from quantize.pipeline import QuantizeSettings
+
+    base = name.removesuffix("+e2e")
+    base_ckpt, _ = quantize_config(base, model_dir, calib, out, args)
+    ckpt = out / "ckpt" / name
+    t0 = time.time()
+    if not (ckpt / "config.json").is_file():
+        options = E2EOptions(epochs=args.stage_epochs, lr=QuantizeSettings().e2e_lr, batch_size=4)
+        tune_checkpoint(model_dir, base_ckpt, ckpt, calib, options, seed=0)
+    return ckpt, {"stage_s": round(time.time() - t0, 1), "stage_epochs": args.stage_epochs}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/quality")
@@ -90,9 +108,10 @@ def main(argv=None) -> None:
                    help="GPTQ scales refitted by least squares on H (gsq-quantize's default)")
     p.add_argument("--e2e-epochs", type=int, default=0,
                    help="end-to-end scale tuning after the blocks (gsq-quantize --e2e-epochs; default 0: off)")
+    p.add_argument("--stage-epochs", type=int, default=2, help="+e2e configurations: the stage's passes")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: see gsq-quantize --threads)")
     args = p.parse_args(argv)
-    bad = [c for c in args.configs if c not in ALL_CONFIGS]
+    bad = [c for c in args.configs if c.removesuffix("+e2e") not in ALL_CONFIGS or c == "bf16+e2e"]
     if bad:
         raise SystemExit(f"unknown configuration(s) {bad}; choose from {ALL_CONFIGS}")
     torch.set_num_threads(max(1, args.threads))
@@ -111,11 +130,14 @@ def main(argv=None) -> None:
                 "gsq_nsamples": args.gsq_nsamples if name.startswith("gsq") else None,
                 "eval_tokens": int(evals["wikipedia"].numel()), "group_size": args.group_size,
                 "gsq": args.gsq if name.startswith("gsq") else None,
-                "attention_quantized": name.endswith("-all"),
+                "attention_quantized": name.removesuffix("+e2e").endswith("-all"),
                 "act_order": args.act_order, "true_sequential": args.true_sequential,
                 "refit_scales": args.refit_scales, "e2e_epochs": args.e2e_epochs}
         folder = model_dir
-        if name != "bf16":
+        if name.endswith("+e2e"):
+            folder, extra = stage_config(name, model_dir, calib, out, args)
+            info.update(extra)
+        elif name != "bf16":
             folder, extra = quantize_config(name, model_dir, calib, out, args)
             info.update(extra)
         model = load_model(folder)[0]
@@ -127,7 +149,7 @@ def main(argv=None) -> None:
         os.replace(tmp, res_path)
         print(f"[quality] {name}: ppl wikipedia {info['ppl']:.3f}, owt {info['ppl_owt']:.3f}", flush=True)
     rows = [json.loads((out / "results" / f"{c}.json").read_text())
-            for c in ALL_CONFIGS if (out / "results" / f"{c}.json").is_file()]
+            for c in ALL_CONFIGS + [f"{c}+e2e" for c in ALL_CONFIGS[1:]] if (out / "results" / f"{c}.json").is_file()]
     print(f"{'config':<16}{'attn q.':>8}{'ppl wiki':>14}{'ppl owt':>14}{'quant s':>9}")
     for r in rows:
         print(f"{r['config']:<16}{str(r['attention_quantized']):>8}{r['ppl']:>14.6g}{r.get('ppl_owt', float('nan')):>14.6g}"

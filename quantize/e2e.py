@@ -138,3 +138,58 @@ def tune_scales(student, rotary, quantized: dict[str, GroupScaledLinear], ids: t
         log(f"[gsq-quantize] end-to-end scales, epoch {epoch + 1}/{options.epochs}: "
             f"mean KL from the float model {kl_sum / per_epoch:.4f} over {per_epoch} steps")
     return {name: m.scales().detach() for name, m in quantized.items()}
+
+
+def tune_checkpoint(model_dir, ckpt_dir, out_dir, ids: torch.Tensor, options: E2EOptions, seed: int,
+                    log=print) -> "Path":
+    """The end-to-end stage applied to a finished dense GSQ checkpoint: its codes kept, its scales
+    trained by :func:`tune_scales` against ``model_dir``'s float model on ``ids`` (int64 ``[n, S]``),
+    written as a new checkpoint at ``out_dir`` (atomically; same quantization config, the stage's
+    settings added under ``quantizer.e2e``). Runs on the CPU.
+
+    Equals ``gsq-quantize --e2e-epochs`` after the same blocks up to one rounding: the pipeline's
+    stage starts from its float32 work-folder scales, this one from the checkpoint's stored ones."""
+    from pathlib import Path
+
+    from gsq_format.convert import read_checkpoint
+    from gsq_format.format import CheckpointWriter, read_quant_config
+    from quantize.models import WeightReader, build_skeleton
+
+    ck = read_checkpoint(ckpt_dir)
+    if ck.source != "gsq":
+        raise ValueError(f"{ckpt_dir}: a GSQ checkpoint is needed, this one is {ck.source}")
+    student = build_skeleton(model_dir)
+    reader = WeightReader(model_dir)
+    for i, block in enumerate(student.model.layers):
+        reader.load_into(block, f"model.layers.{i}")
+    reader.load_into(student.model.embed_tokens, "model.embed_tokens")
+    reader.load_into(student.model.norm, "model.norm")
+    if "lm_head.weight" in reader.where:
+        reader.load_into(student.lm_head, "lm_head")
+    else:  # tied to the embedding
+        student.lm_head.weight = student.model.embed_tokens.weight
+    student.eval()
+    rotary = type(student.model.rotary_emb)(config=student.config)
+    teacher = teacher_hidden(student, rotary, ids, options.batch_size)
+    quantized = {}
+    for prefix, (codes, scales) in ck.linears.items():
+        parent, _, child = prefix.rpartition(".")
+        lin = student.get_submodule(prefix)
+        m = GroupScaledLinear(codes, scales.float(), lin.bias)
+        setattr(student.get_submodule(parent), child, m)
+        quantized[prefix] = m
+    tuned = tune_scales(student, rotary, quantized, ids, teacher, options, seed=seed, log=log)
+    qcfg = read_quant_config(ckpt_dir)
+    qcfg.quantizer = {**qcfg.quantizer, "e2e": {"epochs": options.epochs, "lr": options.lr,
+                                                "batch_size": options.batch_size, "seed": seed,
+                                                "sequences": int(ids.shape[0]), "seqlen": int(ids.shape[1])}}
+    writer = CheckpointWriter(out_dir, base_config=ck.config, quant_config=qcfg)
+    try:
+        for prefix in sorted(ck.linears):
+            writer.add_quantized(prefix, ck.linears[prefix][0], tuned[prefix])
+        for name in sorted(ck.tensors):
+            writer.add(name, ck.tensors[name])
+        return Path(writer.finish(tokenizer_dir=ck.folder))
+    except BaseException:
+        writer.abort()
+        raise

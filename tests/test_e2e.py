@@ -55,6 +55,32 @@ def test_e2e_lowers_the_kl_and_keeps_every_code(tmp_path):
     assert _kl_on(tiny, tmp_path / "e2e", ids) < 0.85 * _kl_on(tiny, tmp_path / "plain", ids)
 
 
+def test_tune_checkpoint_is_the_stage_on_a_finished_checkpoint(tmp_path):
+    """quantize.e2e.tune_checkpoint (benchmarks/quality.py's ``+e2e``): the same stage as
+    --e2e-epochs, run on a finished checkpoint: codes kept, scales as the pipeline's stage trains them
+    (up to the stored scales' bf16 rounding at the start), the KL lowered, the stage recorded."""
+    from quantize.e2e import E2EOptions, tune_checkpoint
+
+    tiny = build_tiny_llama(tmp_path / "model", layers=2)
+    assert quantize_main(["--model", str(tiny), "--out", str(tmp_path / "plain"), *ARGS]) == 0
+    assert quantize_main(["--model", str(tiny), "--out", str(tmp_path / "e2e"), *ARGS,
+                          "--e2e-epochs", "6", "--e2e-lr", "1e-2"]) == 0
+    ids = tokenize_sequences(load_split("wikipedia", "calib"), AutoTokenizer.from_pretrained(str(tiny)), 64, 16)
+    tune_checkpoint(tiny, tmp_path / "plain", tmp_path / "tuned", ids, E2EOptions(epochs=6, lr=1e-2, batch_size=4),
+                    seed=0, log=lambda m: None)
+    a, b, c = (load_file(str(tmp_path / f / "model.safetensors")) for f in ("plain", "tuned", "e2e"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith(".scales"))
+    scales = [k for k in a if k.endswith(".scales")]
+    assert scales and all(not torch.equal(a[k], b[k]) for k in scales)
+    for k in scales:  # the pipeline's stage and this one agree to well within what the stage moves
+        moved = (c[k].float() - a[k].float()).abs().max()
+        diff = (b[k].float() - c[k].float()).abs()
+        assert diff.max() < 0.15 * moved and (diff / c[k].float().abs()).max() < 2 ** -6, k  # 2-4 bf16 ulps
+    assert read_quant_config(tmp_path / "tuned").quantizer["e2e"]["epochs"] == 6
+    assert _kl_on(tiny, tmp_path / "tuned", ids) < 0.85 * _kl_on(tiny, tmp_path / "plain", ids)
+
+
 def test_e2e_forward_matches_transformers(tmp_path):
     """The stage's own forward (embedding, blocks through call_block, norm, head) is transformers' forward."""
     tiny = build_tiny_llama(tmp_path / "model", layers=2)
