@@ -15,11 +15,11 @@
 #include <unordered_map>
 
 #include "gsq_gemm.h"
+#include "gsq_rules_py.h"
 
 namespace {
 
-constexpr int64_t kTileN = 64;
-constexpr int64_t kTileK = 64;
+namespace rules = gsq::rules;  // csrc/gsq_rules.h: the shapes the kernel takes, stated once
 
 // The split-K counters of a device: zero when allocated, and every launch
 // leaves them zero, so they are allocated (and zeroed) only when a larger
@@ -47,13 +47,13 @@ at::Tensor gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   TORCH_CHECK(a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16, "gsq::gemm: a must be fp16 or bf16");
   TORCH_CHECK(s.scalar_type() == a.scalar_type(), "gsq::gemm: scales dtype must match a");
   TORCH_CHECK(b.scalar_type() == at::kInt, "gsq::gemm: b must be int32");
-  TORCH_CHECK(bits == 2 || bits == 3, "gsq::gemm: bits (storage) must be 2 or 3");
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, "gsq::gemm: group_size must be 32, 64 or 128");
-  TORCH_CHECK(n % kTileN == 0 && k % kTileK == 0 && k % group_size == 0,
-              "gsq::gemm: need N % 64 == 0, K % 64 == 0, K % G == 0; got N=", n, " K=", k, " G=", group_size);
-  TORCH_CHECK(b.dim() == 2 && b.size(0) == n / kTileN && b.size(1) == k * 2 * bits,
+  TORCH_CHECK(n <= INT32_MAX && k <= INT32_MAX && rules::shape_ok(static_cast<int>(n), static_cast<int>(k),
+                                                                  static_cast<int>(bits), static_cast<int>(group_size)),
+              "gsq::gemm: the kernel does not take N=", n, " K=", k, " bits=", bits, " G=", group_size,
+              " (gsq_vllm._C.shape_rules())");
+  TORCH_CHECK(b.dim() == 2 && b.size(0) == n / rules::kNMultiple && b.size(1) == k * 2 * bits,
               "gsq::gemm: b has the wrong shape for N, K, bits");
-  TORCH_CHECK(s.dim() == 2 && s.size(0) == n / kTileN && s.size(1) == k / group_size * 64,
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == n / rules::kNMultiple && s.size(1) == k / group_size * 64,
               "gsq::gemm: s must be [N/64, K/G*64]");
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && s.is_contiguous(), "gsq::gemm: inputs must be contiguous");
   TORCH_CHECK(aligned16(a) && aligned16(b) && aligned16(s), "gsq::gemm: inputs must be 16-byte aligned");
@@ -93,5 +93,6 @@ TORCH_LIBRARY_FRAGMENT(gsq, m) {
 
 TORCH_LIBRARY_IMPL(gsq, CUDA, m) { m.impl("gemm", &gemm_cuda); }
 
-// Importing gsq_vllm._C runs the registrations above; no Python functions.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
+// Importing gsq_vllm._C runs the registrations above. Its Python functions are the kernel's shape
+// rules (csrc/gsq_rules.h), which gsq_vllm/cuda_gemm.py reads instead of stating them again.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { gsq::rules::add_to_module(m, ""); }

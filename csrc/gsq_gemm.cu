@@ -36,13 +36,16 @@ namespace gsq {
 constexpr int kPrefillBlocksPerSm = 2;  // blocks the prefill split aims at per SM
 constexpr int kSmemPerBlockReserved = 1024;  // the system's share of each block's shared memory (sm_80+)
 
-// The chunk of K one item covers: 128 when it divides K, else 64. G = 32 always takes 64: at
-// CK = 128 its four scale groups per item made ptxas spill the decode kernel's registers (sm_80).
-int chunk_k(int k, int group_size) { return k % 128 == 0 && group_size != 32 ? 128 : 64; }
+// The shape rules (which N, K, G, bits; the chunk of K) are csrc/gsq_rules.h's; the layout agrees.
+using rules::chunk_k;
+static_assert(rules::kNMultiple == kRowBlock, "N alignment of the rules and the layout");
 
 // f(CK, G) as compile-time constants for the instantiation a layer runs: the one place that maps
 // (K, G) to a kernel, so the plan sizes the same instantiation the launch runs. CK = 64 with
 // G = 128 cannot occur (G divides K, so 128 does).
+static_assert(sizeof(rules::kGroupSizes) / sizeof(int) == 3 && rules::kGroupSizes[0] == 32 &&
+                  rules::kGroupSizes[1] == 64 && rules::kGroupSizes[2] == 128,
+              "with_chunk_and_group instantiates each group size of the rules");
 template <typename F>
 auto with_chunk_and_group(int k, int group_size, F&& f) {
   using std::integral_constant;
@@ -172,9 +175,7 @@ cudaError_t gsq_gemm_launch(const void* a, const void* b, const void* s, void* c
                             size_t workspace_bytes, int* counters, size_t counter_bytes, int m, int n, int k,
                             int bits, int group_size, bool bf16, GsqDevice device, cudaStream_t stream) {
   using namespace gsq;
-  if (m < 1 || n < kRowBlock || k < 64 || n % kRowBlock || k % 64 || k % group_size ||
-      (group_size != 32 && group_size != 64 && group_size != 128) || (bits != 2 && bits != 3))
-    return cudaErrorInvalidValue;
+  if (m < 1 || !rules::shape_ok(n, k, bits, group_size)) return cudaErrorInvalidValue;
   const GsqGemmPlan p = gsq_gemm_plan(m, n, k, bits, group_size, device);
   if (p.warps < 1) return cudaErrorInvalidValue;
   if (workspace_bytes < p.workspace_bytes || counter_bytes < p.counter_bytes ||

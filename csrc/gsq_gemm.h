@@ -5,6 +5,8 @@
 #include <cuda_runtime.h>
 #include <stddef.h>
 
+#include "gsq_rules.h"  // which shapes the kernel takes (gsq::rules), shared with the CPU extension
+
 // What the plan needs to know of the device.
 struct GsqDevice {
   int sms;          // cudaDevAttrMultiProcessorCount

@@ -37,6 +37,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../gsq_rules_py.h"
 #include "gemm_args.h"
 
 #if defined(__linux__) && defined(__x86_64__)
@@ -112,14 +113,37 @@ void gemm_rows(const float* x, const uint8_t* lo, const uint8_t* hi, const float
   }
 }
 
+// What the CPU kernels take, stated once: the group sizes with_layout instantiates and the storage
+// widths of the planes; any N, K a multiple of G. gsq_vllm/cpu_gemm.py reads them through the
+// module's shape_rules() / shape_ok().
+constexpr int kGroupSizes[] = {32, 64, 128};
+constexpr int kStorageBits[] = {2, 3};
+
+template <int L>
+bool one_of(const int (&set)[L], int64_t v) {
+  return std::find(std::begin(set), std::end(set), v) != std::end(set);
+}
+
+template <int L>
+std::string list_of(const int (&set)[L]) {
+  std::string out;
+  for (int v : set) out += (out.empty() ? "" : ", ") + std::to_string(v);
+  return out;
+}
+
+bool shape_ok(int64_t n, int64_t k, int64_t bits, int64_t group_size) {
+  return one_of(kStorageBits, bits) && one_of(kGroupSizes, group_size) && n >= 1 && k >= group_size &&
+         k % group_size == 0;
+}
+
 // Checks shared by both entry points: lo / hi / scales as written by repack_for_cpu.
 void check_planes(const torch::Tensor& lo, const torch::Tensor& hi, const torch::Tensor& scales, int64_t bits,
                   int64_t G) {
   TORCH_CHECK(lo.dtype() == torch::kUInt8 && lo.is_contiguous() && lo.dim() == 3, "lo: contiguous uint8 [N, K/G, G/4]");
   TORCH_CHECK((scales.dtype() == torch::kFloat32 || scales.dtype() == torch::kBFloat16) && scales.is_contiguous(),
               "scales: contiguous float32 or bfloat16 [N, K/G]");
-  TORCH_CHECK(bits == 2 || bits == 3, "bits must be 2 or 3");
-  TORCH_CHECK(G == 32 || G == 64 || G == 128, "group size must be 32, 64 or 128");
+  TORCH_CHECK(one_of(kStorageBits, bits), "bits must be one of ", list_of(kStorageBits));
+  TORCH_CHECK(one_of(kGroupSizes, G), "group size must be one of ", list_of(kGroupSizes));
   const int64_t N = lo.size(0), NG = lo.size(1);
   TORCH_CHECK(lo.size(2) == G / 4 && scales.size(0) == N && scales.size(1) == NG, "lo / scales shape mismatch");
   if (bits == 3) {
@@ -680,4 +704,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether this CPU multiplies bf16 natively (AVX-512-BF16 or AMX); elsewhere gsq::cpu_dense serves bf16 layers");
   m.def("parallel_threads", &parallel_threads, "distinct threads at::parallel_for uses in this library (OpenMP build check)");
   m.def("dequant", &dequant, "GSQ planes of groups [g0, g1) -> dense weight [N, (g1-g0)*G] (float32 or bfloat16)");
+  m.def("shape_rules", [] {
+    py::dict d;
+    d["group_sizes"] = py::tuple(py::cast(std::vector<int>(std::begin(kGroupSizes), std::end(kGroupSizes))));
+    d["storage_bits"] = py::tuple(py::cast(std::vector<int>(std::begin(kStorageBits), std::end(kStorageBits))));
+    return d;
+  }, "the CPU kernels' shape rules: group sizes and storage bits (any N; K a multiple of G)");
+  m.def("shape_ok", &shape_ok, "whether the CPU kernels take an [N, K] weight", py::arg("n"), py::arg("k"),
+        py::arg("bits"), py::arg("group_size"));
+  // The CUDA kernel's rules (csrc/gsq_rules.h) too, as cuda_shape_rules / cuda_shape_ok / cuda_chunk_k:
+  // the repack into its layout and the emulator run on machines without the CUDA extension.
+  gsq::rules::add_to_module(m, "cuda_");
 }
