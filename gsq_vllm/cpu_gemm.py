@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from gsq_format.format import code_offset, storage_bits, unpack_codes
+from gsq_format.format import FormatError, check_group_size, code_offset, storage_bits, unpack_codes
 
 MAX_BLOCK_K = 1024  # the C++ op's choose_block_k uses the same bound
 
@@ -71,6 +71,24 @@ def cpu_isa() -> str | None:
     at load; amx also needs the OS to grant the tile state), or "avx512vnni" / "avx2int8" (int8
     activations, only when GSQ_CPU_ISA asks for one); None when the extension is not built."""
     return _cpp.isa() if _cpp is not None else None
+
+
+def shape_problem(n: int, k: int, bits, group_size: int) -> str | None:
+    """None when the CPU kernels take a weight ``[N=n, K=k]``, else why not. The rule is the C++
+    extension's (``_C_cpu.shape_ok``, csrc/cpu/gsq_cpu_gemm.cpp) where it is built; without it the
+    torch path serves, and it takes every shape the format allows (``gsq_format.format``)."""
+    what = f"N={n}, K={k}, bits={bits}, G={group_size}"
+    try:
+        sb = storage_bits(bits)
+        if _cpp is None or not hasattr(_cpp, "shape_ok"):
+            check_group_size(k, group_size, what)
+            return None if n >= 1 else f"{what}: no rows"
+        if _cpp.shape_ok(n, k, sb, group_size):
+            return None
+    except (FormatError, TypeError) as e:  # TypeError: a size past the C++ int64
+        return f"{what}: {e}"
+    r = _cpp.shape_rules()
+    return f"{what}: needs storage bits in {r['storage_bits']}, G in {r['group_sizes']}, K % G == 0 and N >= 1"
 
 
 def cpp_max_rows(n: int = 0, k: int = 0) -> int:

@@ -13,8 +13,8 @@ codes ``u = q + 2**(b-1)`` packed little-endian along K), ``scales`` fp16/bf16
 Kernel layout (what :func:`repack` produces; also docs/FORMAT.md)
 --------------------------------------------------------------------
 The weights are the A operand of mma.m16n8k16 (16 output rows x 16 k), so
-one mma takes 256 weights. A *tile* is 16 rows x CK k, CK = 128 when
-K % 128 == 0 and G != 32, else 64 (:func:`chunk_k`); a *row block* is 4 tiles (64 rows);
+one mma takes 256 weights. A *tile* is 16 rows x CK k, CK = 128 or 64
+(:func:`chunk_k`, the kernel's rule); a *row block* is 4 tiles (64 rows);
 an *item* is one row block x one chunk, stored contiguously, items in
 (row block, chunk) order: ``b_repacked`` is int32 ``[N/64, (K/CK) * 4 * 32 * W]``
 with ``W = CK * b / 64`` words per lane per tile.
@@ -42,21 +42,24 @@ block ``rb`` and group ``j``, 64 values ordered ``[g][tile][half]`` =
 ``scales[64 rb + 16 tile + g + 8 half, j]`` (lane group ``g`` reads its 8
 scales, rows ``g`` and ``g + 8`` of the 4 tiles, as one 16-byte load).
 
-The layout has exactly the checkpoint's bytes (no padding). Supported:
-bits 2, 3, 1.58; G in {32, 64, 128}; N % 64 == 0; K % 64 == 0 and K % G == 0;
-any M >= 1.
+The layout has exactly the checkpoint's bytes (no padding), for any M >= 1.
+
+Which weights the kernel takes (group sizes, storage bits, N and K multiples)
+and the chunk of K are stated once, in ``csrc/gsq_rules.h``; this module reads
+them from the extension (:func:`shape_rules`, :func:`chunk_k`): ``gsq_vllm._C``
+where it is built, else the CPU extension ``gsq_vllm._C_cpu``, which compiles
+the same header, so the repack and the emulator work on CPU machines.
 """
 
 from __future__ import annotations
 
 import torch
 
-from gsq_format.format import FormatError, code_offset, normalize_bits, storage_bits, unpack_codes
+from gsq_format.format import FormatError, code_offset, storage_bits, unpack_codes
 
-ROW_BLOCK = 64  # 4 tiles of 16 rows
+ROW_BLOCK = 64  # 4 tiles of 16 rows (the layout's; the rules require N to be a multiple)
 TILES = 4
 LANES = 32
-KERNEL_GROUP_SIZES = (32, 64, 128)
 REPACK_CHUNK_WEIGHTS = 1 << 24  # weights repacked per step (bounds load-time memory)
 MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300}  # the dtypes the kernel takes
 
@@ -91,30 +94,62 @@ def cuda_kernel_available() -> bool:
     return torch.cuda.is_available() and _load_extension() is not None
 
 
+_rules_ext = None  # (module, prefix of its rule functions), found once
+
+
+def _rules_module():
+    """The extension the kernel's rules (csrc/gsq_rules.h) are read from, and the prefix of their
+    names there: gsq_vllm._C, else gsq_vllm._C_cpu ("cuda_..."). None when neither is built."""
+    global _rules_ext
+    if _rules_ext is None:
+        if _load_extension() is not None:
+            _rules_ext = (_C, "")
+        else:
+            from gsq_vllm import cpu_gemm
+
+            cpp = cpu_gemm._cpp
+            _rules_ext = (cpp, "cuda_") if cpp is not None and hasattr(cpp, "cuda_shape_rules") else (None, "")
+    return _rules_ext
+
+
+def _rule(name: str):
+    ext, prefix = _rules_module()
+    if ext is None:
+        raise RuntimeError("the CUDA kernel's shape rules (csrc/gsq_rules.h) are read from gsq_vllm._C or "
+                           "gsq_vllm._C_cpu, and neither is built here (or _C_cpu is older than the rules): "
+                           "pip install --no-build-isolation -e .")
+    return getattr(ext, prefix + name)
+
+
+def shape_rules() -> dict:
+    """The kernel's shape rules: ``group_sizes``, ``storage_bits``, and ``n_multiple`` /
+    ``k_multiple`` (what N and K must be multiples of), from the extension."""
+    return _rule("shape_rules")()
+
+
+def shape_problem(n: int, k: int, bits, group_size: int) -> str | None:
+    """None when the kernel takes a weight ``[N=n, K=k]`` (for any M >= 1), else why not."""
+    try:
+        sb = storage_bits(bits)
+        ok = _rule("shape_ok")(n, k, sb, group_size)
+    except (FormatError, RuntimeError, TypeError) as e:  # TypeError: a size past the C++ int
+        return f"N={n}, K={k}, bits={bits}, G={group_size}: {e}"
+    if ok:
+        return None
+    r = shape_rules()
+    return (f"N={n}, K={k}, bits={bits}, G={group_size}: needs storage bits in {r['storage_bits']}, "
+            f"G in {r['group_sizes']}, N % {r['n_multiple']} == 0, K % {r['k_multiple']} == 0 and K % G == 0")
+
+
 def cuda_supports(n: int, k: int, bits, group_size: int) -> bool:
     """True when the kernel handles a weight ``[N=n, K=k]`` (for any M >= 1)."""
-    try:
-        b = normalize_bits(bits)
-    except FormatError:
-        return False
-    return (
-        b in (1.58, 2, 3)
-        and group_size in KERNEL_GROUP_SIZES
-        and n > 0
-        and k > 0
-        and n % ROW_BLOCK == 0
-        and k % 64 == 0
-        and k % group_size == 0
-    )
+    return shape_problem(n, k, bits, group_size) is None
 
 
 def _check_supported(n: int, k: int, bits, group_size: int) -> None:
-    if not cuda_supports(n, k, bits, group_size):
-        raise ValueError(
-            f"GSQ CUDA kernel does not support N={n}, K={k}, bits={bits}, G={group_size}: "
-            f"needs bits in (1.58, 2, 3), G in {KERNEL_GROUP_SIZES}, N % {ROW_BLOCK} == 0, "
-            f"K % 64 == 0 and K % G == 0 (use dequant_matmul for other shapes)"
-        )
+    why = shape_problem(n, k, bits, group_size)
+    if why is not None:
+        raise ValueError(f"GSQ CUDA kernel does not support {why} (use dequant_matmul for other shapes)")
 
 
 # --------------------------------------------------------------------------
@@ -123,9 +158,8 @@ def _check_supported(n: int, k: int, bits, group_size: int) -> None:
 
 
 def chunk_k(k: int, group_size: int) -> int:
-    """The kernel's chunk of K (CK): 128 when it divides K, else 64; always 64 at G = 32
-    (four scale groups per 128-chunk made the decode kernel spill registers)."""
-    return 128 if k % 128 == 0 and group_size != 32 else 64
+    """The kernel's chunk of K (CK, 64 or 128), as csrc/gsq_rules.h states it."""
+    return _rule("chunk_k")(k, group_size)
 
 
 def words_per_lane(ck: int, sb: int) -> int:
@@ -194,7 +228,7 @@ def repack(
         qweight: int32 ``[N, K*b/32]``, checkpoint packing (b = storage bits).
         scales: fp16/bf16/fp32 ``[N, K/G]``.
         bits: 2, 3 or 1.58 (ternary, stored as 2-bit).
-        group_size: G, 32, 64 or 128.
+        group_size: G (the kernel's group sizes: :func:`shape_rules`).
         dtype: dtype of the repacked scales (= the activation dtype the kernel
             runs with); default ``scales.dtype`` (fp32 scales become fp16).
     Returns:
@@ -208,14 +242,22 @@ def repack(
     if scales.shape != (n, k // group_size):
         raise ValueError(f"scales shape {tuple(scales.shape)} != {(n, k // group_size)}")
     dtype = dtype or (scales.dtype if scales.dtype in MAGIC else torch.float16)
+    ck = chunk_k(k, group_size)
     # int64 temporaries are ~16x the packed size: repack a few million weights at a time
     rows_per = max(ROW_BLOCK, (REPACK_CHUNK_WEIGHTS // k) // ROW_BLOCK * ROW_BLOCK)
-    if n > rows_per:
-        parts = [repack(qweight[i : i + rows_per], scales[i : i + rows_per], bits, group_size, dtype)
-                 for i in range(0, n, rows_per)]
-        return torch.cat([b for b, _ in parts], 0), torch.cat([s for _, s in parts], 0)
+    parts = [_repack_rows(qweight[i : i + rows_per], scales[i : i + rows_per], bits, group_size, dtype, ck)
+             for i in range(0, n, rows_per)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([b for b, _ in parts], 0), torch.cat([s for _, s in parts], 0)
+
+
+def _repack_rows(qweight, scales, bits, group_size: int, dtype: torch.dtype, ck: int):
+    """:func:`repack` of some whole row blocks, checked by the caller."""
+    sb = storage_bits(bits)
+    n = qweight.shape[0]
+    k = qweight.shape[1] * 32 // sb
     device = qweight.device
-    ck = chunk_k(k, group_size)
     nb, nc = n // ROW_BLOCK, k // ck
     words = words_per_lane(ck, sb)
     u = unpack_codes(qweight, bits).to(torch.int64) + code_offset(bits)  # [N, K] in [0, 2^sb)
@@ -285,9 +327,9 @@ def dequant_repacked(
 def check_gemm_args(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, bits: int, group_size: int, n: int,
                     k: int) -> None:
     """The argument checks of ``torch.ops.gsq.gemm`` (and its emulated twin): ``bits`` is
-    the storage width (2 or 3). Raises ValueError naming what is wrong."""
-    if bits not in (2, 3):
-        raise ValueError(f"bits (storage) must be 2 or 3, got {bits}")
+    the storage width. Raises ValueError naming what is wrong."""
+    if bits not in shape_rules()["storage_bits"]:
+        raise ValueError(f"bits (storage) must be one of {shape_rules()['storage_bits']}, got {bits}")
     _check_supported(n, k, bits, group_size)
     if a.dim() != 2 or a.shape[1] != k:
         raise ValueError(f"a must be [M, {k}], got {tuple(a.shape)}")
@@ -320,18 +362,25 @@ def gsq_gemm(
         layout cannot describe.
     """
     check_gemm_args(a, b_repacked, s_repacked, storage_bits(bits), group_size, n, k)
-    sb = storage_bits(bits)
     use_kernel = (
         a.is_cuda
         and a.shape[0] >= 1
         and (_C is not None or _load_extension() is not None)  # plain global read under torch.compile
     )
     if use_kernel:
-        a = a.contiguous()
-        # cp.async needs 16-byte aligned rows; a sliced view may start mid-block
-        # (under torch.compile data pointers are unknown; the op itself checks)
-        if not torch.compiler.is_compiling() and a.data_ptr() % 16 != 0:
-            a = a.clone()
-        return torch.ops.gsq.gemm(a, b_repacked, s_repacked, sb, group_size, n, k)
+        return launch(a, b_repacked, s_repacked, storage_bits(bits), group_size, n, k)
     w = dequant_repacked(b_repacked, s_repacked, bits, group_size, n, k)
     return a @ w.t()
+
+
+def launch(a: torch.Tensor, b_repacked: torch.Tensor, s_repacked: torch.Tensor, sb: int, group_size: int, n: int,
+           k: int) -> torch.Tensor:
+    """``torch.ops.gsq.gemm`` on CUDA tensors without :func:`gsq_gemm`'s Python checks (the op checks
+    its arguments itself): what a layer whose weight was checked at load runs on every call. ``sb``
+    is the storage width."""
+    a = a.contiguous()
+    # cp.async needs 16-byte aligned rows; a sliced view may start mid-block
+    # (under torch.compile data pointers are unknown; the op itself checks)
+    if not torch.compiler.is_compiling() and a.data_ptr() % 16 != 0:
+        a = a.clone()
+    return torch.ops.gsq.gemm(a, b_repacked, s_repacked, sb, group_size, n, k)

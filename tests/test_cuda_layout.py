@@ -95,3 +95,18 @@ def test_repack_in_chunks_equals_whole(monkeypatch):
     monkeypatch.setattr(cg, "REPACK_CHUNK_WEIGHTS", 128 * k)  # 128 rows per chunk: 3 uneven chunks
     chunked = cg.repack(qweight, s, bits, g)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+
+
+def test_shape_rules_come_from_the_extension():
+    """csrc/gsq_rules.h is the one statement of the kernel's shapes: cuda_gemm reads it from gsq_vllm._C, or
+    from gsq_vllm._C_cpu (compiled from the same header) on machines without the CUDA extension."""
+    from gsq_format.format import SUPPORTED_GROUP_SIZES
+
+    ext, prefix = cg._rules_module()
+    assert ext is not None and ext.__name__ in ("gsq_vllm._C", "gsq_vllm._C_cpu")
+    rules = cg.shape_rules()
+    assert set(rules) == {"group_sizes", "storage_bits", "n_multiple", "k_multiple"}
+    assert set(rules["group_sizes"]) <= set(SUPPORTED_GROUP_SIZES)  # the kernel takes no group the format lacks
+    assert rules["n_multiple"] == cg.ROW_BLOCK  # the layout's row block
+    assert [cg.chunk_k(k, g) for k, g in [(256, 64), (256, 128), (256, 32), (192, 64), (128, 32)]] == [128, 128, 64, 64, 64]
+    assert "K % 64 == 0" in cg.shape_problem(64, 96, 2, 32) and cg.shape_problem(64, 128, 1.58, 32) is None
