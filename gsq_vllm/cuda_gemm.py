@@ -220,7 +220,8 @@ def _plane_order(words: int) -> torch.Tensor:
 
 
 def repack(
-    qweight: torch.Tensor, scales: torch.Tensor, bits, group_size: int, dtype: torch.dtype | None = None
+    qweight: torch.Tensor, scales: torch.Tensor, bits, group_size: int, dtype: torch.dtype | None = None,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checkpoint layout -> kernel layout. Run once at load; pure torch, any device.
 
@@ -231,6 +232,8 @@ def repack(
         group_size: G (the kernel's group sizes: :func:`shape_rules`).
         dtype: dtype of the repacked scales (= the activation dtype the kernel
             runs with); default ``scales.dtype`` (fp32 scales become fp16).
+        check: False where the caller has checked the shape against the rules
+            (the plugin's kernel, whose ``supports`` did at load).
     Returns:
         ``b_repacked`` int32 ``[N/64, (K/CK)*128*W]`` and ``s_repacked``
         ``[N/64, (K/G)*64]`` in ``dtype``, laid out as in the module docstring.
@@ -238,7 +241,8 @@ def repack(
     sb = storage_bits(bits)
     n = qweight.shape[0]
     k = qweight.shape[1] * 32 // sb
-    _check_supported(n, k, bits, group_size)
+    if check:
+        _check_supported(n, k, bits, group_size)
     if scales.shape != (n, k // group_size):
         raise ValueError(f"scales shape {tuple(scales.shape)} != {(n, k // group_size)}")
     dtype = dtype or (scales.dtype if scales.dtype in MAGIC else torch.float16)

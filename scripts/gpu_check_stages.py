@@ -904,6 +904,7 @@ def _selfcheck_row(linear, spec, kernel: str, device: str) -> dict:
     import torch
 
     from gsq_format.format import GSQQuantConfig, dequantize, grid_range, pack_codes
+    from gsq_vllm import kernels
 
     prefix, n, k, bits, g, act, sdt = spec
     row = {"layer": prefix, "n": n, "k": k, "bits": bits, "group_size": g, "dtype": act, "kernel_asked": kernel}
@@ -920,25 +921,27 @@ def _selfcheck_row(linear, spec, kernel: str, device: str) -> dict:
         layer.prefix = prefix
         layer.qweight = torch.nn.Parameter(pack_codes(q, bits).to(device), requires_grad=False)
         layer.scales = torch.nn.Parameter(s.to(device), requires_grad=False)
-        layer.gsq_n, layer.gsq_k, layer.gsq_act_dtype = n, k, dtype_of(act)
+        layer.params_dtype = dtype_of(act)
         qweight, scales = layer.qweight.data, layer.scales.data
-        linear._selfcheck_results.clear()
+        kernels._selfcheck_results.clear()
         t = time.time()
         method.process_weights_after_loading(layer)
         if device == "cuda":
             torch.cuda.synchronize()
         row["load_s"] = time.time() - t
-        row["kernel"] = layer.gsq_kernel
-        row["selfcheck_passed"] = linear._selfcheck_results.get((kernel, n, k, method.fmt.bits, g, dtype_of(act)))
+        row["kernel"] = layer.gsq_kernel.name
+        row["selfcheck_passed"] = kernels._selfcheck_results.get((kernel, n, k, method.fmt.bits, g, dtype_of(act)))
         x = torch.randn(5, 3, k, device=device, dtype=dtype_of(act))
         y = method.apply(layer, x)
         ref = x.float().reshape(-1, k) @ w.t()
         row["apply_rel_err"] = ((y.float().reshape(-1, n) - ref).norm() / ref.norm()).item()
-        bad = layer.gsq_b.data.clone()
+        good = layer.gsq_kernel
+        bad = good.b.data.clone()
         bad.view(-1)[:: 7] ^= 0x5A5A5A5A
-        linear._selfcheck_results.clear()
+        bad = type(good)(n, k, good.bits, g, good.act_dtype).hold((bad, good.s.data))
+        kernels._selfcheck_results.clear()
         try:
-            method._kernel_passes_selfcheck(layer, kernel, qweight, scales, bad, layer.gsq_s.data)
+            kernels.passes_selfcheck(bad, qweight, scales, prefix)
             row["corrupt_caught"] = False
         except RuntimeError as e:
             row["corrupt_caught"] = "self-check failed" in str(e) and prefix in str(e)
@@ -955,15 +958,19 @@ def _selfcheck_ok(rows, kernel: str) -> bool:
 
 
 def stage_selfcheck(ctx: Ctx) -> dict:
-    """The plugin's load-time self-check (gsq_vllm/linear.py: GSQLinearMethod.process_weights_after_loading
-    with GSQ_KERNEL=cuda) on real GPU layers: it must pass on correct weights, the served layer must
-    match dequantize + matmul, and it must stop a corrupted kernel layout with its error."""
+    """The plugin's load-time self-check (gsq_vllm/linear.py: GSQLinearMethod.process_weights_after_loading,
+    gsq_vllm/kernels: load_kernel, with GSQ_KERNEL=cuda) on real GPU layers: it must pass on correct
+    weights, the served layer must match dequantize + matmul, and it must stop a corrupted kernel layout
+    with its error."""
     standins = _vllm_standins()
-    from gsq_vllm import linear
+    from gsq_vllm import kernels, linear
 
     plan = {"layers": [list(x) for x in SELFCHECK_LAYERS], "vllm_standins": standins,
-            "selfcheck_ms": list(linear.SELFCHECK_MS), "limit": linear.SELFCHECK_MAX_REL_ERR}
+            "selfcheck_ms": list(kernels.SELFCHECK_MS), "limit": kernels.SELFCHECK_MAX_REL_ERR}
     if ctx.dry or not cuda_ready():
+        from tests import emu_util  # the cuda-emu kernel is the tests' (the root is on PYTHONPATH)
+
+        emu_util.register_emulated_kernel()
         rows = [_selfcheck_row(linear, spec, "cuda-emu", "cpu") for spec in SELFCHECK_REHEARSAL]
         plan["emulator_rehearsal"] = rows
         if not _selfcheck_ok(rows, "cuda-emu"):

@@ -1,4 +1,5 @@
-"""Shared by the emulator tests: random layers in the kernel layout and the error bound.
+"""Shared by the emulator tests: random layers in the kernel layout, the error bound, and the
+``cuda-emu`` kernel of the vLLM plugin.
 
 The bound is what the kernel's arithmetic allows, no more: the codes enter
 the tensor cores exactly, the scales are applied to fp32 partial sums, so
@@ -13,6 +14,7 @@ import torch
 
 from gsq_vllm import cuda_gemm as cg
 from gsq_format.format import grid_range, pack_codes
+from gsq_vllm.kernels import CUDAKernel, register_kernel
 
 MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
 
@@ -47,3 +49,29 @@ def check_against_float64(c: torch.Tensor, a: torch.Tensor, w_t: torch.Tensor, s
         raise AssertionError(
             f"{int(bad.sum())} of {c.numel()} outputs out of bound; e.g. C[{i},{j}] = {c[i, j].item()} "
             f"vs {ref[i, j].item()} (bound {bound[i, j].item():.3g})")
+
+
+class EmulatedCUDAKernel(CUDAKernel):
+    """``GSQ_KERNEL=cuda-emu``: the CUDA kernel's layout, shape rules and load-time self-check, its real
+    source run on the CPU by the emulator (``torch.ops.gsq.gemm_emulated``, gsq_vllm/cuda_emu.py; slow,
+    for tests and tiny models). Never chosen by ``GSQ_KERNEL=auto``."""
+
+    name = "cuda-emu"
+    title = "emulated CUDA"
+    auto = False
+
+    @classmethod
+    def available(cls, device):
+        return True, ""
+
+    def gemm(self, x, expert=None):
+        b, s = (self.b, self.s) if expert is None else (self.b[expert], self.s[expert])
+        return torch.ops.gsq.gemm_emulated(x, b, s, self.storage_bits, self.group_size, self.n, self.k)
+
+
+def register_emulated_kernel() -> None:
+    """Make ``GSQ_KERNEL=cuda-emu`` available in this process (idempotent): registered just before
+    the CPU fallback, so GSQ_KERNEL's choices read auto, cuda, cuda-emu, cpu."""
+    from gsq_vllm import cuda_emu  # noqa: F401  (registers torch.ops.gsq.gemm_emulated)
+
+    register_kernel(EmulatedCUDAKernel, before="cpu")

@@ -90,6 +90,10 @@ def test_cpu_gemm_traces_under_torch_compile():
 vllm = pytest.importorskip("vllm", reason="vllm not installed")
 pytestmark = pytest.mark.vllm
 
+import emu_util  # noqa: E402
+
+emu_util.register_emulated_kernel()  # GSQ_KERNEL=cuda-emu below
+
 
 def _quant_dict(bits=2, group_size=64, modules_to_not_convert=(), **over):
     """A valid quantization_config dict, then ``over`` written on top (may make it invalid)."""
@@ -187,8 +191,11 @@ def test_fused_qkv_loads_and_matches_reference(vllm_dist, bits):
     _load(layer, [(F.pack_codes(q, bits), s) for q, s in parts], ["q", "k", "v"])
     # The checkpoint-layout codes are freed: no parameter left but the kernel's (`qweight` is only a
     # reference to the repacked codes, for vLLM code that looks a layer's device up through it).
-    assert layer.gsq_kernel == "cpu" and "qweight" not in dict(layer.named_parameters())
-    assert layer.qweight.data_ptr() == layer.gsq_lo.data_ptr()
+    params = dict(layer.named_parameters())
+    assert layer.gsq_kernel.name == "cpu" and "qweight" not in params and "scales" not in params
+    # the kernel is the layer's one submodule: its packed tensors are the layer's parameters
+    assert {n for n in params} == {"gsq_kernel.lo", "gsq_kernel.hi", "gsq_kernel.s"}
+    assert layer.qweight.data_ptr() == layer.gsq_kernel.lo.data_ptr()
     w = torch.cat([F.dequantize(q, s, g) for q, s in parts])
     x = torch.randn(4, hidden)
     torch.testing.assert_close(layer(x)[0], x @ w.t(), rtol=1e-5, atol=1e-5)
@@ -330,9 +337,9 @@ def test_moe_router_stays_unquantized(vllm_dist):
 
 @pytest.fixture
 def fresh_selfcheck(monkeypatch):
-    from gsq_vllm import linear
+    from gsq_vllm import kernels
 
-    monkeypatch.setattr(linear, "_selfcheck_results", {})
+    monkeypatch.setattr(kernels, "_selfcheck_results", {})
 
 
 def _bf16_gate_up(bits, g=64, hidden=128, inter=128, seed=30):
@@ -353,7 +360,7 @@ def _bf16_gate_up(bits, g=64, hidden=128, inter=128, seed=30):
 def test_cuda_emu_kernel_serves_a_layer(vllm_dist, monkeypatch, fresh_selfcheck, bits):
     monkeypatch.setenv("GSQ_KERNEL", "cuda-emu")
     layer, w = _bf16_gate_up(bits)
-    assert layer.gsq_kernel == "cuda-emu" and layer.gsq_b.dtype == torch.int32
+    assert layer.gsq_kernel.name == "cuda-emu" and layer.gsq_kernel.b.dtype == torch.int32
     x = torch.randn(5, 128).bfloat16()
     y = layer(x)[0]
     ref = x.float() @ w.t()
@@ -380,7 +387,27 @@ def test_load_time_selfcheck_stops_a_wrong_kernel(vllm_dist, monkeypatch, fresh_
     # fallback: the layer loads on the dequantize path and computes the right thing
     monkeypatch.setenv("GSQ_KERNEL_SELFCHECK", "fallback")
     layer, w = _bf16_gate_up(2)
-    assert layer.gsq_kernel == "cpu"
+    assert layer.gsq_kernel.name == "cpu"
     x = torch.randn(3, 128).bfloat16()
     ref = x.float() @ w.t()
     assert ((layer(x)[0].float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_kernel_choice_follows_gsq_kernel(monkeypatch):
+    """gsq_vllm.kernels.choose: auto takes the first registered kernel that supports the weight and never
+    the emulator; a named kernel serves the shapes it takes and the CPU fallback the rest; a named kernel
+    that cannot run here is an error."""
+    from gsq_vllm import kernels as K
+
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    assert [c.name for c in K.registered_kernels()] == ["cuda", "cuda-emu", "cpu"]
+    monkeypatch.delenv("GSQ_KERNEL", raising=False)
+    assert K.choose(128, 128, 64, 2, bf16, cpu) is K.CPUKernel  # no CUDA layer here
+    monkeypatch.setenv("GSQ_KERNEL", "cuda-emu")
+    assert K.choose(128, 128, 64, 1.58, bf16, cpu) is emu_util.EmulatedCUDAKernel
+    assert K.choose(96, 128, 64, 2, bf16, cpu) is K.CPUKernel  # N not a multiple of 64
+    assert K.choose(128, 128, 64, 2, torch.float32, cpu) is K.CPUKernel  # the kernel takes fp16/bf16
+    assert not K.CUDAKernel.supports(128, 128, 64, 2, bf16, cpu)[0]
+    monkeypatch.setenv("GSQ_KERNEL", "cuda")
+    with pytest.raises(ValueError, match=r"GSQ_KERNEL=cuda, but the gsq CUDA kernel is not usable here \(layer on cpu"):
+        K.choose(128, 128, 64, 2, bf16, cpu)

