@@ -42,9 +42,9 @@ def main(argv=None) -> None:
         color = plt.cm.viridis(c / max(len(items) - 1, 1))
         ax.plot([s["step"] for s in log["steps"]], [s["soft_mse"] for s in log["steps"]],
                 color=color, lw=1, label=f"{prefix} soft")
-        epochs = len(log["hard_mse"]) - 1
-        per_epoch = log["total_steps"] / max(epochs, 1)
-        ax.plot([e * per_epoch for e in range(epochs + 1)], log["hard_mse"], "o--", color=color,
+        scored = log.get("scored_epochs", range(len(log["hard_mse"])))  # older logs: every epoch
+        per_epoch = log["total_steps"] / max(scored[-1], 1)
+        ax.plot([e * per_epoch for e in scored], log["hard_mse"], "o--", color=color,
                 ms=4, lw=0.8)
     ax.set_xlabel("optimisation step (within the block)")
     ax.set_ylabel("block output MSE (solid: soft, dashed o: hard/argmax)")

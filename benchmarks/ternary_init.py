@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     from quantize.gptq import gptq_quantize
     from quantize.gsq import PRESETS, GSQOptions
     from quantize.models import WeightReader, build_skeleton, prepare_default_model
-    from quantize.pipeline import refine_weight_space, ternary_random_options
+    from quantize.gsq import refine_weight_space, ternary_random_options
     from quantize.rtn import rtn_quantize
 
     model_dir = prepare_default_model()

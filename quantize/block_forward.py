@@ -8,6 +8,10 @@ import torch
 from quantize.activations import Activations
 
 
+# The attention's linears, by their name in a Llama-style block: queries/keys, values/output.
+QK = ("self_attn.q_proj", "self_attn.k_proj")
+VO = ("self_attn.v_proj", "self_attn.o_proj")
+
 def call_block(block, x: torch.Tensor, pos_emb) -> torch.Tensor:
     """One differentiable block call: f32 ``[b,S,H]`` -> ``[b,S,H]`` (causal attention via sdpa, no mask)."""
     out = block(x, attention_mask=None, position_embeddings=pos_emb)

@@ -19,6 +19,77 @@ from quantize import gsq
 from quantize.report import write_report
 
 
+def add_gsq_arguments(parser: argparse.ArgumentParser) -> None:
+    """GSQ options for `gsq-quantize --method gsq`. Explicit flags override the preset."""
+    g = parser.add_argument_group("GSQ")
+    g.add_argument("--preset", choices=sorted(gsq.PRESETS), default="paper",
+                   help="paper: the reference's shipped configs (10 epochs, 64 sequences per step in micro-batches of 2, "
+                        "lr logits 2e-4 / scales 1e-4, bf16 logits); steps256: 8 epochs of 4 sequences a step "
+                        "(256 steps over 128 sequences), GPTQ's codes as the exact init, bf16 matmuls where native; "
+                        "fast: CPU (2 epochs, 1 sequence per step, lr logits 3e-4 / scales 5e-5)")
+    g.add_argument("--gsq-epochs", type=int, default=None)
+    g.add_argument("--gsq-batch-size", type=int, default=None, help="sequences per Lion step")
+    g.add_argument("--gsq-micro-batch-size", type=int, default=None,
+                   help="sequences per forward/backward (gradients accumulate; memory only)")
+    g.add_argument("--gsq-lr-logits", type=float, default=None)
+    g.add_argument("--gsq-lr-scales", type=float, default=None)
+    g.add_argument("--gsq-wd-logits", type=float, default=None)
+    g.add_argument("--gsq-tau", type=float, nargs=2, default=None, metavar=("START", "END"))
+    g.add_argument("--gsq-kappa", type=float, nargs=2, default=None, metavar=("START", "END"))
+    g.add_argument("--gsq-init-noise", type=float, default=None, metavar="W",
+                   help="weight of the N(0,1) term in the logit init (default 1, the reference's; 0 starts every "
+                        "weight on its GPTQ code: the reference's init moves a few %% of the codes at random)")
+    g.add_argument("--gsq-alpha", type=float, default=None,
+                   help="logit init strength (default 6; 3 for --gsq-ternary-style ours)")
+    g.add_argument("--gsq-ternary-style", choices=["ours", "reference"], default=None,
+                   help="--bits 1.58: reference (default: the GSQ reference's sign/mask logits, prior +-6 on "
+                        "both, 2*kappa*logit; SmolLM2 ternary MLP 294 vs 364) or ours (the 2-class quadratic "
+                        "prior, strength 3)")
+    g.add_argument("--logits-dtype", choices=["float32", "bfloat16", "bf16"], default=None,
+                   help="dtype of the GSQ logits and their optimizer state (default float32; bf16 halves "
+                        "the largest memory of a GPU run, as the reference does, at coarser Lion steps)")
+    g.add_argument("--gsq-token-norm-cap", type=float, default=None, metavar="C",
+                   help="weight a token whose float block output has more than C x the median squared norm by "
+                        "C*median/norm^2 in GSQ's loss (and its held-out choice), so attention-sink tokens do not "
+                        "make the whole loss (default: plain MSE, as the reference)")
+    g.add_argument("--gsq-compute-dtype", choices=["float32", "bfloat16", "auto"], default=None,
+                   help="the block's training matmuls: float32 (default), bfloat16 (autocast), or auto: bfloat16 "
+                        "where the device has native bf16 matmuls (CUDA, AVX-512-BF16, AMX)")
+    g.add_argument("--gsq-store-noise", action="store_true",
+                   help="keep the Gumbel noise for backward instead of regenerating it")
+
+
+def gsq_options_from_args(args) -> gsq.GSQOptions:
+    """GSQOptions of the --preset with every explicit --gsq-* flag over it."""
+    kw = dict(gsq.PRESETS[getattr(args, "preset", None) or "paper"])
+    direct = {"gsq_epochs": "epochs", "gsq_batch_size": "batch_size", "gsq_micro_batch_size": "micro_batch_size",
+              "gsq_lr_logits": "lr_logits", "gsq_lr_scales": "lr_scales",
+              "gsq_wd_logits": "wd_logits", "gsq_alpha": "alpha", "gsq_init_noise": "init_noise"}
+    for arg, field in direct.items():
+        if getattr(args, arg, None) is not None:
+            kw[field] = getattr(args, arg)
+    if getattr(args, "gsq_tau", None) is not None:
+        kw["tau_start"], kw["tau_end"] = args.gsq_tau
+    if getattr(args, "gsq_kappa", None) is not None:
+        kw["kappa_start"], kw["kappa_end"] = args.gsq_kappa
+    if getattr(args, "logits_dtype", None) is not None:
+        kw["logits_dtype"] = "bfloat16" if args.logits_dtype == "bf16" else args.logits_dtype
+    if getattr(args, "gsq_compute_dtype", None) is not None:
+        kw["compute_dtype"] = args.gsq_compute_dtype
+    if getattr(args, "gsq_store_noise", False):
+        kw["store_noise"] = True
+    if getattr(args, "gsq_ternary_style", None) is not None:
+        kw["ternary_style"] = args.gsq_ternary_style
+    if getattr(args, "gsq_token_norm_cap", None) is not None:
+        if args.gsq_token_norm_cap <= 0:
+            raise FormatError("--gsq-token-norm-cap must be > 0")
+        kw["token_norm_cap"] = args.gsq_token_norm_cap
+    opts = gsq.GSQOptions(**kw)
+    if opts.epochs < 1 or opts.batch_size < 1 or opts.micro_batch_size < 1:
+        raise FormatError("--gsq-epochs, --gsq-batch-size and --gsq-micro-batch-size must be >= 1")
+    return opts
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gsq-quantize", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="HF model folder, or 'default' (embedded SmolLM2-135M-Instruct)")
@@ -101,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--log-file", default=None, metavar="FILE",
                    help="progress lines are appended here too, time-stamped (default: <out>.log)")
-    gsq.add_cli_arguments(p)
+    add_gsq_arguments(p)
     return p
 
 
@@ -216,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             excluded.append("self_attn")
         gsq_options = None
         if args.method == "gsq":
-            gsq_options = gsq.options_from_args(args)
+            gsq_options = gsq_options_from_args(args)
         settings = QuantizeSettings(
             method=args.method, bits=bits, group_size=args.group_size, nsamples=args.nsamples,
             seqlen=args.seqlen, seed=args.seed, modules_to_not_convert=excluded, damp=args.damp,

@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from quantize.activations import Activations
-from quantize.block_forward import run_block_with_hessians
+from quantize.block_forward import QK, VO, run_block_with_hessians
+from quantize.files import atomic_save
 from quantize.moe import disk_name, expert_of, sparse_experts
 from gsq_format.qtypes import QuantizedWeight
 from quantize.report import layer_error
@@ -129,13 +130,13 @@ class ExpertOutcome:
 class ExpertStream:
     """Loads, uses, quantizes and frees the routed experts of block ``index`` one at a time."""
 
-    def __init__(self, pipe, block, index: int, names: list[str], refine, init, seqlen: int, space):
+    def __init__(self, pipe, block, index: int, names: list[str], refine, seqlen: int, space):
         self.pipe, self.s, self.seqlen, self.space = pipe, pipe.s, seqlen, space
         self.block, self.index = block, index
         self.prefix = f"model.layers.{index}"
         self.experts = sparse_experts(block)
         self.names = {e: [n for n in names if expert_of(n) == f"mlp.experts.{e}"] for e in range(len(self.experts))}
-        self.refine, self.init = refine, init
+        self.refine = refine
         self.outcome = ExpertOutcome({}, {}, {})
 
     def run(self, float_in: tuple[Activations, Routing] | None, targets: Activations | None,
@@ -178,8 +179,8 @@ class ExpertStream:
         result = {}
         for ln in local:
             weight = getattr(expert, ln).weight.data
-            result[ln] = pipe._start_codes(weight, disk_name(f"{self.prefix}.{local[ln]}", pipe.arch), hess.get(ln),
-                                           self.init, rtn=few)
+            result[ln] = pipe.start_codes(weight, disk_name(f"{self.prefix}.{local[ln]}", pipe.arch), hess.get(ln),
+                                          few_tokens=few)
             if ln in hess:
                 hdiag = hess[ln].diagonal().clone()
                 self.outcome.layer_errors[local[ln]] = {"final": layer_error(weight, result[ln], hdiag),
@@ -204,13 +205,12 @@ class ExpertStream:
         with torch.no_grad():
             for ln, q in result.items():
                 getattr(expert, ln).weight.copy_(q.dequantize())
-        from quantize.pipeline import _atomic_save
 
         tensors = {}
         for ln, q in result.items():
             tensors[f"{local[ln]}.codes"] = q.codes.cpu()
             tensors[f"{local[ln]}.scales"] = q.scales.float().cpu()
-        _atomic_save(tensors, expert_file(pipe.work_dir, self.index, e))
+        atomic_save(tensors, expert_file(pipe.work_dir, self.index, e))
 
     def _scan_rows(self, e: int, expert, moe_in: Activations, tok: torch.Tensor, w: torch.Tensor,
                    hessians: bool, gsq: bool):
@@ -260,14 +260,14 @@ class ExpertStream:
         return hess, inputs, want
 
 
-def quantize_moe_block(pipe, index: int, block, names: list[str], x: Activations, pos_emb, space, refine, init,
+def quantize_moe_block(pipe, index: int, block, names: list[str], x: Activations, pos_emb, space, refine,
                        result: dict[str, QuantizedWeight], log):
     """Quantize sparse block ``index`` (its non-expert linears into ``result``, its experts into
     files in the work folder); returns (float targets, next block's inputs, ExpertOutcome, GSQ
     logs of the non-expert linears)."""
     s = pipe.s
     dense = [n for n in names if expert_of(n) is None]
-    stream = ExpertStream(pipe, block, index, names, refine, init, x.shape[1], space)
+    stream = ExpertStream(pipe, block, index, names, refine, x.shape[1], space)
     hess_names = dense if s.method != "rtn" else []
     moe_in = space.new("moe-inputs")
     targets, routing, hess, _ = capture_pass(block, hess_names, x, pos_emb, s.batch_size, space.new("targets"),
@@ -283,15 +283,14 @@ def quantize_moe_block(pipe, index: int, block, names: list[str], x: Activations
         return targets, nxt, outcome, attention_logs
     stream.run((moe_in, routing), targets, None, None)  # targets complete: the float block's outputs
     space.discard(moe_in)
-    from quantize.pipeline import QK, VO
 
     attn = [n for n in dense if n in QK + VO]
     if refine is not None and attn:
-        attention_logs = pipe._gsq_attention(block, attn, hess, x, pos_emb, space, result, refine, index, init)
+        attention_logs = pipe.gsq_attention(block, attn, hess, x, pos_emb, space, result, refine, index)
     for n in dense:
         if n not in result:
-            result[n] = pipe._start_codes(block.get_submodule(n).weight.data,
-                                          disk_name(f"model.layers.{index}.{n}", pipe.arch), hess.get(n), init)
+            result[n] = pipe.start_codes(block.get_submodule(n).weight.data,
+                                         disk_name(f"model.layers.{index}.{n}", pipe.arch), hess.get(n))
     hess = None
     with torch.no_grad():
         for n in dense:

@@ -31,10 +31,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import shutil
 import sys
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,23 +46,21 @@ from gsq_format.format import (
     check_group_size,
     grid_range,
     is_excluded,
-    normalize_bits,
     read_model_config,
 )
 from quantize.activations import ActivationSpace, default_budget
-from quantize.block_forward import call_attention, call_block, linear_stages, run_block, run_block_with_hessians
-from quantize.gptq import gptq_quantize, refit_scales
+from quantize.block_forward import QK, VO, call_attention, call_block, linear_stages, run_block, run_block_with_hessians
+from quantize.files import atomic_json, atomic_save, release_host_memory
+from quantize.gsq import WEIGHT_SPACE_PIECES, refine_weight_space
 from quantize.models import WeightReader, build_skeleton, check_architecture
 from quantize.moe import SHARED_EXPERTS, disk_name, expert_of, moe_spec, sparse_experts
 from quantize.moe_block import ACTIVATIONS_HELD, expert_file, quantize_moe_block
 from gsq_format.qtypes import QuantizedWeight
 from quantize.report import layer_error
-from quantize.rtn import rtn_quantize
+from quantize.start import few_tokens_quantizer, start_quantizer
 
 METHODS = ("rtn", "gptq", "gsq")
 ATTENTION_MODES = ("joint", "reference")
-QK = ("self_attn.q_proj", "self_attn.k_proj")
-VO = ("self_attn.v_proj", "self_attn.o_proj")
 # Changes when the work folder's files change meaning, so an older work folder is not resumed.
 WORK_FORMAT = "work-4: inputs-<block>.f32, counter-based CPU noise, streamed experts in block-<b>.expert-<e>"
 # Never quantized, whatever the user asks: MoE routers (a "gate" linear, not gate_proj) and
@@ -118,87 +114,6 @@ def block_linears(block: torch.nn.Module, excluded: list[str], block_prefix: str
                 continue
             names.append(name)
     return names
-
-
-def release_host_memory() -> None:
-    """Give freed heap back to the OS. Without it glibc keeps each block's freed buffers in
-    fragmented arenas and a 30-block SmolLM2 run's RSS creeps from 0.51 to 0.88 GiB (measured);
-    with it, it stays flat. No-op where there is no glibc."""
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _atomic_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _cholesky_rows(hess: torch.Tensor, damp: float, pieces: int) -> torch.Tensor:
-    """``L^T`` of the damped Hessian ``H + damp*mean(diag)*I = L L^T``, cut into ``pieces`` chunks of
-    rows, f32 ``[pieces, K/pieces, K]``: a layer's output error on these rows, summed, is
-    ``tr(dW H dW^T)`` (the Hessian-weighted weight error), so GSQ can minimise it in mini-batches."""
-    k = hess.shape[0]
-    h = hess + damp * hess.diagonal().mean().clamp(min=1e-8) * torch.eye(k, device=hess.device)
-    lt = torch.linalg.cholesky(h).t().contiguous()
-    pieces = max(1, min(pieces, k))
-    while k % pieces:
-        pieces -= 1
-    return lt.view(pieces, k // pieces, k)
-
-
-# Mini-batches the rows of L^T are cut into for GSQ in weight space (q/k, the ternary pre-stage):
-# each step sees K/32 of them, so the step's cost is 1/32 of the full tr(dW H dW^T).
-WEIGHT_SPACE_PIECES = 32
-
-
-def refine_weight_space(weight: torch.Tensor, hess: torch.Tensor, start: QuantizedWeight, options, seed: int,
-                        damp: float, pieces: int = WEIGHT_SPACE_PIECES, name: str = "lin"
-                        ) -> tuple[QuantizedWeight, dict]:
-    """GSQ of one linear (weight f32 ``[N, K]``) on its Hessian-weighted weight error
-    ``tr(dW H dW^T)``, from the codes ``start``; no pass through the block. The float weight and
-    its soft copy both run on the rows of ``L^T`` (``_cholesky_rows``), so the bias, if any,
-    plays no part. Returns (hardened codes, GSQ log naming the linear ``name``)."""
-    from dataclasses import replace
-
-    from quantize.gsq import refine_block
-
-    options = replace(options, token_norm_cap=None)  # the rows of L^T are no tokens
-    holder = torch.nn.Module()
-    holder.lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    holder.lin.weight = torch.nn.Parameter(weight.float(), requires_grad=False)
-    rows = _cholesky_rows(hess, damp, pieces)
-    with torch.no_grad():
-        want = rows @ holder.lin.weight.t()  # [pieces, K/pieces, N]: the float layer on L^T
-    refined, log = refine_block(holder, lambda inp: holder.lin(inp), ["lin"], {"lin": start}, rows, want,
-                                options, seed)
-    log["names"] = [name]
-    return refined["lin"], log
-
-
-def ternary_random_options(options, steps: int, pieces: int = WEIGHT_SPACE_PIECES):
-    """The GSQ reference's ternary pre-stage from random logits: no prior (strength 0), its
-    temperature starting at twice the block stage's, about ``steps`` Lion steps of one
-    mini-batch of L^T rows each."""
-    from dataclasses import replace
-
-    return replace(options, epochs=max(1, -(-steps // pieces)), batch_size=1, micro_batch_size=1, alpha=0.0,
-                   tau_start=2.0 * options.tau_start)
 
 
 class BlockPipeline:
@@ -259,6 +174,11 @@ class BlockPipeline:
         if not any(self.names):
             raise FormatError("no linear layer left to quantize (check --modules-to-not-convert)")
         self.init = self._read_init() if s.init else None
+        dev = self.device
+        init = None if self.init is None else {
+            k: QuantizedWeight(q.codes.to(dev), q.scales.to(dev), q.bits, q.group_size) for k, q in self.init.items()}
+        self.start = start_quantizer(s, self.gsq_options, init)  # how each linear's codes start (quantize/start.py)
+        self.few_tokens_start = few_tokens_quantizer(s, self.start)
         for name in self.reader.names():  # every weight finite, before any work
             self.reader.get(name)
         release_host_memory()
@@ -340,8 +260,6 @@ class BlockPipeline:
             del emb
         else:
             x = space.load_inputs(start)
-        init = {k: QuantizedWeight(q.codes.to(dev), q.scales.to(dev), q.bits, q.group_size)
-                for k, q in (self.init or {}).items()}
         with torch.no_grad():
             pos_emb = rotary(x[:1], pos)
         gsq_logs = {}
@@ -370,7 +288,7 @@ class BlockPipeline:
             layer_errors = {}
             if streamed:
                 targets, x_next, outcome, attention_logs = quantize_moe_block(
-                    self, i, block, names, x, pos_emb, space, refine, init, result, log)
+                    self, i, block, names, x, pos_emb, space, refine, result, log)
                 layer_errors = outcome.layer_errors
                 if outcome.rtn_experts:
                     log(f"[gsq-quantize] block {i + 1}: RTN for {len(outcome.rtn_experts)} expert(s) routed fewer "
@@ -380,7 +298,7 @@ class BlockPipeline:
                 if outcome.gsq_logs or attention_logs:
                     gsq_logs[prefix] = {"experts": outcome.gsq_logs, "attention": attention_logs}
             else:
-                targets, x_next = self._quantize_block(block, i, names, x, pos_emb, space, refine, init, result,
+                targets, x_next = self._quantize_block(block, i, names, x, pos_emb, space, refine, result,
                                                        layer_errors, gsq_logs)
             space.discard(x)
             x = x_next
@@ -403,14 +321,14 @@ class BlockPipeline:
             for n, q in result.items():
                 tensors[f"{n}.codes"] = q.codes.cpu()
                 tensors[f"{n}.scales"] = q.scales.float().cpu()
-            _atomic_save(tensors, self.work_dir / f"block-{i:05d}.safetensors")
+            atomic_save(tensors, self.work_dir / f"block-{i:05d}.safetensors")
             x = space.commit_inputs(x, i + 1)
             if gsq_logs:
-                _atomic_json(gsq_logs, self.work_dir / "gsq_logs.json")
+                atomic_json(gsq_logs, self.work_dir / "gsq_logs.json")
             if rtn_experts:
-                _atomic_json(rtn_experts, self.work_dir / MOE_RTN_FILE)
-            _atomic_json(self.report_blocks, self.work_dir / REPORT_BLOCKS_FILE)
-            _atomic_json({"fingerprint": fp, "next_block": i + 1}, state_path)
+                atomic_json(rtn_experts, self.work_dir / MOE_RTN_FILE)
+            atomic_json(self.report_blocks, self.work_dir / REPORT_BLOCKS_FILE)
+            atomic_json({"fingerprint": fp, "next_block": i + 1}, state_path)
             space.inputs_path(i).unlink(missing_ok=True)  # only now: the state no longer names it
             self.layers[i].to("meta")
             del block, targets
@@ -429,29 +347,13 @@ class BlockPipeline:
         shutil.rmtree(self.work_dir, ignore_errors=True)
         return out
 
-    def _start_codes(self, weight, disk_prefix: str, hess, init, rtn: bool = False) -> QuantizedWeight:
-        """One linear's codes before any GSQ: ``--init``'s (``init``: that checkpoint's codes by
-        checkpoint name, on the run's device), RTN (``--method rtn``, or ``rtn``), else GPTQ on
-        ``hess``."""
-        s = self.s
-        if self.init is not None:
-            return init[disk_prefix]
-        if s.method == "rtn" or rtn:
-            return rtn_quantize(weight, s.bits, s.group_size, search=s.scale_search)
-        if s.method == "gsq" and s.ternary_init == "random" and normalize_bits(s.bits) == 1.58:
-            # The reference starts its scales at zero (its group scales come from the GPTQ loop it
-            # skips for ternary); ours start at RTN's, whose codes the strength-0 logits ignore.
-            start = rtn_quantize(weight, s.bits, s.group_size, search=s.scale_search)
-            seed = s.seed * 1_000_003 + zlib.crc32(disk_prefix.encode())
-            q, _ = refine_weight_space(weight, hess, start, ternary_random_options(self.gsq_options,
-                                                                                    s.ternary_init_steps),
-                                       seed, s.damp)
-            return q
-        q = gptq_quantize(weight, hess, s.bits, s.group_size, damp=s.damp, act_order=s.act_order,
-                          scale_search=s.scale_search)
-        return refit_scales(weight, hess, q, damp=s.damp) if s.refit_scales else q
+    def start_codes(self, weight, prefix: str, hess, few_tokens: bool = False) -> QuantizedWeight:
+        """One linear's codes before any GSQ, by the run's start handler (quantize/start.py); an MoE
+        expert routed too few tokens (``few_tokens``) gets RTN instead, unless the codes come from --init.
+        ``prefix``: the linear's checkpoint name; ``hess``: its Hessian, or None."""
+        return (self.few_tokens_start if few_tokens else self.start)(weight, hess, prefix)
 
-    def _quantize_block(self, block, i, names, x, pos_emb, space, refine, init, result, layer_errors, gsq_logs):
+    def _quantize_block(self, block, i, names, x, pos_emb, space, refine, result, layer_errors, gsq_logs):
         """A block held whole (every block but a sparse one with experts to quantize): fills
         ``result`` and ``layer_errors``; returns (the float block's outputs, the next block's inputs)."""
         s = self.s
@@ -462,9 +364,9 @@ class BlockPipeline:
         if attention_first:
             # quantizes q/k/v/o (and leaves them in the block); names left: the rest
             attention_logs, float_targets = self._quantize_attention_first(block, names, x, pos_emb, space,
-                                                                           result, refine, i, init)
+                                                                           result, refine, i)
         later = [n for n in names if n not in result]
-        needs_hessians = s.method != "rtn" and self.init is None  # RTN and GSQ from --init need none
+        needs_hessians = self.start.needs_hessian
         # true-sequential: each stage's Hessians come from a pass through the block with the earlier
         # stages already quantized; the first pass (float, as far as this block goes) gives the targets
         stages = (linear_stages(block, later, x[0:1], pos_emb) if needs_hessians and s.true_sequential
@@ -478,7 +380,7 @@ class BlockPipeline:
                 _, hess, _ = run_block_with_hessians(block, stage, x, pos_emb, s.batch_size, None)
             for n in stage:
                 weight = block.get_submodule(n).weight.data
-                result[n] = self._start_codes(weight, disk_name(f"{prefix}.{n}", self.arch), hess.get(n), init)
+                result[n] = self.start_codes(weight, disk_name(f"{prefix}.{n}", self.arch), hess.get(n))
                 if n in hess:  # diag(H) only (K floats per linear) for the report's per-layer errors
                     hdiag = hess[n].diagonal().clone()
                     layer_errors[n] = {"final": layer_error(weight, result[n], hdiag), "hdiag": hdiag}
@@ -525,17 +427,17 @@ class BlockPipeline:
         return (x.rows(k, k + self.s.gsq_held_out), targets.rows(k, k + self.s.gsq_held_out)) \
             if self.s.gsq_held_out else None
 
-    def _quantize_attention_first(self, block, names, x, pos_emb, space, result, refine, i, init):
+    def _quantize_attention_first(self, block, names, x, pos_emb, space, result, refine, i):
         """The GSQ reference's attention (``attention_mode="reference"``): one float pass for the
-        attention Hessians and the float block's outputs, then :meth:`_gsq_attention`. Fills
+        attention Hessians and the float block's outputs, then :meth:`gsq_attention`. Fills
         ``result`` for the attention linears; returns (GSQ logs, the float block's outputs)."""
         attn = [n for n in names if n in QK + VO]
         float_targets, hess, _ = run_block_with_hessians(block, attn, x, pos_emb, self.s.batch_size,
                                                          space.new("targets"))
-        return self._gsq_attention(block, attn, hess, x, pos_emb, space, result, refine, i, init), float_targets
+        return self.gsq_attention(block, attn, hess, x, pos_emb, space, result, refine, i), float_targets
 
-    def _gsq_attention(self, block, attn, hess, x, pos_emb, space, result, refine, i, init) -> dict:
-        """q/k by GPTQ (or ``init``), then GSQ on the Hessian-weighted weight error (no forward
+    def gsq_attention(self, block, attn, hess, x, pos_emb, space, result, refine, i) -> dict:
+        """q/k from the start handler (GPTQ, or --init's codes), then GSQ on the Hessian-weighted weight error (no forward
         pass); v/o likewise, then GSQ on the attention output (float targets, q/k already
         quantized). ``block``'s attention must still be float; the quantized attention is left in
         it, so later Hessians (the MLP's) see it, as the reference takes them. Fills ``result``
@@ -547,8 +449,8 @@ class BlockPipeline:
             for sl, xb in x.batches(s.batch_size):
                 attn_targets[sl] = call_attention(block, xb, pos_emb)
         for n in attn:
-            result[n] = self._start_codes(block.get_submodule(n).weight.data,
-                                          disk_name(f"model.layers.{i}.{n}", self.arch), hess.get(n), init)
+            result[n] = self.start_codes(block.get_submodule(n).weight.data,
+                                         disk_name(f"model.layers.{i}.{n}", self.arch), hess.get(n))
         logs = {}
         for n in (q for q in QK if q in attn):
             lin = block.get_submodule(n)
@@ -615,7 +517,7 @@ class BlockPipeline:
                 setattr(block.get_submodule(parent) if parent else block, child, m)
                 quantized[f"model.layers.{i}.{n}"] = m
         tuned = tune_scales(student, rotary, quantized, ids, teacher, options, seed=self.s.seed, log=self.log)
-        _atomic_save({disk_name(k, self.arch): v.cpu() for k, v in tuned.items()}, path)
+        atomic_save({disk_name(k, self.arch): v.cpu() for k, v in tuned.items()}, path)
         del teacher, student, quantized
         release_host_memory()
 

@@ -90,9 +90,9 @@ def _plots(data: dict) -> list[tuple[str, str]]:
         for c, (prefix, log) in enumerate(items):
             color = plt.cm.viridis(c / max(len(items) - 1, 1))
             ax.plot([s["step"] for s in log["steps"]], [s["soft_mse"] for s in log["steps"]], color=color, lw=0.8)
-            epochs = len(log["hard_mse"]) - 1
-            per_epoch = log["total_steps"] / max(epochs, 1)
-            ax.plot([e * per_epoch for e in range(epochs + 1)], log["hard_mse"], "o--", color=color, ms=3, lw=0.6)
+            scored = log.get("scored_epochs", range(len(log["hard_mse"])))  # older logs: every epoch
+            per_epoch = log["total_steps"] / max(scored[-1], 1)
+            ax.plot([e * per_epoch for e in scored], log["hard_mse"], "o--", color=color, ms=3, lw=0.6)
         ax.set_yscale("log")
         ax.set_xlabel("GSQ step within the block")
         ax.set_ylabel("block output MSE")

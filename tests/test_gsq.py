@@ -8,10 +8,9 @@ import torch
 import torch.nn as nn
 
 from gsq_format.format import grid_range, pack_codes, unpack_codes
-from quantize.gsq import (PRESETS, GSQOptions, GumbelGridLinear, SoftWeightFunction, add_cli_arguments,
-                          hardened_init,
-                          cosine_lr_factor, linear_schedule, options_from_args, refine_block,
-                          soft_weight)
+from quantize.cli import add_gsq_arguments, gsq_options_from_args
+from quantize.gsq import (PRESETS, GSQOptions, GumbelGridLinear, SoftWeightFunction, cosine_lr_factor,
+                          hardened_init, linear_schedule, refine_block, soft_weight)
 from gsq_format.qtypes import QuantizedWeight
 
 BITS = [2, 3, 1.58]
@@ -118,7 +117,7 @@ def test_refine_block_logs_schedule_endpoints():
     assert steps[-1]["kappa"] == pytest.approx(opts.kappa_end)
     assert steps[0]["lr_logits"] == pytest.approx(opts.lr_logits)
     assert steps[-1]["lr_logits"] == pytest.approx(opts.lr_logits * opts.min_lr_ratio)
-    assert len(log["hard_mse"]) == opts.epochs + 1
+    assert len(log["hard_mse"]) == 2 and log["scored_epochs"] == [0, opts.epochs]  # no held-out: init and last
     json.dumps(log)
     assert isinstance(block.proj, nn.Linear)   # originals restored
 
@@ -325,16 +324,16 @@ def test_regeneration_saves_less_for_backward():
 
 def test_cli_presets_and_overrides():
     parser = argparse.ArgumentParser()
-    add_cli_arguments(parser)
-    paper = options_from_args(parser.parse_args([]))
+    add_gsq_arguments(parser)
+    paper = gsq_options_from_args(parser.parse_args([]))
     assert paper == GSQOptions(**PRESETS["paper"])
-    fast = options_from_args(parser.parse_args(["--preset", "fast"]))
+    fast = gsq_options_from_args(parser.parse_args(["--preset", "fast"]))
     assert fast.epochs < paper.epochs
-    custom = options_from_args(parser.parse_args(
+    custom = gsq_options_from_args(parser.parse_args(
         ["--preset", "fast", "--gsq-epochs", "3", "--gsq-tau", "1.0", "0.1", "--gsq-store-noise"]))
     assert (custom.epochs, custom.tau_start, custom.tau_end, custom.store_noise) == (3, 1.0, 0.1, True)
     with pytest.raises(ValueError):
-        options_from_args(parser.parse_args(["--gsq-epochs", "0"]))
+        gsq_options_from_args(parser.parse_args(["--gsq-epochs", "0"]))
 
 
 def test_options_from_spec_overrides_a_preset_with_typed_fields():
@@ -410,12 +409,12 @@ def test_micro_batches_accumulate_to_the_same_step():
 
 def test_cli_micro_batch_size_overrides_preset_and_is_checked():
     p = argparse.ArgumentParser()
-    add_cli_arguments(p)
-    fast = options_from_args(p.parse_args(["--preset", "fast", "--gsq-micro-batch-size", "1", "--gsq-batch-size", "2"]))
+    add_gsq_arguments(p)
+    fast = gsq_options_from_args(p.parse_args(["--preset", "fast", "--gsq-micro-batch-size", "1", "--gsq-batch-size", "2"]))
     assert (fast.batch_size, fast.micro_batch_size) == (2, 1)
-    assert options_from_args(p.parse_args(["--logits-dtype", "bf16"])).logits_dtype == "bfloat16"
+    assert gsq_options_from_args(p.parse_args(["--logits-dtype", "bf16"])).logits_dtype == "bfloat16"
     with pytest.raises(ValueError, match="micro-batch"):
-        options_from_args(p.parse_args(["--gsq-micro-batch-size", "0"]))
+        gsq_options_from_args(p.parse_args(["--gsq-micro-batch-size", "0"]))
 
 
 def test_bf16_logits_train_and_beat_the_init():

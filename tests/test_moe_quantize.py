@@ -71,7 +71,7 @@ def test_streamed_experts_give_the_whole_blocks_output(tmp_path, monkeypatch, ar
     moe_in, out = Activations(x.shape, x.device), Activations(x.shape, x.device)
     targets, routing, _, _ = capture_pass(block, [], x, pos_emb, 3, out, moe_in)
     pipe = SimpleNamespace(s=None, reader=reader, device=torch.device("cpu"), arch=arch_name)
-    ExpertStream(pipe, block, 1, [], None, None, x.shape[1], None).run((moe_in, routing), targets, None, None)
+    ExpertStream(pipe, block, 1, [], None, x.shape[1], None).run((moe_in, routing), targets, None, None)
     assert all(p.is_meta for p in block.mlp.experts.parameters())  # each expert freed after use
     reader.load_into(block, "model.layers.1", arch=arch_name)  # now whole
     whole = run_block(block, x, pos_emb, 3, Activations(x.shape, x.device))

@@ -148,13 +148,13 @@ def test_gsq_held_out_sequences_are_scored_not_trained_on(tiny, tmp_path, capsys
 
 
 def test_cholesky_rows_give_the_hessian_weighted_error():
-    from quantize.pipeline import _cholesky_rows
+    from quantize.gsq import cholesky_rows
 
     torch.manual_seed(0)
     x = torch.randn(300, 64)
     hess = x.t() @ x
     dw = torch.randn(16, 64)
-    rows = _cholesky_rows(hess, 0.01, 8)
+    rows = cholesky_rows(hess, 0.01, 8)
     assert rows.shape == (8, 8, 64)
     damped = hess + 0.01 * hess.diagonal().mean() * torch.eye(64)
     got = sum((r @ dw.t()).pow(2).sum() for r in rows)
@@ -174,7 +174,7 @@ def _weighted_error(w, q, hess, damp):
 
 def test_weight_space_refine_minimises_the_hessian_weighted_error():
     from quantize.gsq import GSQOptions
-    from quantize.pipeline import refine_weight_space
+    from quantize.gsq import refine_weight_space
     from quantize.rtn import rtn_quantize
 
     w, hess = _weight_space_problem()
@@ -188,7 +188,7 @@ def test_weight_space_refine_minimises_the_hessian_weighted_error():
 
 def test_ternary_random_init_starts_from_no_prior_and_beats_rtn():
     from quantize.gsq import GSQOptions
-    from quantize.pipeline import refine_weight_space, ternary_random_options
+    from quantize.gsq import refine_weight_space, ternary_random_options
     from quantize.rtn import rtn_quantize
 
     opts = ternary_random_options(GSQOptions(**{"epochs": 2, "batch_size": 1, "micro_batch_size": 1,
@@ -197,7 +197,7 @@ def test_ternary_random_init_starts_from_no_prior_and_beats_rtn():
     w, hess = _weight_space_problem()
     start = rtn_quantize(w, 1.58, 32)
     q, log = refine_weight_space(w, hess, start, opts, seed=0, damp=0.01, pieces=8)
-    assert log["total_steps"] == 400 and log["chosen"] == opts.epochs
+    assert log["total_steps"] == 400 and log["scored_epochs"][log["chosen"]] == opts.epochs  # the last epoch's codes
     assert _weighted_error(w, q, hess, 0.01) < _weighted_error(w, start, hess, 0.01)
     # strength 0: what it found is its own, not RTN's codes moved a little
     assert (q.codes != start.codes).float().mean() > 0.1
@@ -235,7 +235,7 @@ def test_reference_attention_mode(tiny, tmp_path):
     pos_emb = rotary(x[0:1], torch.arange(64).unsqueeze(0))
     result = {}
     logs, float_targets = pipe._quantize_attention_first(block, pipe.names[0], x, pos_emb, space, result,
-                                                         refine_block, 0, {})
+                                                         refine_block, 0)
     assert sorted(result) == sorted(f"self_attn.{p}_proj" for p in "qkvo")
     assert logs["self_attn.q_proj"]["names"] == ["self_attn.q_proj"] and logs["v_o"]["names"] == [
         "self_attn.v_proj", "self_attn.o_proj"]
@@ -307,7 +307,7 @@ def test_true_sequential_takes_each_stage_hessian_after_the_earlier_stages_are_q
     assert [sorted(st) for st in stages] == [sorted(f"self_attn.{p}_proj" for p in "qkv"), ["self_attn.o_proj"],
                                               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     result, errors = {}, {}
-    targets, _ = pipe._quantize_block(block, 0, names, x, pos_emb, space, None, {}, result, errors, {})
+    targets, _ = pipe._quantize_block(block, 0, names, x, pos_emb, space, None, result, errors, {})
     # the targets are the float block's outputs, not those of the partly quantized block
     assert torch.allclose(targets[0:4], run_block(float_block, x, pos_emb, 4, space.new("t"))[0:4], atol=1e-5)
     # each stage's codes are GPTQ on the Hessian of a block whose earlier stages hold their codes
