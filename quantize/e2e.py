@@ -153,22 +153,12 @@ def tune_checkpoint(model_dir, ckpt_dir, out_dir, ids: torch.Tensor, options: E2
 
     from gsq_format.convert import read_checkpoint
     from gsq_format.format import CheckpointWriter, read_quant_config
-    from quantize.models import WeightReader, build_skeleton
+    from quantize.models import load_float_model
 
     ck = read_checkpoint(ckpt_dir)
     if ck.source != "gsq":
         raise ValueError(f"{ckpt_dir}: a GSQ checkpoint is needed, this one is {ck.source}")
-    student = build_skeleton(model_dir)
-    reader = WeightReader(model_dir)
-    for i, block in enumerate(student.model.layers):
-        reader.load_into(block, f"model.layers.{i}")
-    reader.load_into(student.model.embed_tokens, "model.embed_tokens")
-    reader.load_into(student.model.norm, "model.norm")
-    if "lm_head.weight" in reader.where:
-        reader.load_into(student.lm_head, "lm_head")
-    else:  # tied to the embedding
-        student.lm_head.weight = student.model.embed_tokens.weight
-    student.eval()
+    student = load_float_model(model_dir)
     rotary = type(student.model.rotary_emb)(config=student.config)
     teacher = teacher_hidden(student, rotary, ids, options.batch_size)
     quantized = {}

@@ -135,6 +135,23 @@ class WeightReader:
         return module
 
 
+def load_float_model(folder: str | os.PathLike, device: torch.device | str = "cpu", arch: str | None = None,
+                     reader: "WeightReader | None" = None) -> torch.nn.Module:
+    """The whole float model of ``folder`` on ``device`` in f32 (every block, the embedding, the final
+    norm, the LM head or its tie to the embedding), in eval mode: the end-to-end stage's student."""
+    model = build_skeleton(folder)
+    reader = reader or WeightReader(folder)
+    for i, block in enumerate(model.model.layers):
+        reader.load_into(block, f"model.layers.{i}", device=device, arch=arch)
+    reader.load_into(model.model.embed_tokens, "model.embed_tokens", device=device)
+    reader.load_into(model.model.norm, "model.norm", device=device)
+    if "lm_head.weight" in reader.where:
+        reader.load_into(model.lm_head, "lm_head", device=device)
+    else:  # tied to the embedding
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
 def find_default_gguf() -> Path:
     """Path of the SmolLM2 GGUF shipped inside the PyPI package (without importing it)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)

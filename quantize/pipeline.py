@@ -52,7 +52,7 @@ from quantize.activations import ActivationSpace, default_budget
 from quantize.block_forward import QK, VO, call_attention, call_block, linear_stages, run_block, run_block_with_hessians
 from quantize.files import atomic_json, atomic_save, release_host_memory
 from quantize.gsq import WEIGHT_SPACE_PIECES, refine_weight_space
-from quantize.models import WeightReader, build_skeleton, check_architecture
+from quantize.models import WeightReader, build_skeleton, check_architecture, load_float_model
 from quantize.moe import SHARED_EXPERTS, disk_name, expert_of, moe_spec, sparse_experts
 from quantize.moe_block import ACTIVATIONS_HELD, expert_file, quantize_moe_block
 from gsq_format.qtypes import QuantizedWeight
@@ -472,20 +472,6 @@ class BlockPipeline:
                 block.get_submodule(n).weight.copy_(result[n].dequantize())
         return logs
 
-    def _float_model(self) -> torch.nn.Module:
-        """The whole float model on the run's device (f32), read from the model folder."""
-        model = build_skeleton(self.model_dir)
-        dev = self.device
-        for i, block in enumerate(model.model.layers):
-            self.reader.load_into(block, f"model.layers.{i}", device=dev, arch=self.arch)
-        self.reader.load_into(model.model.embed_tokens, "model.embed_tokens", device=dev)
-        self.reader.load_into(model.model.norm, "model.norm", device=dev)
-        if "lm_head.weight" in self.reader.where:
-            self.reader.load_into(model.lm_head, "lm_head", device=dev)
-        else:  # tied to the embedding
-            model.lm_head.weight = model.model.embed_tokens.weight
-        return model.eval()
-
     def _tune_end_to_end(self, ids: torch.Tensor) -> None:
         """quantize/e2e.py over the work folder's codes and scales; the new scales go to
         E2E_SCALES_FILE, which write_checkpoint reads in place of the blocks'. A resumed run
@@ -498,7 +484,7 @@ class BlockPipeline:
         if path.is_file():
             return
         dev = self.device
-        student = self._float_model()  # the teacher until its quantized linears are swapped in below
+        student = load_float_model(self.model_dir, dev, self.arch, self.reader)  # the teacher until its quantized linears are swapped in below
         with torch.device(dev):
             rotary = type(student.model.rotary_emb)(config=student.config)
         ids = ids.to(dev)
