@@ -117,12 +117,12 @@ class GSQOptions:
 #   batch 1, lr 3e-4 / scales 5e-5 (this preset): x0.58, and better than GPTQ on every block;
 #   same with 4 epochs: x0.51, at twice the time.
 # The scales' lr hardly matters at this step count (5e-5, 2e-5, 0 within 1 %).
-# The `steps256` preset: the regime where GSQ beats its GPTQ init on held-out text at block level here
-# (benchmarks/gsq_block_sweep.py, docs/results/gsq-regime.md): 256 Lion steps of 4 sequences each
-# (8 epochs over gsq-quantize's default 128 calibration sequences), the reference's lr, the init
-# without its N(0,1) term (which alone costs 1.29x the init's block error at 2 bits), bf16 matmuls
-# where the CPU has them. SmolLM2-135M block 3, 2-bit MLP: held-out block MSE 0.885x GPTQ's, against
-# 1.107x for `fast`; ~4 min a block on a shared 2-core EPYC (one thread), about 4x `fast`'s time.
+# The `steps256` preset: the regime where GSQ beats GPTQ here, per block and on the whole model
+# (docs/results/gsq-regime.md): 256 Lion steps of 4 sequences each (8 epochs over 128 calibration
+# sequences: pass --gsq-nsamples 128), the reference's lr, the init without its N(0,1) term (which
+# alone costs 1.29x the init's block error at 2 bits), bf16 matmuls where the CPU has them.
+# SmolLM2-135M-Instruct MLP, whole model: gap to bf16 0.44x GPTQ's at 2 bits, 0.80x at 3; about 6x
+# `fast`'s GSQ time a block (~97 s against ~16 s at 3 bits on a shared 2-core EPYC, 2 threads).
 PRESETS: dict[str, dict] = {
     "paper": {"micro_batch_size": 2, "lr_logits": 2e-4, "lr_scales": 1e-4, "logits_dtype": "bfloat16"},
     "fast": {"epochs": 2, "batch_size": 1, "micro_batch_size": 1, "lr_logits": 3e-4, "lr_scales": 5e-5},
