@@ -239,6 +239,18 @@ def _print_plan(args, bits, excluded, gsq_options) -> int:
     return 0
 
 
+def gsq_steps_line(options: gsq.GSQOptions, sequences: int, preset: str) -> str:
+    """What GSQ will do a block: its Lion steps depend on the training sequences, and a preset's
+    regime (``steps256``: 256 steps of 4) holds only with as many sequences as it was measured with."""
+    batch = min(options.batch_size, sequences)
+    steps = options.epochs * -(-sequences // batch)
+    line = f"[gsq-quantize] GSQ: {sequences} training sequences, {steps} Lion steps of {batch} a block"
+    if preset == "steps256" and steps < 256:
+        line += (f"; --preset steps256 is measured with 256 steps: use --nsamples 128 (and --gsq-nsamples 128 "
+                 f"or none) for its regime")
+    return line
+
+
 def progress_log(path):
     """A log function: each line to ``stream`` (stderr), and appended to ``path`` (None: nowhere
     else) with a time stamp, so a long run's progress can be followed without its terminal."""
@@ -310,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                              activation_budget=None if args.activation_budget is None
                              else int(args.activation_budget * 2**30))
         pipe.check()
+        if gsq_options is not None:
+            log(gsq_steps_line(gsq_options, args.gsq_nsamples or args.nsamples, args.preset))
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(model_dir))

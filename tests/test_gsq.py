@@ -492,3 +492,18 @@ def test_reference_ternary_style_is_the_references_logits_in_our_units():
     torch.testing.assert_close(p.detach(), 2 * ell.detach())
     ours_default = GSQOptions(ternary_style="ours")
     assert ours_default.logit_group(1.58) == (ours_default.lr_logits, ours_default.wd_logits)
+
+
+def test_gsq_quantize_says_how_many_steps_a_block_takes(tmp_path):
+    """A preset's regime depends on the training sequences: the run says its steps, and warns when
+    steps256 is run with fewer sequences than it was measured with."""
+    from quantize.cli import main as quantize_main
+    from quantize.tiny import build_tiny_llama
+
+    tiny = build_tiny_llama(tmp_path / "model", layers=1)
+    out = tmp_path / "q"
+    assert quantize_main(["--model", str(tiny), "--out", str(out), "--method", "gsq", "--group-size", "32",
+                          "--nsamples", "8", "--seqlen", "32", "--preset", "steps256"]) == 0
+    log = (tmp_path / "q.log").read_text()
+    assert "GSQ: 8 training sequences, 16 Lion steps of 4 a block; --preset steps256 is measured" in log
+    assert json.loads((out / "gsq_logs.json").read_text())["model.layers.0"]["total_steps"] == 16
