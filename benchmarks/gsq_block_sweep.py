@@ -56,10 +56,6 @@ def parse_setting(text: str) -> tuple[object, dict]:
     return replace(opts, keep_best=False, epochs=0 if preset == "init" else opts.epochs), extra
 
 
-def steps_of(opts, n_seqs: int) -> int:
-    return opts.epochs * math.ceil(n_seqs / min(opts.batch_size, n_seqs))
-
-
 def block_mse(block, names, weights, call, x, targets, cap_median=None) -> float:
     """Hard block-output MSE with ``weights``; with ``cap_median`` sink tokens are capped."""
     from quantize.gsq import _block_loss
@@ -99,7 +95,7 @@ def main(argv=None) -> None:
     from quantize.block_forward import call_block, run_block_with_hessians
     from quantize.data import load_split, tokenize_sequences
     from quantize.gptq import gptq_quantize, refit_scales
-    from quantize.gsq import _median_token_norm2, hardened_init, refine_block
+    from quantize.gsq import _median_token_norm2, hardened_init, lion_steps, refine_block
     from quantize.models import WeightReader, build_skeleton, prepare_default_model
     from quantize.pipeline import QuantizeSettings, block_linears
     from benchmarks.results_io import machine_info, write_json
@@ -193,7 +189,7 @@ def main(argv=None) -> None:
                 refined, steps = hardened_init(block, names, init, opts, seed), 0
             else:
                 refined, _ = refine_block(block, call, names, init, x, t, opts, seed=seed)
-                steps = steps_of(opts, n_seqs)
+                steps = lion_steps(opts, n_seqs)
             secs = time.time() - t0
             sc = score(refined)
             sc["train"] = block_mse(block, names, refined, call, x, t)

@@ -242,9 +242,9 @@ def _print_plan(args, bits, excluded, gsq_options) -> int:
 def gsq_steps_line(options: gsq.GSQOptions, sequences: int, preset: str) -> str:
     """What GSQ will do a block: its Lion steps depend on the training sequences, and a preset's
     regime (``steps256``: 256 steps of 4) holds only with as many sequences as it was measured with."""
-    batch = min(options.batch_size, sequences)
-    steps = options.epochs * -(-sequences // batch)
-    line = f"[gsq-quantize] GSQ: {sequences} training sequences, {steps} Lion steps of {batch} a block"
+    steps = gsq.lion_steps(options, sequences)
+    line = (f"[gsq-quantize] GSQ: {sequences} training sequences, {steps} Lion steps of "
+            f"{min(options.batch_size, sequences)} a block")
     if preset == "steps256" and steps < 256:
         line += (f"; --preset steps256 is measured with 256 steps: use --nsamples 128 (and --gsq-nsamples 128 "
                  f"or none) for its regime")

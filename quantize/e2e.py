@@ -64,6 +64,15 @@ class GroupScaledLinear(torch.nn.Module):
         return F.linear(x, w, self.bias)
 
 
+def swap_in(model: torch.nn.Module, name: str, codes: torch.Tensor, scales: torch.Tensor) -> GroupScaledLinear:
+    """Replace the linear ``name`` (dotted, in ``model``) by a GroupScaledLinear of ``codes`` and
+    ``scales`` that keeps its bias; return the new module."""
+    parent, _, child = name.rpartition(".")
+    m = GroupScaledLinear(codes, scales, model.get_submodule(name).bias)
+    setattr(model.get_submodule(parent) if parent else model, child, m)
+    return m
+
+
 def final_hidden(model, rotary, ids: torch.Tensor) -> torch.Tensor:
     """f32 ``[b, S, H]`` for int64 ``ids [b, S]``: the embedding, every block through
     :func:`call_block` (causal attention, no mask), then the final norm: what the LM head reads."""
@@ -161,13 +170,8 @@ def tune_checkpoint(model_dir, ckpt_dir, out_dir, ids: torch.Tensor, options: E2
     student = load_float_model(model_dir)
     rotary = type(student.model.rotary_emb)(config=student.config)
     teacher = teacher_hidden(student, rotary, ids, options.batch_size)
-    quantized = {}
-    for prefix, (codes, scales) in ck.linears.items():
-        parent, _, child = prefix.rpartition(".")
-        lin = student.get_submodule(prefix)
-        m = GroupScaledLinear(codes, scales.float(), lin.bias)
-        setattr(student.get_submodule(parent), child, m)
-        quantized[prefix] = m
+    quantized = {prefix: swap_in(student, prefix, codes, scales.float())
+                 for prefix, (codes, scales) in ck.linears.items()}
     tuned = tune_scales(student, rotary, quantized, ids, teacher, options, seed=seed, log=log)
     qcfg = read_quant_config(ckpt_dir)
     qcfg.quantizer = {**qcfg.quantizer, "e2e": {"epochs": options.epochs, "lr": options.lr,

@@ -491,6 +491,11 @@ def hardened_init(block: nn.Module, names: list[str], init: dict[str, QuantizedW
     return {name: m.hardened() for name, m in gumbel_layers(block, names, init, options, gen).items()}
 
 
+def lion_steps(options: GSQOptions, sequences: int) -> int:
+    """Lion steps refine_block takes on ``sequences`` training sequences: every epoch, one a batch."""
+    return options.epochs * math.ceil(sequences / min(options.batch_size, sequences))
+
+
 def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
                  names: list[str], init: dict[str, QuantizedWeight], inputs: torch.Tensor,
                  targets: torch.Tensor, options: GSQOptions, seed: int,
@@ -518,8 +523,7 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
     n = inputs.shape[0]
     bs = min(options.batch_size, n)
     micro = min(options.micro_batch_size, bs)
-    steps_per_epoch = math.ceil(n / bs)
-    total = options.epochs * steps_per_epoch
+    total = lion_steps(options, n)
     log = {"options": asdict(options), "seed": int(seed), "names": list(names),
            "total_steps": total, "steps": [], "hard_mse": [], "scored_epochs": [0]}
     try:

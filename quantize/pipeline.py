@@ -478,13 +478,14 @@ class BlockPipeline:
         that finds the file does not tune again."""
         from safetensors.torch import load_file
 
-        from quantize.e2e import E2EOptions, GroupScaledLinear, teacher_hidden, tune_scales
+        from quantize.e2e import E2EOptions, swap_in, teacher_hidden, tune_scales
 
         path = self.work_dir / E2E_SCALES_FILE
         if path.is_file():
             return
         dev = self.device
-        student = load_float_model(self.model_dir, dev, self.arch, self.reader)  # the teacher until its quantized linears are swapped in below
+        # the teacher until its quantized linears are swapped in below
+        student = load_float_model(self.model_dir, dev, self.arch, self.reader)
         with torch.device(dev):
             rotary = type(student.model.rotary_emb)(config=student.config)
         ids = ids.to(dev)
@@ -495,13 +496,9 @@ class BlockPipeline:
             if not names:
                 continue
             tensors = load_file(str(self.work_dir / f"block-{i:05d}.safetensors"))
-            block = student.model.layers[i]
             for n in names:
-                lin = block.get_submodule(n)
-                m = GroupScaledLinear(tensors[f"{n}.codes"].to(dev), tensors[f"{n}.scales"].to(dev), lin.bias)
-                parent, _, child = n.rpartition(".")
-                setattr(block.get_submodule(parent) if parent else block, child, m)
-                quantized[f"model.layers.{i}.{n}"] = m
+                full = f"model.layers.{i}.{n}"
+                quantized[full] = swap_in(student, full, tensors[f"{n}.codes"].to(dev), tensors[f"{n}.scales"].to(dev))
         tuned = tune_scales(student, rotary, quantized, ids, teacher, options, seed=self.s.seed, log=self.log)
         atomic_save({disk_name(k, self.arch): v.cpu() for k, v in tuned.items()}, path)
         del teacher, student, quantized
