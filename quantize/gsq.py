@@ -192,7 +192,7 @@ def _load_cpu_ext():
     if os.environ.get("GSQ_SOFT_KERNEL", "auto") == "torch":   # the torch-only path, for comparison
         return None
     try:
-        from quantize import _C  # csrc/quantize/gsq_soft.cpp, built by setup.py
+        from quantize import _C  # csrc/quantize/{gsq_soft,lion}.cpp, built by setup.py
     except ImportError:
         return None
     return _C
@@ -310,6 +310,25 @@ class SoftWeightFunction(torch.autograd.Function):
             w = soft_weight(kind, lg, sc, levels, mask, noise, kappa, tau, group_size)
             g_logits, g_scales = torch.autograd.grad(w, (lg, sc), grad_w)
         return g_logits, g_scales, None, None, None
+
+
+def lion_optimizer(groups: list[dict], betas: tuple[float, float]):
+    """lion_pytorch's Lion whose update runs in one pass on the CPU (csrc/quantize/lion.cpp, same
+    bits as lion_pytorch's six-pass update_fn, 11x faster over a block's 13M logits); any tensor
+    the kernel does not take (CUDA, bf16 logits, no extension) goes to lion_pytorch's own."""
+    from lion_pytorch import Lion
+    from lion_pytorch.lion_pytorch import update_fn
+
+    def update(p, grad, exp_avg, lr, wd, beta1, beta2):
+        if (_CPU_EXT is not None and p.device.type == "cpu" and p.dtype == grad.dtype == torch.float32
+                and p.is_contiguous() and grad.is_contiguous() and exp_avg.is_contiguous()):
+            _CPU_EXT.lion_update(p.detach(), grad, exp_avg, lr, wd, beta1, beta2)
+        else:
+            update_fn(p, grad, exp_avg, lr, wd, beta1, beta2)
+
+    opt = Lion(groups, betas=betas)
+    opt.update_fn = update
+    return opt
 
 
 # ----------------------------------------------------------------------------- per-layer state
@@ -537,11 +556,10 @@ def refine_block(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tenso
             p.requires_grad_(False)
         for p in params_logits + params_scales:
             p.requires_grad_(True)
-        from lion_pytorch import Lion
         lr_logits, wd_logits = options.logit_group(next(iter(init.values())).bits)  # one bit width per run
-        opt = Lion([{"params": params_logits, "lr": lr_logits, "weight_decay": wd_logits},
-                    {"params": params_scales, "lr": options.lr_scales, "weight_decay": 0.0}],
-                   betas=tuple(options.lion_betas))
+        opt = lion_optimizer([{"params": params_logits, "lr": lr_logits, "weight_decay": wd_logits},
+                              {"params": params_scales, "lr": options.lr_scales, "weight_decay": 0.0}],
+                             tuple(options.lion_betas))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: cosine_lr_factor(s, total, options.min_lr_ratio))
         # Index 0 is the init's own error (the GPTQ codes, not the argmax of the noisy init

@@ -507,3 +507,31 @@ def test_gsq_quantize_says_how_many_steps_a_block_takes(tmp_path):
     log = (tmp_path / "q.log").read_text()
     assert "GSQ: 8 training sequences, 16 Lion steps of 4 a block; --preset steps256 is measured" in log
     assert json.loads((out / "gsq_logs.json").read_text())["model.layers.0"]["total_steps"] == 16
+
+
+def test_fused_lion_update_gives_lion_pytorchs_bits():
+    """refine_block's Lion (csrc/quantize/lion.cpp on the CPU) must be lion_pytorch's update to the
+    bit, so GSQ checkpoints do not depend on which one ran: several steps at changing learning rates,
+    the first with part of the gradient zero (momentum and gradient 0 there: sign(0) = 0), on a size
+    that is not a multiple of any vector width."""
+    from lion_pytorch import Lion
+
+    from quantize.gsq import _CPU_EXT, lion_optimizer
+
+    assert _CPU_EXT is not None, "quantize._C was not built"
+    gen = torch.Generator().manual_seed(3)
+    start = torch.randn(5, 37, 129, generator=gen) * 0.05
+    ours, theirs = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    groups = lambda p: [{"params": [p], "lr": 2e-4, "weight_decay": 1.0}]  # noqa: E731
+    opt_ours, opt_theirs = lion_optimizer(groups(ours), (0.9, 0.95)), Lion(groups(theirs), betas=(0.9, 0.95))
+    for step in range(6):
+        grad = torch.randn(start.shape, generator=gen) * 1e-3
+        if step == 0:
+            grad[0] = 0.0
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        for opt in (opt_ours, opt_theirs):
+            opt.param_groups[0]["lr"] = 2e-4 * (1.0 - 0.15 * step)
+            opt.step()
+        assert torch.equal(ours.detach(), theirs.detach()), step
+        assert torch.equal(opt_ours.state[ours]["exp_avg"], opt_theirs.state[theirs]["exp_avg"]), step
+    assert not torch.equal(ours.detach(), start)

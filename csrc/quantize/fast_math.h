@@ -45,14 +45,20 @@ inline float log_approx(float x) {
 // e^x, x clamped to [-87, 88] (0 at or below -87). x log2(e) = n + f with f in [-0.5, 0.5]; 2^f by a degree-6
 // Taylor polynomial in f ln2 (relative error < 3e-7), 2^n by the exponent bits.
 inline float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  // Written as selects and integer arithmetic only, no branches, so loops over it vectorize.
+  const float under = x <= -87.0f ? 0.0f : 1.0f;
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   const float y = x * 1.4426950408889634f;
-  const float n = static_cast<float>(static_cast<int32_t>(y + 0.5f) - (y + 0.5f < 0.0f ? 1 : 0));  // floor(y + 0.5)
+  const float yh = y + 0.5f;
+  const int32_t t = static_cast<int32_t>(yh);
+  const int32_t ni = t - static_cast<int32_t>(yh < 0.0f);   // floor(y + 0.5) as the formula above
+  const float n = static_cast<float>(ni);
   const float r = (y - n) * 0.6931471805599453f;
   const float p =
       1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
-  const float scale = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-  return x <= -87.0f ? 0.0f : p * scale;
+  const float scale = bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+  return under * (p * scale);
 }
 
 }  // namespace gsq_q

@@ -19,10 +19,10 @@
 // Plain float arithmetic, no FMA contraction (-ffp-contract=off in setup.py): the AVX-512, AVX2
 // and baseline clones (picked at run time) give bit-identical results on every machine.
 #include <ATen/Parallel.h>
-#include <atomic>
 #include <torch/extension.h>
 
 #include "fast_math.h"
+#include "ops.h"
 
 namespace {
 
@@ -150,6 +150,11 @@ void run_rows(int kind, const Args& a, int64_t r0, int64_t r1, float* w, float* 
   }
 }
 
+}  // namespace
+
+namespace gsq_q {
+namespace {
+
 Args make_args(const torch::Tensor& logits, const torch::Tensor& scales, const torch::Tensor& q0, int64_t kind,
                int64_t qmin, int64_t qmax, double kappa, double tau, int64_t group, int64_t key) {
   TORCH_CHECK(logits.dim() == 3 && logits.scalar_type() == torch::kFloat32 && logits.is_contiguous() &&
@@ -172,6 +177,8 @@ Args make_args(const torch::Tensor& logits, const torch::Tensor& scales, const t
               n, k, group, static_cast<int>(qmin), static_cast<int>(qmax), static_cast<float>(kappa),
               static_cast<float>(1.0 / tau), static_cast<uint32_t>(ukey), static_cast<uint32_t>(ukey >> 32)};
 }
+
+}  // namespace
 
 // (W [N, K], c [N, K]) float32.
 std::vector<torch::Tensor> soft_forward(torch::Tensor logits, torch::Tensor scales, torch::Tensor q0, int64_t kind,
@@ -201,10 +208,12 @@ std::vector<torch::Tensor> soft_backward(torch::Tensor dw, torch::Tensor logits,
   return {dl, c};
 }
 
+namespace {
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void fill_noise(float* out, int64_t begin, int64_t end, const Args& a, bool logistic) {
   for (int64_t e = begin; e < end; ++e) out[e] = noise_at(a, static_cast<uint32_t>(e), logistic);
 }
+}  // namespace
 
 // The noise the kernels above draw for `key`, as a float32 tensor of `shape` (< 2^32 elements).
 torch::Tensor noise(std::vector<int64_t> shape, int64_t key, bool logistic) {
@@ -218,21 +227,4 @@ torch::Tensor noise(std::vector<int64_t> shape, int64_t key, bool logistic) {
   return out;
 }
 
-}  // namespace
-
-// How many distinct threads at::parallel_for hands work to in this library. torch's CPU build
-// runs parallel_for through OpenMP inline in the caller's code, so a library built without
-// -fopenmp silently runs it on one thread (setup.py); tests check this against torch's count.
-int64_t parallel_threads() {
-  std::atomic<uint64_t> seen{0};
-  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) { seen.fetch_or(uint64_t{1} << (at::get_thread_num() % 64)); });
-  return __builtin_popcountll(seen.load());
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("parallel_threads", &parallel_threads, "distinct threads at::parallel_for uses in this library (OpenMP build check)");
-  m.def("noise", &noise, "float32 Gumbel(0,1) or (logistic) Logistic(0,1) noise of `shape` for `key`",
-        py::arg("shape"), py::arg("key"), py::arg("logistic"));
-  m.def("soft_forward", &soft_forward, "GSQ soft weight: (W [N,K], c [N,K]) from logits [V,N,K]");
-  m.def("soft_backward", &soft_backward, "GSQ soft weight backward: (dlogits [V,N,K], c [N,K]) from dW [N,K]");
-}
+}  // namespace gsq_q
