@@ -45,7 +45,7 @@ def _load_cpp():
         from gsq_vllm import _C_cpu  # built by setup.py when torch is importable
     except ImportError as e:
         # a bad forced kernel or row limit: say so, don't fall back to the slow path
-        if "GSQ_CPU_ISA" in str(e) or "GSQ_CPU_FUSED_MAX_ROWS" in str(e):
+        if any(var in str(e) for var in ("GSQ_CPU_ISA", "GSQ_CPU_FUSED_MAX_ROWS", "GSQ_CPU_TL")):
             msg = next(line for line in str(e).splitlines() if "GSQ_CPU_" in line)
             raise ImportError(msg.strip()) from None
         return None

@@ -26,9 +26,14 @@ EXACT = [i for i in ISAS if i not in INT8]
 
 @pytest.fixture
 def isa(request):
+    """The fused kernel of one ISA, with the table-lookup decode kernels off (they round the
+    activations; tests/test_cpu_tl.py checks them), so small M runs the ISA's kernel too."""
     before = C._cpp.set_isa(request.param)
+    tl_before = C._cpp.set_tl("off") if hasattr(C._cpp, "set_tl") else None
     yield request.param
     C._cpp.set_isa(before)
+    if tl_before is not None:
+        C._cpp.set_tl(tl_before)
 
 
 def _case(n, k, bits, g, seed):

@@ -39,6 +39,7 @@
 
 #include "../gsq_rules_py.h"
 #include "gemm_args.h"
+#include "tl_args.h"
 
 #if defined(__linux__) && defined(__x86_64__)
 #include <sys/syscall.h>
@@ -57,6 +58,8 @@ extern DequantRowsFn gsq_dequant_rows_avx512;
 extern DenseRowsFn gsq_dense_rows_avx2;
 extern DenseRowsFn gsq_dense_rows_avx512;
 extern DenseInt8RowsFn gsq_dense_int8_rows_avx2;  // dense_int8_avx2.cpp
+extern TlKernel gsq_tl_avx2;    // tl_avx2.cpp: table-lookup decode kernels (tl_kernel.h)
+extern TlKernel gsq_tl_avx512;  // tl_avx512.cpp
 
 namespace {
 
@@ -274,6 +277,97 @@ float load_as_float(const void* p, bool bf16, int64_t i) {
   return static_cast<const float*>(p)[i];
 }
 
+// The table-lookup (T-MAC-style) decode kernels, tl_kernel.h: for M <= kTlMaxRows rows of x, the
+// activations become int8 tables of partial sums per row and group, and the packed code nibbles
+// index them (vpshufb), with no dequantization of any weight. They round the activations' partial
+// sums (tl_kernel.h states the rounding and its bound), so they are a separate switch from the ISA:
+// GSQ_CPU_TL = auto (default: AVX-512 tables under an AVX-512 kernel, AVX2 tables under an AVX2
+// one, none under generic), off / 0 (the fused kernels of the ISA, as before), avx2 or avx512
+// (forced); set_tl() switches at run time (tests and benchmarks compare both in one process).
+enum class TlMode { kOff, kAuto, kAvx2, kAvx512 };
+constexpr int64_t kTlMaxRows = 4;
+TlMode g_tl = TlMode::kAuto;
+
+const char* tl_name(TlMode t) {
+  return t == TlMode::kOff ? "off" : t == TlMode::kAuto ? "auto" : t == TlMode::kAvx2 ? "avx2" : "avx512";
+}
+
+TlMode parse_tl(const std::string& name) {
+  if (name == "off" || name == "0") return TlMode::kOff;
+  if (name == "auto" || name == "1" || name.empty()) return TlMode::kAuto;
+  if (name == "avx2") return TlMode::kAvx2;
+  TORCH_CHECK(name == "avx512", "GSQ CPU table-lookup kernel must be auto, off, avx2 or avx512, got '", name, "'");
+  return TlMode::kAvx512;
+}
+
+bool tl_supported(TlMode t) {
+  if (t == TlMode::kAvx2) return cpu_has(Isa::kAvx2);
+  if (t == TlMode::kAvx512) return cpu_has(Isa::kAvx512);
+  return true;
+}
+
+TlMode tl_from_env() {
+  const char* v = std::getenv("GSQ_CPU_TL");
+  const std::string name = v == nullptr ? "" : v;
+  for (const char* ok : {"", "auto", "1", "off", "0", "avx2", "avx512"})
+    if (name == ok) goto known;
+  TORCH_CHECK(false, "GSQ_CPU_TL=", name, ": must be auto, off, avx2 or avx512");
+known:
+  const TlMode t = parse_tl(name);
+  TORCH_CHECK(tl_supported(t), "GSQ_CPU_TL=", v, " but this CPU does not support it");
+  return t;
+}
+
+// The table-lookup kernel a call with few rows runs under kernel `isa`, or nullptr.
+const TlKernel* tl_kernel_for(Isa isa) {
+  if (g_tl == TlMode::kOff || isa == Isa::kGeneric) return nullptr;
+  if (g_tl == TlMode::kAvx2) return &gsq_tl_avx2;
+  if (g_tl == TlMode::kAvx512) return &gsq_tl_avx512;
+  return avx2_only(isa) ? &gsq_tl_avx2 : &gsq_tl_avx512;  // every other ISA implies AVX-512 (BW)
+}
+
+std::string get_tl() { return tl_name(g_tl); }
+
+std::string set_tl(const std::string& name) {
+  const TlMode t = parse_tl(name);
+  TORCH_CHECK(tl_supported(t), "this CPU does not support the ", name, " table-lookup kernel");
+  const std::string before = tl_name(g_tl);
+  g_tl = t;
+  return before;
+}
+
+// What gemm() runs for an M-row x under the current ISA: the table-lookup kernel's name, or "".
+std::string tl_in_use(int64_t M) {
+  const TlKernel* tk = M >= 1 && M <= kTlMaxRows ? tl_kernel_for(g_isa) : nullptr;
+  return tk == &gsq_tl_avx512 ? "avx512" : tk == &gsq_tl_avx2 ? "avx2" : "";
+}
+
+std::vector<std::string> supported_tl() {
+  std::vector<std::string> out;
+  for (TlMode t : {TlMode::kAvx2, TlMode::kAvx512})
+    if (tl_supported(t)) out.push_back(tl_name(t));
+  return out;
+}
+
+// x [M <= kTlMaxRows, K] (float32 or bf16, contiguous), planes checked by the caller; y in x's dtype.
+torch::Tensor gemm_tl(const TlKernel& tk, const torch::Tensor& x, const torch::Tensor& lo, const torch::Tensor& hi,
+                      const torch::Tensor& scales, int64_t bits, int64_t G) {
+  const int64_t M = x.size(0), N = lo.size(0), NG = lo.size(1), K = NG * G;
+  const torch::Tensor xf = x.scalar_type() == torch::kFloat32 ? x : x.to(torch::kFloat32);
+  const int64_t rtb = tl_row_table_bytes(K, static_cast<int>(bits), tk.width);
+  static thread_local std::vector<int8_t> tables;  // reused across calls: no allocation per call
+  static thread_local std::vector<float> ta;
+  if (static_cast<int64_t>(tables.size()) < M * rtb) tables.resize(M * rtb);
+  if (static_cast<int64_t>(ta.size()) < M * NG) ta.resize(M * NG);
+  tk.build(xf.data_ptr<float>(), M, NG, static_cast<int>(G), static_cast<int>(bits), tables.data(), ta.data(), rtb);
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  TlArgs a{tables.data(), ta.data(), lo.data_ptr<uint8_t>(), bits == 3 ? hi.data_ptr<uint8_t>() : nullptr,
+           scales.data_ptr(), y.data_ptr(), M, N, NG, rtb, static_cast<int>(G), static_cast<int>(bits),
+           scales.dtype() == torch::kBFloat16};
+  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t t0, int64_t t1) { tk.rows(a, t0 * 16, std::min(N, t1 * 16)); });
+  return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
+}
+
 // y = x @ W.T for x [M, K] float32 or bfloat16 (y in x's dtype), scales float32 or bfloat16.
 torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch::Tensor& hi,
                    const torch::Tensor& scales, int64_t bits, int64_t group_size) {
@@ -299,6 +393,9 @@ torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& lo, const torch:
                     : isa == Isa::kAvx512   ? (G == 32 ? gsq_gemm_rows_avx2 : gsq_gemm_rows_avx512)
                     : isa == Isa::kAvx2     ? gsq_gemm_rows_avx2
                                             : nullptr;
+  // Decode sizes: the table-lookup kernel (scale indices are int32: N * K/G below 2^31).
+  if (M <= kTlMaxRows && N * NG <= std::numeric_limits<int32_t>::max())
+    if (const TlKernel* tk = tl_kernel_for(isa)) return gemm_tl(*tk, x, lo, hi, scales, bits, G);
   if (rows == nullptr) {  // generic: float32 in, kMaxRows rows at a time
     auto xf = x.to(torch::kFloat32), sf = scales.to(torch::kFloat32).contiguous();
     std::vector<torch::Tensor> parts;
@@ -694,12 +791,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("LAYOUT_VERSION") = 2;
   g_isa = best_isa();
   g_fused_rows_override = fused_rows_from_env();
+  g_tl = tl_from_env();
   m.def("gemm", &gemm, "GSQ fused dequant+GEMM: x f32/bf16 [M,K], scales f32/bf16 [N,K/G] -> y [M,N] in x's dtype");
   m.def("max_fused_rows", &max_fused_rows, "rows of x up to which gsq::cpu_gemm runs the fused kernel for an N x K weight",
         py::arg("n") = 0, py::arg("k") = 0, py::arg("bf16_x") = true);
   m.def("isa", &get_isa, "the kernel in use (see supported_isas)");
   m.def("set_isa", &set_isa, "use this kernel from now on (must be supported here); returns the previous one");
   m.def("supported_isas", &supported_isas, "the kernels this CPU can run");
+  m.def("tl", &get_tl, "the table-lookup decode kernels' setting: auto, off, avx2 or avx512 (GSQ_CPU_TL)");
+  m.def("set_tl", &set_tl, "use this table-lookup setting from now on; returns the previous one");
+  m.def("supported_tl", &supported_tl, "the table-lookup kernels this CPU can run");
+  m.def("tl_in_use", &tl_in_use, "the table-lookup kernel gemm() runs for M rows of x now ('' for none)", py::arg("m") = 1);
+  m.attr("TL_MAX_ROWS") = kTlMaxRows;
   m.def("bf16_gemm_is_native", &bf16_gemm_is_native,
         "whether this CPU multiplies bf16 natively (AVX-512-BF16 or AMX); elsewhere gsq::cpu_dense serves bf16 layers");
   m.def("parallel_threads", &parallel_threads, "distinct threads at::parallel_for uses in this library (OpenMP build check)");

@@ -1,0 +1,95 @@
+// The table-lookup decode kernel (tl_kernel.h) for AVX-512 (F + BW + VL + DQ): 64-byte vectors,
+// vpshufb's four 16-byte lanes are four tables per lookup, gathers of 16 scales, the table build
+// 16 entries per vector with a saturating vpmovsdb. Compiled for AVX-512 whatever the build machine
+// is; the dispatcher calls it only when cpuid reports all four extensions.
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "gemm_args.h"  // outside the namespace: one set of argument types for every file
+#include "tl_args.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on its own _mm512_undefined_* in the intrinsics
+#include <immintrin.h>
+
+namespace gsq_tlk_avx512 {
+
+#include "kernel_common.h"
+
+struct V {
+  using B = __m512i;
+  using FR = __m512;  // output rows 0..15
+  static constexpr int L = 4, W = 64;
+  static inline B loadu(const void* p) { return _mm512_loadu_si512(p); }
+  static inline void store(void* p, B v) { _mm512_storeu_si512(p, v); }
+  static inline B zero() { return _mm512_setzero_si512(); }
+  static inline B set1_8(int v) { return _mm512_set1_epi8(static_cast<char>(v)); }
+  static inline B and_(B a, B b) { return _mm512_and_si512(a, b); }
+  static inline B srli4(B v) { return _mm512_srli_epi16(v, 4); }
+  static inline B shuffle(B t, B i) { return _mm512_shuffle_epi8(t, i); }
+  static inline B unpacklo8(B a, B b) { return _mm512_unpacklo_epi8(a, b); }
+  static inline B unpackhi8(B a, B b) { return _mm512_unpackhi_epi8(a, b); }
+  static inline B unpacklo16(B a, B b) { return _mm512_unpacklo_epi16(a, b); }
+  static inline B unpackhi16(B a, B b) { return _mm512_unpackhi_epi16(a, b); }
+  static inline B unpacklo32(B a, B b) { return _mm512_unpacklo_epi32(a, b); }
+  static inline B unpackhi32(B a, B b) { return _mm512_unpackhi_epi32(a, b); }
+  static inline B unpacklo64(B a, B b) { return _mm512_unpacklo_epi64(a, b); }
+  static inline B unpackhi64(B a, B b) { return _mm512_unpackhi_epi64(a, b); }
+  static inline B maddubs(B u, B s) { return _mm512_maddubs_epi16(u, s); }
+  static inline B add16(B a, B b) { return _mm512_add_epi16(a, b); }
+
+  static inline FR fr_zero() { return _mm512_setzero_ps(); }
+  static inline FR fr_mul(FR s, float a) { return _mm512_mul_ps(s, _mm512_set1_ps(a)); }
+  static inline FR fr_fma(FR v, FR s, FR acc) { return _mm512_fmadd_ps(v, s, acc); }
+  static inline void fr_store(float* p, FR v) { _mm512_storeu_ps(p, v); }
+  static inline FR lane_rows(B aa, B bb, int l) {
+    __m128i x, y;
+    switch (l) {
+      case 0: x = _mm512_extracti32x4_epi32(aa, 0); y = _mm512_extracti32x4_epi32(bb, 0); break;
+      case 1: x = _mm512_extracti32x4_epi32(aa, 1); y = _mm512_extracti32x4_epi32(bb, 1); break;
+      case 2: x = _mm512_extracti32x4_epi32(aa, 2); y = _mm512_extracti32x4_epi32(bb, 2); break;
+      default: x = _mm512_extracti32x4_epi32(aa, 3); y = _mm512_extracti32x4_epi32(bb, 3); break;
+    }
+    return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_inserti128_si256(_mm256_castsi128_si256(x), y, 1)));
+  }
+  // As tl_avx2.cpp's: one gather of 16 scales (bf16: the high half of the word 2 bytes before).
+  static inline FR scales16(const TlArgs& a, const int32_t* sidx, int64_t g, bool scalar) {
+    const __m512i idx = _mm512_add_epi32(_mm512_load_si512(sidx), _mm512_set1_epi32(static_cast<int>(g)));
+    if (!a.scales_bf16) return _mm512_i32gather_ps(idx, a.scales, 4);
+    if (scalar) {
+      alignas(64) float t[16];
+      for (int r = 0; r < 16; ++r) t[r] = bf16_to_float(static_cast<const uint16_t*>(a.scales)[sidx[r] + g]);
+      return _mm512_load_ps(t);
+    }
+    const __m512i w = _mm512_i32gather_epi32(idx, static_cast<const char*>(a.scales) - 2, 2);
+    return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+
+  static inline float absmax(const float* x, int n) {  // n a multiple of 16
+    __m512 m = _mm512_setzero_ps();
+    for (int k = 0; k < n; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+    return _mm512_reduce_max_ps(m);
+  }
+  static inline void store_q(int8_t* d, __m512 e, float inv) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(e, _mm512_set1_ps(inv)))));
+  }
+  static inline void entries2(float xa, float xb, float inv, int8_t* d) {
+    store_q(d, _mm512_add_ps(_mm512_mul_ps(_mm512_load_ps(kTlCoefA), _mm512_set1_ps(xa)),
+                             _mm512_mul_ps(_mm512_load_ps(kTlCoefB), _mm512_set1_ps(xb))), inv);
+  }
+  static inline void entries4(const float* x, float inv, int8_t* d) {
+    __m512 e = _mm512_mul_ps(_mm512_load_ps(kTlSign[0]), _mm512_set1_ps(x[0]));
+    for (int i = 1; i < 4; ++i) e = _mm512_add_ps(e, _mm512_mul_ps(_mm512_load_ps(kTlSign[i]), _mm512_set1_ps(x[i])));
+    store_q(d, e, inv);
+  }
+};
+
+#include "tl_kernel.h"
+
+}  // namespace gsq_tlk_avx512
+
+TlKernel gsq_tl_avx512 = {gsq_tlk_avx512::V::W, &gsq_tlk_avx512::tl_build_entry, &gsq_tlk_avx512::tl_rows_entry};
+
+#pragma GCC pop_options
