@@ -60,6 +60,7 @@ extern DenseRowsFn gsq_dense_rows_avx512;
 extern DenseInt8RowsFn gsq_dense_int8_rows_avx2;  // dense_int8_avx2.cpp
 extern TlKernel gsq_tl_avx2;    // tl_avx2.cpp: table-lookup decode kernels (tl_kernel.h)
 extern TlKernel gsq_tl_avx512;  // tl_avx512.cpp
+extern TlKernel gsq_tl_avx512vbmi;  // tl_avx512vbmi.cpp
 
 namespace {
 
@@ -281,37 +282,41 @@ float load_as_float(const void* p, bool bf16, int64_t i) {
 // activations become int8 tables of partial sums per row and group, and the packed code nibbles
 // index them (vpshufb), with no dequantization of any weight. They round the activations' partial
 // sums (tl_kernel.h states the rounding and its bound), so they are a separate switch from the ISA:
-// GSQ_CPU_TL = auto (default: AVX-512 tables under an AVX-512 kernel, AVX2 tables under an AVX2
-// one, none under generic), off / 0 (the fused kernels of the ISA, as before), avx2 or avx512
-// (forced); set_tl() switches at run time (tests and benchmarks compare both in one process).
-enum class TlMode { kOff, kAuto, kAvx2, kAvx512 };
+// GSQ_CPU_TL = auto (default: under an AVX-512 kernel the VBMI+VNNI tables where cpuid has them,
+// else the AVX-512 vpshufb ones; AVX2 tables under an AVX2 kernel; none under generic), off / 0 (the
+// fused kernels of the ISA, as before), avx2, avx512 or avx512vbmi (forced); set_tl() switches at run time (tests and benchmarks compare both in one process).
+enum class TlMode { kOff, kAuto, kAvx2, kAvx512, kAvx512Vbmi };
 constexpr int64_t kTlMaxRows = 4;
 TlMode g_tl = TlMode::kAuto;
 
 const char* tl_name(TlMode t) {
-  return t == TlMode::kOff ? "off" : t == TlMode::kAuto ? "auto" : t == TlMode::kAvx2 ? "avx2" : "avx512";
+  return t == TlMode::kOff ? "off" : t == TlMode::kAuto ? "auto" : t == TlMode::kAvx2 ? "avx2"
+         : t == TlMode::kAvx512 ? "avx512" : "avx512vbmi";
 }
 
 TlMode parse_tl(const std::string& name) {
   if (name == "off" || name == "0") return TlMode::kOff;
   if (name == "auto" || name == "1" || name.empty()) return TlMode::kAuto;
   if (name == "avx2") return TlMode::kAvx2;
-  TORCH_CHECK(name == "avx512", "GSQ CPU table-lookup kernel must be auto, off, avx2 or avx512, got '", name, "'");
+  if (name == "avx512vbmi") return TlMode::kAvx512Vbmi;
+  TORCH_CHECK(name == "avx512", "GSQ CPU table-lookup kernel must be auto, off, avx2, avx512 or avx512vbmi, got '", name, "'");
   return TlMode::kAvx512;
 }
 
 bool tl_supported(TlMode t) {
   if (t == TlMode::kAvx2) return cpu_has(Isa::kAvx2);
   if (t == TlMode::kAvx512) return cpu_has(Isa::kAvx512);
+  if (t == TlMode::kAvx512Vbmi)
+    return cpu_has(Isa::kAvx512) && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni");
   return true;
 }
 
 TlMode tl_from_env() {
   const char* v = std::getenv("GSQ_CPU_TL");
   const std::string name = v == nullptr ? "" : v;
-  for (const char* ok : {"", "auto", "1", "off", "0", "avx2", "avx512"})
+  for (const char* ok : {"", "auto", "1", "off", "0", "avx2", "avx512", "avx512vbmi"})
     if (name == ok) goto known;
-  TORCH_CHECK(false, "GSQ_CPU_TL=", name, ": must be auto, off, avx2 or avx512");
+  TORCH_CHECK(false, "GSQ_CPU_TL=", name, ": must be auto, off, avx2, avx512 or avx512vbmi");
 known:
   const TlMode t = parse_tl(name);
   TORCH_CHECK(tl_supported(t), "GSQ_CPU_TL=", v, " but this CPU does not support it");
@@ -323,7 +328,9 @@ const TlKernel* tl_kernel_for(Isa isa) {
   if (g_tl == TlMode::kOff || isa == Isa::kGeneric) return nullptr;
   if (g_tl == TlMode::kAvx2) return &gsq_tl_avx2;
   if (g_tl == TlMode::kAvx512) return &gsq_tl_avx512;
-  return avx2_only(isa) ? &gsq_tl_avx2 : &gsq_tl_avx512;  // every other ISA implies AVX-512 (BW)
+  if (g_tl == TlMode::kAvx512Vbmi) return &gsq_tl_avx512vbmi;
+  if (avx2_only(isa)) return &gsq_tl_avx2;
+  return tl_supported(TlMode::kAvx512Vbmi) ? &gsq_tl_avx512vbmi : &gsq_tl_avx512;  // other ISAs imply AVX-512 BW
 }
 
 std::string get_tl() { return tl_name(g_tl); }
@@ -339,12 +346,12 @@ std::string set_tl(const std::string& name) {
 // What gemm() runs for an M-row x under the current ISA: the table-lookup kernel's name, or "".
 std::string tl_in_use(int64_t M) {
   const TlKernel* tk = M >= 1 && M <= kTlMaxRows ? tl_kernel_for(g_isa) : nullptr;
-  return tk == &gsq_tl_avx512 ? "avx512" : tk == &gsq_tl_avx2 ? "avx2" : "";
+  return tk == &gsq_tl_avx512vbmi ? "avx512vbmi" : tk == &gsq_tl_avx512 ? "avx512" : tk == &gsq_tl_avx2 ? "avx2" : "";
 }
 
 std::vector<std::string> supported_tl() {
   std::vector<std::string> out;
-  for (TlMode t : {TlMode::kAvx2, TlMode::kAvx512})
+  for (TlMode t : {TlMode::kAvx2, TlMode::kAvx512, TlMode::kAvx512Vbmi})
     if (tl_supported(t)) out.push_back(tl_name(t));
   return out;
 }
@@ -798,7 +805,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &get_isa, "the kernel in use (see supported_isas)");
   m.def("set_isa", &set_isa, "use this kernel from now on (must be supported here); returns the previous one");
   m.def("supported_isas", &supported_isas, "the kernels this CPU can run");
-  m.def("tl", &get_tl, "the table-lookup decode kernels' setting: auto, off, avx2 or avx512 (GSQ_CPU_TL)");
+  m.def("tl", &get_tl, "the table-lookup decode kernels' setting: auto, off, avx2, avx512 or avx512vbmi (GSQ_CPU_TL)");
   m.def("set_tl", &set_tl, "use this table-lookup setting from now on; returns the previous one");
   m.def("supported_tl", &supported_tl, "the table-lookup kernels this CPU can run");
   m.def("tl_in_use", &tl_in_use, "the table-lookup kernel gemm() runs for M rows of x now ('' for none)", py::arg("m") = 1);

@@ -23,6 +23,8 @@ struct V {
     __m256 a, b;  // output rows 0..7, 8..15
   };
   static constexpr int L = 2, W = 32;
+  static constexpr int kNib1 = 16 * L;  // tl_kernel.h's layout: a step's L lanes' tables per nibble
+  static inline int64_t table_offset(int64_t o) { return (o / W) * 32 * W + (o % 16) * 32 * L + ((o % W) / 16) * 16; }
   static inline B loadu(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
   static inline void store(void* p, B v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
   static inline B zero() { return _mm256_setzero_si256(); }

@@ -22,6 +22,8 @@ struct V {
   using B = __m512i;
   using FR = __m512;  // output rows 0..15
   static constexpr int L = 4, W = 64;
+  static constexpr int kNib1 = 16 * L;  // tl_kernel.h's layout: a step's L lanes' tables per nibble
+  static inline int64_t table_offset(int64_t o) { return (o / W) * 32 * W + (o % 16) * 32 * L + ((o % W) / 16) * 16; }
   static inline B loadu(const void* p) { return _mm512_loadu_si512(p); }
   static inline void store(void* p, B v) { _mm512_storeu_si512(p, v); }
   static inline B zero() { return _mm512_setzero_si512(); }

@@ -37,40 +37,7 @@
 
 #include "tl_args.h"
 
-// Where the two tables (nibble 0, then nibble 1 at +16 L) of stream byte o start in a plane's
-// tables: super-chunk o / W, then the step t = o % 16 (32 L bytes: the L lanes' tables per nibble),
-// then the lane l = (o % W) / 16.
-static inline int64_t tl_table_offset(int64_t o) {
-  constexpr int W = V::W, L = V::L;
-  return (o / W) * 32 * W + (o % 16) * 32 * L + ((o % W) / 16) * 16;
-}
-
-template <int G, bool Three>
-static void tl_build(const float* x, int64_t M, int64_t NG, int8_t* tables, float* ta, int64_t rtb) {
-  constexpr int Q = G / 4, L = V::L;
-  const int64_t K = NG * G;
-  const int64_t lo_bytes = (K / 4 + V::W - 1) / V::W * 32 * V::W;
-  for (int64_t m = 0; m < M; ++m) {
-    int8_t* tm = tables + m * rtb;
-    for (int64_t g = 0; g < NG; ++g) {
-      const float* xg = x + m * K + g * G;
-      const float amax4 = 4.f * V::absmax(xg, G);
-      const float inv = amax4 > 0.f ? 127.f / amax4 : 0.f;  // int8_scale's rounding (gsq_cpu_gemm.cpp)
-      ta[m * NG + g] = amax4 / 127.f;
-      for (int j = 0; j < Q; ++j) {
-        int8_t* d = tm + tl_table_offset(g * Q + j);
-        V::entries2(xg[j], xg[j + Q], inv, d);
-        V::entries2(xg[j + 2 * Q], xg[j + 3 * Q], inv, d + 16 * L);
-      }
-      if constexpr (Three)
-        for (int e = 0; e < Q / 2; ++e) {
-          int8_t* d = tm + lo_bytes + tl_table_offset(g * (Q / 2) + e);
-          V::entries4(xg + 8 * e, inv, d);
-          V::entries4(xg + 8 * e + 4, inv, d + 16 * L);
-        }
-    }
-  }
-}
+#include "tl_build.h"
 
 // r[i] = row i's W bytes -> out[t] = byte 16 l + t of rows 0..15 in lane l (row r at byte r).
 static inline void tl_transpose16(const typename V::B r[16], uint8_t (*out)[V::W]) {
@@ -114,6 +81,7 @@ static inline void tl_plane(const TlArgs& a, const uint8_t* const rows[16], int6
   constexpr int W = V::W, L = V::L, F = Bg < 16 ? Bg : 16;  // steps between flushes: one group per lane
   const B low4 = V::set1_8(0x0f), mult = V::set1_8(Mult);
   alignas(64) uint8_t tr[16][W];
+  const int64_t rtb = a.row_table_bytes;  // a local: a's fields are not reloaded per lookup
   // The next tile's 16 rows of this plane are one contiguous block of 16 P bytes: prefetched in
   // equal slices, one per super-chunk, so memory sees one linear stream instead of 16 interleaved
   // ones (prefetches never fault: the last tile's slices past the plane are harmless).
@@ -134,16 +102,16 @@ static inline void tl_plane(const TlArgs& a, const uint8_t* const rows[16], int6
       }
     }
     tl_transpose16(r, tr);
-    const int8_t* tc = tbase + (off / W) * 32 * W;
+    const int8_t* tm0[R];  // this super-chunk's tables of each row of x
+    for (int m = 0; m < R; ++m) tm0[m] = tbase + m * rtb + (off / W) * 32 * W;
     for (int tw = 0; tw < 16 && tw < valid; tw += F) {
       B acc_a[R], acc_b[R];  // int16 sums per (lane, row): rows 0..7, rows 8..15
       for (int m = 0; m < R; ++m) acc_a[m] = acc_b[m] = V::zero();
       for (int t = tw; t < tw + F; ++t) {
         const B v = V::loadu(tr[t]);
         const B il = V::and_(v, low4), ih = V::and_(V::srli4(v), low4);
-        const int8_t* tt = tc + t * 32 * L;
         for (int m = 0; m < R; ++m) {
-          const int8_t* tm = tt + m * a.row_table_bytes;
+          const int8_t* tm = tm0[m] + t * 32 * L;
           const B rl = V::shuffle(V::loadu(tm), il), rh = V::shuffle(V::loadu(tm + 16 * L), ih);
           acc_a[m] = V::add16(acc_a[m], V::maddubs(mult, V::unpacklo8(rl, rh)));
           acc_b[m] = V::add16(acc_b[m], V::maddubs(mult, V::unpackhi8(rl, rh)));
@@ -207,9 +175,3 @@ static void tl_rows_entry(const TlArgs& a, int64_t n0, int64_t n1) {
   });
 }
 
-static void tl_build_entry(const float* x, int64_t M, int64_t NG, int G, int bits, int8_t* tables, float* ta,
-                           int64_t rtb) {
-  with_layout(G, bits, [&](auto g, auto three) {
-    tl_build<decltype(g)::value, decltype(three)::value>(x, M, NG, tables, ta, rtb);
-  });
-}

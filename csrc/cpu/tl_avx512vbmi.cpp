@@ -1,0 +1,206 @@
+// The table-lookup decode kernel (tables and rounding: tl_kernel.h; built by tl_build.h) for AVX-512
+// with VBMI and VNNI (Ice Lake, Zen 4 on): a layout that needs neither unpacking nor lane juggling.
+//
+// Per super-chunk of 64 stream bytes, the tile's 16 rows are transposed as 16 x 16 dwords (4 stages
+// of vpermt2d), so vector d holds bytes 4d..4d+3 of every row, row r in dword r. The four bytes of a
+// dword are four different tables; vpermb (a 64-byte table, 6-bit index) serves all four at once:
+// the index is the nibble | (byte % 4) << 4 (one vpternlogd), the register the four tables of those
+// bytes. vpdpbusd then sums each dword's four looked-up bytes (x1 lo plane, x2 hi plane) into the
+// row's int32 sum: per 64 codes of 16 rows, 2 vpermb + 2 vpdpbusd per row of x, against
+// tl_kernel.h's 2 vpshufb + 2 unpacks + 2 vpmaddubsw + 2 adds; the group's int32 sums are converted
+// and scaled once per group (s[n, g] * a[m, g], one FMA per 16 rows).
+// Compiled for these extensions whatever the build machine is; the dispatcher calls it only when
+// cpuid reports them.
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "gemm_args.h"  // outside the namespace: one set of argument types for every file
+#include "tl_args.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vnni,avx2,fma")
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on its own _mm512_undefined_* in the intrinsics
+#include <immintrin.h>
+
+namespace gsq_tlk_avx512vbmi {
+
+#include "kernel_common.h"
+
+struct V {
+  static constexpr int L = 4, W = 64;
+  // Stream byte o: its dword o / 4 has 128 table bytes, the four low-nibble tables (byte o % 4's at
+  // 16 (o % 4)), then the four high-nibble ones: one vpermb register each.
+  static constexpr int kNib1 = 64;
+  static inline int64_t table_offset(int64_t o) { return (o / 4) * 128 + (o % 4) * 16; }
+  static inline float absmax(const float* x, int n) {  // n a multiple of 16
+    __m512 m = _mm512_setzero_ps();
+    for (int k = 0; k < n; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+    return _mm512_reduce_max_ps(m);
+  }
+  static inline void store_q(int8_t* d, __m512 e, float inv) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(e, _mm512_set1_ps(inv)))));
+  }
+  static inline void entries2(float xa, float xb, float inv, int8_t* d) {
+    store_q(d, _mm512_add_ps(_mm512_mul_ps(_mm512_load_ps(kTlCoefA), _mm512_set1_ps(xa)),
+                             _mm512_mul_ps(_mm512_load_ps(kTlCoefB), _mm512_set1_ps(xb))), inv);
+  }
+  static inline void entries4(const float* x, float inv, int8_t* d) {
+    __m512 e = _mm512_mul_ps(_mm512_load_ps(kTlSign[0]), _mm512_set1_ps(x[0]));
+    for (int i = 1; i < 4; ++i) e = _mm512_add_ps(e, _mm512_mul_ps(_mm512_load_ps(kTlSign[i]), _mm512_set1_ps(x[i])));
+    store_q(d, e, inv);
+  }
+};
+
+#include "tl_build.h"
+
+// vpermt2d indices of the transpose's stage s (swap bit s of the row with bit s of the dword):
+// the vector with bit s clear keeps its dwords with bit s clear and takes the partner's others.
+struct TransposeIdx {
+  alignas(64) int32_t keep0[4][16], keep1[4][16];
+  constexpr TransposeIdx() : keep0(), keep1() {
+    for (int s = 0; s < 4; ++s)
+      for (int d = 0; d < 16; ++d) {
+        const int b = 1 << s;
+        keep0[s][d] = (d & b) ? 16 + (d ^ b) : d;
+        keep1[s][d] = (d & b) ? 16 + d : (d ^ b);
+      }
+  }
+};
+static constexpr TransposeIdx kIdx;
+
+static inline void transpose16(__m512i r[16]) {
+#pragma GCC unroll 4
+  for (int s = 0; s < 4; ++s) {
+    const int b = 1 << s;
+    const __m512i i0 = _mm512_load_si512(kIdx.keep0[s]), i1 = _mm512_load_si512(kIdx.keep1[s]);
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i)
+      if ((i & b) == 0) {
+        const __m512i A = r[i], B = r[i | b];
+        r[i] = _mm512_permutex2var_epi32(A, i0, B);
+        r[i | b] = _mm512_permutex2var_epi32(A, i1, B);
+      }
+  }
+}
+
+static inline __m512 scales16(const TlArgs& a, const int32_t* sidx, int64_t g, bool scalar) {  // as tl_avx512.cpp's
+  const __m512i idx = _mm512_add_epi32(_mm512_load_si512(sidx), _mm512_set1_epi32(static_cast<int>(g)));
+  if (!a.scales_bf16) return _mm512_i32gather_ps(idx, a.scales, 4);
+  if (scalar) {
+    alignas(64) float t[16];
+    for (int r = 0; r < 16; ++r) t[r] = bf16_to_float(static_cast<const uint16_t*>(a.scales)[sidx[r] + g]);
+    return _mm512_load_ps(t);
+  }
+  const __m512i w = _mm512_i32gather_epi32(idx, static_cast<const char*>(a.scales) - 2, 2);
+  return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// One plane (P stream bytes per row, Bg per group, lookups weighted Mult) of the tile into facc.
+template <int Bg, int Mult, int R>
+static inline void plane(const TlArgs& a, const uint8_t* const rows[16], int64_t P, const int8_t* tbase,
+                         const int32_t sidx[16], bool first_tile, const uint8_t* next, __m512 facc[R]) {
+  constexpr int F = Bg / 4;  // vectors (dwords of the rows) per group
+  constexpr int C = R == 1 && F >= 2 ? 4 : 2;
+  const __m512i low4 = _mm512_set1_epi8(0x0f), pat = _mm512_set1_epi32(0x30201000), mult = _mm512_set1_epi8(Mult);
+  const int64_t slice = (16 * P / ((P + 63) / 64) + 63) / 64 * 64;  // next tile's prefetch, as tl_kernel.h
+  const int64_t rtb = a.row_table_bytes, NG = a.NG;  // locals: a's fields are not reloaded per lookup
+  float ta[R];
+  for (int64_t off = 0; off < P; off += 64) {
+    const int64_t valid = P - off < 64 ? P - off : 64;  // a multiple of Bg (P is NG * Bg, Bg divides 64)
+    if (next != nullptr)
+      for (int64_t b = 0; b < slice; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(next + (off / 64) * slice + b), _MM_HINT_T1);
+    __m512i r[16];
+    if (valid == 64) {
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(rows[i] + off);
+    } else {
+      const __mmask64 k = (~0ull) >> (64 - valid);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_epi8(k, rows[i] + off);
+    }
+    transpose16(r);
+    const int8_t* tm0[R];  // this super-chunk's tables of each row of x
+    for (int m = 0; m < R; ++m) tm0[m] = tbase + m * rtb + (off / 4) * 128;
+#pragma GCC unroll 16
+    for (int d0 = 0; d0 < 16; d0 += F) {
+      if (4 * d0 >= valid) break;
+      // C independent vpdpbusd chains per row of x (its latency, not its throughput, bounds one chain)
+      __m512i acc[R][C];
+      for (int m = 0; m < R; ++m)
+        for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int d = d0; d < d0 + F; ++d) {
+        const __m512i il = _mm512_ternarylogic_epi32(r[d], low4, pat, 0xEA);  // (v & 0x0f) | (byte % 4) << 4
+        const __m512i ih = _mm512_ternarylogic_epi32(_mm512_srli_epi16(r[d], 4), low4, pat, 0xEA);
+        constexpr int H = C / 2;
+        for (int m = 0; m < R; ++m) {
+          const int8_t* tm = tm0[m] + d * 128;
+          __m512i& al = acc[m][2 * (d % H)];
+          __m512i& ah = acc[m][2 * (d % H) + 1];
+          al = _mm512_dpbusd_epi32(al, mult, _mm512_permutexvar_epi8(il, _mm512_loadu_si512(tm)));
+          ah = _mm512_dpbusd_epi32(ah, mult, _mm512_permutexvar_epi8(ih, _mm512_loadu_si512(tm + 64)));
+        }
+      }
+      for (int m = 0; m < R; ++m)
+        for (int c = 1; c < C; ++c) acc[m][0] = _mm512_add_epi32(acc[m][0], acc[m][c]);
+      const int64_t g = (off + 4 * d0) / Bg;
+      const __m512 s = scales16(a, sidx, g, first_tile && g == 0);
+      for (int m = 0; m < R; ++m) ta[m] = a.ta[m * NG + g];
+      for (int m = 0; m < R; ++m)
+        facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][0]), _mm512_mul_ps(s, _mm512_set1_ps(ta[m])), facc[m]);
+    }
+  }
+}
+
+template <int G, bool Three, int R>
+static void tile(const TlArgs& a, int64_t n0, int64_t nrows) {
+  constexpr int Q = G / 4;
+  const int64_t K = a.NG * G;
+  const uint8_t* lo_rows[16];
+  const uint8_t* hi_rows[16];
+  alignas(64) int32_t sidx[16];
+  for (int r = 0; r < 16; ++r) {  // rows past N repeat the last one (their sums are not stored)
+    const int64_t n = n0 + (r < nrows ? r : nrows - 1);
+    lo_rows[r] = a.lo + n * a.NG * Q;
+    hi_rows[r] = Three ? a.hi + n * a.NG * (Q / 2) : nullptr;
+    sidx[r] = static_cast<int32_t>(n * a.NG);
+  }
+  __m512 facc[R];
+  for (int m = 0; m < R; ++m) facc[m] = _mm512_setzero_ps();
+  const bool more = n0 + 16 < a.N;
+  plane<Q, 1, R>(a, lo_rows, K / 4, a.tables, sidx, n0 == 0, more ? a.lo + (n0 + 16) * (K / 4) : nullptr, facc);
+  if constexpr (Three) {
+    const int64_t lo_bytes = (K / 4 + 63) / 64 * 32 * 64;
+    plane<Q / 2, 2, R>(a, hi_rows, K / 8, a.tables + lo_bytes, sidx, n0 == 0, more ? a.hi + (n0 + 16) * (K / 8) : nullptr, facc);
+  }
+  float* y = static_cast<float*>(a.y);
+  for (int m = 0; m < R; ++m) {
+    alignas(64) float out[16];
+    _mm512_store_ps(out, facc[m]);
+    for (int64_t r = 0; r < nrows; ++r) y[m * a.N + n0 + r] = out[r];
+  }
+}
+
+static void rows_entry(const TlArgs& a, int64_t n0, int64_t n1) {
+  with_layout(a.G, a.bits, [&](auto g, auto three) {
+    constexpr int G = decltype(g)::value;
+    constexpr bool Three = decltype(three)::value;
+    auto run = [&](auto r) {
+      for (int64_t n = n0; n < n1; n += 16) tile<G, Three, decltype(r)::value>(a, n, n1 - n < 16 ? n1 - n : 16);
+    };
+    switch (a.M) {
+      case 1: run(std::integral_constant<int, 1>{}); break;
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      case 3: run(std::integral_constant<int, 3>{}); break;
+      default: run(std::integral_constant<int, 4>{}); break;
+    }
+  });
+}
+
+}  // namespace gsq_tlk_avx512vbmi
+
+TlKernel gsq_tl_avx512vbmi = {gsq_tlk_avx512vbmi::V::W, &gsq_tlk_avx512vbmi::tl_build_entry, &gsq_tlk_avx512vbmi::rows_entry};
+
+#pragma GCC pop_options

@@ -1,0 +1,47 @@
+// The table build of the table-lookup decode kernels (tl_kernel.h states the tables and their
+// rounding), over the vector traits V of the file that includes it: V::entries2 / entries4 write
+// one 16-entry table, V::table_offset(o) says where stream byte o's two tables go (the layout is
+// the kernel's: tl_kernel.h's for vpshufb, tl_avx512vbmi.cpp's for vpermb), V::kNib1 where the
+// second (high nibble's) table is from the first.
+#pragma once
+
+#include <cstdint>
+
+// Where the two tables (nibble 0, then nibble 1 at +16 L) of stream byte o start in a plane's
+// tables: super-chunk o / W, then the step t = o % 16 (32 L bytes: the L lanes' tables per nibble),
+// then the lane l = (o % W) / 16.
+static inline int64_t tl_table_offset(int64_t o) { return V::table_offset(o); }
+
+template <int G, bool Three>
+static void tl_build(const float* x, int64_t M, int64_t NG, int8_t* tables, float* ta, int64_t rtb) {
+  constexpr int Q = G / 4;
+  const int64_t K = NG * G;
+  const int64_t lo_bytes = (K / 4 + V::W - 1) / V::W * 32 * V::W;
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* tm = tables + m * rtb;
+    for (int64_t g = 0; g < NG; ++g) {
+      const float* xg = x + m * K + g * G;
+      const float amax4 = 4.f * V::absmax(xg, G);
+      const float inv = amax4 > 0.f ? 127.f / amax4 : 0.f;  // int8_scale's rounding (gsq_cpu_gemm.cpp)
+      ta[m * NG + g] = amax4 / 127.f;
+      for (int j = 0; j < Q; ++j) {
+        int8_t* d = tm + tl_table_offset(g * Q + j);
+        V::entries2(xg[j], xg[j + Q], inv, d);
+        V::entries2(xg[j + 2 * Q], xg[j + 3 * Q], inv, d + V::kNib1);
+      }
+      if constexpr (Three)
+        for (int e = 0; e < Q / 2; ++e) {
+          int8_t* d = tm + lo_bytes + tl_table_offset(g * (Q / 2) + e);
+          V::entries4(xg + 8 * e, inv, d);
+          V::entries4(xg + 8 * e + 4, inv, d + V::kNib1);
+        }
+    }
+  }
+}
+
+static void tl_build_entry(const float* x, int64_t M, int64_t NG, int G, int bits, int8_t* tables, float* ta,
+                           int64_t rtb) {
+  with_layout(G, bits, [&](auto g, auto three) {
+    tl_build<decltype(g)::value, decltype(three)::value>(x, M, NG, tables, ta, rtb);
+  });
+}
