@@ -20,6 +20,15 @@ M = 1 kernel streams its packed weight + scales at, against the machine's memory
 (measured here as the best of a few large ``torch.Tensor.copy_`` calls: bytes read + written).
 
     python -m benchmarks.bench_cpu_gemm [--threads 2] [--json benchmarks/results/bench_cpu_gemm.json]
+
+``--tl``: the table-lookup decode kernels (csrc/cpu/tl_kernel.h) against the old fused kernels, side by
+side in one process, at M = 1 and 4, 2 and 3 bits, on SmolLM2-135M's, Llama-3.1-8B's and
+Llama-3.1-70B's linears (``TL_SHAPES``): ``old`` is the fused kernel of the ISA in use with the tables
+off, ``old_avx2`` the AVX2 one (what an AVX2-only machine runs), then every table-lookup variant and
+``auto`` (what the op picks). Also a copy and a read bandwidth over 512 MiB (16x a 32 MiB L3), on the
+same threads, and per layer the fraction of each the M = 1 kernels stream their packed codes + scales at.
+
+    python -m benchmarks.bench_cpu_gemm --tl --threads 1 --json benchmarks/results/bench_cpu_gemm_tl_avx512_epyc_1t.json
 """
 
 from __future__ import annotations
@@ -60,6 +69,76 @@ def memory_bandwidth_gbs(mib: int = 1024) -> float:
     return 2 * a.numel() / best / 1e9
 
 
+# (model, layer, N, K) as vLLM fuses them (qkv, gate_up), for the --tl comparison.
+TL_SHAPES = [
+    ("smollm2-135m", "qkv", 960, 576), ("smollm2-135m", "o", 576, 576), ("smollm2-135m", "gate_up", 3072, 576),
+    ("smollm2-135m", "down", 576, 1536),
+    ("llama-8b", "qkv", 6144, 4096), ("llama-8b", "o", 4096, 4096), ("llama-8b", "gate_up", 28672, 4096),
+    ("llama-8b", "down", 4096, 14336),
+    ("llama-70b", "qkv", 10240, 8192), ("llama-70b", "o", 8192, 8192), ("llama-70b", "up", 28672, 8192),
+    ("llama-70b", "down", 8192, 28672),
+]
+
+
+def read_bandwidth_gbs(mib: int = 512) -> float:
+    """Best of 5 sums of a ``mib`` MiB buffer (as int64: memory-bound on one thread): bytes read / time, GB/s."""
+    a = torch.ones(mib * 2**20 // 8, dtype=torch.int64)
+    best = min(median_seconds(lambda: a.sum(), 1) for _ in range(5))
+    return 8 * a.numel() / best / 1e9
+
+
+def tl_main(args) -> None:
+    """Old fused kernels vs the table-lookup ones, one process (module doc, --tl)."""
+    G = args.group_size
+    cpp = cg._cpp
+    isa = cg.cpu_isa()
+    variants = cpp.supported_tl()
+    tl_before = cpp.set_tl("auto")
+    copy_bw, read_bw = memory_bandwidth_gbs(512), read_bandwidth_gbs(512)
+    print(f"threads {args.threads}; kernel {isa}, table-lookup variants {', '.join(variants)} (auto: "
+          f"{cpp.tl_in_use(1)}); copy bandwidth {copy_bw:.1f} GB/s (read + write), read {read_bw:.1f} GB/s")
+    cols = ["old", "old_avx2", *(f"tl_{v}" for v in variants), "auto"]
+    print(f"{'model':<13}{'layer':<8}{'N':>6}{'K':>6}{'b':>2}{'M':>2}" + "".join(f"{c:>12}" for c in cols)
+          + f"{'old/tl':>8}{'tl GB/s':>9}{'copy%':>6}{'read%':>6}")
+    rows = []
+    ms = [m for m in args.ms if m <= cpp.TL_MAX_ROWS] if args.ms != MS else [1, 4]
+    for model, layer, n, k in TL_SHAPES:
+        if args.layers and layer not in args.layers and model not in args.layers:
+            continue
+        for bits in (2, 3):
+            lo, hi, s, nbytes = _quantized(n, k, bits, G)
+            reps = max(5, args.reps // 6) if n * k >= 2**26 else args.reps
+            for m in ms:
+                x = torch.randn(m, k, dtype=torch.bfloat16)
+                row = {"model": model, "layer": layer, "N": n, "K": k, "bits": bits, "M": m, "group_size": G,
+                       "threads": args.threads, "weight_bytes": nbytes}
+                gemm = lambda: cpp.gemm(x, lo, hi, s, bits, G)  # noqa: E731
+                cpp.set_tl("off")
+                row["old_us"] = 1e6 * median_seconds(gemm, reps)
+                cpp.set_isa("avx2")
+                row["old_avx2_us"] = 1e6 * median_seconds(gemm, reps)
+                cpp.set_isa(isa)
+                for v in variants:
+                    cpp.set_tl(v)
+                    row[f"tl_{v}_us"] = 1e6 * median_seconds(gemm, reps)
+                cpp.set_tl("auto")
+                row["auto_tl"] = cpp.tl_in_use(m)
+                row["auto_us"] = 1e6 * median_seconds(lambda: torch.ops.gsq.cpu_gemm(x, lo, hi, s, bits, G), reps)
+                best = min(row[f"tl_{v}_us"] for v in variants)
+                row["tl_best_gbs"] = nbytes / best / 1e3
+                row["tl_copy_fraction"] = row["tl_best_gbs"] / copy_bw
+                row["tl_read_fraction"] = row["tl_best_gbs"] / read_bw
+                row["old_gbs"] = nbytes / row["old_us"] / 1e3
+                rows.append(row)
+                print(f"{model:<13}{layer:<8}{n:>6}{k:>6}{bits:>2}{m:>2}" + "".join(f"{row[c + '_us']:>12.1f}" for c in cols)
+                      + f"{row['old_us'] / best:>7.2f}x{row['tl_best_gbs']:>9.1f}{row['tl_copy_fraction']:>6.0%}{row['tl_read_fraction']:>6.0%}",
+                      flush=True)
+    cpp.set_tl(tl_before)
+    machine = machine_info(isas=cpp.supported_isas(), isa_in_use=isa, tl_variants=variants, tl_auto=cpp.tl_in_use(1),
+                           copy_bandwidth_gbs=copy_bw, read_bandwidth_gbs=read_bw, torch=torch.__version__)
+    write_json({"machine": machine, "note": args.note, "tl_max_rows": cpp.TL_MAX_ROWS, "rows": rows}, args.json)
+
+
 def _quantized(n: int, k: int, bits: int, g: int):
     lo_q, hi_q = grid_range(bits)
     codes = torch.randint(lo_q, hi_q + 1, (n, k), dtype=torch.int8)
@@ -75,6 +154,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-big", action="store_true", help="skip the larger-than-cache layer")
     p.add_argument("--layers", nargs="+", metavar="NAME", help="only these layers (default: all), e.g. lm_head")
     p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
+    p.add_argument("--tl", action="store_true", help="old fused kernels vs the table-lookup ones (module doc)")
+    p.add_argument("--note", default="", help="--tl: a note kept in the JSON (e.g. that the machine was shared)")
     add_common_args(p, "benchmarks/results/bench_cpu_gemm.json", threads=os.cpu_count())
     args = p.parse_args(argv)
     G = args.group_size
@@ -82,6 +163,8 @@ def main(argv=None) -> None:
         raise SystemExit("bench_cpu_gemm: gsq_vllm._C_cpu is not built: pip install --no-build-isolation -e . first")
     torch.set_num_threads(args.threads)
     torch.randn(64, 64, dtype=torch.bfloat16) @ torch.randn(64, 64, dtype=torch.bfloat16)  # oneDNN init
+    if args.tl:
+        return tl_main(args)
     isas = cg._cpp.supported_isas()
     default_isa = cg.cpu_isa()
     bw = memory_bandwidth_gbs()

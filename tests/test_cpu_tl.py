@@ -179,3 +179,57 @@ def test_gsq_cpu_tl_environment_variable():
     assert r.returncode == 0 and r.stdout.split() == ["auto", "''"], r.stderr
     r = _python(code, GSQ_CPU_TL="avx3000")
     assert r.returncode != 0 and "GSQ_CPU_TL=avx3000: must be auto, off, avx2, avx512 or avx512vbmi" in r.stderr
+
+
+_GUARDED = r'''
+import ctypes, mmap, torch
+from gsq_format import format as F
+from gsq_vllm import cpu_gemm as C
+libc = ctypes.CDLL(None)
+PAGE = mmap.PAGESIZE
+keep = []
+
+def guarded(t, at_end):
+    """A copy of t in a mapping whose pages before and after are PROT_NONE: at its end or start."""
+    raw = t.contiguous().view(torch.uint8).flatten()
+    n = raw.numel()
+    total = ((n + PAGE - 1) // PAGE + 2) * PAGE
+    mm = mmap.mmap(-1, total)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    assert libc.mprotect(ctypes.c_void_p(addr), PAGE, 0) == 0
+    assert libc.mprotect(ctypes.c_void_p(addr + total - PAGE), PAGE, 0) == 0
+    keep.append(mm)
+    off = total - PAGE - n if at_end else PAGE
+    g = torch.frombuffer(mm, dtype=torch.uint8, count=n, offset=off)
+    g.copy_(raw)
+    return g.view(t.dtype).view(t.shape)
+
+for tl in C._cpp.supported_tl():
+    C._cpp.set_tl(tl)
+    for bits in (2, 3):
+        for g in (32, 64, 128):
+            n, k = 37, 7 * g
+            qmin, qmax = F.grid_range(bits)
+            q = torch.randint(qmin, qmax + 1, (n, k), dtype=torch.int8)
+            s = (torch.rand(n, k // g) * 0.1 + 0.01).to(torch.bfloat16)
+            lo, hi = C.repack_for_cpu(F.pack_codes(q, bits), bits, g)
+            x = torch.randn(4, k)
+            want = C._cpp.gemm(x, lo, hi, s, bits, g)
+            for at_end in (True, False):
+                lo_g = guarded(lo, at_end)
+                hi_g = guarded(hi, at_end) if bits == 3 else hi
+                for sc in (s, s.float()):
+                    got = C._cpp.gemm(x, lo_g, hi_g, guarded(sc, not at_end), bits, g)
+                    assert torch.equal(got, C._cpp.gemm(x, lo, hi, sc, bits, g)), (tl, bits, g)
+print("ok")
+'''
+
+
+@pytest.mark.skipif(not TLS or not sys.platform.startswith("linux"), reason="needs a table-lookup kernel and mprotect")
+def test_tl_reads_only_its_planes_and_scales():
+    """Planes ending (and starting) right at a PROT_NONE page, scales starting (and ending) at one:
+    the kernels read no byte outside them (the last tile's rows past N repeat row N-1, a stream's
+    last partial chunk is loaded masked, a bf16 scale is gathered from the 4 bytes that end at it
+    except the tensor's first). A stray read is a SIGSEGV of the child process."""
+    r = _python(_GUARDED, GSQ_CPU_TL="auto")
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
