@@ -80,6 +80,10 @@ struct V {
             _mm256_castsi256_ps(_mm256_and_si256(_mm256_i32gather_epi32(base, i1, 2), hi16))};
   }
 
+  struct ScaleCache {  // tl_kernel.h asks per group; here each is two gathers
+    inline FR get(const TlArgs& a, const int32_t* sidx, int64_t g) { return scales16(a, sidx, g, g == 0 && sidx[0] == 0); }
+  };
+
   // Table build.
   static inline float absmax(const float* x, int n) {  // n a multiple of 8
     const __m256 sign = _mm256_set1_ps(-0.f);

@@ -17,6 +17,7 @@
 namespace gsq_tlk_avx512 {
 
 #include "kernel_common.h"
+#include "tl_avx512_common.h"
 
 struct V {
   using B = __m512i;
@@ -56,19 +57,7 @@ struct V {
     }
     return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_inserti128_si256(_mm256_castsi128_si256(x), y, 1)));
   }
-  // As tl_avx2.cpp's: one gather of 16 scales (bf16: the high half of the word 2 bytes before).
-  static inline FR scales16(const TlArgs& a, const int32_t* sidx, int64_t g, bool scalar) {
-    const __m512i idx = _mm512_add_epi32(_mm512_load_si512(sidx), _mm512_set1_epi32(static_cast<int>(g)));
-    if (!a.scales_bf16) return _mm512_i32gather_ps(idx, a.scales, 4);
-    if (scalar) {
-      alignas(64) float t[16];
-      for (int r = 0; r < 16; ++r) t[r] = bf16_to_float(static_cast<const uint16_t*>(a.scales)[sidx[r] + g]);
-      return _mm512_load_ps(t);
-    }
-    const __m512i w = _mm512_i32gather_epi32(idx, static_cast<const char*>(a.scales) - 2, 2);
-    return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-  }
-
+  using ScaleCache = TlScaleCache;  // tl_avx512_common.h: no gathers
   static inline float absmax(const float* x, int n) {  // n a multiple of 16
     __m512 m = _mm512_setzero_ps();
     for (int k = 0; k < n; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));

@@ -8,7 +8,8 @@
 // bytes. vpdpbusd then sums each dword's four looked-up bytes (x1 lo plane, x2 hi plane) into the
 // row's int32 sum: per 64 codes of 16 rows, 2 vpermb + 2 vpdpbusd per row of x, against
 // tl_kernel.h's 2 vpshufb + 2 unpacks + 2 vpmaddubsw + 2 adds; the group's int32 sums are converted
-// and scaled once per group (s[n, g] * a[m, g], one FMA per 16 rows).
+// and scaled once per group (s[n, g] * a[m, g], one FMA per 16 rows; the scales of 16 groups x 16 rows
+// loaded and transposed once, tl_avx512_common.h).
 // Compiled for these extensions whatever the build machine is; the dispatcher calls it only when
 // cpuid reports them.
 #include <cstdint>
@@ -53,59 +54,19 @@ struct V {
 };
 
 #include "tl_build.h"
-
-// vpermt2d indices of the transpose's stage s (swap bit s of the row with bit s of the dword):
-// the vector with bit s clear keeps its dwords with bit s clear and takes the partner's others.
-struct TransposeIdx {
-  alignas(64) int32_t keep0[4][16], keep1[4][16];
-  constexpr TransposeIdx() : keep0(), keep1() {
-    for (int s = 0; s < 4; ++s)
-      for (int d = 0; d < 16; ++d) {
-        const int b = 1 << s;
-        keep0[s][d] = (d & b) ? 16 + (d ^ b) : d;
-        keep1[s][d] = (d & b) ? 16 + d : (d ^ b);
-      }
-  }
-};
-static constexpr TransposeIdx kIdx;
-
-static inline void transpose16(__m512i r[16]) {
-#pragma GCC unroll 4
-  for (int s = 0; s < 4; ++s) {
-    const int b = 1 << s;
-    const __m512i i0 = _mm512_load_si512(kIdx.keep0[s]), i1 = _mm512_load_si512(kIdx.keep1[s]);
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i)
-      if ((i & b) == 0) {
-        const __m512i A = r[i], B = r[i | b];
-        r[i] = _mm512_permutex2var_epi32(A, i0, B);
-        r[i | b] = _mm512_permutex2var_epi32(A, i1, B);
-      }
-  }
-}
-
-static inline __m512 scales16(const TlArgs& a, const int32_t* sidx, int64_t g, bool scalar) {  // as tl_avx512.cpp's
-  const __m512i idx = _mm512_add_epi32(_mm512_load_si512(sidx), _mm512_set1_epi32(static_cast<int>(g)));
-  if (!a.scales_bf16) return _mm512_i32gather_ps(idx, a.scales, 4);
-  if (scalar) {
-    alignas(64) float t[16];
-    for (int r = 0; r < 16; ++r) t[r] = bf16_to_float(static_cast<const uint16_t*>(a.scales)[sidx[r] + g]);
-    return _mm512_load_ps(t);
-  }
-  const __m512i w = _mm512_i32gather_epi32(idx, static_cast<const char*>(a.scales) - 2, 2);
-  return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-}
+#include "tl_avx512_common.h"
 
 // One plane (P stream bytes per row, Bg per group, lookups weighted Mult) of the tile into facc.
 template <int Bg, int Mult, int R>
 static inline void plane(const TlArgs& a, const uint8_t* const rows[16], int64_t P, const int8_t* tbase,
-                         const int32_t sidx[16], bool first_tile, const uint8_t* next, __m512 facc[R]) {
+                         const int32_t sidx[16], const uint8_t* next, __m512 facc[R]) {
   constexpr int F = Bg / 4;  // vectors (dwords of the rows) per group
   constexpr int C = R == 1 && F >= 2 ? 4 : 2;
   const __m512i low4 = _mm512_set1_epi8(0x0f), pat = _mm512_set1_epi32(0x30201000), mult = _mm512_set1_epi8(Mult);
   const int64_t slice = (16 * P / ((P + 63) / 64) + 63) / 64 * 64;  // next tile's prefetch, as tl_kernel.h
   const int64_t rtb = a.row_table_bytes, NG = a.NG;  // locals: a's fields are not reloaded per lookup
   float ta[R];
+  TlScaleCache scales;
   for (int64_t off = 0; off < P; off += 64) {
     const int64_t valid = P - off < 64 ? P - off : 64;  // a multiple of Bg (P is NG * Bg, Bg divides 64)
     if (next != nullptr)
@@ -120,7 +81,7 @@ static inline void plane(const TlArgs& a, const uint8_t* const rows[16], int64_t
 #pragma GCC unroll 16
       for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_epi8(k, rows[i] + off);
     }
-    transpose16(r);
+    tl_transpose16_epi32(r);
     const int8_t* tm0[R];  // this super-chunk's tables of each row of x
     for (int m = 0; m < R; ++m) tm0[m] = tbase + m * rtb + (off / 4) * 128;
 #pragma GCC unroll 16
@@ -146,7 +107,7 @@ static inline void plane(const TlArgs& a, const uint8_t* const rows[16], int64_t
       for (int m = 0; m < R; ++m)
         for (int c = 1; c < C; ++c) acc[m][0] = _mm512_add_epi32(acc[m][0], acc[m][c]);
       const int64_t g = (off + 4 * d0) / Bg;
-      const __m512 s = scales16(a, sidx, g, first_tile && g == 0);
+      const __m512 s = scales.get(a, sidx, g);
       for (int m = 0; m < R; ++m) ta[m] = a.ta[m * NG + g];
       for (int m = 0; m < R; ++m)
         facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][0]), _mm512_mul_ps(s, _mm512_set1_ps(ta[m])), facc[m]);
@@ -170,10 +131,10 @@ static void tile(const TlArgs& a, int64_t n0, int64_t nrows) {
   __m512 facc[R];
   for (int m = 0; m < R; ++m) facc[m] = _mm512_setzero_ps();
   const bool more = n0 + 16 < a.N;
-  plane<Q, 1, R>(a, lo_rows, K / 4, a.tables, sidx, n0 == 0, more ? a.lo + (n0 + 16) * (K / 4) : nullptr, facc);
+  plane<Q, 1, R>(a, lo_rows, K / 4, a.tables, sidx, more ? a.lo + (n0 + 16) * (K / 4) : nullptr, facc);
   if constexpr (Three) {
     const int64_t lo_bytes = (K / 4 + 63) / 64 * 32 * 64;
-    plane<Q / 2, 2, R>(a, hi_rows, K / 8, a.tables + lo_bytes, sidx, n0 == 0, more ? a.hi + (n0 + 16) * (K / 8) : nullptr, facc);
+    plane<Q / 2, 2, R>(a, hi_rows, K / 8, a.tables + lo_bytes, sidx, more ? a.hi + (n0 + 16) * (K / 8) : nullptr, facc);
   }
   float* y = static_cast<float*>(a.y);
   for (int m = 0; m < R; ++m) {

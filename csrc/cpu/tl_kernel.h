@@ -76,11 +76,12 @@ constexpr int kTlPrefetch = TL_PREFETCH;  // bytes ahead in each row's stream (p
 
 template <int Bg, int Mult, int R>
 static inline void tl_plane(const TlArgs& a, const uint8_t* const rows[16], int64_t P, const int8_t* tbase,
-                            const int32_t sidx[16], bool first_tile, const uint8_t* next, typename V::FR facc[R]) {
+                            const int32_t sidx[16], const uint8_t* next, typename V::FR facc[R]) {
   using B = typename V::B;
   constexpr int W = V::W, L = V::L, F = Bg < 16 ? Bg : 16;  // steps between flushes: one group per lane
   const B low4 = V::set1_8(0x0f), mult = V::set1_8(Mult);
   alignas(64) uint8_t tr[16][W];
+  typename V::ScaleCache scales;
   const int64_t rtb = a.row_table_bytes;  // a local: a's fields are not reloaded per lookup
   // The next tile's 16 rows of this plane are one contiguous block of 16 P bytes: prefetched in
   // equal slices, one per super-chunk, so memory sees one linear stream instead of 16 interleaved
@@ -121,7 +122,7 @@ static inline void tl_plane(const TlArgs& a, const uint8_t* const rows[16], int6
         const int64_t o = off + 16 * l + tw;
         if (o >= P) break;
         const int64_t g = o / Bg;
-        const typename V::FR s = V::scales16(a, sidx, g, first_tile && g == 0);
+        const typename V::FR s = scales.get(a, sidx, g);
         for (int m = 0; m < R; ++m)
           facc[m] = V::fr_fma(V::lane_rows(acc_a[m], acc_b[m], l), V::fr_mul(s, a.ta[m * a.NG + g]), facc[m]);
       }
@@ -145,10 +146,10 @@ static void tl_tile(const TlArgs& a, int64_t n0, int64_t nrows) {
   typename V::FR facc[R];
   for (int m = 0; m < R; ++m) facc[m] = V::fr_zero();
   const bool more = n0 + 16 < a.N;
-  tl_plane<Q, 1, R>(a, lo_rows, K / 4, a.tables, sidx, n0 == 0, more ? a.lo + (n0 + 16) * (K / 4) : nullptr, facc);
+  tl_plane<Q, 1, R>(a, lo_rows, K / 4, a.tables, sidx, more ? a.lo + (n0 + 16) * (K / 4) : nullptr, facc);
   if constexpr (Three) {
     const int64_t lo_bytes = (K / 4 + V::W - 1) / V::W * 32 * V::W;
-    tl_plane<Q / 2, 2, R>(a, hi_rows, K / 8, a.tables + lo_bytes, sidx, n0 == 0,
+    tl_plane<Q / 2, 2, R>(a, hi_rows, K / 8, a.tables + lo_bytes, sidx,
                           more ? a.hi + (n0 + 16) * (K / 8) : nullptr, facc);
   }
   float* y = static_cast<float*>(a.y);
