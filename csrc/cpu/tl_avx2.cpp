@@ -59,29 +59,57 @@ struct V {
     const __m128i y = l == 0 ? _mm256_castsi256_si128(bb) : _mm256_extracti128_si256(bb, 1);
     return {_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(x)), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(y))};
   }
-  // s[n, g] of the tile's 16 rows (sidx[r] = n * NG): gathers; a bf16 scale is read as the high
-  // half of the 32-bit word 2 bytes before it, except scale 0 of the tensor (`scalar`).
-  static inline FR scales16(const TlArgs& a, const int32_t* sidx, int64_t g, bool scalar) {
-    const __m256i gi = _mm256_set1_epi32(static_cast<int>(g));
-    const __m256i i0 = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(sidx)), gi);
-    const __m256i i1 = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(sidx + 8)), gi);
-    if (!a.scales_bf16) {
-      const float* s = static_cast<const float*>(a.scales);
-      return {_mm256_i32gather_ps(s, i0, 4), _mm256_i32gather_ps(s, i1, 4)};
+  // s[n, g] of a tile's 16 rows (sidx[r] = n * NG), 8 groups at a time: each row's 8 scales loaded
+  // and widened, then two 8 x 8 transposes, so a group's scales are two aligned loads (as
+  // tl_avx512_common.h; a gather per group is far slower on AMD cores). The last block of a row
+  // (NG not a multiple of 8) is copied scalar: no byte past the tensor is read.
+  struct ScaleCache {
+    alignas(32) float v[8][16];
+    int64_t g0 = -1;
+    static inline void transpose8(__m256i r[8]) {
+      __m256i t[8], u[8];
+      for (int p = 0; p < 4; ++p) {
+        t[2 * p] = _mm256_unpacklo_epi32(r[2 * p], r[2 * p + 1]);
+        t[2 * p + 1] = _mm256_unpackhi_epi32(r[2 * p], r[2 * p + 1]);
+      }
+      for (int h = 0; h < 2; ++h) {  // rows 4h..4h+3: u[4h + d] holds dwords d (low lane), d + 4 (high lane)
+        u[4 * h + 0] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+        u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+        u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+        u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+      }
+      for (int d = 0; d < 4; ++d) {
+        r[d] = _mm256_permute2x128_si256(u[d], u[4 + d], 0x20);
+        r[d + 4] = _mm256_permute2x128_si256(u[d], u[4 + d], 0x31);
+      }
     }
-    if (scalar) {
-      alignas(32) float t[16];
-      for (int r = 0; r < 16; ++r) t[r] = bf16_to_float(static_cast<const uint16_t*>(a.scales)[sidx[r] + g]);
-      return {_mm256_load_ps(t), _mm256_load_ps(t + 8)};
+    inline FR get(const TlArgs& a, const int32_t* sidx, int64_t g) {
+      const int64_t b = g & ~int64_t{7};
+      if (b != g0) {
+        const int64_t cnt = a.NG - b < 8 ? a.NG - b : 8;
+        for (int half = 0; half < 2; ++half) {
+          __m256i r[8];
+          for (int i = 0; i < 8; ++i) {
+            const int64_t at = sidx[8 * half + i] + b;
+            if (cnt == 8 && a.scales_bf16) {
+              const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a.scales) + at));
+              r[i] = _mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16);
+            } else if (cnt == 8) {
+              r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const float*>(a.scales) + at));
+            } else {
+              alignas(32) float t[8] = {};
+              for (int64_t c = 0; c < cnt; ++c)
+                t[c] = a.scales_bf16 ? bf16_to_float(static_cast<const uint16_t*>(a.scales)[at + c]) : static_cast<const float*>(a.scales)[at + c];
+              r[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
+            }
+          }
+          transpose8(r);
+          for (int d = 0; d < 8; ++d) _mm256_store_si256(reinterpret_cast<__m256i*>(v[d] + 8 * half), r[d]);
+        }
+        g0 = b;
+      }
+      return {_mm256_load_ps(v[g - g0]), _mm256_load_ps(v[g - g0] + 8)};
     }
-    const int* base = reinterpret_cast<const int*>(static_cast<const char*>(a.scales) - 2);
-    const __m256i hi16 = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
-    return {_mm256_castsi256_ps(_mm256_and_si256(_mm256_i32gather_epi32(base, i0, 2), hi16)),
-            _mm256_castsi256_ps(_mm256_and_si256(_mm256_i32gather_epi32(base, i1, 2), hi16))};
-  }
-
-  struct ScaleCache {  // tl_kernel.h asks per group; here each is two gathers
-    inline FR get(const TlArgs& a, const int32_t* sidx, int64_t g) { return scales16(a, sidx, g, g == 0 && sidx[0] == 0); }
   };
 
   // Table build.
