@@ -25,7 +25,8 @@ M = 1 kernel streams its packed weight + scales at, against the machine's memory
 side in one process, at M = 1 and 4, 2 and 3 bits, on SmolLM2-135M's, Llama-3.1-8B's and
 Llama-3.1-70B's linears (``TL_SHAPES``): ``old`` is the fused kernel of the ISA in use with the tables
 off, ``old_avx2`` the AVX2 one (what an AVX2-only machine runs), then every table-lookup variant and
-``auto`` (what the op picks). Also a copy and a read bandwidth over 512 MiB (16x a 32 MiB L3), on the
+``auto`` (what the op picks). Each call reads its weight from memory (calls cycle through copies of it
+totalling 128 MiB; ``--warm``: one copy, cached when it fits). Also a copy and a read bandwidth over 512 MiB (16x a 32 MiB L3), on the
 same threads, and per layer the fraction of each the M = 1 kernels stream their packed codes + scales at.
 
     python -m benchmarks.bench_cpu_gemm --tl --threads 1 --json benchmarks/results/bench_cpu_gemm_tl_avx512_epyc_1t.json
@@ -34,6 +35,7 @@ same threads, and per layer the fraction of each the M = 1 kernels stream their 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -107,12 +109,21 @@ def tl_main(args) -> None:
             continue
         for bits in (2, 3):
             lo, hi, s, nbytes = _quantized(n, k, bits, G)
+            # Cold (default): calls cycle through copies of the planes totalling >= 128 MiB (4x a 32 MiB
+            # L3), so every call streams its weight from memory, as each layer of a decode step does;
+            # --warm times one copy again and again (layers under the L3 size then run from cache).
+            copies = 1 if args.warm else max(1, -(-(128 << 20) // nbytes))
+            sets = [(lo, hi, s)] + [(lo.clone(), hi.clone(), s.clone()) for _ in range(copies - 1)]
             reps = max(5, args.reps // 6) if n * k >= 2**26 else args.reps
             for m in ms:
                 x = torch.randn(m, k, dtype=torch.bfloat16)
                 row = {"model": model, "layer": layer, "N": n, "K": k, "bits": bits, "M": m, "group_size": G,
-                       "threads": args.threads, "weight_bytes": nbytes}
-                gemm = lambda: cpp.gemm(x, lo, hi, s, bits, G)  # noqa: E731
+                       "threads": args.threads, "weight_bytes": nbytes, "weight_copies": copies}
+                turn = itertools.cycle(sets)
+
+                def gemm():
+                    lo_, hi_, s_ = next(turn)
+                    return cpp.gemm(x, lo_, hi_, s_, bits, G)
                 cpp.set_tl("off")
                 row["old_us"] = 1e6 * median_seconds(gemm, reps)
                 cpp.set_isa("avx2")
@@ -123,7 +134,7 @@ def tl_main(args) -> None:
                     row[f"tl_{v}_us"] = 1e6 * median_seconds(gemm, reps)
                 cpp.set_tl("auto")
                 row["auto_tl"] = cpp.tl_in_use(m)
-                row["auto_us"] = 1e6 * median_seconds(lambda: torch.ops.gsq.cpu_gemm(x, lo, hi, s, bits, G), reps)
+                row["auto_us"] = 1e6 * median_seconds(lambda: torch.ops.gsq.cpu_gemm(x, *next(turn), bits, G), reps)
                 best = min(row[f"tl_{v}_us"] for v in variants)
                 row["tl_best_gbs"] = nbytes / best / 1e3
                 row["tl_copy_fraction"] = row["tl_best_gbs"] / copy_bw
@@ -155,6 +166,7 @@ def main(argv=None) -> None:
     p.add_argument("--layers", nargs="+", metavar="NAME", help="only these layers (default: all), e.g. lm_head")
     p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     p.add_argument("--tl", action="store_true", help="old fused kernels vs the table-lookup ones (module doc)")
+    p.add_argument("--warm", action="store_true", help="--tl: time one copy of each weight (cached when it fits the L3)")
     p.add_argument("--note", default="", help="--tl: a note kept in the JSON (e.g. that the machine was shared)")
     add_common_args(p, "benchmarks/results/bench_cpu_gemm.json", threads=os.cpu_count())
     args = p.parse_args(argv)

@@ -26,6 +26,10 @@ struct V {
   static constexpr int kNib1 = 16 * L;  // tl_kernel.h's layout: a step's L lanes' tables per nibble
   static inline int64_t table_offset(int64_t o) { return (o / W) * 32 * W + (o % 16) * 32 * L + ((o % W) / 16) * 16; }
   static inline B loadu(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static inline B load_partial(const void* p, int n) {  // n bytes, a multiple of 4; zeros after (vpmaskmovd: no fault past them)
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_epi32(static_cast<const int*>(p), _mm256_cmpgt_epi32(_mm256_set1_epi32(n / 4), lane));
+  }
   static inline void store(void* p, B v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
   static inline B zero() { return _mm256_setzero_si256(); }
   static inline B set1_8(int v) { return _mm256_set1_epi8(static_cast<char>(v)); }

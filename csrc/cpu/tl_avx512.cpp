@@ -26,6 +26,7 @@ struct V {
   static constexpr int kNib1 = 16 * L;  // tl_kernel.h's layout: a step's L lanes' tables per nibble
   static inline int64_t table_offset(int64_t o) { return (o / W) * 32 * W + (o % 16) * 32 * L + ((o % W) / 16) * 16; }
   static inline B loadu(const void* p) { return _mm512_loadu_si512(p); }
+  static inline B load_partial(const void* p, int n) { return _mm512_maskz_loadu_epi8((~0ull) >> (64 - n), p); }
   static inline void store(void* p, B v) { _mm512_storeu_si512(p, v); }
   static inline B zero() { return _mm512_setzero_si512(); }
   static inline B set1_8(int v) { return _mm512_set1_epi8(static_cast<char>(v)); }

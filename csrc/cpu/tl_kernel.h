@@ -95,12 +95,8 @@ static inline void tl_plane(const TlArgs& a, const uint8_t* const rows[16], int6
     B r[16];
     if (valid == W) {
       for (int i = 0; i < 16; ++i) r[i] = V::loadu(rows[i] + off);
-    } else {  // the row's last bytes (K/4 or K/8 not a multiple of W): zeros past them
-      for (int i = 0; i < 16; ++i) {
-        alignas(64) uint8_t tmp[W] = {};
-        std::memcpy(tmp, rows[i] + off, valid);
-        r[i] = V::loadu(tmp);
-      }
+    } else {  // the row's last bytes (K/4 or K/8 not a multiple of W; a multiple of 4): masked loads
+      for (int i = 0; i < 16; ++i) r[i] = V::load_partial(rows[i] + off, static_cast<int>(valid));
     }
     tl_transpose16(r, tr);
     const int8_t* tm0[R];  // this super-chunk's tables of each row of x
