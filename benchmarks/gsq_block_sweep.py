@@ -97,10 +97,11 @@ def main(argv=None) -> None:
     from quantize.gptq import gptq_quantize, refit_scales
     from quantize.gsq import _median_token_norm2, hardened_init, lion_steps, refine_block
     from quantize.models import WeightReader, build_skeleton, prepare_default_model
-    from quantize.pipeline import QuantizeSettings, block_linears
+    from quantize.pipeline import block_linears
+    from quantize.settings import StartSettings
     from benchmarks.results_io import machine_info, write_json
 
-    defaults = QuantizeSettings()  # the pipeline's GPTQ init, from its one source of settings
+XX
     bits = normalize_bits(args.bits)
     model_dir = prepare_default_model()
     tok = AutoTokenizer.from_pretrained(str(model_dir))

@@ -50,25 +50,29 @@ def calib_and_eval_ids(model_dir: Path, nsamples: int, seqlen: int, eval_samples
 
 
 def quantize_config(name, model_dir, calib, out: Path, args) -> tuple[Path, dict]:
+    from quantize.cli import build_parser, settings_from_args
     from quantize.gsq import options_from_spec
-    from quantize.pipeline import BlockPipeline, QuantizeSettings
+    from quantize.pipeline import BlockPipeline
 
     method, bits, scope = name.split("-")
-    bits = float(bits) if "." in bits else int(bits)
     search = "mse" if method == "gptqmse" else "gptq-ref"
     method = "gptq" if method == "gptqmse" else method
-    settings = QuantizeSettings(method=method, bits=bits, group_size=args.group_size,
-                                nsamples=calib.shape[0], seqlen=calib.shape[1], seed=0,
-                                modules_to_not_convert=["self_attn"] if scope == "mlp" else [],
-                                batch_size=8, scale_search=search,  # gsq-quantize's defaults
-                                act_order=args.act_order, true_sequential=args.true_sequential,
-                                refit_scales=args.refit_scales, e2e_epochs=args.e2e_epochs,
-                                gsq_nsamples=args.gsq_nsamples if method == "gsq" else None)
-    opts = options_from_spec(args.gsq) if method == "gsq" else None
+    # gsq-quantize's own settings for this configuration (its defaults for everything not named)
+    argv = ["--model", str(model_dir), "--method", method, "--bits", bits, "--group-size", str(args.group_size),
+            "--nsamples", str(calib.shape[0]), "--seqlen", str(calib.shape[1]), "--seed", "0",
+            "--batch-size", "8", "--scale-search", search, "--e2e-epochs", str(args.e2e_epochs),
+            "--act-order" if args.act_order else "--no-act-order",
+            "--refit-scales" if args.refit_scales else "--no-refit-scales"]
+    argv += ["--skip-attention"] if scope == "mlp" else []
+    argv += ["--true-sequential"] if args.true_sequential else []
+    argv += ["--gsq-nsamples", str(args.gsq_nsamples)] if method == "gsq" else []
+    settings = settings_from_args(build_parser().parse_args(argv))
+    if method == "gsq":
+        settings.gsq.options = options_from_spec(args.gsq)
     ckpt = out / "ckpt" / name
     t0 = time.time()
     if not (ckpt / "config.json").is_file():
-        pipe = BlockPipeline(model_dir, ckpt, settings, gsq_options=opts)
+        pipe = BlockPipeline(model_dir, ckpt, settings)
         pipe.check()
         pipe.run(calib)
     return ckpt, {"quantize_s": round(time.time() - t0, 1)}
@@ -77,14 +81,13 @@ def quantize_config(name, model_dir, calib, out: Path, args) -> tuple[Path, dict
 def stage_config(name, model_dir, calib, out: Path, args) -> tuple[Path, dict]:
     """``<base>+e2e``: the end-to-end stage on ``<base>``'s checkpoint (quantized first if missing)."""
     from quantize.e2e import E2EOptions, tune_checkpoint
-    from quantize.pipeline import QuantizeSettings
 
     base = name.removesuffix("+e2e")
     base_ckpt, _ = quantize_config(base, model_dir, calib, out, args)
     ckpt = out / "ckpt" / name
     t0 = time.time()
     if not (ckpt / "config.json").is_file():
-        options = E2EOptions(epochs=args.stage_epochs, lr=QuantizeSettings().e2e_lr, batch_size=4)
+        options = E2EOptions(epochs=args.stage_epochs)  # the stage's own lr and batch, as gsq-quantize's
         tune_checkpoint(model_dir, base_ckpt, ckpt, calib, options, seed=0)
     return ckpt, {"stage_s": round(time.time() - t0, 1), "stage_epochs": args.stage_epochs}
 

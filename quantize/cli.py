@@ -16,7 +16,9 @@ from dataclasses import asdict
 
 from gsq_format.format import FormatError, normalize_bits
 from quantize import gsq
+from quantize.e2e import E2EOptions
 from quantize.report import write_report
+from quantize.settings import GSQSettings, MoESettings, QuantizeSettings, StartSettings
 
 
 def add_gsq_arguments(parser: argparse.ArgumentParser) -> None:
@@ -266,50 +268,58 @@ def progress_log(path):
     return log
 
 
+def settings_from_args(args) -> QuantizeSettings:
+    """The run's settings from gsq-quantize's parsed arguments (the one place they are built);
+    FormatError for values no stage can take."""
+    bits = normalize_bits(args.bits)
+    if args.nsamples < 1 or args.seqlen < 2:
+        raise FormatError("--nsamples must be >= 1 and --seqlen >= 2")
+    if args.gsq_nsamples is not None and not 1 <= args.gsq_nsamples <= args.nsamples:
+        raise FormatError(f"--gsq-nsamples must be between 1 and --nsamples ({args.nsamples})")
+    if args.gsq_held_out < 0 or (args.gsq_held_out and (args.gsq_nsamples or args.nsamples) + args.gsq_held_out
+                                 > args.nsamples):
+        raise FormatError(f"--gsq-held-out must be >= 0 and fit after --gsq-nsamples within --nsamples "
+                          f"({args.gsq_nsamples or args.nsamples} + {args.gsq_held_out} > {args.nsamples})")
+    if args.gsq_ternary_init == "random" and (args.method != "gsq" or bits != 1.58 or args.init):
+        raise FormatError("--gsq-ternary-init random needs --method gsq --bits 1.58 and no --init")
+    if args.gsq_ternary_init_steps < 1:
+        raise FormatError("--gsq-ternary-init-steps must be >= 1")
+    if args.moe_min_tokens < 0:
+        raise FormatError("--moe-min-tokens must be >= 0")
+    excluded = [m.strip() for m in args.modules_to_not_convert.split(",") if m.strip()]
+    if args.skip_attention:
+        excluded.append("self_attn")
+    return QuantizeSettings(
+        method=args.method, bits=bits, group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen,
+        seed=args.seed, modules_to_not_convert=excluded, batch_size=args.batch_size,
+        start=StartSettings(damp=args.damp, act_order=args.act_order, refit_scales=args.refit_scales,
+                            true_sequential=args.true_sequential, scale_search=args.scale_search),
+        gsq=GSQSettings(options=gsq_options_from_args(args) if args.method == "gsq" else gsq.GSQOptions(),
+                        nsamples=args.gsq_nsamples, held_out=args.gsq_held_out, init=args.init,
+                        ternary_init=args.gsq_ternary_init, ternary_init_steps=args.gsq_ternary_init_steps,
+                        attention_mode=args.attention_mode),
+        moe=MoESettings(min_tokens=args.moe_min_tokens, quantize_dense=args.moe_quantize_dense,
+                        quantize_shared=args.moe_quantize_shared),
+        e2e=E2EOptions(epochs=args.e2e_epochs, lr=args.e2e_lr),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from quantize.data import DataError, load_split, tokenize_sequences
     from quantize.models import resolve_model
-    from quantize.pipeline import BlockPipeline, QuantizeSettings
+    from quantize.pipeline import BlockPipeline
 
     t0 = time.time()
     import torch
 
     torch.set_num_threads(max(1, args.threads))
     try:
-        bits = normalize_bits(args.bits)
-        if args.nsamples < 1 or args.seqlen < 2:
-            raise FormatError("--nsamples must be >= 1 and --seqlen >= 2")
-        if args.gsq_nsamples is not None and not 1 <= args.gsq_nsamples <= args.nsamples:
-            raise FormatError(f"--gsq-nsamples must be between 1 and --nsamples ({args.nsamples})")
-        if args.gsq_held_out < 0 or (args.gsq_held_out and (args.gsq_nsamples or args.nsamples) + args.gsq_held_out
-                                     > args.nsamples):
-            raise FormatError(f"--gsq-held-out must be >= 0 and fit after --gsq-nsamples within --nsamples "
-                              f"({args.gsq_nsamples or args.nsamples} + {args.gsq_held_out} > {args.nsamples})")
-        if args.gsq_ternary_init == "random" and (args.method != "gsq" or bits != 1.58 or args.init):
-            raise FormatError("--gsq-ternary-init random needs --method gsq --bits 1.58 and no --init")
-        if args.gsq_ternary_init_steps < 1:
-            raise FormatError("--gsq-ternary-init-steps must be >= 1")
+        settings = settings_from_args(args)
+        bits, excluded = settings.bits, settings.modules_to_not_convert
+        gsq_options = settings.gsq.options if args.method == "gsq" else None
         if args.activation_budget is not None and args.activation_budget < 0:
             raise FormatError("--activation-budget must be >= 0")
-        if args.moe_min_tokens < 0:
-            raise FormatError("--moe-min-tokens must be >= 0")
-        excluded = [m.strip() for m in args.modules_to_not_convert.split(",") if m.strip()]
-        if args.skip_attention:
-            excluded.append("self_attn")
-        gsq_options = None
-        if args.method == "gsq":
-            gsq_options = gsq_options_from_args(args)
-        settings = QuantizeSettings(
-            method=args.method, bits=bits, group_size=args.group_size, nsamples=args.nsamples,
-            seqlen=args.seqlen, seed=args.seed, modules_to_not_convert=excluded, damp=args.damp,
-            act_order=args.act_order, true_sequential=args.true_sequential,
-            refit_scales=args.refit_scales, batch_size=args.batch_size, init=args.init, scale_search=args.scale_search,
-            gsq_nsamples=args.gsq_nsamples, gsq_held_out=args.gsq_held_out,
-            ternary_init=args.gsq_ternary_init, ternary_init_steps=args.gsq_ternary_init_steps, moe_min_tokens=args.moe_min_tokens, attention_mode=args.attention_mode,
-            moe_quantize_dense=args.moe_quantize_dense, moe_quantize_shared=args.moe_quantize_shared,
-            e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr,
-        )
         if args.plan:
             return _print_plan(args, bits, excluded, gsq_options)
         if not args.out:
@@ -317,8 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         model_dir = resolve_model(args.model)
         log = progress_log(args.log_file or f"{str(args.out).rstrip('/')}.log")
-        pipe = BlockPipeline(model_dir, args.out, settings, work_dir=args.work_dir, gsq_options=gsq_options,
-                             log=log, device=device,
+        pipe = BlockPipeline(model_dir, args.out, settings, work_dir=args.work_dir, log=log, device=device,
                              activation_budget=None if args.activation_budget is None
                              else int(args.activation_budget * 2**30))
         pipe.check()
@@ -337,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bpw, n = checkpoint_bits_per_weight(out)
     report = write_report(out, {
-        "model": str(model_dir), "settings": asdict(settings),
+        "model": str(model_dir), "settings": settings.record(),
         "gsq_options": asdict(gsq_options) if gsq_options else None, "device": str(device),
         "wall_s": time.time() - t0, "bits_per_weight": bpw, "quantized_weights": n,
         # ru_maxrss is KiB on Linux: the whole process's peak, this run included

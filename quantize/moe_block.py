@@ -171,7 +171,7 @@ class ExpertStream:
         s, pipe = self.s, self.pipe
         local = {n.rsplit(".", 1)[1]: n for n in self.names[e]}  # "gate_proj" -> "mlp.experts.3.gate_proj"
         name = disk_name(f"{self.prefix}.mlp.experts.{e}", pipe.arch)
-        few = len(tok) == 0 or len(tok) < s.moe_min_tokens
+        few = len(tok) == 0 or len(tok) < s.moe.min_tokens
         if few:
             self.outcome.rtn_experts[name] = len(tok)
         hess, inputs, want = self._scan_rows(e, expert, moe_in, tok, w, hessians=not few and s.method != "rtn",
@@ -232,7 +232,7 @@ class ExpertStream:
             h_act = torch.zeros(down.in_features, down.in_features, device=self.pipe.device)
             hess = dict(zip(expert.names, (h_in, h_in, h_act)))  # GPTQ copies what it changes
         if gsq:
-            k = self.s.gsq_nsamples or self.s.nsamples
+            k = self.s.gsq.nsamples or self.s.nsamples
             limit = k * self.seqlen
             t = int((tok < limit).sum())
             c = max(1, min(k, t))

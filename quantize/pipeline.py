@@ -33,7 +33,7 @@ import hashlib
 import json
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -57,6 +57,7 @@ from quantize.moe import SHARED_EXPERTS, disk_name, expert_of, moe_spec, sparse_
 from quantize.moe_block import ACTIVATIONS_HELD, expert_file, quantize_moe_block
 from gsq_format.qtypes import QuantizedWeight
 from quantize.report import layer_error
+from quantize.settings import QuantizeSettings
 from quantize.start import few_tokens_quantizer, start_quantizer
 
 METHODS = ("rtn", "gptq", "gsq")
@@ -69,39 +70,6 @@ ALWAYS_EXCLUDED = ("mlp.gate", "router", "shared_expert_gate")
 MOE_RTN_FILE = "moe_rtn_experts.json"  # in the work folder and the checkpoint
 REPORT_BLOCKS_FILE = "report_blocks.json"  # per-block errors for report.html (work folder)
 E2E_SCALES_FILE = "e2e_scales.safetensors"  # the end-to-end stage's scales, by checkpoint prefix (work folder)
-
-
-@dataclass
-class QuantizeSettings:
-    method: str = "gptq"
-    bits: float | int = 2
-    group_size: int = 64
-    nsamples: int = 64
-    seqlen: int = 512
-    seed: int = 0
-    modules_to_not_convert: list[str] = field(default_factory=list)
-    damp: float = 0.01
-    act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal, static groups (docs/results/gsq-reference.md: 50.8 -> 48.0)
-    refit_scales: bool = True  # GPTQ: re-choose each row's group scales for its codes (least squares on H)
-    true_sequential: bool = False  # GPTQ: a linear's Hessian after the linears it reads from are quantized
-    batch_size: int = 8
-    init: str | None = None  # gsq: start from this quantized checkpoint's codes and scales, not GPTQ
-    scale_search: str = "gptq-ref"  # RTN / GPTQ group scales: gptq-ref or mse (quantize/rtn.py)
-    gsq_nsamples: int | None = None  # GSQ trains on the first this many sequences (None: all);
-                                     # Hessians and propagation always use all `nsamples`
-    gsq_held_out: int = 0  # GSQ picks its init or an epoch's codes by the block-output error on this
-                           # many of the sequences after the first `gsq_nsamples` (0: no held-out set)
-    ternary_init: str = "gptq"  # gsq --bits 1.58: "gptq", or "random" (the reference's init_method random:
-                                # GSQ from random logits on the Hessian-weighted weight error first)
-    ternary_init_steps: int = 2000  # steps of that weight-space stage (the reference's 2000)
-    attention_mode: str = "joint"  # gsq with attention quantized: "joint" (all linears on the block output)
-                                   # or "reference" (the GSQ reference's: see _quantize_attention_first)
-    moe_min_tokens: int = 64  # MoE: an expert routed fewer calibration tokens is RTN-quantized, not GPTQ/GSQ
-    moe_quantize_dense: bool = False  # MoE models: also quantize dense-MLP blocks (kept float by default)
-    moe_quantize_shared: bool = False  # MoE models: also quantize shared experts (kept float by default)
-    e2e_epochs: int = 0  # after the blocks: train every group scale together on the float model's logits
-                         # (quantize/e2e.py) for this many passes over the calibration sequences
-    e2e_lr: float = 2e-3  # its Adam learning rate on the relative scale change
 
 
 def block_linears(block: torch.nn.Module, excluded: list[str], block_prefix: str) -> list[str]:
@@ -119,7 +87,7 @@ def block_linears(block: torch.nn.Module, excluded: list[str], block_prefix: str
 class BlockPipeline:
     """Quantize ``model_dir`` into a GSQ checkpoint at ``out_dir``; see module docstring."""
 
-    def __init__(self, model_dir, out_dir, settings: QuantizeSettings, work_dir=None, gsq_options=None, log=print,
+    def __init__(self, model_dir, out_dir, settings: QuantizeSettings, work_dir=None, log=print,
                  device: torch.device | str = "cpu", activation_budget: int | None = None):
         self.model_dir = Path(model_dir)
         # Where every tensor of the run lives (blocks, activations, Hessians, GPTQ, GSQ); files
@@ -132,7 +100,7 @@ class BlockPipeline:
         self.out_dir = Path(out_dir)
         self.s = settings
         self.work_dir = Path(work_dir) if work_dir else self.out_dir.with_name(f".{self.out_dir.name}.work")
-        self.gsq_options = gsq_options
+        self.gsq_options = settings.gsq.options if settings.method == "gsq" else None
         self.log = log
 
     # ---------------------------------------------------------------- checks
@@ -141,29 +109,29 @@ class BlockPipeline:
         s = self.s
         if s.method not in METHODS:
             raise FormatError(f"method must be one of {METHODS}, got {s.method!r}")
-        if s.attention_mode not in ATTENTION_MODES:
-            raise FormatError(f"attention mode must be one of {ATTENTION_MODES}, got {s.attention_mode!r}")
-        if s.e2e_epochs < 0 or not s.e2e_lr > 0:
-            raise FormatError(f"--e2e-epochs must be >= 0 and --e2e-lr > 0, got {s.e2e_epochs} and {s.e2e_lr}")
+        if s.gsq.attention_mode not in ATTENTION_MODES:
+            raise FormatError(f"attention mode must be one of {ATTENTION_MODES}, got {s.gsq.attention_mode!r}")
+        if s.e2e.epochs < 0 or not s.e2e.lr > 0:
+            raise FormatError(f"--e2e-epochs must be >= 0 and --e2e-lr > 0, got {s.e2e.epochs} and {s.e2e.lr}")
         self.cfg = read_model_config(self.model_dir)
         self.arch = check_architecture(self.cfg, self.model_dir)
-        if s.e2e_epochs and moe_spec(self.arch) is not None:
+        if s.e2e.epochs and moe_spec(self.arch) is not None:
             raise FormatError(f"--e2e-epochs: end-to-end scale tuning is for dense models; {self.arch} is a MoE")
         self.model = build_skeleton(self.model_dir)
         self.reader = WeightReader(self.model_dir)
         self.layers = self.model.model.layers
         kept = set(s.modules_to_not_convert) | {"lm_head"}
-        if moe_spec(self.arch) is not None and not s.moe_quantize_dense:
+        if moe_spec(self.arch) is not None and not s.moe.quantize_dense:
             # As the GSQ reference does: only the experts (and attention, unless skipped) are quantized.
             kept |= {f"model.layers.{i}.mlp" for i, b in enumerate(self.layers) if sparse_experts(b) is None}
-            if not s.moe_quantize_shared:
+            if not s.moe.quantize_shared:
                 kept |= {e for e in SHARED_EXPERTS if any(n.endswith(e) for n, _ in self.model.named_modules())}
         self.qcfg = GSQQuantConfig(
             bits=s.bits,
             group_size=s.group_size,
             modules_to_not_convert=sorted(kept),
             method=s.method,
-            quantizer={k: v for k, v in asdict(s).items() if k not in ("modules_to_not_convert", "batch_size")},
+            quantizer=s.record(),
         )
         self.names = []
         for i, block in enumerate(self.layers):
@@ -173,11 +141,11 @@ class BlockPipeline:
             self.names.append(names)
         if not any(self.names):
             raise FormatError("no linear layer left to quantize (check --modules-to-not-convert)")
-        self.init = self._read_init() if s.init else None
+        self.init = self._read_init() if s.gsq.init else None
         dev = self.device
         init = None if self.init is None else {
             k: QuantizedWeight(q.codes.to(dev), q.scales.to(dev), q.bits, q.group_size) for k, q in self.init.items()}
-        self.start = start_quantizer(s, self.gsq_options, init)  # how each linear's codes start (quantize/start.py)
+        self.start = start_quantizer(s, init)  # how each linear's codes start (quantize/start.py)
         self.few_tokens_start = few_tokens_quantizer(s, self.start)
         for name in self.reader.names():  # every weight finite, before any work
             self.reader.get(name)
@@ -191,22 +159,22 @@ class BlockPipeline:
         s = self.s
         if s.method != "gsq":
             raise FormatError("--init starts GSQ from a quantized checkpoint: use it with --method gsq")
-        ck = read_checkpoint(s.init)
+        ck = read_checkpoint(s.gsq.init)
         if ck.group_size != s.group_size:
-            raise FormatError(f"--init {s.init}: group size {ck.group_size}, but --group-size is {s.group_size}")
+            raise FormatError(f"--init {s.gsq.init}: group size {ck.group_size}, but --group-size is {s.group_size}")
         qmin, qmax = grid_range(s.bits)
         init = {}
         for i, names in enumerate(self.names):
             for n in names:
                 prefix = disk_name(f"model.layers.{i}.{n}", self.arch)
                 if prefix not in ck.linears:
-                    raise FormatError(f"--init {s.init}: {prefix} is not quantized there")
+                    raise FormatError(f"--init {s.gsq.init}: {prefix} is not quantized there")
                 codes, scales = ck.linears[prefix]
                 shape = tuple(self.layers[i].get_submodule(n).weight.shape)
                 if tuple(codes.shape) != shape:
-                    raise FormatError(f"--init {s.init}: {prefix} is {tuple(codes.shape)}, the model's is {shape}")
+                    raise FormatError(f"--init {s.gsq.init}: {prefix} is {tuple(codes.shape)}, the model's is {shape}")
                 if int(codes.min()) < qmin or int(codes.max()) > qmax:
-                    raise FormatError(f"--init {s.init}: {prefix} has codes outside the {s.bits}-bit grid "
+                    raise FormatError(f"--init {s.gsq.init}: {prefix} has codes outside the {s.bits}-bit grid "
                                       f"[{qmin}, {qmax}]; choose --bits to match the checkpoint")
                 init[prefix] = QuantizedWeight(codes, scales.float(), s.bits, s.group_size)
         return init
@@ -292,7 +260,7 @@ class BlockPipeline:
                 layer_errors = outcome.layer_errors
                 if outcome.rtn_experts:
                     log(f"[gsq-quantize] block {i + 1}: RTN for {len(outcome.rtn_experts)} expert(s) routed fewer "
-                        f"than {s.moe_min_tokens} calibration tokens: "
+                        f"than {s.moe.min_tokens} calibration tokens: "
                         + ", ".join(f"{e} ({c})" for e, c in outcome.rtn_experts.items()))
                     rtn_experts.update(outcome.rtn_experts)
                 if outcome.gsq_logs or attention_logs:
@@ -336,7 +304,7 @@ class BlockPipeline:
             bar.update(1)
         bar.close()
 
-        if s.e2e_epochs:
+        if s.e2e.epochs:
             self._tune_end_to_end(ids)
         out = self.write_checkpoint()
         if gsq_logs:
@@ -358,7 +326,7 @@ class BlockPipeline:
         ``result`` and ``layer_errors``; returns (the float block's outputs, the next block's inputs)."""
         s = self.s
         prefix = f"model.layers.{i}"
-        attention_first = (refine is not None and s.attention_mode == "reference"
+        attention_first = (refine is not None and s.gsq.attention_mode == "reference"
                            and any(n in QK + VO for n in names))
         attention_logs = {}
         if attention_first:
@@ -369,7 +337,7 @@ class BlockPipeline:
         needs_hessians = self.start.needs_hessian
         # true-sequential: each stage's Hessians come from a pass through the block with the earlier
         # stages already quantized; the first pass (float, as far as this block goes) gives the targets
-        stages = (linear_stages(block, later, x[0:1], pos_emb) if needs_hessians and s.true_sequential
+        stages = (linear_stages(block, later, x[0:1], pos_emb) if needs_hessians and s.start.true_sequential
                   else [later])
         float_weights = {}
         for si, stage in enumerate(stages):
@@ -401,7 +369,7 @@ class BlockPipeline:
         if refine is not None and later:
             # GSQ backpropagates through this call, so it keeps gradients and takes any batch.
             forward = lambda inp: call_block(block, inp, pos_emb)  # noqa: E731
-            k = s.gsq_nsamples or len(x)
+            k = s.gsq.nsamples or len(x)
             refined, blog = refine(block, forward, later, {n: result[n] for n in later}, x.first(k),
                                    targets.first(k), self.gsq_options, s.seed * 1_000_003 + i,
                                    held_out=self._held_out(x, targets))
@@ -423,9 +391,8 @@ class BlockPipeline:
 
     def _held_out(self, x, targets):
         """GSQ's held-out (inputs, targets): the ``gsq_held_out`` sequences after those it trains on."""
-        k = self.s.gsq_nsamples or len(x)
-        return (x.rows(k, k + self.s.gsq_held_out), targets.rows(k, k + self.s.gsq_held_out)) \
-            if self.s.gsq_held_out else None
+        k, held = self.s.gsq.nsamples or len(x), self.s.gsq.held_out
+        return (x.rows(k, k + held), targets.rows(k, k + held)) if held else None
 
     def _quantize_attention_first(self, block, names, x, pos_emb, space, result, refine, i):
         """The GSQ reference's attention (``attention_mode="reference"``): one float pass for the
@@ -455,13 +422,13 @@ class BlockPipeline:
         for n in (q for q in QK if q in attn):
             lin = block.get_submodule(n)
             result[n], logs[n] = refine_weight_space(lin.weight.data, hess[n], result[n], self.gsq_options, seed,
-                                                     s.damp, self.gsq_options.batch_size * WEIGHT_SPACE_PIECES, n)
+                                                     s.start.damp, self.gsq_options.batch_size * WEIGHT_SPACE_PIECES, n)
             with torch.no_grad():
                 lin.weight.copy_(result[n].dequantize())
         vo = [n for n in VO if n in attn]
         if vo:
             forward = lambda inp: call_attention(block, inp, pos_emb)  # noqa: E731
-            k = s.gsq_nsamples or len(x)
+            k = s.gsq.nsamples or len(x)
             refined, logs["v_o"] = refine(block, forward, vo, {n: result[n] for n in vo}, x.first(k),
                                           attn_targets.first(k), self.gsq_options, seed + 1,
                                           held_out=self._held_out(x, attn_targets))
@@ -478,7 +445,7 @@ class BlockPipeline:
         that finds the file does not tune again."""
         from safetensors.torch import load_file
 
-        from quantize.e2e import E2EOptions, swap_in, teacher_hidden, tune_scales
+        from quantize.e2e import swap_in, teacher_hidden, tune_scales
 
         path = self.work_dir / E2E_SCALES_FILE
         if path.is_file():
@@ -489,7 +456,7 @@ class BlockPipeline:
         with torch.device(dev):
             rotary = type(student.model.rotary_emb)(config=student.config)
         ids = ids.to(dev)
-        options = E2EOptions(epochs=self.s.e2e_epochs, lr=self.s.e2e_lr, batch_size=4)
+        options = self.s.e2e
         teacher = teacher_hidden(student, rotary, ids, options.batch_size)
         quantized = {}
         for i, names in enumerate(self.names):

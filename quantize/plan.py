@@ -138,7 +138,7 @@ class PlanSettings:
     gsq_micro_batch: int = 1
     logits_bytes: int = 4
     activation_budget: int | None = None  # bytes; None: never spill
-    moe_quantize_dense: bool = False    # as quantize/pipeline.py QuantizeSettings
+    moe_quantize_dense: bool = False    # as quantize/settings.py MoESettings
     moe_quantize_shared: bool = False
     e2e_epochs: int = 0                 # quantize/e2e.py's stage after the blocks (0: none)
     e2e_batch: int = 4                  # its sequences a step

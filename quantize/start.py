@@ -86,24 +86,25 @@ class TernaryRandomStart:
         return q
 
 
-def start_quantizer(settings, gsq_options=None, init: dict | None = None):
-    """The handler of a run's settings (quantize.pipeline.QuantizeSettings): ``init``'s codes when
+def start_quantizer(settings, init: dict | None = None):
+    """The handler of a run's settings (quantize.settings.QuantizeSettings): ``init``'s codes when
     given (--init), RTN for ``--method rtn``, the random ternary init for ``gsq --bits 1.58
     --gsq-ternary-init random``, else GPTQ."""
     s = settings
-    rtn = RTNStart(s.bits, s.group_size, s.scale_search)
+    st = s.start
+    rtn = RTNStart(s.bits, s.group_size, st.scale_search)
     if init is not None:
         return CheckpointStart(init)
     if s.method == "rtn":
         return rtn
-    if s.method == "gsq" and s.ternary_init == "random" and normalize_bits(s.bits) == 1.58:
-        return TernaryRandomStart(rtn, gsq_options, s.ternary_init_steps, s.seed, s.damp)
-    return GPTQStart(s.bits, s.group_size, s.damp, s.act_order, s.scale_search, s.refit_scales)
+    if s.method == "gsq" and s.gsq.ternary_init == "random" and normalize_bits(s.bits) == 1.58:
+        return TernaryRandomStart(rtn, s.gsq.options, s.gsq.ternary_init_steps, s.seed, st.damp)
+    return GPTQStart(s.bits, s.group_size, st.damp, st.act_order, st.scale_search, st.refit_scales)
 
 
 def few_tokens_quantizer(settings, start):
-    """For an MoE expert routed too few calibration tokens for a Hessian (``moe_min_tokens``):
+    """For an MoE expert routed too few calibration tokens for a Hessian (``moe.min_tokens``):
     RTN, unless every code comes from a checkpoint (--init)."""
     if isinstance(start, CheckpointStart):
         return start
-    return RTNStart(settings.bits, settings.group_size, settings.scale_search)
+    return RTNStart(settings.bits, settings.group_size, settings.start.scale_search)

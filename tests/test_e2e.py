@@ -113,11 +113,13 @@ class Killed(Exception):
 
 
 def test_run_killed_in_the_e2e_stage_resumes_to_the_same_checkpoint(tmp_path):
-    from quantize.pipeline import BlockPipeline, QuantizeSettings
+    from quantize.e2e import E2EOptions
+    from quantize.pipeline import BlockPipeline
+    from quantize.settings import QuantizeSettings
 
     model = build_tiny_llama(tmp_path / "model", layers=2)
     ids = tokenize_sequences(load_split("wikipedia", "calib"), AutoTokenizer.from_pretrained(str(model)), 64, 8)
-    settings = QuantizeSettings(method="gptq", bits=2, group_size=32, nsamples=8, seqlen=64, e2e_epochs=2)
+    settings = QuantizeSettings(method="gptq", bits=2, group_size=32, nsamples=8, seqlen=64, e2e=E2EOptions(epochs=2))
     ref = BlockPipeline(model, tmp_path / "ref", settings, log=lambda m: None)
     ref.check()
     ref.run(ids)

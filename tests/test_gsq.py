@@ -361,15 +361,14 @@ def test_pipeline_gsq_improves_on_gptq_per_block(tiny_model, tmp_path, bits):
     """Through the real block pipeline: each block's hard output MSE after GSQ is below the
     GPTQ init's on the same (propagated) inputs, and the checkpoint passes the format checks."""
     from gsq_format.format import check_quantized_tensors, load_tensors, read_quant_config
-    from quantize.pipeline import BlockPipeline, QuantizeSettings
+    from quantize.pipeline import BlockPipeline
+    from quantize.settings import GSQSettings, QuantizeSettings
 
+    options = GSQOptions(epochs=8, batch_size=4, lr_logits=3e-3, lr_scales=2e-4, keep_best=False)
     settings = QuantizeSettings(method="gsq", bits=bits, group_size=32, nsamples=8, seqlen=32,
-                                batch_size=4)
+                                batch_size=4, gsq=GSQSettings(options=options))
     ids = torch.randint(0, 1000, (8, 32), generator=torch.Generator().manual_seed(0))
-    pipe = BlockPipeline(tiny_model, tmp_path / "out", settings,
-                         gsq_options=GSQOptions(epochs=8, batch_size=4, lr_logits=3e-3, lr_scales=2e-4,
-                                                keep_best=False),
-                         log=lambda *a: None)
+    pipe = BlockPipeline(tiny_model, tmp_path / "out", settings, log=lambda *a: None)
     pipe.check()
     out = pipe.run(ids)
     logs = json.loads((out / "gsq_logs.json").read_text())

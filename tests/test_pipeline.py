@@ -222,10 +222,13 @@ def test_reference_attention_mode(tiny, tmp_path):
     through the quantized attention: the attention left in the block is the quantized one."""
     from quantize.activations import ActivationSpace
     from quantize.gsq import GSQOptions, refine_block
-    from quantize.pipeline import BlockPipeline, QuantizeSettings
+    from quantize.pipeline import BlockPipeline
+    from quantize.settings import GSQSettings, QuantizeSettings
 
-    s = QuantizeSettings(method="gsq", bits=2, group_size=32, nsamples=4, seqlen=64, attention_mode="reference")
-    pipe = BlockPipeline(tiny, tmp_path / "q", s, gsq_options=GSQOptions(epochs=1, batch_size=1, micro_batch_size=1))
+    s = QuantizeSettings(method="gsq", bits=2, group_size=32, nsamples=4, seqlen=64,
+                         gsq=GSQSettings(options=GSQOptions(epochs=1, batch_size=1, micro_batch_size=1),
+                                         attention_mode="reference"))
+    pipe = BlockPipeline(tiny, tmp_path / "q", s)
     pipe.check()
     block = pipe.reader.load_into(pipe.layers[0], "model.layers.0").eval()
     space = ActivationSpace((4, 64, 64), torch.device("cpu"), tmp_path, 1 << 30)
@@ -252,12 +255,13 @@ def test_reference_attention_mode(tiny, tmp_path):
     assert set(cli_logs["model.layers.1"]["attention"]) == {"self_attn.q_proj", "self_attn.k_proj", "v_o"}
 
 
-def _one_block(tiny, tmp_path, **settings):
+def _one_block(tiny, tmp_path, **start):
     """(pipeline, float block 0, its inputs, rotary embeddings, activation space) for a tiny GPTQ run."""
     from quantize.activations import ActivationSpace
-    from quantize.pipeline import BlockPipeline, QuantizeSettings
+    from quantize.pipeline import BlockPipeline
+    from quantize.settings import QuantizeSettings, StartSettings
 
-    s = QuantizeSettings(method="gptq", bits=2, group_size=32, nsamples=4, seqlen=64, **settings)
+    s = QuantizeSettings(method="gptq", bits=2, group_size=32, nsamples=4, seqlen=64, start=StartSettings(**start))
     pipe = BlockPipeline(tiny, tmp_path / "q", s)
     pipe.check()
     block = pipe.reader.load_into(pipe.layers[0], "model.layers.0").eval().float()

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from quantize.data import load_split, tokenize_sequences
-from quantize.pipeline import BlockPipeline, QuantizeSettings
+from quantize.pipeline import BlockPipeline
+from quantize.settings import QuantizeSettings
 from quantize.tiny import build_tiny_llama
 
 
