@@ -285,6 +285,11 @@ float load_as_float(const void* p, bool bf16, int64_t i) {
 // GSQ_CPU_TL = auto (default: under an AVX-512 kernel the VBMI+VNNI tables where cpuid has them,
 // else the AVX-512 vpshufb ones; AVX2 tables under an AVX2 kernel; none under generic), off / 0 (the
 // fused kernels of the ISA, as before), avx2, avx512 or avx512vbmi (forced); set_tl() switches at run time (tests and benchmarks compare both in one process).
+// Why auto is the default up to 4 rows (docs/results/cpu-decode-tl.md; 2-core AVX-512 EPYC, shared,
+// 1 thread, weights read from memory, 2026-12-06): on SmolLM2-135M, Llama-8B and -70B linears the
+// avx512vbmi tables took 1/1.16-1/2.0 of the avx512bf16 kernel's time at M = 1 (one contended row
+// 0.87x, 1.64x rerun) and 1/1.04-1/2.76 at M = 4; the AVX2 tables 1/1.04-1/4.0 of the AVX2 kernel's.
+// More rows were not measured (the tables' work grows with every row, the fused kernels' less).
 enum class TlMode { kOff, kAuto, kAvx2, kAvx512, kAvx512Vbmi };
 constexpr int64_t kTlMaxRows = 4;
 TlMode g_tl = TlMode::kAuto;
