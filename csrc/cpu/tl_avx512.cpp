@@ -1,7 +1,8 @@
 // The table-lookup decode kernel (tl_kernel.h) for AVX-512 (F + BW + VL + DQ): 64-byte vectors,
-// vpshufb's four 16-byte lanes are four tables per lookup, gathers of 16 scales, the table build
-// 16 entries per vector with a saturating vpmovsdb. Compiled for AVX-512 whatever the build machine
-// is; the dispatcher calls it only when cpuid reports all four extensions.
+// vpshufb's four 16-byte lanes are four tables per lookup, the scales of 16 groups loaded and
+// transposed at once (tl_avx512_common.h), the table build 16 entries per vector (vpmovsdb). Where
+// cpuid also has VBMI and VNNI, tl_avx512vbmi.cpp is chosen instead. Compiled for AVX-512 whatever
+// the build machine is; the dispatcher calls it only when cpuid reports all four extensions.
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
