@@ -121,8 +121,9 @@ class GSQOptions:
 # (docs/results/gsq-regime.md): 256 Lion steps of 4 sequences each (8 epochs over 128 calibration
 # sequences: pass --gsq-nsamples 128), the reference's lr, the init without its N(0,1) term (which
 # alone costs 1.29x the init's block error at 2 bits), bf16 matmuls where the CPU has them.
-# SmolLM2-135M-Instruct MLP, whole model: gap to bf16 0.44x GPTQ's at 2 bits, 0.80x at 3; about 6x
-# `fast`'s GSQ time a block (~97 s against ~16 s at 3 bits on a shared 2-core EPYC, 2 threads).
+# SmolLM2-135M-Instruct MLP, whole model: gap to bf16 0.44x GPTQ's at 2 bits, 0.80x at 3. The main
+# job's default: a 3-bit G=32 MLP block's GSQ takes 27.6 s on an idle 2-core AVX-512 EPYC, 2 threads
+# (93 ms a step + 3.8 s of init and scoring; benchmarks/gsq_step_speed.py).
 PRESETS: dict[str, dict] = {
     "paper": {"micro_batch_size": 2, "lr_logits": 2e-4, "lr_scales": 1e-4, "logits_dtype": "bfloat16"},
     "fast": {"epochs": 2, "batch_size": 1, "micro_batch_size": 1, "lr_logits": 3e-4, "lr_scales": 5e-5},

@@ -13,7 +13,7 @@
 #     it beats GPTQ (docs/results/gsq-regime.md: 256 Lion steps of 4 sequences a block over all 128
 #     calibration sequences, from GPTQ's exact codes); then every group scale tuned end to end on
 #     the bf16 model's logits (2 passes). `--preset fast --gsq-nsamples 32` is the old, quicker
-#     default (about 6 min less on 2 cores), which does not beat GPTQ.
+#     default: quicker, but it does not beat GPTQ.
 #   SERVE: "1" (default) keep serving on $HOST:$PORT after the demo question,
 #          "once" ask the demo question and stop, "0" do not serve.
 #   HOST (127.0.0.1) PORT (8000); extra arguments go to gsq-quantize.

@@ -173,6 +173,9 @@ def _python(code, **env):
 
 def test_gsq_cpu_tl_environment_variable():
     code = "from gsq_vllm import cpu_gemm as C; print(C._cpp.tl(), repr(C._cpp.tl_in_use(1)))"
+    unset = {k: v for k, v in os.environ.items() if k != "GSQ_CPU_TL"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=unset, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["off", "''"], r.stderr  # opt-in: they round (see the binding)
     r = _python(code, GSQ_CPU_TL="off")
     assert r.returncode == 0 and r.stdout.split() == ["off", "''"], r.stderr
     r = _python(code, GSQ_CPU_TL="auto", GSQ_CPU_ISA="generic")

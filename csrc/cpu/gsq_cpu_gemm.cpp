@@ -282,17 +282,20 @@ float load_as_float(const void* p, bool bf16, int64_t i) {
 // activations become int8 tables of partial sums per row and group, and the packed code nibbles
 // index them (vpshufb), with no dequantization of any weight. They round the activations' partial
 // sums (tl_kernel.h states the rounding and its bound), so they are a separate switch from the ISA:
-// GSQ_CPU_TL = auto (default: under an AVX-512 kernel the VBMI+VNNI tables where cpuid has them,
-// else the AVX-512 vpshufb ones; AVX2 tables under an AVX2 kernel; none under generic), off / 0 (the
-// fused kernels of the ISA, as before), avx2, avx512 or avx512vbmi (forced); set_tl() switches at run time (tests and benchmarks compare both in one process).
-// Why auto is the default up to 4 rows (docs/results/cpu-decode-tl.md; 2-core AVX-512 EPYC, shared,
-// 1 thread, weights read from memory, 2026-12-06): on SmolLM2-135M, Llama-8B and -70B linears the
-// avx512vbmi tables took 1/1.16-1/2.0 of the avx512bf16 kernel's time at M = 1 (one contended row
-// 0.87x, 1.64x rerun) and 1/1.04-1/2.76 at M = 4; the AVX2 tables 1/1.04-1/4.0 of the AVX2 kernel's.
-// More rows were not measured (the tables' work grows with every row, the fused kernels' less).
+// GSQ_CPU_TL = off / 0 (default: the fused kernels of the ISA, as before), auto (under an AVX-512
+// kernel the VBMI+VNNI tables where cpuid has them, else the AVX-512 vpshufb ones; AVX2 tables
+// under an AVX2 kernel; none under generic), avx2, avx512 or avx512vbmi (forced); set_tl()
+// switches at run time (tests and benchmarks compare both in one process).
+// Faster (docs/results/cpu-decode-tl.md; 2-core AVX-512 EPYC, shared, 1 thread, weights read from
+// memory, 2026-12-06): on SmolLM2-135M, Llama-8B and -70B linears the avx512vbmi tables took
+// 1/1.16-1/2.0 of the avx512bf16 kernel's time at M = 1 (one contended row 0.87x, 1.64x rerun) and
+// 1/1.04-1/2.76 at M = 4; the AVX2 tables 1/1.04-1/4.0 of the AVX2 kernel's. Opt-in, not the
+// default, because their int8 tables cost answers: the main job's checkpoint served with them got
+// 42 of 80 chat-probe questions right, with the fused kernels 46 (bf16 48; same day and machine,
+// benchmarks/results/chat_probe_steps256.json). More rows were not measured.
 enum class TlMode { kOff, kAuto, kAvx2, kAvx512, kAvx512Vbmi };
 constexpr int64_t kTlMaxRows = 4;
-TlMode g_tl = TlMode::kAuto;
+TlMode g_tl = TlMode::kOff;
 
 const char* tl_name(TlMode t) {
   return t == TlMode::kOff ? "off" : t == TlMode::kAuto ? "auto" : t == TlMode::kAvx2 ? "avx2"
@@ -300,8 +303,8 @@ const char* tl_name(TlMode t) {
 }
 
 TlMode parse_tl(const std::string& name) {
-  if (name == "off" || name == "0") return TlMode::kOff;
-  if (name == "auto" || name == "1" || name.empty()) return TlMode::kAuto;
+  if (name == "off" || name == "0" || name.empty()) return TlMode::kOff;
+  if (name == "auto" || name == "1") return TlMode::kAuto;
   if (name == "avx2") return TlMode::kAvx2;
   if (name == "avx512vbmi") return TlMode::kAvx512Vbmi;
   TORCH_CHECK(name == "avx512", "GSQ CPU table-lookup kernel must be auto, off, avx2, avx512 or avx512vbmi, got '", name, "'");

@@ -20,7 +20,7 @@ def _log_cpu_kernel_once() -> None:
         isa = cpu_gemm.cpu_isa() or "torch (C++ extension not built)"
         cpp = cpu_gemm._cpp
         tl = cpp.tl_in_use(1) if cpp is not None and hasattr(cpp, "tl_in_use") else ""
-        tables = (f"; table lookups {tl} up to {cpp.TL_MAX_ROWS} rows, GSQ_CPU_TL=off for the fused kernel" if tl
+        tables = (f"; table lookups {tl} up to {cpp.TL_MAX_ROWS} rows (GSQ_CPU_TL; int8 tables)" if tl
                   else "")
         # under vLLM's logger, so the line shows where vLLM's own INFO lines do
         logging.getLogger("vllm.gsq").info(
