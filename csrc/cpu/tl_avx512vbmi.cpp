@@ -27,34 +27,17 @@
 namespace gsq_tlk_avx512vbmi {
 
 #include "kernel_common.h"
+#include "tl_avx512_common.h"
 
-struct V {
+struct V : TlTableEntries512 {
   static constexpr int L = 4, W = 64;
   // Stream byte o: its dword o / 4 has 128 table bytes, the four low-nibble tables (byte o % 4's at
   // 16 (o % 4)), then the four high-nibble ones: one vpermb register each.
   static constexpr int kNib1 = 64;
   static inline int64_t table_offset(int64_t o) { return (o / 4) * 128 + (o % 4) * 16; }
-  static inline float absmax(const float* x, int n) {  // n a multiple of 16
-    __m512 m = _mm512_setzero_ps();
-    for (int k = 0; k < n; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-    return _mm512_reduce_max_ps(m);
-  }
-  static inline void store_q(int8_t* d, __m512 e, float inv) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(e, _mm512_set1_ps(inv)))));
-  }
-  static inline void entries2(float xa, float xb, float inv, int8_t* d) {
-    store_q(d, _mm512_add_ps(_mm512_mul_ps(_mm512_load_ps(kTlCoefA), _mm512_set1_ps(xa)),
-                             _mm512_mul_ps(_mm512_load_ps(kTlCoefB), _mm512_set1_ps(xb))), inv);
-  }
-  static inline void entries4(const float* x, float inv, int8_t* d) {
-    __m512 e = _mm512_mul_ps(_mm512_load_ps(kTlSign[0]), _mm512_set1_ps(x[0]));
-    for (int i = 1; i < 4; ++i) e = _mm512_add_ps(e, _mm512_mul_ps(_mm512_load_ps(kTlSign[i]), _mm512_set1_ps(x[i])));
-    store_q(d, e, inv);
-  }
 };
 
 #include "tl_build.h"
-#include "tl_avx512_common.h"
 
 // One plane (P stream bytes per row, Bg per group, lookups weighted Mult) of the tile into facc.
 template <int Bg, int Mult, int R>
