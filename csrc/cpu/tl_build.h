@@ -1,4 +1,4 @@
-// The table build of the table-lookup decode kernels (tl_kernel.h states the tables and their
+// The table build (and the tile walk) of the table-lookup decode kernels (tl_kernel.h states the tables and their
 // rounding), over the vector traits V of the file that includes it: V::entries2 / entries4 write
 // one 16-entry table, V::table_offset(o) says where stream byte o's two tables go (the layout is
 // the kernel's: tl_kernel.h's for vpshufb, tl_avx512vbmi.cpp's for vpermb), V::kNib1 where the
@@ -43,5 +43,23 @@ static void tl_build_entry(const float* x, int64_t M, int64_t NG, int G, int bit
                            int64_t rtb) {
   with_layout(G, bits, [&](auto g, auto three) {
     tl_build<decltype(g)::value, decltype(three)::value>(x, M, NG, tables, ta, rtb);
+  });
+}
+
+// Every 16-row tile of output rows [n0, n1), through `tile(G, Three, R, n, nrows)` with the group
+// size, the bit width and R (the rows of x, 1..4) as compile-time constants: the walk both kernel
+// families (tl_kernel.h, tl_avx512vbmi.cpp) share.
+template <typename Tile>
+static inline void tl_for_tiles(const TlArgs& a, int64_t n0, int64_t n1, Tile&& tile) {
+  with_layout(a.G, a.bits, [&](auto g, auto three) {
+    auto run = [&](auto r) {
+      for (int64_t n = n0; n < n1; n += 16) tile(g, three, r, n, n1 - n < 16 ? n1 - n : 16);
+    };
+    switch (a.M) {
+      case 1: run(std::integral_constant<int, 1>{}); break;
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      case 3: run(std::integral_constant<int, 3>{}); break;
+      default: run(std::integral_constant<int, 4>{}); break;
+    }
   });
 }

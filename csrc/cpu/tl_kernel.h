@@ -157,18 +157,8 @@ static void tl_tile(const TlArgs& a, int64_t n0, int64_t nrows) {
 }
 
 static void tl_rows_entry(const TlArgs& a, int64_t n0, int64_t n1) {
-  with_layout(a.G, a.bits, [&](auto g, auto three) {
-    constexpr int G = decltype(g)::value;
-    constexpr bool Three = decltype(three)::value;
-    auto run = [&](auto r) {
-      for (int64_t n = n0; n < n1; n += 16) tl_tile<G, Three, decltype(r)::value>(a, n, n1 - n < 16 ? n1 - n : 16);
-    };
-    switch (a.M) {
-      case 1: run(std::integral_constant<int, 1>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      case 3: run(std::integral_constant<int, 3>{}); break;
-      default: run(std::integral_constant<int, 4>{}); break;
-    }
+  tl_for_tiles(a, n0, n1, [&](auto g, auto three, auto r, int64_t n, int64_t nrows) {
+    tl_tile<decltype(g)::value, decltype(three)::value, decltype(r)::value>(a, n, nrows);
   });
 }
 
