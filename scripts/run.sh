@@ -14,6 +14,9 @@
 #     calibration sequences, from GPTQ's exact codes); then every group scale tuned end to end on
 #     the bf16 model's logits (2 passes). `--preset fast --gsq-nsamples 32` is the old, quicker
 #     default: quicker, but it does not beat GPTQ.
+#   THREADS (all cores, `nproc`): gsq-quantize's torch threads. On a machine shared with other busy
+#     jobs use 1 (more threads than free cores spin and run many times slower); on the idle 2-core
+#     EPYC a main-job block took 35 s with 2 threads and 62 s with 1 (docs/results/main-job.md).
 #   SERVE: "1" (default) keep serving on $HOST:$PORT after the demo question,
 #          "once" ask the demo question and stop, "0" do not serve.
 #   HOST (127.0.0.1) PORT (8000); extra arguments go to gsq-quantize.
@@ -24,6 +27,7 @@ METHOD="${METHOD:-gsq}"
 BITS="${BITS:-3}"
 GROUP_SIZE="${GROUP_SIZE:-32}"
 NSAMPLES="${NSAMPLES:-128}"
+THREADS="${THREADS:-$(nproc)}"
 QUANTIZE_ARGS="${QUANTIZE_ARGS:---skip-attention --preset steps256 --calib-chat --gsq-nsamples 128 --e2e-epochs 2}"
 OUT="${OUT:-$ROOT/runs/smollm2-$METHOD-${BITS}b-g$GROUP_SIZE}"
 SERVE="${SERVE:-1}"
@@ -38,7 +42,7 @@ MODEL="$("$VENV/bin/python" -c 'from quantize.models import prepare_default_mode
 echo "[run] quantizing $MODEL -> $OUT ($METHOD, $BITS-bit, G=$GROUP_SIZE; progress also in $OUT.log)" >&2
 # shellcheck disable=SC2086  # QUANTIZE_ARGS is a list of flags
 "$VENV/bin/gsq-quantize" --model "$MODEL" --out "$OUT" --method "$METHOD" --bits "$BITS" --group-size "$GROUP_SIZE" \
-  --nsamples "$NSAMPLES" $QUANTIZE_ARGS "$@"
+  --nsamples "$NSAMPLES" --threads "$THREADS" $QUANTIZE_ARGS "$@"
 echo "[run] evaluating" >&2
 "$VENV/bin/gsq-eval" "$MODEL" "$OUT" --nsamples "${EVAL_NSAMPLES:-20}" --seqlen "${EVAL_SEQLEN:-512}" --json "$OUT.ppl.json"
 echo "[run] checkpoint: $OUT"
