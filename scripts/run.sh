@@ -12,8 +12,8 @@
 #     SmolLM2-135M's chat answers); calibration text in the chat template; GSQ in the regime where
 #     it beats GPTQ (docs/results/gsq-regime.md: 256 Lion steps of 4 sequences a block over all 128
 #     calibration sequences, from GPTQ's exact codes); then every group scale tuned end to end on
-#     the bf16 model's logits (2 passes). `--preset fast --gsq-nsamples 32` is the old, quicker
-#     default: quicker, but it does not beat GPTQ.
+#     the bf16 model's logits (2 passes). `--preset fast --gsq-nsamples 32` is the old default:
+#     quicker, but it does not beat GPTQ.
 #   THREADS (all cores, `nproc`): gsq-quantize's torch threads. On a machine shared with other busy
 #     jobs use 1 (more threads than free cores spin and run many times slower); on the idle 2-core
 #     EPYC a main-job block took 35 s with 2 threads and 62 s with 1 (docs/results/main-job.md).
