@@ -12,11 +12,14 @@
 // then the lane l = (o % W) / 16.
 static inline int64_t tl_table_offset(int64_t o) { return V::table_offset(o); }
 
+// Bytes of the lo plane's tables of a row of x with K columns: the hi plane's tables start there.
+static inline int64_t tl_lo_table_bytes(int64_t K) { return (K / 4 + V::W - 1) / V::W * 32 * V::W; }
+
 template <int G, bool Three>
 static void tl_build(const float* x, int64_t M, int64_t NG, int8_t* tables, float* ta, int64_t rtb) {
   constexpr int Q = G / 4;
   const int64_t K = NG * G;
-  const int64_t lo_bytes = (K / 4 + V::W - 1) / V::W * 32 * V::W;
+  const int64_t lo_bytes = tl_lo_table_bytes(K);
   for (int64_t m = 0; m < M; ++m) {
     int8_t* tm = tables + m * rtb;
     for (int64_t g = 0; g < NG; ++g) {
@@ -62,4 +65,18 @@ static inline void tl_for_tiles(const TlArgs& a, int64_t n0, int64_t n1, Tile&& 
       default: run(std::integral_constant<int, 4>{}); break;
     }
   });
+}
+
+// The 16 rows of the tile at output row n0 (nrows of them real): each row's lo and hi plane bytes and
+// the index of its first group scale. Rows past N repeat the last one (their sums are not stored).
+template <int G, bool Three>
+static inline void tl_tile_rows(const TlArgs& a, int64_t n0, int64_t nrows, const uint8_t* lo_rows[16],
+                                const uint8_t* hi_rows[16], int32_t sidx[16]) {
+  constexpr int Q = G / 4;
+  for (int r = 0; r < 16; ++r) {
+    const int64_t n = n0 + (r < nrows ? r : nrows - 1);
+    lo_rows[r] = a.lo + n * a.NG * Q;
+    hi_rows[r] = Three ? a.hi + n * a.NG * (Q / 2) : nullptr;
+    sidx[r] = static_cast<int32_t>(n * a.NG);
+  }
 }

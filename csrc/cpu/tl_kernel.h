@@ -133,18 +133,13 @@ static void tl_tile(const TlArgs& a, int64_t n0, int64_t nrows) {
   const uint8_t* lo_rows[16];
   const uint8_t* hi_rows[16];
   alignas(64) int32_t sidx[16];
-  for (int r = 0; r < 16; ++r) {  // rows past N repeat the last one (their sums are not stored)
-    const int64_t n = n0 + (r < nrows ? r : nrows - 1);
-    lo_rows[r] = a.lo + n * a.NG * Q;
-    hi_rows[r] = Three ? a.hi + n * a.NG * (Q / 2) : nullptr;
-    sidx[r] = static_cast<int32_t>(n * a.NG);
-  }
+  tl_tile_rows<G, Three>(a, n0, nrows, lo_rows, hi_rows, sidx);
   typename V::FR facc[R];
   for (int m = 0; m < R; ++m) facc[m] = V::fr_zero();
   const bool more = n0 + 16 < a.N;
   tl_plane<Q, 1, R>(a, lo_rows, K / 4, a.tables, sidx, more ? a.lo + (n0 + 16) * (K / 4) : nullptr, facc);
   if constexpr (Three) {
-    const int64_t lo_bytes = (K / 4 + V::W - 1) / V::W * 32 * V::W;
+    const int64_t lo_bytes = tl_lo_table_bytes(K);
     tl_plane<Q / 2, 2, R>(a, hi_rows, K / 8, a.tables + lo_bytes, sidx,
                           more ? a.hi + (n0 + 16) * (K / 8) : nullptr, facc);
   }
