@@ -252,7 +252,8 @@ def cpu_dense_int8(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, bias: to
     float32 with the block scales, and the result rounded once.
 
     With ``weight`` (the bf16 ``[N, K]`` that ``wq`` was made from), calls with more than 2 rows
-    of x run :func:`cpu_dense` on it instead: there the int8 kernel's extra instructions per
+    of x run on it instead (:func:`cpu_dense`, or torch's oneDNN linear where the CPU has a bf16
+    dot product): there the int8 kernel's extra instructions per
     product cost more than the bytes it saves (csrc/cpu/gsq_cpu_gemm.cpp, kDenseInt8MaxRows). The
     choice is made inside the op, so a compiled graph keeps it for every batch size."""
     return torch.ops.gsq.cpu_dense_int8(x, wq, ws, weight, bias)

@@ -269,12 +269,20 @@ def test_dense_int8_kernel_matches_reference(isa):
         torch.testing.assert_close(yb.double(), refb.float().bfloat16().double(), rtol=8e-3, atol=1e-5 * refb.abs().max().item())
     x3 = torch.randn(2, 3, k, generator=gen).bfloat16()
     assert torch.equal(C.cpu_dense_int8(x3, wq, ws, None), C.cpu_dense_int8(x3.reshape(6, k), wq, ws, None).reshape(2, 3, n))
-    # Given the bf16 weight, the op keeps int8 up to 2 rows of x and runs gsq::cpu_dense above.
+    # Given the bf16 weight, the op keeps int8 up to 2 rows of x; above, gsq::cpu_dense where the CPU
+    # has no bf16 dot product, torch's (oneDNN) linear where it has.
     wb = w.bfloat16()
+    native = C._cpp.bf16_gemm_is_native()
     for m in (1, 2, 3, 8):
         x = torch.randn(m, k, generator=gen).bfloat16()
-        want = C.cpu_dense_int8(x, wq, ws, bias) if m <= 2 else C.cpu_dense(x, wb, bias)
+        above = torch.nn.functional.linear(x, wb, bias) if native else C.cpu_dense(x, wb, bias)
+        want = C.cpu_dense_int8(x, wq, ws, bias) if m <= 2 else above
         assert torch.equal(C.cpu_dense_int8(x, wq, ws, bias, wb), want), m
+    # float32 x tells the two apart (bf16 outputs of both are often equal): torch's linear runs
+    # in the weight's dtype, gsq::cpu_dense keeps x in float32
+    x = torch.randn(8, k, generator=gen)
+    want = torch.nn.functional.linear(x.bfloat16(), wb).float() if native else C.cpu_dense(x, wb)
+    assert torch.equal(C.cpu_dense_int8(x, wq, ws, None, wb), want)
     x = torch.randn(3, k, generator=gen)  # a float32 model's weight: torch's linear above 2 rows
     torch.testing.assert_close(C.cpu_dense_int8(x, wq, ws, None, w), x @ w.t())
     with pytest.raises(RuntimeError, match="weight wq was made from"):

@@ -712,8 +712,8 @@ torch::Tensor cpu_dense_op(const torch::Tensor& x, const torch::Tensor& w, const
 // gsq::cpu_dense_int8 (GSQ_CPU_DENSE=int8, opt-in): a dense layer whose weight was rounded to
 // int8 per output row when the model loaded (gsq_vllm/cpu_gemm.py quantize_dense_int8), times x
 // rounded to int8 per block of 32 here: y[m, n] = ws[n] * sum_b xa[m, b] * sum_k xq[m, k] wq[n, k].
-// Above kDenseInt8MaxRows rows of x, when the bf16 weight is passed too, gsq::cpu_dense serves
-// the call instead: the int8 kernel's 5 instructions per 32 products and row of x (sign,
+// Above kDenseInt8MaxRows rows of x, when the bf16 weight is passed too, that weight serves the
+// call instead (gsq::cpu_dense, or torch's linear where the CPU has a bf16 dot product): the int8 kernel's 5 instructions per 32 products and row of x (sign,
 // vpmaddubsw, vpmaddwd, convert, FMA) cost more than the bf16 kernel's 4 FMAs once the weight's
 // bytes are shared by several rows. lm_head 49152 x 576 on a 2-core AVX2 EPYC, 1 thread,
 // 2026-12-04, int8 vs bf16 ms: M = 1: 3.5 vs 6.7; 2: 5.8 vs 7.8; 4: 11.7 vs 9.6; 8: 22.3 vs 19.3.
@@ -750,9 +750,14 @@ torch::Tensor cpu_dense_int8_op(const torch::Tensor& x, const torch::Tensor& wq,
               " (its K rounded up to 32)");
   if (w.has_value() && w->defined()) {
     TORCH_CHECK(w->dim() == 2 && w->size(0) == N && w->size(1) == K, "gsq::cpu_dense_int8: w must be the [N, K] weight wq was made from");
-    if (x.numel() / K > kDenseInt8MaxRows)  // a float32 model's weight: torch's float32 GEMM is fast
-      return w->scalar_type() == torch::kBFloat16 ? cpu_dense_op(x, *w, bias)
-                                                  : at::linear(x.to(w->scalar_type()), *w, bias).to(x.scalar_type());
+    // A bf16 weight on a CPU without a bf16 dot product goes to gsq::cpu_dense; a float32 one, or a
+    // bf16 one where the CPU has the dot product, to torch's linear (oneDNN): on a 2-core AVX-512-BF16
+    // EPYC (2026-12-06, lm_head 49152 x 2048, one thread, shared) at M = 8 it took 25 ms, cpu_dense
+    // 55, the int8 kernel 43; served at concurrency 8 cpu_dense had cost a quarter of the throughput.
+    if (x.numel() / K > kDenseInt8MaxRows)
+      return w->scalar_type() == torch::kBFloat16 && !bf16_gemm_is_native()
+                 ? cpu_dense_op(x, *w, bias)
+                 : at::linear(x.to(w->scalar_type()), *w, bias).to(x.scalar_type());
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
