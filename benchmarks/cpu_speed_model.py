@@ -17,13 +17,12 @@ picks (``tl``), plus the AVX2 pair (what an AVX2-only machine runs):
   valgrind's callgrind (exact dynamic counts, not a model) on a 64 x 4096 slice: the kernel's
   instructions per weight there, plus the table build's (per element of x) spread over the layer's
   N rows; ~90 s per kernel and bits under valgrind. Valgrind implements
-  no AVX-512, so only the AVX2 and generic kernels are counted; on an AVX-512 CPU the AVX-512 rows show
-  ``-``. This VM exposes no hardware counters (``perf stat`` reports cycles as not supported).
+  no AVX-512, so only the AVX2 kernels are counted; the AVX-512 rows show ``-``. This VM exposes no hardware counters (``perf stat`` reports cycles as not supported).
 
     python -m benchmarks.cpu_speed_model --count --json benchmarks/results/cpu_speed_model_avx512_epyc.json
 
-The two floors are measurements on this machine, their max is a model of the call (no overlap
-penalty, no prefetch gain); the table prints both next to the real time.
+The two floors are measurements on this machine; their max is the best a call could do with loads and
+compute fully overlapped, their sum the worst with none; the table prints both next to the real time.
 """
 
 from __future__ import annotations
@@ -46,8 +45,7 @@ from gsq_vllm import cpu_gemm as cg
 
 ROOT = Path(__file__).resolve().parents[1]
 # The kernel entry each (isa, tl) runs, as callgrind names it (demangled).
-ENTRY = {("avx2", "off"): "gsq_isa_avx2::gemm_rows_entry", ("generic", "off"): "gsq_isa_generic::gemm_rows_entry",
-         ("avx2", "avx2"): "gsq_tlk_avx2::tl_rows_entry"}
+ENTRY = {("avx2", "off"): "gsq_isa_avx2::gemm_rows_entry", ("avx2", "avx2"): "gsq_tlk_avx2::tl_rows_entry"}
 TABLES = "gsq_tlk_avx2::tl_build_entry"  # the table-lookup kernels' per-call table build
 COUNT_K = 4096  # the counted slice is 64 x COUNT_K
 
@@ -100,7 +98,7 @@ def layer_data(n: int, k: int, bits: int, g: int, warm_bytes: int) -> dict:
 
 
 def time_layer(data: dict, n: int, k: int, bits: int, g: int, isa: str, tl: str, reps: int) -> dict:
-    """Cold (weight from memory) and warm (the L2-sized slice, repeated) time of one M = 1 call."""
+    """Cold (weight from memory) and compute (in-cache slices, fitted) time of one M = 1 call."""
     cpp = cg._cpp
     cpp.set_isa(isa)
     cpp.set_tl(tl)
@@ -124,7 +122,7 @@ def main(argv=None) -> None:
     p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--warm-bytes", type=int, default=256 << 10, help="weight bytes of the smaller in-cache slice")
-    p.add_argument("--count", action="store_true", help="count instructions with valgrind (AVX2 and generic kernels)")
+    p.add_argument("--count", action="store_true", help="count instructions with valgrind (the AVX2 kernels)")
     p.add_argument("--counts-from", metavar="JSON", help="reuse the instruction counts of an earlier --count run")
     p.add_argument("--note", default="")
     add_common_args(p, "benchmarks/results/cpu_speed_model.json")
@@ -135,7 +133,7 @@ def main(argv=None) -> None:
         raise SystemExit("cpu_speed_model: --count needs valgrind (apt install valgrind)")
     torch.set_num_threads(1)
     cpp, g = cg._cpp, args.group_size
-    isa, tl_auto = cg.cpu_isa(), None
+    isa = cg.cpu_isa()
     before = cpp.set_tl("auto")
     tl_auto = cpp.tl_in_use(1)
     cpp.set_tl(before)

@@ -28,7 +28,8 @@ Prints one table (with ratios to llama.cpp Q2_K and to our bf16 serve) and write
 
     python -m benchmarks.served_vs_llama_cpp --json benchmarks/results/served_vs_llama_cpp_avx512_epyc.json
 
-Costs on a 2-core machine: llama.cpp build ~10 min once, model + checkpoints + GGUFs ~10 min once,
+Costs on a 2-core machine (measured once): llama.cpp build ~4 min, model + RTN checkpoints + GGUFs ~25 min
+(RTN's scale search: 9 and 12 min; all reused by later runs),
 then ~4 min per served checkpoint (vLLM start-up dominates). Use ``--threads`` = the cores vLLM's engine
 gets (``gsq-serve`` gives it every core of a machine with at most 2).
 """
