@@ -109,11 +109,10 @@ def tl_main(args) -> None:
             continue
         for bits in (2, 3):
             lo, hi, s, nbytes = _quantized(n, k, bits, G)
-            # Cold (default): calls cycle through copies of the planes totalling >= 128 MiB (4x a 32 MiB
-            # L3), so every call streams its weight from memory, as each layer of a decode step does;
-            # --warm times one copy again and again (layers under the L3 size then run from cache).
-            copies = 1 if args.warm else max(1, -(-(128 << 20) // nbytes))
-            sets = [(lo, hi, s)] + [(lo.clone(), hi.clone(), s.clone()) for _ in range(copies - 1)]
+            # Cold (default): every call streams its weight from memory (streamed_copies); --warm times
+            # one copy again and again (layers under the L3 size then run from cache).
+            sets = [(lo, hi, s)] if args.warm else streamed_copies(lo, hi, s, nbytes)
+            copies = len(sets)
             reps = max(5, args.reps // 6) if n * k >= 2**26 else args.reps
             for m in ms:
                 x = torch.randn(m, k, dtype=torch.bfloat16)
@@ -148,6 +147,13 @@ def tl_main(args) -> None:
     machine = machine_info(isas=cpp.supported_isas(), isa_in_use=isa, tl_variants=variants, tl_auto=cpp.tl_in_use(1),
                            copy_bandwidth_gbs=copy_bw, read_bandwidth_gbs=read_bw, torch=torch.__version__)
     write_json({"machine": machine, "note": args.note, "tl_max_rows": cpp.TL_MAX_ROWS, "rows": rows}, args.json)
+
+
+def streamed_copies(lo, hi, s, nbytes: int) -> list[tuple]:
+    """The weight ``(lo, hi, s)`` and copies of it totalling >= 128 MiB (4x a 32 MiB L3): calls that
+    cycle through them read their weight from memory, as each layer of a decode step does."""
+    copies = max(1, -(-(128 << 20) // nbytes))
+    return [(lo, hi, s)] + [(lo.clone(), hi.clone(), s.clone()) for _ in range(copies - 1)]
 
 
 def _quantized(n: int, k: int, bits: int, g: int):

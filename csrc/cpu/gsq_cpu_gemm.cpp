@@ -713,9 +713,9 @@ torch::Tensor cpu_dense_op(const torch::Tensor& x, const torch::Tensor& w, const
 // int8 per output row when the model loaded (gsq_vllm/cpu_gemm.py quantize_dense_int8), times x
 // rounded to int8 per block of 32 here: y[m, n] = ws[n] * sum_b xa[m, b] * sum_k xq[m, k] wq[n, k].
 // Above kDenseInt8MaxRows rows of x, when the bf16 weight is passed too, that weight serves the
-// call instead (gsq::cpu_dense, or torch's linear where the CPU has a bf16 dot product): the int8 kernel's 5 instructions per 32 products and row of x (sign,
-// vpmaddubsw, vpmaddwd, convert, FMA) cost more than the bf16 kernel's 4 FMAs once the weight's
-// bytes are shared by several rows. lm_head 49152 x 576 on a 2-core AVX2 EPYC, 1 thread,
+// call instead (gsq::cpu_dense, or torch's linear where the CPU has a bf16 dot product): the int8
+// kernel's 5 instructions per 32 products and row of x (sign, vpmaddubsw, vpmaddwd, convert, FMA)
+// cost more than the bf16 kernel's 4 FMAs once the weight's bytes are shared by several rows. lm_head 49152 x 576 on a 2-core AVX2 EPYC, 1 thread,
 // 2026-12-04, int8 vs bf16 ms: M = 1: 3.5 vs 6.7; 2: 5.8 vs 7.8; 4: 11.7 vs 9.6; 8: 22.3 vs 19.3.
 constexpr int64_t kInt8Block = 32;
 constexpr int64_t kDenseInt8MaxRows = 2;
