@@ -209,6 +209,17 @@ def dense_kernel_wanted(weight: torch.Tensor) -> bool:
             and weight.dtype == torch.bfloat16 and weight.dim() == 2 and not _cpp.bf16_gemm_is_native())
 
 
+def dense_one_row_wanted(weight: torch.Tensor) -> bool:
+    """Whether ``gsq::cpu_dense`` should serve lm_head's calls with one row of x (batch-1 decode) on a
+    CPU that has a bf16 dot product, where vLLM serves it with oneDNN (``onednn_mm``). One row
+    reads the whole weight for one dot product per output; cpu_dense streams it nearer the
+    memory's speed: lm_head 49152 x 2048 bf16, 2 threads, weights read from memory, 2-core
+    AVX-512-BF16 EPYC (2026-12-07): 7.8-8.1 ms against oneDNN's 9.7-11.2 (49152 x 576: 3.35 vs
+    3.95); from 2 rows oneDNN leads (at 4: 9.0 against 16.9). ``GSQ_CPU_DENSE=0`` keeps vLLM's path."""
+    return (_cpp is not None and os.environ.get("GSQ_CPU_DENSE", "1") != "0" and weight.device.type == "cpu"
+            and weight.dtype == torch.bfloat16 and weight.dim() == 2 and _cpp.bf16_gemm_is_native())
+
+
 def cpu_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` [..., K] (any float dtype) -> ``x @ weight.T + bias`` in x's dtype, for a bf16
     ``weight`` [N, K] (``torch.ops.gsq.cpu_dense``; see :func:`dense_kernel_wanted`). Products and

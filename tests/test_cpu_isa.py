@@ -246,9 +246,15 @@ def _dense_int8_reference(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_dense_int8_kernel_matches_reference(isa):
-    """gsq::cpu_dense_int8 (GSQ_CPU_DENSE=int8): the AVX2 kernel under every kernel that implies
-    AVX2, the portable loop under generic; 1- and 2-row tiles and their tails, N not a multiple of
-    the 4-row tile, K not a multiple of 32 (a partial last block), a bias, leading dims."""
+    """gsq::cpu_dense_int8 (GSQ_CPU_DENSE=int8): the AVX-512 VNNI kernel under the kernels of a
+    CPU with VNNI, the AVX2 one under the other SIMD kernels, the portable loop under generic;
+    1- and 2-row tiles and their tails, N not a multiple of the 4-row tile, K not a multiple of 32
+    (a partial last block) and an odd count of blocks (the VNNI kernel's lone last block), a bias,
+    leading dims."""
+    vnni_here = "avx512vnni" in ISAS
+    want = ("generic" if isa == "generic" else
+            "avx512vnni" if vnni_here and isa in ("avx512vnni", "avx512bf16", "amx") else "avx2")
+    assert C._cpp.dense_int8_kernel() == want
     gen = torch.Generator().manual_seed(22)
     n, k = 45, 8 * 16 + 5
     w = torch.randn(n, k, generator=gen)

@@ -273,6 +273,41 @@ def test_kept_linear_and_lm_head_use_the_dense_cpu_kernel_where_bf16_is_slow(vll
             assert torch.equal(y, C.cpu_dense(x, w, None))
 
 
+def test_lm_head_one_row_runs_cpu_dense_where_bf16_is_native(vllm_dist, monkeypatch):
+    """On a CPU with a bf16 dot product lm_head's calls with one row of x (batch-1 decode) run
+    gsq::cpu_dense, calls with more rows vLLM's own GEMM (oneDNN), as GSQ_CPU_DENSE=0 does for
+    every call. Both round the same float32 sums to bf16 (mostly the same bits), so the profiler
+    tells which op ran."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    from gsq_vllm import cpu_gemm as C
+    from gsq_vllm.config import GSQConfig
+
+    if not C.cpp_kernel_available() or not C._cpp.bf16_gemm_is_native():
+        pytest.skip("needs gsq_vllm._C_cpu on a CPU with a bf16 dot product (elsewhere cpu_dense serves every call)")
+
+    def ran_cpu_dense(layer, x):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = layer.quant_method.apply(layer, x)
+        return y, any(e.name == "gsq::cpu_dense" for e in prof.events())
+
+    cfg = GSQConfig.from_config(_quant_dict())
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(256, 128, generator=gen).bfloat16()
+    x1, x5 = torch.randn(1, 128, generator=gen).bfloat16(), torch.randn(5, 128, generator=gen).bfloat16()
+    for setting in ("1", "0"):
+        monkeypatch.setenv("GSQ_CPU_DENSE", setting)
+        head = ParallelLMHead(256, 128, quant_config=cfg, params_dtype=torch.bfloat16, prefix="lm_head")
+        head.weight.data.copy_(w)
+        head.quant_method.process_weights_after_loading(head)
+        for x, ours in ((x1, setting == "1"), (x5, False)):
+            y, dense = ran_cpu_dense(head, x)
+            assert dense == ours, (setting, x.shape[0])
+            ref = x.double() @ w.double().t()
+            torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+        assert torch.equal(head.weight.data, w)  # tied embeddings read the same tensor
+
+
 def test_dense_int8_serves_lm_head_and_kept_linears_but_not_the_embedding(vllm_dist, monkeypatch):
     """GSQ_CPU_DENSE=int8: lm_head and a kept linear compute with an int8 copy of their weight
     (gsq::cpu_dense_int8) up to 2 rows of x and with the bf16 weight above; that weight stays

@@ -58,6 +58,7 @@ extern DequantRowsFn gsq_dequant_rows_avx512;
 extern DenseRowsFn gsq_dense_rows_avx2;
 extern DenseRowsFn gsq_dense_rows_avx512;
 extern DenseInt8RowsFn gsq_dense_int8_rows_avx2;  // dense_int8_avx2.cpp
+extern DenseInt8RowsFn gsq_dense_int8_rows_avx512vnni;  // dense_int8_avx512vnni.cpp
 extern TlKernel gsq_tl_avx2;    // tl_avx2.cpp: table-lookup decode kernels (tl_kernel.h)
 extern TlKernel gsq_tl_avx512;  // tl_avx512.cpp
 extern TlKernel gsq_tl_avx512vbmi;  // tl_avx512vbmi.cpp
@@ -736,6 +737,15 @@ void dense_int8_rows_generic(const DenseInt8Args& a, int64_t n0, int64_t n1) {
     }
 }
 
+// The int8 dense kernel under the GEMM kernel in use: the AVX-512 VNNI one under the kernels of a CPU
+// that has VNNI (avx512vnni, avx512bf16, amx), the AVX2 one under the other SIMD kernels, the
+// portable loop under generic.
+std::string dense_int8_kernel() {
+  if (g_isa == Isa::kGeneric) return "generic";
+  const bool vnni_kernel = g_isa == Isa::kAvx512Vnni || g_isa == Isa::kAvx512Bf16 || g_isa == Isa::kAmx;
+  return vnni_kernel && cpu_has(Isa::kAvx512Vnni) ? "avx512vnni" : "avx2";
+}
+
 torch::Tensor cpu_dense_int8_op(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& ws,
                                 const std::optional<torch::Tensor>& w, const std::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && wq.device().is_cpu() && ws.device().is_cpu(), "gsq::cpu_dense_int8: CPU tensors only");
@@ -778,7 +788,10 @@ torch::Tensor cpu_dense_int8_op(const torch::Tensor& x, const torch::Tensor& wq,
     }
   torch::Tensor y = torch::empty({M, N}, xf.options());  // float32: the bias is added before the one rounding
   DenseInt8Args a{xq.data(), xa.data(), wq.data_ptr<int8_t>(), ws.data_ptr<float>(), y.data_ptr(), M, N, Kp, false};
-  DenseInt8RowsFn rows = g_isa == Isa::kGeneric ? &dense_int8_rows_generic : gsq_dense_int8_rows_avx2;
+  const std::string kernel = dense_int8_kernel();
+  DenseInt8RowsFn rows = kernel == "generic"      ? &dense_int8_rows_generic
+                         : kernel == "avx512vnni" ? gsq_dense_int8_rows_avx512vnni
+                                                  : gsq_dense_int8_rows_avx2;
   if (M > 0) at::parallel_for(0, N, kRowsPerTask, [&](int64_t n0, int64_t n1) { rows(a, n0, n1); });
   if (bias.has_value() && bias->defined()) y.add_(bias->to(torch::kFloat32));
   return y.to(x.scalar_type()).reshape(out_shape);
@@ -825,6 +838,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("TL_MAX_ROWS") = kTlMaxRows;
   m.def("bf16_gemm_is_native", &bf16_gemm_is_native,
         "whether this CPU multiplies bf16 natively (AVX-512-BF16 or AMX); elsewhere gsq::cpu_dense serves bf16 layers");
+  m.def("dense_int8_kernel", &dense_int8_kernel,
+        "the kernel gsq::cpu_dense_int8 runs under the GEMM kernel in use: avx512vnni, avx2 or generic");
   m.def("parallel_threads", &parallel_threads, "distinct threads at::parallel_for uses in this library (OpenMP build check)");
   m.def("dequant", &dequant, "GSQ planes of groups [g0, g1) -> dense weight [N, (g1-g0)*G] (float32 or bfloat16)");
   m.def("shape_rules", [] {
