@@ -22,7 +22,8 @@ M = 1 kernel streams its packed weight + scales at, against the machine's memory
     python -m benchmarks.bench_cpu_gemm [--threads 2] [--json benchmarks/results/bench_cpu_gemm.json]
 
 ``--tl``: the table-lookup decode kernels (csrc/cpu/tl_kernel.h) against the old fused kernels, side by
-side in one process, at M = 1 and 4, 2 and 3 bits, on SmolLM2-135M's, Llama-3.1-8B's and
+side in one process, at M = 1 and 4 (``--ms``: any up to ``TL_MAX_ROWS``; above 4 rows the tables
+run as passes of 4), 2 and 3 bits, on SmolLM2-135M's, Llama-3.2-1B's, Llama-3.1-8B's and
 Llama-3.1-70B's linears (``TL_SHAPES``): ``old`` is the fused kernel of the ISA in use with the tables
 off, ``old_avx2`` the AVX2 one (what an AVX2-only machine runs), then every table-lookup variant and
 ``auto`` (what the op picks). Each call reads its weight from memory (calls cycle through copies of it
@@ -75,6 +76,9 @@ def memory_bandwidth_gbs(mib: int = 1024) -> float:
 TL_SHAPES = [
     ("smollm2-135m", "qkv", 960, 576), ("smollm2-135m", "o", 576, 576), ("smollm2-135m", "gate_up", 3072, 576),
     ("smollm2-135m", "down", 576, 1536),
+    # the body of benchmarks/served_vs_llama_cpp.py's model (Llama-3.2-1B)
+    ("llama-1b", "qkv", 3072, 2048), ("llama-1b", "o", 2048, 2048), ("llama-1b", "gate_up", 16384, 2048),
+    ("llama-1b", "down", 2048, 8192),
     ("llama-8b", "qkv", 6144, 4096), ("llama-8b", "o", 4096, 4096), ("llama-8b", "gate_up", 28672, 4096),
     ("llama-8b", "down", 4096, 14336),
     ("llama-70b", "qkv", 10240, 8192), ("llama-70b", "o", 8192, 8192), ("llama-70b", "up", 28672, 8192),

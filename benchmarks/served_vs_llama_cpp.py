@@ -20,7 +20,7 @@ in ``--work``:
 5. vLLM: each checkpoint served by ``gsq-serve`` (``benchmarks.serving``), greedy streamed
    completions of N tokens with ``ignore_eos``: at concurrency 1 the median per-request decode rate,
    at concurrency 8 all output tokens / wall time; ``-optin`` rows (``--served``) serve the same checkpoint
-   with both opt-in CPU paths, ``GSQ_CPU_TL=auto`` (table-lookup kernels at M <= 4) and
+   with both opt-in CPU paths, ``GSQ_CPU_TL=auto`` (table-lookup kernels at M <= 16) and
    ``GSQ_CPU_DENSE=int8`` (lm_head, here the tied 49152 x 2048 embedding, from an int8 copy), ``-tl``
    rows the tables alone.
 
@@ -56,8 +56,10 @@ SHAPE = dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8)
 GGUF_TYPES = ["F16", "Q2_K", "Q3_K", "Q4_0"]
 # Served rows: the folder (bf16 / gsq2 / gsq3, before the dash) and the server's extra environment.
 _OPTIN = {"GSQ_CPU_TL": "auto", "GSQ_CPU_DENSE": "int8"}
-SERVED = {"bf16": {}, "gsq2": {}, "gsq2-tl": {"GSQ_CPU_TL": "auto"}, "gsq2-optin": _OPTIN,
-          "gsq3": {}, "gsq3-tl": {"GSQ_CPU_TL": "auto"}, "gsq3-optin": _OPTIN}
+# -onednn-head: lm_head on vLLM's oneDNN GEMM at every row count (GSQ_CPU_DENSE=0; before 2026-12-07
+# the default on CPUs with a bf16 dot product), beside the default's gsq::cpu_dense at one row.
+SERVED = {"bf16": {}, "gsq2": {}, "gsq2-onednn-head": {"GSQ_CPU_DENSE": "0"}, "gsq2-tl": {"GSQ_CPU_TL": "auto"},
+          "gsq2-optin": _OPTIN, "gsq3": {}, "gsq3-tl": {"GSQ_CPU_TL": "auto"}, "gsq3-optin": _OPTIN}
 # HF Llama tensor names -> GGUF's (llama.cpp's LLM_TENSOR names).
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",

@@ -1,7 +1,8 @@
 """The table-lookup (T-MAC-style) decode kernels (csrc/cpu/tl_kernel.h; tl_avx2.cpp, tl_avx512.cpp):
 every variant this CPU can run (so an AVX-512 machine also checks the AVX2 one), 2-bit, ternary
-(stored as 2-bit) and 3-bit, G = 32/64/128, M = 1..4, N not a multiple of the 16-row tile, K with
-whole and partial super-chunks of the planes' streams.
+(stored as 2-bit) and 3-bit, G = 32/64/128, M = 1..4 (one kernel call) and 5, 13 (passes of 4 rows
+of x over the weight), N not a multiple of the 16-row tile, K with whole and partial super-chunks
+of the planes' streams.
 
 Two references. The kernel's own rounding (tl_kernel.h): per (row m of x, group g) the step is
 a = 4 max|x_g| / 127, every table entry (a float32 partial sum e of x times small integers) is
@@ -90,7 +91,7 @@ def test_tl_matches_its_rounding_and_the_float_bound(tl, bits, g):
         q, s, lo, hi = _case(n, k, bits, g, seed=g + int(10 * bits) + k)
         w = w_cache.setdefault(k, F.dequantize(q, s, g).double())  # exact: small codes times bf16 scales
         gen = torch.Generator().manual_seed(k)
-        for m in (1, 2, 3, 4):
+        for m in (1, 2, 3, 4, 5, 13):
             assert C._cpp.tl_in_use(m) == tl
             x = torch.randn(m, k, generator=gen)
             x[0, :g] *= 8  # an outlier group: only its own tables get coarser
@@ -117,7 +118,7 @@ def test_tl_through_the_custom_op_and_old_path_kept(tl):
     kernel above; GSQ_CPU_TL=off / set_tl("off") gives the old kernel bit for bit."""
     n, k, g = 70, 1024, 64
     q, s, lo, hi = _case(n, k, 2, g, seed=5)
-    for m in (1, 4, 5):
+    for m in (1, 4, 5, C._cpp.TL_MAX_ROWS, C._cpp.TL_MAX_ROWS + 1):
         x = torch.randn(m, k).bfloat16()
         y = torch.ops.gsq.cpu_gemm(x, lo, hi, s, 2, g)
         if m <= C._cpp.TL_MAX_ROWS:
@@ -128,7 +129,8 @@ def test_tl_through_the_custom_op_and_old_path_kept(tl):
         try:
             assert C._cpp.tl_in_use(m) == ""
             old = torch.ops.gsq.cpu_gemm(x, lo, hi, s, 2, g)
-            assert torch.equal(old, C._cpp.gemm(x, lo, hi, s, 2, g))
+            if m <= C._cpp.max_fused_rows(n, k):  # above, the op's blocked path
+                assert torch.equal(old, C._cpp.gemm(x, lo, hi, s, 2, g))
             if m > C._cpp.TL_MAX_ROWS:
                 assert torch.equal(old, y)
         finally:

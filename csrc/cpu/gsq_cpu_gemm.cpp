@@ -293,9 +293,16 @@ float load_as_float(const void* p, bool bf16, int64_t i) {
 // 1/1.04-1/2.76 at M = 4; the AVX2 tables 1/1.04-1/4.0 of the AVX2 kernel's. Opt-in, not the
 // default, because their int8 tables cost answers: the main job's checkpoint served with them got
 // 42 of 80 chat-probe questions right, with the fused kernels 46 (bf16 48; same day and machine,
-// benchmarks/results/chat_probe_steps256.json). More rows were not measured.
+// benchmarks/results/chat_probe_steps256.json).
+// A kernel call takes up to kTlPassRows rows of x (its register tile); up to kTlMaxRows rows run as
+// passes of kTlPassRows over the weight, each pass re-reading it: even so, on the 2-core AVX-512
+// EPYC (2 threads, weights read from memory, 2026-12-07) the passes beat the fused kernel the op
+// runs there at M = 8, 12 and 16 on every layer tried (Llama-1B 16384 x 2048, 2048 x 8192, 8B
+// 4096 x 4096; 2 and 3 bits): avx512vbmi tables 1/1.04-1/2.6 of the avx512bf16 kernel's time, avx2
+// tables 1/1.8-1/3.4 of the avx2 kernel's. Above 16 rows the op's own choice (fused or blocked) runs.
 enum class TlMode { kOff, kAuto, kAvx2, kAvx512, kAvx512Vbmi };
-constexpr int64_t kTlMaxRows = 4;
+constexpr int64_t kTlPassRows = 4;
+constexpr int64_t kTlMaxRows = 16;
 TlMode g_tl = TlMode::kOff;
 
 const char* tl_name(TlMode t) {
@@ -377,10 +384,17 @@ torch::Tensor gemm_tl(const TlKernel& tk, const torch::Tensor& x, const torch::T
   if (static_cast<int64_t>(ta.size()) < M * NG) ta.resize(M * NG);
   tk.build(xf.data_ptr<float>(), M, NG, static_cast<int>(G), static_cast<int>(bits), tables.data(), ta.data(), rtb);
   auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
-  TlArgs a{tables.data(), ta.data(), lo.data_ptr<uint8_t>(), bits == 3 ? hi.data_ptr<uint8_t>() : nullptr,
-           scales.data_ptr(), y.data_ptr(), M, N, NG, rtb, static_cast<int>(G), static_cast<int>(bits),
-           scales.dtype() == torch::kBFloat16};
-  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t t0, int64_t t1) { tk.rows(a, t0 * 16, std::min(N, t1 * 16)); });
+  // One pass per kTlPassRows rows of x, each with its rows' tables and outputs; a thread runs every
+  // pass over its own output rows (one fork and join for all of them).
+  std::vector<TlArgs> passes;
+  for (int64_t m0 = 0; m0 < M; m0 += kTlPassRows)
+    passes.push_back(TlArgs{tables.data() + m0 * rtb, ta.data() + m0 * NG, lo.data_ptr<uint8_t>(),
+                            bits == 3 ? hi.data_ptr<uint8_t>() : nullptr, scales.data_ptr(),
+                            y.data_ptr<float>() + m0 * N, std::min(kTlPassRows, M - m0), N, NG, rtb,
+                            static_cast<int>(G), static_cast<int>(bits), scales.dtype() == torch::kBFloat16});
+  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t t0, int64_t t1) {
+    for (const TlArgs& a : passes) tk.rows(a, t0 * 16, std::min(N, t1 * 16));
+  });
   return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
 }
 
