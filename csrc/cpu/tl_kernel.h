@@ -1,6 +1,7 @@
 // Table-lookup (T-MAC-style) decode GEMM for GSQ 2/3-bit weights, M = 1..4 rows of x per call (the
-// dispatcher runs more as passes of 4): no weight is ever dequantized. Written once over a vector-traits type V (tl_avx2.cpp: 32-byte vectors,
-// tl_avx512.cpp: 64-byte), each file compiling it under its own target, as gemm_simd.h is.
+// dispatcher runs more as passes of 4): no weight is ever dequantized. Written once over a
+// vector-traits type V (tl_avx2.cpp: 32-byte vectors, tl_avx512.cpp: 64-byte), each file compiling
+// it under its own target, as gemm_simd.h is.
 //
 // The planes are the ones repack_for_cpu writes (gsq_vllm/cpu_gemm.py; the checkpoint is unchanged):
 // lo byte j of group g holds codes j, j+Q, j+2Q, j+3Q (Q = G/4) at bits 0-1, 2-3, 4-5, 6-7, so
