@@ -205,8 +205,13 @@ def dense_kernel_wanted(weight: torch.Tensor) -> bool:
     without a bf16 dot product (AVX2, AVX-512 before BF16), where vLLM cannot build its oneDNN
     bf16 handle and falls back to torch's bf16 linear, whose time grows with every row of x.
     ``GSQ_CPU_DENSE=0`` keeps vLLM's own path (to compare the two)."""
+    return _bf16_dense_on_cpu(weight) and not _cpp.bf16_gemm_is_native()
+
+
+def _bf16_dense_on_cpu(weight: torch.Tensor) -> bool:
+    """A 2-D bf16 CPU weight that gsq::cpu_dense may serve (the kernel built, ``GSQ_CPU_DENSE`` not 0)."""
     return (_cpp is not None and os.environ.get("GSQ_CPU_DENSE", "1") != "0" and weight.device.type == "cpu"
-            and weight.dtype == torch.bfloat16 and weight.dim() == 2 and not _cpp.bf16_gemm_is_native())
+            and weight.dtype == torch.bfloat16 and weight.dim() == 2)
 
 
 def dense_one_row_wanted(weight: torch.Tensor) -> bool:
@@ -216,8 +221,7 @@ def dense_one_row_wanted(weight: torch.Tensor) -> bool:
     memory's speed: lm_head 49152 x 2048 bf16, 2 threads, weights read from memory, 2-core
     AVX-512-BF16 EPYC (2026-12-07): 7.8-8.1 ms against oneDNN's 9.7-11.2 (49152 x 576: 3.35 vs
     3.95); from 2 rows oneDNN leads (at 4: 9.0 against 16.9). ``GSQ_CPU_DENSE=0`` keeps vLLM's path."""
-    return (_cpp is not None and os.environ.get("GSQ_CPU_DENSE", "1") != "0" and weight.device.type == "cpu"
-            and weight.dtype == torch.bfloat16 and weight.dim() == 2 and _cpp.bf16_gemm_is_native())
+    return _bf16_dense_on_cpu(weight) and _cpp.bf16_gemm_is_native()
 
 
 def cpu_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -385,15 +386,18 @@ torch::Tensor gemm_tl(const TlKernel& tk, const torch::Tensor& x, const torch::T
   tk.build(xf.data_ptr<float>(), M, NG, static_cast<int>(G), static_cast<int>(bits), tables.data(), ta.data(), rtb);
   auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
   // One pass per kTlPassRows rows of x, each with its rows' tables and outputs; a thread runs every
-  // pass over its own output rows (one fork and join for all of them).
-  std::vector<TlArgs> passes;
-  for (int64_t m0 = 0; m0 < M; m0 += kTlPassRows)
-    passes.push_back(TlArgs{tables.data() + m0 * rtb, ta.data() + m0 * NG, lo.data_ptr<uint8_t>(),
-                            bits == 3 ? hi.data_ptr<uint8_t>() : nullptr, scales.data_ptr(),
-                            y.data_ptr<float>() + m0 * N, std::min(kTlPassRows, M - m0), N, NG, rtb,
-                            static_cast<int>(G), static_cast<int>(bits), scales.dtype() == torch::kBFloat16});
+  // pass over its own output rows (one fork and join for all of them). On the stack: no allocation.
+  const int64_t npasses = (M + kTlPassRows - 1) / kTlPassRows;
+  std::array<TlArgs, kTlMaxRows / kTlPassRows> passes;
+  for (int64_t p = 0; p < npasses; ++p) {
+    const int64_t m0 = p * kTlPassRows;
+    passes[p] = TlArgs{tables.data() + m0 * rtb, ta.data() + m0 * NG, lo.data_ptr<uint8_t>(),
+                       bits == 3 ? hi.data_ptr<uint8_t>() : nullptr, scales.data_ptr(),
+                       y.data_ptr<float>() + m0 * N, std::min(kTlPassRows, M - m0), N, NG, rtb,
+                       static_cast<int>(G), static_cast<int>(bits), scales.dtype() == torch::kBFloat16};
+  }
   at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t t0, int64_t t1) {
-    for (const TlArgs& a : passes) tk.rows(a, t0 * 16, std::min(N, t1 * 16));
+    for (int64_t p = 0; p < npasses; ++p) tk.rows(passes[p], t0 * 16, std::min(N, t1 * 16));
   });
   return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
 }
@@ -730,8 +734,8 @@ torch::Tensor cpu_dense_op(const torch::Tensor& x, const torch::Tensor& w, const
 // Above kDenseInt8MaxRows rows of x, when the bf16 weight is passed too, that weight serves the
 // call instead (gsq::cpu_dense, or torch's linear where the CPU has a bf16 dot product): the int8
 // kernel's 5 instructions per 32 products and row of x (sign, vpmaddubsw, vpmaddwd, convert, FMA)
-// cost more than the bf16 kernel's 4 FMAs once the weight's bytes are shared by several rows. lm_head 49152 x 576 on a 2-core AVX2 EPYC, 1 thread,
-// 2026-12-04, int8 vs bf16 ms: M = 1: 3.5 vs 6.7; 2: 5.8 vs 7.8; 4: 11.7 vs 9.6; 8: 22.3 vs 19.3.
+// cost more than the bf16 kernel's 4 FMAs once the weight's bytes are shared by several rows.
+// lm_head 49152 x 576 on a 2-core AVX2 EPYC, 1 thread, 2026-12-04, int8 vs bf16 ms: M = 1: 3.5 vs 6.7; 2: 5.8 vs 7.8; 4: 11.7 vs 9.6; 8: 22.3 vs 19.3.
 constexpr int64_t kInt8Block = 32;
 constexpr int64_t kDenseInt8MaxRows = 2;
 
@@ -751,13 +755,19 @@ void dense_int8_rows_generic(const DenseInt8Args& a, int64_t n0, int64_t n1) {
     }
 }
 
-// The int8 dense kernel under the GEMM kernel in use: the AVX-512 VNNI one under the kernels of a CPU
-// that has VNNI (avx512vnni, avx512bf16, amx), the AVX2 one under the other SIMD kernels, the
-// portable loop under generic.
-std::string dense_int8_kernel() {
-  if (g_isa == Isa::kGeneric) return "generic";
+// The int8 dense kernel under the GEMM kernel in use, and its name: the AVX-512 VNNI one under the
+// kernels of a CPU that has VNNI (avx512vnni, avx512bf16, amx), the AVX2 one under the other SIMD
+// kernels, the portable loop under generic.
+struct DenseInt8Kernel {
+  const char* name;
+  DenseInt8RowsFn rows;
+};
+
+DenseInt8Kernel dense_int8_kernel() {
+  if (g_isa == Isa::kGeneric) return {"generic", &dense_int8_rows_generic};
   const bool vnni_kernel = g_isa == Isa::kAvx512Vnni || g_isa == Isa::kAvx512Bf16 || g_isa == Isa::kAmx;
-  return vnni_kernel && cpu_has(Isa::kAvx512Vnni) ? "avx512vnni" : "avx2";
+  if (vnni_kernel && cpu_has(Isa::kAvx512Vnni)) return {"avx512vnni", gsq_dense_int8_rows_avx512vnni};
+  return {"avx2", gsq_dense_int8_rows_avx2};
 }
 
 torch::Tensor cpu_dense_int8_op(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& ws,
@@ -802,10 +812,7 @@ torch::Tensor cpu_dense_int8_op(const torch::Tensor& x, const torch::Tensor& wq,
     }
   torch::Tensor y = torch::empty({M, N}, xf.options());  // float32: the bias is added before the one rounding
   DenseInt8Args a{xq.data(), xa.data(), wq.data_ptr<int8_t>(), ws.data_ptr<float>(), y.data_ptr(), M, N, Kp, false};
-  const std::string kernel = dense_int8_kernel();
-  DenseInt8RowsFn rows = kernel == "generic"      ? &dense_int8_rows_generic
-                         : kernel == "avx512vnni" ? gsq_dense_int8_rows_avx512vnni
-                                                  : gsq_dense_int8_rows_avx2;
+  const DenseInt8RowsFn rows = dense_int8_kernel().rows;
   if (M > 0) at::parallel_for(0, N, kRowsPerTask, [&](int64_t n0, int64_t n1) { rows(a, n0, n1); });
   if (bias.has_value() && bias->defined()) y.add_(bias->to(torch::kFloat32));
   return y.to(x.scalar_type()).reshape(out_shape);
@@ -852,7 +859,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("TL_MAX_ROWS") = kTlMaxRows;
   m.def("bf16_gemm_is_native", &bf16_gemm_is_native,
         "whether this CPU multiplies bf16 natively (AVX-512-BF16 or AMX); elsewhere gsq::cpu_dense serves bf16 layers");
-  m.def("dense_int8_kernel", &dense_int8_kernel,
+  m.def("dense_int8_kernel", [] { return std::string(dense_int8_kernel().name); },
         "the kernel gsq::cpu_dense_int8 runs under the GEMM kernel in use: avx512vnni, avx2 or generic");
   m.def("parallel_threads", &parallel_threads, "distinct threads at::parallel_for uses in this library (OpenMP build check)");
   m.def("dequant", &dequant, "GSQ planes of groups [g0, g1) -> dense weight [N, (g1-g0)*G] (float32 or bfloat16)");
