@@ -4,13 +4,15 @@ every variant this CPU can run (so an AVX-512 machine also checks the AVX2 one),
 of x over the weight), N not a multiple of the 16-row tile, K with whole and partial super-chunks
 of the planes' streams.
 
-Two references. The kernel's own rounding (tl_kernel.h): per (row m of x, group g) the step is
-a = 4 max|x_g| / 127, every table entry (a float32 partial sum e of x times small integers) is
-stored as round_half_even(e * 127 / (4 max|x_g|)); the lookups' integer sums are then exact, so y
-is that rounding's result up to float32 summation (checked to 1e-5 of max|y|). And the float
-product x @ W.T: each lookup is off by at most a / 2, so |y - x @ W.T| <= sum_g |s[n, g]| a[m, g] *
-(G/4 at 2 bits: G/2 lookups; G/2 at 3 bits: G/4 hi lookups more, counted twice), checked per
-output element (plus float32 slack)."""
+Two references. The kernel's own rounding (tl_kernel.h): per (row m of x, group g, plane p) the
+step is a_p = amax_p / 127, amax_p the largest |entry| the plane's tables can hold (lo: 3/2 (|x_a| +
+|x_b|) over the pairs of the centred 2-bit codes, hi: (|x_0| + |x_1|) + (|x_2| + |x_3|) over four),
+every table entry (a float32 partial sum e whose products are exact) is stored as
+round_half_even(e * 127 / amax_p), and the centring term -1/2 sum_g x enters once per group; the
+lookups' integer sums are then exact, so y is that rounding's result up to float32 summation
+(checked to 1e-5 of max|y|). And the float product x @ W.T: each lookup is off by at most a_p / 2,
+so |y - x @ W.T| <= sum_g |s[n, g]| (a_lo[m, g] G/4 + a_hi[m, g] G/4 at 3 bits: G/2 lo lookups,
+G/4 hi ones counted twice), checked per output element (plus float32 slack)."""
 
 import os
 import subprocess
@@ -46,11 +48,17 @@ def _case(n, k, bits, g, seed):
 
 
 def _round(e, inv):
-    return torch.round(e * inv)  # float32 product, round half to even, as vcvtps2dq
+    return torch.round(e * inv).double()  # float32 product, round half to even, as vcvtps2dq
+
+
+def _step(amax):
+    """(a, inv) of a plane's tables from its float32 amax [m, ng], as the kernel computes them."""
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))  # (127.0 / t is 127 * (1 / t))
+    return (amax / 127).double(), inv
 
 
 def tl_reference(x, q, s, g, bits):
-    """(y, bound): y from the kernel's stated rounding in float64, and the bound on |y - x @ W.T|."""
+    """(y, bound): y from the kernel's stated rounding (float32 tables, float64 sums), and the bound on |y - x @ W.T|."""
     sb = F.storage_bits(bits)
     x = x.float()
     m, k = x.shape
@@ -58,26 +66,27 @@ def tl_reference(x, q, s, g, bits):
     u = q.to(torch.int64) + (4 if sb == 3 else 2)  # unsigned codes
     lcode = (u & 3).view(n, ng, g).float()
     xg = x.view(m, ng, g)
-    amax4 = 4 * xg.abs().amax(-1)  # [m, ng], exact
-    a = amax4 / 127
-    inv = torch.where(amax4 > 0, torch.full_like(amax4, 127.0).div(amax4), torch.zeros_like(amax4))
-    inv4 = inv[:, None, :, None]
     xs = [xg[:, None, :, i * quarter:(i + 1) * quarter] for i in range(4)]  # [m, 1, ng, Q]
+    ax = [t.abs() for t in xs]
+    a_lo, inv_lo = _step(1.5 * torch.maximum(ax[0] + ax[1], ax[2] + ax[3]).amax(-1)[:, 0])  # [m, ng]
     ls = [lcode[None, :, :, i * quarter:(i + 1) * quarter] - 2 for i in range(4)]  # [1, n, ng, Q]
     total = torch.zeros(m, n, ng, dtype=torch.float64)
     for p in (0, 2):  # lo nibble: pair (j, j+Q); hi nibble: pair (j+2Q, j+3Q)
-        e = xs[p] * ls[p] + xs[p + 1] * ls[p + 1]  # float32, one rounding
-        total += _round(e, inv4).double().sum(-1)
-    lookups = g // 2
+        e = (xs[p] * ls[p] + xs[p + 1] * ls[p + 1]) + 0.5 * (xs[p] + xs[p + 1])  # the codes centred: l - 3/2
+        total += _round(e, inv_lo[:, None, :, None]).sum(-1)
+    total += (-0.5 * xg.double().sum(-1) * inv_lo.double())[:, None, :]  # the centring, in lo steps
+    sa = s.double()[None] * a_lo[:, None]  # [m, n, ng]
+    y = (total * sa).sum(-1)
+    bound = (sa.abs() * (g // 4)).sum(-1)  # G/2 lookups, each off by a_lo / 2
     if sb == 3:
+        a4 = xg.view(m, ng, g // 4, 4).abs()
+        a_hi, inv_hi = _step(((a4[..., 0] + a4[..., 1]) + (a4[..., 2] + a4[..., 3])).amax(-1))
         sign = (2 * (u >> 2) - 1).view(n, ng, g // 4, 4).float()[None]  # [1, n, ng, G/4, 4]
         x4 = xg.view(m, ng, g // 4, 4)[:, None]
         e = ((x4[..., 0] * sign[..., 0] + x4[..., 1] * sign[..., 1]) + x4[..., 2] * sign[..., 2]) + x4[..., 3] * sign[..., 3]
-        total += 2 * _round(e, inv[:, None, :, None]).double().sum(-1)
-        lookups += 2 * (g // 4)
-    sa = s.double()[None] * a.double()[:, None]  # [m, n, ng]
-    y = (total * sa).sum(-1)
-    bound = (sa.abs() * (lookups / 2)).sum(-1)
+        sh = s.double()[None] * a_hi[:, None]
+        y += (2 * _round(e, inv_hi[:, None, :, None]).sum(-1) * sh).sum(-1)
+        bound += (sh.abs() * (g // 4)).sum(-1)  # G/4 lookups, counted twice, each off by a_hi / 2
     return y, bound
 
 

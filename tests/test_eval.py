@@ -61,3 +61,24 @@ def test_dense_int8_quality_benchmark_scores_both_heads(tiny, tmp_path):
     assert math.isclose(row["ppl_float_head"], json.loads(ev.read_text())[0]["ppl"], rel_tol=1e-5)
     assert row["ppl_int8_head"] != row["ppl_float_head"]  # the int8 head really ran
     assert abs(row["ppl_change"]) < 0.02 and row["top1_agreement"] > 0.9, row
+
+
+def test_tl_quality_benchmark_scores_three_ways(tiny, tmp_path):
+    """benchmarks/tl_quality.py: the quantized linears really run on gsq::cpu_gemm (the fused way
+    agrees with the dequantized float model to bf16 precision, not bit for bit), and the tables
+    really run (their KL from fused is not zero) and keep nearly every top-1 token."""
+    from benchmarks.tl_quality import main as tl_quality_main
+    from gsq_vllm import cpu_gemm
+
+    if not cpu_gemm.cpp_kernel_available() or not cpu_gemm._cpp.supported_tl():
+        pytest.skip("gsq_vllm._C_cpu not built, or no table-lookup kernel on this CPU")
+    q = tmp_path / "q2"
+    assert quantize_main(["--model", str(tiny), "--out", str(q), "--method", "rtn", "--bits", "2",
+                          "--group-size", "32"]) == 0
+    js = tmp_path / "tl.json"
+    tl_quality_main([str(q), "--nsamples", "2", "--seqlen", "64", "--rows", "5", "--threads", "1", "--json", str(js)])
+    out = json.loads(js.read_text())
+    rows = {r["way"]: r for r in out["rows"]}
+    assert out["tables"] in cpu_gemm._cpp.supported_tl()
+    assert rows["fused"]["kl_from_fused"] == 0 and 0 < rows["float"]["kl_from_fused"] < 1e-3
+    assert 0 < rows["tables"]["kl_from_fused"] < 0.05 and rows["tables"]["top1_agreement_with_fused"] > 0.9, rows

@@ -6,7 +6,8 @@
 
 struct TlArgs {
   const int8_t* tables;  // [M][row_table_bytes]: the int8 lookup tables of each row of x (tl_kernel.h)
-  const float* ta;       // [M, K/G] float32: the tables' scale a[m, g] (one step of a table entry)
+  const float* ta;       // [M, 2, K/G] float32: the steps a[m, p, g] of plane p's table entries (p = 0 lo, 1 hi)
+  const float* tc;       // [M, K/G] float32: the centring term of group g in lo steps (tl_kernel.h)
   const uint8_t* lo;     // [N, K/G, G/4] bits 0-1 of the offset codes, as repack_for_cpu writes them
   const uint8_t* hi;     // [N, K/G, G/8] bit 2 (3-bit), else unused
   const void* scales;    // [N, K/G] bfloat16 or float32 (scales_bf16)
@@ -17,7 +18,8 @@ struct TlArgs {
 };
 
 // The tables' coefficients (tl_kernel.h): entry idx of a 2-bit pair is kTlCoefA[idx] x_a +
-// kTlCoefB[idx] x_b; of four hi bits sum_i kTlSign[i][idx] x_i, summed in order i = 0..3.
+// kTlCoefB[idx] x_b, plus (x_a + x_b) / 2 (the centring of the codes); of four hi bits
+// sum_i kTlSign[i][idx] x_i, summed in order i = 0..3.
 alignas(64) static const float kTlCoefA[16] = {-2, -1, 0, 1, -2, -1, 0, 1, -2, -1, 0, 1, -2, -1, 0, 1};
 alignas(64) static const float kTlCoefB[16] = {-2, -2, -2, -2, -1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 1, 1};
 alignas(64) static const float kTlSign[4][16] = {
@@ -26,9 +28,9 @@ alignas(64) static const float kTlSign[4][16] = {
     {-1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1},
     {-1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1}};
 
-// Tables of every row of x (float32 [M, K]) into tables / ta; then output rows [n0, n1).
+// Tables of every row of x (float32 [M, K]) into tables / ta / tc; then output rows [n0, n1).
 using TlBuildFn = void (*)(const float* x, int64_t M, int64_t NG, int G, int bits, int8_t* tables, float* ta,
-                           int64_t row_table_bytes);
+                           float* tc, int64_t row_table_bytes);
 using TlRowsFn = void (*)(const TlArgs&, int64_t n0, int64_t n1);
 
 struct TlKernel {

@@ -53,6 +53,10 @@ struct V {
     return {_mm256_mul_ps(s.a, v), _mm256_mul_ps(s.b, v)};
   }
   static inline FR fr_fma(FR v, FR s, FR acc) { return {_mm256_fmadd_ps(v.a, s.a, acc.a), _mm256_fmadd_ps(v.b, s.b, acc.b)}; }
+  static inline FR fr_add1(FR v, float c) {
+    const __m256 k = _mm256_set1_ps(c);
+    return {_mm256_add_ps(v.a, k), _mm256_add_ps(v.b, k)};
+  }
   static inline void fr_store(float* p, FR v) {
     _mm256_storeu_ps(p, v.a);
     _mm256_storeu_ps(p + 8, v.b);
@@ -116,27 +120,20 @@ struct V {
     }
   };
 
-  // Table build.
-  static inline float absmax(const float* x, int n) {  // n a multiple of 8
-    const __m256 sign = _mm256_set1_ps(-0.f);
-    __m256 m = _mm256_setzero_ps();
-    for (int k = 0; k < n; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
-  }
-  static inline void store_q(int8_t* d, __m256 e0, __m256 e1, float inv) {  // round(e * inv) -> 16 int8
+  // Table build (tl_build.h): round(e * inv) -> 16 int8, half to even (vcvtps2dq) and saturated.
+  static inline void store_q(int8_t* d, __m256 e0, __m256 e1, float inv) {
     const __m256 v = _mm256_set1_ps(inv);
     const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(e0, v)), q1 = _mm256_cvtps_epi32(_mm256_mul_ps(e1, v));
     const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);  // 16 int16 in order
     _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
   }
+  // As tl_avx512_common.h: (x_a (la - 2) + x_b (lb - 2)) + (x_a + x_b) / 2, each sum rounded once.
   static inline void entries2(float xa, float xb, float inv, int8_t* d) {
-    const __m256 a = _mm256_set1_ps(xa), b = _mm256_set1_ps(xb);
+    const __m256 a = _mm256_set1_ps(xa), b = _mm256_set1_ps(xb), h = _mm256_set1_ps(0.5f * (xa + xb));
     __m256 e[2];
-    for (int h = 0; h < 2; ++h)
-      e[h] = _mm256_add_ps(_mm256_mul_ps(_mm256_load_ps(kTlCoefA + 8 * h), a), _mm256_mul_ps(_mm256_load_ps(kTlCoefB + 8 * h), b));
+    for (int i = 0; i < 2; ++i)
+      e[i] = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_load_ps(kTlCoefA + 8 * i), a),
+                                         _mm256_mul_ps(_mm256_load_ps(kTlCoefB + 8 * i), b)), h);
     store_q(d, e[0], e[1], inv);
   }
   static inline void entries4(const float* x, float inv, int8_t* d) {

@@ -48,6 +48,7 @@ struct V : TlTableEntries512 {
   static inline FR fr_zero() { return _mm512_setzero_ps(); }
   static inline FR fr_mul(FR s, float a) { return _mm512_mul_ps(s, _mm512_set1_ps(a)); }
   static inline FR fr_fma(FR v, FR s, FR acc) { return _mm512_fmadd_ps(v, s, acc); }
+  static inline FR fr_add1(FR v, float c) { return _mm512_add_ps(v, _mm512_set1_ps(c)); }
   static inline void fr_store(float* p, FR v) { _mm512_storeu_ps(p, v); }
   static inline FR lane_rows(B aa, B bb, int l) {
     __m128i x, y;

@@ -62,20 +62,18 @@ struct TlScaleCache {
   }
 };
 
-// The table entries (tl_build.h) on 16 lanes: a group's max |x|, and one table of 16 int8 entries,
-// rounded half to even (vcvtps2dq under the default MXCSR) and saturated, as tl_kernel.h states.
+// The table entries (tl_build.h) on 16 lanes: one table of 16 int8 entries, rounded half to even
+// (vcvtps2dq under the default MXCSR) and saturated, as tl_kernel.h states.
 struct TlTableEntries512 {
-  static inline float absmax(const float* x, int n) {  // n a multiple of 16
-    __m512 m = _mm512_setzero_ps();
-    for (int k = 0; k < n; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-    return _mm512_reduce_max_ps(m);
-  }
   static inline void store_q(int8_t* d, __m512 e, float inv) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(e, _mm512_set1_ps(inv)))));
   }
+  // x_a (la - 3/2) + x_b (lb - 3/2) as (x_a (la - 2) + x_b (lb - 2)) + (x_a + x_b) / 2: every product is
+  // exact, so with or without an FMA each sum is rounded once (the rounding tl_kernel.h states)
   static inline void entries2(float xa, float xb, float inv, int8_t* d) {
-    store_q(d, _mm512_add_ps(_mm512_mul_ps(_mm512_load_ps(kTlCoefA), _mm512_set1_ps(xa)),
-                             _mm512_mul_ps(_mm512_load_ps(kTlCoefB), _mm512_set1_ps(xb))), inv);
+    const __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_load_ps(kTlCoefA), _mm512_set1_ps(xa)),
+                                   _mm512_mul_ps(_mm512_load_ps(kTlCoefB), _mm512_set1_ps(xb)));
+    store_q(d, _mm512_add_ps(t, _mm512_set1_ps(0.5f * (xa + xb))), inv);
   }
   static inline void entries4(const float* x, float inv, int8_t* d) {
     __m512 e = _mm512_mul_ps(_mm512_load_ps(kTlSign[0]), _mm512_set1_ps(x[0]));

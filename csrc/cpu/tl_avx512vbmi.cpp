@@ -45,6 +45,7 @@ static inline void plane(const TlArgs& a, const uint8_t* const rows[16], int64_t
                          const int32_t sidx[16], const uint8_t* next, __m512 facc[R]) {
   constexpr int F = Bg / 4;  // vectors (dwords of the rows) per group
   constexpr int C = R == 1 && F >= 2 ? 4 : 2;
+  constexpr int kPlane = Mult == 1 ? 0 : 1;  // whose steps: the lo plane's or the hi plane's
   const __m512i low4 = _mm512_set1_epi8(0x0f), pat = _mm512_set1_epi32(0x30201000), mult = _mm512_set1_epi8(Mult);
   const int64_t slice = (16 * P / ((P + 63) / 64) + 63) / 64 * 64;  // next tile's prefetch, as tl_kernel.h
   const int64_t rtb = a.row_table_bytes, NG = a.NG;  // locals: a's fields are not reloaded per lookup
@@ -89,11 +90,14 @@ static inline void plane(const TlArgs& a, const uint8_t* const rows[16], int64_t
       }
       for (int m = 0; m < R; ++m)
         for (int c = 1; c < C; ++c) acc[m][0] = _mm512_add_epi32(acc[m][0], acc[m][c]);
-      const int64_t g = (off + 4 * d0) / Bg;
+      const int64_t g = (off + 4 * d0) / Bg;  // a flush is one whole group (Bg <= 64)
       const __m512 s = scales.get(a, sidx, g);
-      for (int m = 0; m < R; ++m) ta[m] = a.ta[m * NG + g];
-      for (int m = 0; m < R; ++m)
-        facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][0]), _mm512_mul_ps(s, _mm512_set1_ps(ta[m])), facc[m]);
+      for (int m = 0; m < R; ++m) ta[m] = a.ta[(2 * m + kPlane) * NG + g];
+      for (int m = 0; m < R; ++m) {
+        __m512 q = _mm512_cvtepi32_ps(acc[m][0]);
+        if constexpr (Mult == 1) q = _mm512_add_ps(q, _mm512_set1_ps(a.tc[m * NG + g]));  // the centring, with the lo plane
+        facc[m] = _mm512_fmadd_ps(q, _mm512_mul_ps(s, _mm512_set1_ps(ta[m])), facc[m]);
+      }
     }
   }
 }

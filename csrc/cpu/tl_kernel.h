@@ -9,18 +9,23 @@
 // hi (3-bit) byte e holds bit 2 of codes 8e..8e+7, low nibble codes 8e..8e+3, high nibble 8e+4..8e+7.
 //
 // Tables (built per row m of x and group g, tl_build): for every nibble of the planes a 16-entry
-// int8 table of the partial sums that nibble can select:
-//   lo nibble of pair (a, b), 2-bit codes l:   T[la + 4 lb] = x_a (la - 2) + x_b (lb - 2)
+// int8 table of the partial sums that nibble can select, the 2-bit codes centred (l - 3/2):
+//   lo nibble of pair (a, b), 2-bit codes l:   T[la + 4 lb] = x_a (la - 3/2) + x_b (lb - 3/2)
 //   hi nibble of codes c..c+3, bit h:          T[h0 + 2 h1 + 4 h2 + 8 h3] = ((s0 x_c + s1 x_c+1) + s2 x_c+2) + s3 x_c+3,
 //                                              s_i = 2 h_i - 1
-// so that sum_k x_k (u_k - offset) = sum_lo T[nibble] + 2 sum_hi T[nibble], since a 2-bit code
-// is u - 2 = l - 2 and a 3-bit one u - 4 = (l - 2) + 2 (2h - 1) (ternary is stored as 2-bit).
-// Rounding: every |entry| <= 4 max|x_g|, so with amax4 = 4 max_{k in g} |x_k| (exact) the group's
-// step is a = amax4 / 127 and an entry is stored as q = round_half_even(e * (127 / amax4)) in
-// [-127, 127], e computed in float32 (its products by 0, +-1, +-2 are exact, so with or without
-// an FMA it is the float32 sum rounded once). Each lookup is then off by at most a / 2 (plus the
-// float32 rounding of e), so per group |error| <= |s| * a * G/4 at 2 bits (G/2 lookups) and
-// |s| * a * G/2 at 3 bits (plus G/4 hi lookups counted twice): tests/test_cpu_tl.py checks both
+// so that sum_k x_k (u_k - offset) = sum_lo T[nibble] + 2 sum_hi T[nibble] - 1/2 sum_k x_k, since a
+// 2-bit code is u - 2 = (l - 3/2) - 1/2 and a 3-bit one u - 4 = (l - 3/2) + 2 (2h - 1) - 1/2 (ternary
+// is stored as 2-bit); the centring term c = -1/2 sum_{k in g} x_k enters once per group.
+// Rounding, per group and plane, in float32: the step is a = amax / 127, amax the largest |entry| the
+// plane's tables can hold: lo 3/2 (|x_a| + |x_b|) over the group's pairs, hi (|x_0| + |x_1|) + (|x_2| +
+// |x_3|) over its quads (centring the codes and fitting the step to the tables, not to 4 max|x|,
+// makes it ~2.5x finer on an LLM's activations, whose groups are led by an outlier); an entry is
+// q = round_half_even(e * (127 / amax)) in [-127, 127], e the float32 value of
+// (x_a (la - 2) + x_b (lb - 2)) + (x_a + x_b) / 2 (lo) or of the signed sum above (hi): every product
+// in them is exact, so with or without an FMA each sum is rounded once. c enters as c / a_lo steps
+// (float32) added to the lo plane's integer sum before the scale. Each lookup is then off by at most
+// a / 2 of its plane (plus the rounding of e), so per group |error| <= |s| (a_lo G/4 + a_hi G/4)
+// (G/2 lo lookups, G/4 hi lookups counted twice; no hi term at 2 bits): tests/test_cpu_tl.py checks
 // that bound against the float product and the exact result of this rounding.
 //
 // Kernel: output rows in tiles of 16. Per super-chunk of W stream bytes of a plane (W = vector
@@ -29,8 +34,8 @@
 // a lane then share one table: one vpshufb per nibble looks up 16 rows at once (the index is the
 // nibble, no unpacking of codes). The two results (low and high nibble) are interleaved and summed
 // per row by vpmaddubsw (x1 for lo, x2 for hi) into int16 (at most 16 steps of |508| before each
-// flush: no overflow); once per group the int16 sums are widened, converted and scaled by
-// s[n, g] * a[m, g] (one FMA per 16 rows): the group scale is applied once per group.
+// flush: no overflow); once per group the int16 sums are widened, converted, centred (lo plane)
+// and scaled by s[n, g] * a[m, g] (one FMA per 16 rows): the group scale is applied once per group.
 #pragma once
 
 #include <cstdint>
@@ -80,6 +85,7 @@ static inline void tl_plane(const TlArgs& a, const uint8_t* const rows[16], int6
                             const int32_t sidx[16], const uint8_t* next, typename V::FR facc[R]) {
   using B = typename V::B;
   constexpr int W = V::W, L = V::L, F = Bg < 16 ? Bg : 16;  // steps between flushes: one group per lane
+  constexpr int kPlane = Mult == 1 ? 0 : 1;                   // whose steps: the lo plane's or the hi plane's
   const B low4 = V::set1_8(0x0f), mult = V::set1_8(Mult);
   alignas(64) uint8_t tr[16][W];
   typename V::ScaleCache scales;
@@ -120,8 +126,13 @@ static inline void tl_plane(const TlArgs& a, const uint8_t* const rows[16], int6
         if (o >= P) break;
         const int64_t g = o / Bg;
         const typename V::FR s = scales.get(a, sidx, g);
-        for (int m = 0; m < R; ++m)
-          facc[m] = V::fr_fma(V::lane_rows(acc_a[m], acc_b[m], l), V::fr_mul(s, a.ta[m * a.NG + g]), facc[m]);
+        // The centring term once per group: with the lo plane's sums, at the group's first flush
+        const bool centre = Mult == 1 && o % Bg == 0;
+        for (int m = 0; m < R; ++m) {
+          const typename V::FR q = V::lane_rows(acc_a[m], acc_b[m], l);
+          facc[m] = V::fr_fma(centre ? V::fr_add1(q, a.tc[m * a.NG + g]) : q,
+                              V::fr_mul(s, a.ta[(2 * m + kPlane) * a.NG + g]), facc[m]);
+        }
       }
     }
   }
