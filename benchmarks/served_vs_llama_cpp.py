@@ -19,10 +19,11 @@ in ``--work``:
    ``benchmarks.llama_cpp_bench.build``): decode tokens/s of 1 and 8 parallel sequences (S_TG);
 5. vLLM: each checkpoint served by ``gsq-serve`` (``benchmarks.serving``), greedy streamed
    completions of N tokens with ``ignore_eos``: at concurrency 1 the median per-request decode rate,
-   at concurrency 8 all output tokens / wall time; ``-optin`` rows (``--served``) serve the same checkpoint
-   with both opt-in CPU paths, ``GSQ_CPU_TL=auto`` (table-lookup kernels at M <= 16) and
-   ``GSQ_CPU_DENSE=int8`` (lm_head, here the tied 49152 x 2048 embedding, from an int8 copy), ``-tl``
-   rows the tables alone.
+   at concurrency 8 all output tokens / wall time. The plain rows serve with the defaults (since
+   2026-12-07 the table-lookup kernels at M <= 16, ``GSQ_CPU_TL=auto``); ``-fused`` rows (``--served``)
+   serve the same checkpoint with ``GSQ_CPU_TL=off`` (the fused kernels alone, the default before);
+   ``-optin`` rows with the tables and ``GSQ_CPU_DENSE=int8`` (lm_head, here the tied 49152 x 2048
+   embedding, from an int8 copy); ``-tl`` rows force the tables (the default now).
 
 Prints one table (with ratios to llama.cpp Q2_K and to our bf16 serve) and writes JSON.
 
@@ -58,8 +59,9 @@ GGUF_TYPES = ["F16", "Q2_K", "Q3_K", "Q4_0"]
 _OPTIN = {"GSQ_CPU_TL": "auto", "GSQ_CPU_DENSE": "int8"}
 # -onednn-head: lm_head on vLLM's oneDNN GEMM at every row count (GSQ_CPU_DENSE=0; before 2026-12-07
 # the default on CPUs with a bf16 dot product), beside the default's gsq::cpu_dense at one row.
-SERVED = {"bf16": {}, "gsq2": {}, "gsq2-onednn-head": {"GSQ_CPU_DENSE": "0"}, "gsq2-tl": {"GSQ_CPU_TL": "auto"},
-          "gsq2-optin": _OPTIN, "gsq3": {}, "gsq3-tl": {"GSQ_CPU_TL": "auto"}, "gsq3-optin": _OPTIN}
+SERVED = {"bf16": {}, "gsq2": {}, "gsq2-fused": {"GSQ_CPU_TL": "off"}, "gsq2-onednn-head": {"GSQ_CPU_DENSE": "0"},
+          "gsq2-tl": {"GSQ_CPU_TL": "auto"}, "gsq2-optin": _OPTIN, "gsq3": {}, "gsq3-fused": {"GSQ_CPU_TL": "off"},
+          "gsq3-tl": {"GSQ_CPU_TL": "auto"}, "gsq3-optin": _OPTIN}
 # HF Llama tensor names -> GGUF's (llama.cpp's LLM_TENSOR names).
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
@@ -213,8 +215,9 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=64, help="tokens generated per request / sequence")
     p.add_argument("--requests", type=int, default=4, help="requests at concurrency 1")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--served", nargs="*", default=["bf16", "gsq2", "gsq2-optin", "gsq3", "gsq3-optin"],
-                   choices=list(SERVED), help="served rows (none: llama.cpp only); -tl: GSQ_CPU_TL=auto only")
+    p.add_argument("--served", nargs="*", default=["bf16", "gsq2", "gsq2-fused", "gsq2-optin", "gsq3", "gsq3-fused"],
+                   choices=list(SERVED),
+                   help="served rows (none: llama.cpp only); -fused: GSQ_CPU_TL=off; -tl: GSQ_CPU_TL=auto forced")
     p.add_argument("--note", default="", help="kept in the JSON (e.g. that the machine was shared)")
     add_common_args(p, "benchmarks/results/served_vs_llama_cpp.json", threads=os.cpu_count())
     args = p.parse_args(argv)

@@ -185,8 +185,14 @@ def _python(code, **env):
 def test_gsq_cpu_tl_environment_variable():
     code = "from gsq_vllm import cpu_gemm as C; print(C._cpp.tl(), repr(C._cpp.tl_in_use(1)))"
     unset = {k: v for k, v in os.environ.items() if k != "GSQ_CPU_TL"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=unset, timeout=120)
-    assert r.returncode == 0 and r.stdout.split() == ["off", "''"], r.stderr  # opt-in: they round (see the binding)
+    before = C._cpp.set_tl("auto")
+    try:
+        expected = C._cpp.tl_in_use(1)  # what auto picks under the ISA cpuid chose (the subprocess's too)
+    finally:
+        C._cpp.set_tl(before)
+    for env in (unset, dict(unset, GSQ_CPU_TL="")):  # unset or empty: the default, the tables
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0 and r.stdout.split() == ["auto", repr(expected)], r.stderr
     r = _python(code, GSQ_CPU_TL="off")
     assert r.returncode == 0 and r.stdout.split() == ["off", "''"], r.stderr
     r = _python(code, GSQ_CPU_TL="auto", GSQ_CPU_ISA="generic")

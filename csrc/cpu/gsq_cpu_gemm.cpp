@@ -284,17 +284,18 @@ float load_as_float(const void* p, bool bf16, int64_t i) {
 // activations become int8 tables of partial sums per row and group, and the packed code nibbles
 // index them (vpshufb), with no dequantization of any weight. They round the activations' partial
 // sums (tl_kernel.h states the rounding and its bound), so they are a separate switch from the ISA:
-// GSQ_CPU_TL = off / 0 (default: the fused kernels of the ISA, as before), auto (under an AVX-512
-// kernel the VBMI+VNNI tables where cpuid has them, else the AVX-512 vpshufb ones; AVX2 tables
-// under an AVX2 kernel; none under generic), avx2, avx512 or avx512vbmi (forced); set_tl()
+// GSQ_CPU_TL = auto (the default: under an AVX-512 kernel the VBMI+VNNI tables where cpuid has them,
+// else the AVX-512 vpshufb ones; AVX2 tables under an AVX2 kernel; none under generic), off / 0 (the
+// fused kernels of the ISA alone, x never rounded), avx2, avx512 or avx512vbmi (forced); set_tl()
 // switches at run time (tests and benchmarks compare both in one process).
 // Faster (docs/results/cpu-decode-tl.md; 2-core AVX-512 EPYC, shared, 1 thread, weights read from
 // memory, 2026-12-06): on SmolLM2-135M, Llama-8B and -70B linears the avx512vbmi tables took
 // 1/1.16-1/2.0 of the avx512bf16 kernel's time at M = 1 (one contended row 0.87x, 1.64x rerun) and
-// 1/1.04-1/2.76 at M = 4; the AVX2 tables 1/1.04-1/4.0 of the AVX2 kernel's. Opt-in, not the
-// default, because their int8 tables cost answers: the main job's checkpoint served with them got
-// 42 of 80 chat-probe questions right, with the fused kernels 46 (bf16 48; same day and machine,
-// benchmarks/results/chat_probe_steps256.json).
+// 1/1.04-1/2.76 at M = 4; the AVX2 tables 1/1.04-1/4.0 of the AVX2 kernel's. The default since their
+// tables were fitted to each plane's entries (2026-12-07): on the main job's checkpoint their
+// next-token distributions are 0.0018 nats a token (KL) from the fused kernels' (the opt-in int8-x
+// kernels: 0.0015; 0.013 with the first tables), and the chat probe got 44 of 80 with them, 43 with
+// the fused kernels (benchmarks/results/tl_quality_avx512_epyc_main_ckpt.json, chat_probe_tables_centred.json).
 // A kernel call takes up to kTlPassRows rows of x (its register tile); up to kTlMaxRows rows run as
 // passes of kTlPassRows over the weight, each pass re-reading it: even so, on the 2-core AVX-512
 // EPYC (2 threads, weights read from memory, 2026-12-07) the passes beat the fused kernel the op
@@ -304,7 +305,7 @@ float load_as_float(const void* p, bool bf16, int64_t i) {
 enum class TlMode { kOff, kAuto, kAvx2, kAvx512, kAvx512Vbmi };
 constexpr int64_t kTlPassRows = 4;
 constexpr int64_t kTlMaxRows = 16;
-TlMode g_tl = TlMode::kOff;
+TlMode g_tl = TlMode::kAuto;  // set from GSQ_CPU_TL when the module loads
 
 const char* tl_name(TlMode t) {
   return t == TlMode::kOff ? "off" : t == TlMode::kAuto ? "auto" : t == TlMode::kAvx2 ? "avx2"
@@ -330,13 +331,13 @@ bool tl_supported(TlMode t) {
 
 TlMode tl_from_env() {
   const char* v = std::getenv("GSQ_CPU_TL");
-  const std::string name = v == nullptr ? "" : v;
-  for (const char* ok : {"", "auto", "1", "off", "0", "avx2", "avx512", "avx512vbmi"})
+  const std::string name = v == nullptr || *v == '\0' ? "auto" : v;  // unset or empty: the default
+  for (const char* ok : {"auto", "1", "off", "0", "avx2", "avx512", "avx512vbmi"})
     if (name == ok) goto known;
   TORCH_CHECK(false, "GSQ_CPU_TL=", name, ": must be auto, off, avx2, avx512 or avx512vbmi");
 known:
   const TlMode t = parse_tl(name);
-  TORCH_CHECK(tl_supported(t), "GSQ_CPU_TL=", v, " but this CPU does not support it");
+  TORCH_CHECK(tl_supported(t), "GSQ_CPU_TL=", name, " but this CPU does not support it");
   return t;
 }
 

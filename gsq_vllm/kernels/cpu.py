@@ -20,8 +20,8 @@ def _log_cpu_kernel_once() -> None:
         isa = cpu_gemm.cpu_isa() or "torch (C++ extension not built)"
         cpp = cpu_gemm._cpp
         tl = cpp.tl_in_use(1) if cpp is not None and hasattr(cpp, "tl_in_use") else ""
-        tables = (f"; table lookups {tl} up to {cpp.TL_MAX_ROWS} rows (GSQ_CPU_TL; int8 tables)" if tl
-                  else "")
+        tables = (f"; table lookups {tl} up to {cpp.TL_MAX_ROWS} rows (int8 tables; GSQ_CPU_TL=off: fused only)"
+                  if tl else "")
         # under vLLM's logger, so the line shows where vLLM's own INFO lines do
         logging.getLogger("vllm.gsq").info(
             "gsq: CPU GEMM kernel %s (fused up to %d rows%s; GSQ_CPU_ISA forces one)", isa, cpu_gemm.cpp_max_rows(), tables)
