@@ -310,8 +310,9 @@ def test_lm_head_one_row_runs_cpu_dense_where_bf16_is_native(vllm_dist, monkeypa
 
 def test_dense_int8_serves_lm_head_and_kept_linears_but_not_the_embedding(vllm_dist, monkeypatch):
     """GSQ_CPU_DENSE=int8: lm_head and a kept linear compute with an int8 copy of their weight
-    (gsq::cpu_dense_int8) up to 2 rows of x and with the bf16 weight above; that weight stays
-    (a tied embedding reads it), and the embedding gets no int8 copy. Without the variable nothing changes (the test above)."""
+    (gsq::cpu_dense_int8) up to 2 rows of x and with the bf16 weight above (lm_head, where the CPU
+    has a bf16 dot product, through vLLM's own GEMM); that weight stays (a tied embedding reads it),
+    and the embedding gets no int8 copy. Without the variable nothing changes (the test above)."""
     from vllm.model_executor.layers.linear import ReplicatedLinear
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
@@ -337,8 +338,19 @@ def test_dense_int8_serves_lm_head_and_kept_linears_but_not_the_embedding(vllm_d
         assert torch.equal(y, C.cpu_dense_int8(x, *C.quantize_dense_int8(w), None))
         ref = x.double() @ w.double().t()
         assert (y.double() - ref).norm() / ref.norm() < 0.02
-        x = torch.randn(5, 128, generator=gen).bfloat16()  # more rows: the bf16 weight, in the op
-        assert torch.equal(layer.quant_method.apply(layer, x), C.cpu_dense(x, w, None))
+        x = torch.randn(5, 128, generator=gen).bfloat16()  # more rows: the bf16 weight
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = layer.quant_method.apply(layer, x)
+        in_op = any(e.name == "gsq::cpu_dense_int8" for e in prof.events())
+        if layer is head and C._bf16_gemm_is_native():  # vLLM's own lm_head GEMM (weight packed once), not the op
+            vllm_head = ParallelLMHead(256, 128, params_dtype=torch.bfloat16, prefix="lm_head")
+            vllm_head.weight.data.copy_(w)
+            vllm_head.quant_method.process_weights_after_loading(vllm_head)
+            assert torch.equal(y, vllm_head.quant_method.apply(vllm_head, x)) and not in_op
+        else:
+            assert in_op  # in the op: cpu_dense where bf16 is not native; torch's linear where it is
+            assert torch.equal(y, C.cpu_dense(x, w, None) if not C._bf16_gemm_is_native()
+                               else torch.nn.functional.linear(x, w))
     embed.weight.data.copy_(torch.randn(embed.weight.shape, generator=gen).bfloat16())
     embed.quant_method.process_weights_after_loading(embed)
     assert not hasattr(embed, "gsq_dense_wq")

@@ -874,6 +874,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("TL_MAX_ROWS") = kTlMaxRows;
   m.def("bf16_gemm_is_native", &bf16_gemm_is_native,
         "whether this CPU multiplies bf16 natively (AVX-512-BF16 or AMX); elsewhere gsq::cpu_dense serves bf16 layers");
+  m.attr("DENSE_INT8_MAX_ROWS") = kDenseInt8MaxRows;  // rows of x up to which cpu_dense_int8 runs its int8 kernel
   m.def("dense_int8_kernel", [] { return std::string(dense_int8_kernel().name); },
         "the kernel gsq::cpu_dense_int8 runs under the GEMM kernel in use: avx512vnni, avx2 or generic");
   m.def("parallel_threads", &parallel_threads, "distinct threads at::parallel_for uses in this library (OpenMP build check)");
