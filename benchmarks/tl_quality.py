@@ -58,7 +58,11 @@ def swap_in_op_linears(model, folder: Path, rows: int) -> int:
             continue
         prefix = name[: -len(QWEIGHT_SUFFIX) - 1]
         parent, _, leaf = prefix.rpartition(".")
-        if getattr(model.get_submodule(parent), leaf).bias is not None:
+        try:
+            linear = getattr(model.get_submodule(parent), leaf)
+        except AttributeError:  # MoE checkpoints name experts as the disk does, not as the module tree
+            raise SystemExit(f"tl_quality: {prefix} is not a module of the model (MoE checkpoints are not handled)")
+        if linear.bias is not None:
             raise SystemExit(f"tl_quality: {prefix} has a bias; not handled here")
         op = OpLinear(t, tensors[f"{prefix}.{SCALES_SUFFIX}"], qcfg.bits, storage_bits(qcfg.bits), qcfg.group_size, rows)
         setattr(model.get_submodule(parent), leaf, op)
@@ -108,6 +112,8 @@ def main(argv=None) -> None:
     if not cpp.supported_tl():
         raise SystemExit("tl_quality: this CPU runs no table-lookup kernel")
     model, kind = load_model(folder)
+    if kind == "bf16":
+        raise SystemExit(f"tl_quality: {folder} is not a GSQ checkpoint (no quantization_config)")
     ids = tokenize_sequences(load_split(args.corpus, "eval"), AutoTokenizer.from_pretrained(str(folder)),
                              args.seqlen, args.nsamples)
     lp_float = logprobs(model, ids)
