@@ -29,13 +29,14 @@ from benchmarks.results_io import add_common_args, machine_info, write_json
 class OpLinear(torch.nn.Module):
     """A quantized linear as the CPU plugin runs it: planes from repack_for_cpu, bf16 x, ``rows`` rows a call."""
 
-    def __init__(self, qweight, scales, bits, storage_bits: int, group_size: int, rows: int):
+    def __init__(self, qweight, scales, bits, group_size: int, rows: int):
         super().__init__()
+        from gsq_format.format import storage_bits
         from gsq_vllm import cpu_gemm
 
         self.lo, self.hi = cpu_gemm.repack_for_cpu(qweight, bits, group_size)
         self.scales = scales.contiguous()
-        self.bits = storage_bits  # ternary is passed as 2: its codes share the 2-bit storage
+        self.bits = storage_bits(bits)  # ternary is passed as 2: its codes share the 2-bit storage
         self.group_size, self.rows, self.op = group_size, rows, cpu_gemm.cpu_gemm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,8 +48,7 @@ class OpLinear(torch.nn.Module):
 
 def swap_in_op_linears(model, folder: Path, rows: int) -> int:
     """Replace every quantized linear of ``model`` (loaded by load_model) by an OpLinear; returns the count."""
-    from gsq_format.format import (GSQQuantConfig, QWEIGHT_SUFFIX, SCALES_SUFFIX, load_tensors, read_model_config,
-                                   storage_bits)
+    from gsq_format.format import GSQQuantConfig, QWEIGHT_SUFFIX, SCALES_SUFFIX, load_tensors, read_model_config
 
     qcfg = GSQQuantConfig.from_dict(read_model_config(folder)["quantization_config"])
     tensors = load_tensors(folder)
@@ -64,7 +64,7 @@ def swap_in_op_linears(model, folder: Path, rows: int) -> int:
             raise SystemExit(f"tl_quality: {prefix} is not a module of the model (MoE checkpoints are not handled)")
         if linear.bias is not None:
             raise SystemExit(f"tl_quality: {prefix} has a bias; not handled here")
-        op = OpLinear(t, tensors[f"{prefix}.{SCALES_SUFFIX}"], qcfg.bits, storage_bits(qcfg.bits), qcfg.group_size, rows)
+        op = OpLinear(t, tensors[f"{prefix}.{SCALES_SUFFIX}"], qcfg.bits, qcfg.group_size, rows)
         setattr(model.get_submodule(parent), leaf, op)
         count += 1
     return count

@@ -81,26 +81,25 @@ class GSQDenseEmbeddingMethod(UnquantizedEmbeddingMethod):
             if head:
                 _one_row_on_cpu_dense(layer)
         elif head and hasattr(layer, "gsq_dense_wq") and cpu_gemm._bf16_gemm_is_native():
-            _int8_head_with_vllm_gemm_above(layer, lambda: super(GSQDenseEmbeddingMethod, self)
-                                            .process_weights_after_loading(layer))
+            # GSQ_CPU_DENSE=int8: above DENSE_INT8_MAX_ROWS rows vLLM's own GEMM on a weight it packs
+            # once, not the op's fallback, torch's linear, which repacks it every call: lm_head
+            # 49152 x 2048 at 8 rows, 2 threads, 16 against 24-26 ms (2-core AVX-512-BF16 EPYC,
+            # 2026-12-07, shared); served at concurrency 8 the int8 head had cost a fifth of the throughput.
+            int8_linear = layer.cpu_linear
+            super().process_weights_after_loading(layer)  # vLLM's cpu_linear; the bf16 weight stays
+            _few_rows_on(layer, int8_linear, cpu_gemm._cpp.DENSE_INT8_MAX_ROWS)
 
 
-def _int8_head_with_vllm_gemm_above(layer: torch.nn.Module, vllm_process) -> None:
-    """lm_head under GSQ_CPU_DENSE=int8 on a CPU with a bf16 dot product: up to DENSE_INT8_MAX_ROWS
-    rows of x the int8 copy, above them vLLM's own ``cpu_linear`` (its oneDNN GEMM on a weight
-    packed once, here), not the op's fallback, torch's linear, which repacks the weight every call:
-    lm_head 49152 x 2048 at 8 rows, 2 threads, 16 against 24-26 ms (2-core AVX-512-BF16 EPYC,
-    2026-12-07, shared); served at concurrency 8 the int8 head had cost a fifth of the throughput.
-    lm_head runs outside vLLM's compiled graph, so the branch on x's rows is taken per call."""
-    int8_linear = layer.cpu_linear
-    vllm_process()  # vLLM's own: sets layer.cpu_linear, keeps the bf16 weight (the embedding reads it)
+def _few_rows_on(layer: torch.nn.Module, few_rows_linear, max_rows: int) -> None:
+    """Calls of lm_head with up to ``max_rows`` rows of x (2-D) to ``few_rows_linear``, the rest to the
+    ``cpu_linear`` vLLM set on the layer (its oneDNN GEMM). lm_head runs outside vLLM's compiled
+    graph, so the branch on x's rows is taken per call."""
     vllm_linear = layer.cpu_linear
-    max_rows = cpu_gemm._cpp.DENSE_INT8_MAX_ROWS
 
     def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] > max_rows:
-            return vllm_linear(x, weight, bias)
-        return int8_linear(x, weight, bias)
+        if x.dim() == 2 and x.shape[0] <= max_rows:
+            return few_rows_linear(x, weight, bias)
+        return vllm_linear(x, weight, bias)
 
     layer.cpu_linear = cpu_linear
 
@@ -108,17 +107,9 @@ def _int8_head_with_vllm_gemm_above(layer: torch.nn.Module, vllm_process) -> Non
 def _one_row_on_cpu_dense(layer: torch.nn.Module) -> None:
     """lm_head on a CPU with a bf16 dot product: calls with one row of x (batch-1 decode) run
     gsq::cpu_dense, the rest vLLM's own ``cpu_linear`` (oneDNN), which leads from two rows
-    (:func:`gsq_vllm.cpu_gemm.dense_one_row_wanted`). lm_head runs outside vLLM's compiled graph,
-    so the branch on x's rows is taken per call."""
-    vllm_linear = getattr(layer, "cpu_linear", None)
-    if vllm_linear is None or not cpu_gemm.dense_one_row_wanted(layer.weight):
+    (:func:`gsq_vllm.cpu_gemm.dense_one_row_wanted`)."""
+    if getattr(layer, "cpu_linear", None) is None or not cpu_gemm.dense_one_row_wanted(layer.weight):
         return
-
-    def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] == 1:
-            return cpu_gemm.cpu_dense(x, weight, bias)
-        return vllm_linear(x, weight, bias)
-
-    layer.cpu_linear = cpu_linear
+    _few_rows_on(layer, cpu_gemm.cpu_dense, 1)
     _log_once("one_row", "gsq: lm_head at one row of x (batch-1 decode) runs gsq::cpu_dense, from two rows "
               "vLLM's oneDNN GEMM (GSQ_CPU_DENSE=0 keeps vLLM's for all)")

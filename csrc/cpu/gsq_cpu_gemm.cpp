@@ -386,8 +386,8 @@ torch::Tensor gemm_tl(const TlKernel& tk, const torch::Tensor& x, const torch::T
   if (static_cast<int64_t>(ta.size()) < 2 * M * NG) ta.resize(2 * M * NG);
   if (static_cast<int64_t>(tc.size()) < M * NG) tc.resize(M * NG);
   // The tables of each row of x are independent: built in parallel from two rows (at 8-16 rows the
-  // build is ~10 % of the call on one thread).
-  // (The buffers by pointer: inside a worker, `tables` would name that thread's own thread_local.)
+  // build is ~10 % of the call on one thread). The buffers by pointer, here and below: inside a
+  // worker, `tables` would name that thread's own thread_local.
   const float* xp = xf.data_ptr<float>();
   int8_t* tables_p = tables.data();
   float *ta_p = ta.data(), *tc_p = tc.data();
@@ -406,7 +406,7 @@ torch::Tensor gemm_tl(const TlKernel& tk, const torch::Tensor& x, const torch::T
   std::array<TlArgs, kTlMaxRows / kTlPassRows> passes;
   for (int64_t p = 0; p < npasses; ++p) {
     const int64_t m0 = p * kTlPassRows;
-    passes[p] = TlArgs{tables.data() + m0 * rtb, ta.data() + 2 * m0 * NG, tc.data() + m0 * NG, lo.data_ptr<uint8_t>(),
+    passes[p] = TlArgs{tables_p + m0 * rtb, ta_p + 2 * m0 * NG, tc_p + m0 * NG, lo.data_ptr<uint8_t>(),
                        bits == 3 ? hi.data_ptr<uint8_t>() : nullptr, scales.data_ptr(),
                        y.data_ptr<float>() + m0 * N, std::min(kTlPassRows, M - m0), N, NG, rtb,
                        static_cast<int>(G), static_cast<int>(bits), scales.dtype() == torch::kBFloat16};
